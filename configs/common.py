@@ -1,0 +1,73 @@
+"""Pieces shared by the experiment configs: the MinVIS training recipe (SPEC 4)."""
+
+import ml_collections
+
+from minvis_jax import config_lib
+
+
+def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Everything but the dataset: recipe of the original R50 YouTube-VIS 2019 run."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model
+  c.loss = config_lib.loss_config()
+
+  c.data = ml_collections.ConfigDict(dict(
+      dataset='synthetic',         # synthetic | ytvis_2019 | ytvis_2021 | ytvis_2022 | ovis | coco
+      data_dir='',                 # TFDS data_dir ('' = TFDS default)
+      manual_dir='',               # the raw dataset folder (train.json / valid.json / JPEGImages)
+      train_split='train',
+      eval_split='valid',
+      annotation_fraction=1.0,     # MinVIS sub-sampled annotations: 1.0, 0.1, 0.05, 0.01
+      min_size_train=(360, 480),   # random choice of the short side
+      max_size_train=1333,
+      canvas=(480, 864),           # fixed padded training shape [H, W] (static shapes under jit)
+      flip=True,
+      crop=False,
+      max_instances=25,            # padded instances per frame
+      min_size_test=360,
+      max_size_test=1333,
+      size_divisibility=32,
+      mean=config_lib.IMAGE_MEAN,
+      std=config_lib.IMAGE_STD,
+  ))
+  c.batch_size = 32                # global, frames (= videos: one frame each)
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4,
+      weight_decay=0.05,
+      backbone_lr_mult=0.1,
+      clip_norm=0.01,
+      b1=0.9,
+      b2=0.999,
+      warmup_steps=0,
+      decay_steps=(4000,),
+      decay_factor=0.1,
+  ))
+  c.total_steps = 6000
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, fsdp=False))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
+  c.log_every = 20
+  # Initialisation: an orbax checkpoint written by `python -m minvis_jax.convert`.
+  c.init = ml_collections.ConfigDict(dict(checkpoint='', reinit_class_head=True))
+
+  c.inference = ml_collections.ConfigDict(dict(window=30, top_k=10))
+  return c
+
+
+def with_dataset(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
+  """Number of classes and schedule of each dataset (SPEC 4)."""
+  classes, steps, decay = {
+      'ytvis_2019': (40, 6000, 4000),
+      'ytvis_2021': (40, 8000, 5500),
+      'ytvis_2022': (40, 8000, 5500),
+      'ovis': (25, 10000, 7000),
+      'synthetic': (4, 300, 200),
+      'coco': (80, 368750, 327778),
+  }[dataset]
+  c.data.dataset = dataset
+  c.model.num_classes = classes
+  c.total_steps = steps
+  c.optim.decay_steps = (decay,)
+  return c

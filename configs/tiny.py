@@ -1,0 +1,32 @@
+"""Tiny model on synthetic videos: tests and the CPU demo.
+
+  minvis-jax train --config configs/tiny.py --workdir /tmp/tiny
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from minvis_jax import config_lib  # noqa: E402
+
+
+def get_config(arg=None):
+  del arg
+  c = common.base_config(config_lib.tiny_model())
+  c = common.with_dataset(c, 'synthetic')
+  c.data.min_size_train = (128,)
+  c.data.max_size_train = 224
+  c.data.canvas = (128, 224)
+  c.data.min_size_test = 128
+  c.data.max_size_test = 224
+  c.data.max_instances = 8
+  c.loss.num_points = 1024
+  c.batch_size = 8
+  c.optim.lr = 1e-3
+  c.optim.clip_norm = 1.0
+  c.optim.warmup_steps = 20
+  c.checkpoint.every_steps = 100
+  c.log_every = 10
+  return c

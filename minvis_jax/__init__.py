@@ -1,0 +1,3 @@
+"""minvis-jax: MinVIS video instance segmentation in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,87 @@
+"""Building blocks of experiment configs: model presets and the default training recipe.
+
+Experiment files in `configs/` compose these; modules never read configs except at the edges.
+"""
+
+import ml_collections
+
+IMAGE_MEAN = (123.675, 116.28, 103.53)
+IMAGE_STD = (58.395, 57.12, 57.375)
+
+
+def resnet_backbone(depth: int = 50) -> ml_collections.ConfigDict:
+  """detectron2-layout ResNet: stride in the 3x3 conv, frozen BN."""
+  depths = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+  return ml_collections.ConfigDict(dict(
+      name='resnet',
+      depths=depths,                     # bottleneck blocks per stage res2..res5
+      stem_width=64,                     # channels of the 7x7/2 stem
+      widths=(256, 512, 1024, 2048),     # output channels of res2..res5 (bottleneck = width // 4)
+  ))
+
+
+def swin_backbone(size: str = 'L') -> ml_collections.ConfigDict:
+  """Swin-T/S/B/L with detectron2 semantics (window 7 for T/S, 12 for B/L at 384 pretraining)."""
+  embed_dim, depths, heads, window = {
+      'T': (96, (2, 2, 6, 2), (3, 6, 12, 24), 7),
+      'S': (96, (2, 2, 18, 2), (3, 6, 12, 24), 7),
+      'B': (128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
+      'L': (192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
+  }[size]
+  return ml_collections.ConfigDict(dict(
+      name='swin',
+      embed_dim=embed_dim,
+      depths=depths,
+      num_heads=heads,
+      window_size=window,
+      patch_size=4,
+      mlp_ratio=4.0,
+      drop_path_rate=0.3,
+  ))
+
+
+def mask2former_model(backbone: ml_collections.ConfigDict, num_classes: int = 40,
+                      num_queries: int = 100) -> ml_collections.ConfigDict:
+  """Mask2Former instance-segmentation head on top of `backbone` (SPEC 2 defaults)."""
+  return ml_collections.ConfigDict(dict(
+      backbone=backbone,
+      num_classes=num_classes,           # K; the class head outputs K + 1 (last = no object)
+      num_queries=num_queries,
+      hidden_dim=256,                    # C of pixel decoder and transformer decoder
+      mask_dim=256,
+      # Pixel decoder (MSDeformAttn encoder).
+      enc_layers=6,
+      enc_heads=8,
+      enc_ffn_dim=1024,
+      enc_points=4,
+      num_feature_levels=3,
+      # Transformer decoder.
+      dec_layers=9,                      # masked-attention layers (10 prediction sets)
+      dec_heads=8,
+      dec_ffn_dim=2048,
+      # 'float32' or 'bfloat16' compute; parameters stay float32.
+      dtype='float32',
+  ))
+
+
+def tiny_model(num_classes: int = 40) -> ml_collections.ConfigDict:
+  """A small model with the full architecture, for tests and the CPU demo."""
+  backbone = ml_collections.ConfigDict(dict(
+      name='resnet', depths=(1, 1, 1, 1), stem_width=16, widths=(32, 64, 128, 256)))
+  model = mask2former_model(backbone, num_classes=num_classes, num_queries=20)
+  model.update(dict(hidden_dim=64, mask_dim=64, enc_layers=2, enc_heads=4, enc_ffn_dim=128,
+                    enc_points=4, dec_layers=3, dec_heads=4, dec_ffn_dim=128))
+  return model
+
+
+def loss_config() -> ml_collections.ConfigDict:
+  """Set criterion weights and point sampling (SPEC 3)."""
+  return ml_collections.ConfigDict(dict(
+      class_weight=2.0,
+      mask_weight=5.0,
+      dice_weight=5.0,
+      no_object_weight=0.1,
+      num_points=12544,
+      oversample_ratio=3.0,
+      importance_sample_ratio=0.75,
+  ))
