@@ -71,3 +71,50 @@ def with_dataset(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.C
   c.total_steps = steps
   c.optim.decay_steps = (decay,)
   return c
+
+
+# The original model zoo (SPEC 4): (dataset, backbone) -> {annotation fraction: model-zoo AP}.
+ZOO = {
+    ('ytvis_2019', 'r50'): {1.0: 47.3},
+    ('ytvis_2019', 'swin_l'): {1.0: 62.0, 0.1: 60.9, 0.05: 59.7, 0.01: 58.9},
+    ('ytvis_2021', 'r50'): {1.0: 43.9},
+    ('ytvis_2021', 'swin_l'): {1.0: 55.4, 0.1: 54.8, 0.05: 54.5, 0.01: 52.6},
+    ('ovis', 'r50'): {1.0: 26.7},
+    ('ovis', 'swin_l'): {1.0: 41.7, 0.1: 37.1, 0.05: 35.7, 0.01: 31.8},
+}
+
+
+def parse_arg(arg, **defaults) -> dict:
+  """'a=1,b=x' -> {'a': '1', 'b': 'x'} over `defaults` (big_vision-style config arguments)."""
+  out = dict(defaults)
+  for item in (arg or '').split(','):
+    if not item:
+      continue
+    key, sep, value = item.partition('=')
+    if not sep or key not in defaults:
+      raise ValueError(f'config argument {item!r}: expected key=value with key in {sorted(defaults)}')
+    out[key] = value
+  return out
+
+
+def zoo_config(dataset: str, backbone: str, fraction: float) -> ml_collections.ConfigDict:
+  """A model-zoo row of the original MinVIS: recipe, sizes, classes and initialisation (SPEC 4)."""
+  if (dataset, backbone) not in ZOO:
+    raise ValueError(f'no model-zoo row for dataset={dataset!r} backbone={backbone!r}; '
+                     f'choose from {sorted(ZOO)}')
+  if backbone == 'r50':
+    model = config_lib.mask2former_model(config_lib.resnet_backbone(50), num_queries=100)
+  else:
+    model = config_lib.mask2former_model(config_lib.swin_backbone('L'), num_queries=200)
+  c = with_dataset(base_config(model), dataset)
+  c.data.annotation_fraction = fraction
+  # Swin-L on YouTube-VIS 2019 and OVIS is tested at short side 480 (SPEC 1).
+  if backbone == 'swin_l' and dataset in ('ytvis_2019', 'ovis'):
+    c.data.min_size_test = 480
+  # Initialised from the COCO instance Mask2Former checkpoint, converted with
+  #   python -m minvis_jax.convert --source detectron2 --input model_final_3c8ec9.pkl \
+  #       --config configs/coco.py:backbone=r50 --output pretrained/coco_r50
+  c.init.checkpoint = f'pretrained/coco_{backbone}'
+  c.init.reinit_class_head = True
+  c.expected_ap = ZOO[(dataset, backbone)].get(fraction, -1.0)
+  return c

@@ -1,0 +1,20 @@
+"""MinVIS model-zoo experiments (SPEC 4), one row per argument set.
+
+  --config configs/minvis.py                                   # YouTube-VIS 2019, R50, 100%
+  --config configs/minvis.py:dataset=ytvis_2021,backbone=swin_l,fraction=0.1
+  --config configs/minvis.py:dataset=ovis,backbone=swin_l,fraction=0.01
+
+dataset: ytvis_2019 | ytvis_2021 | ovis; backbone: r50 | swin_l; fraction: 1.0 | 0.1 | 0.05 | 0.01
+(sub-sampled annotations exist for Swin-L in the original zoo).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, dataset='ytvis_2019', backbone='r50', fraction='1.0')
+  return common.zoo_config(args['dataset'], args['backbone'], float(args['fraction']))
