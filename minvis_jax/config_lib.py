@@ -85,3 +85,18 @@ def loss_config() -> ml_collections.ConfigDict:
       oversample_ratio=3.0,
       importance_sample_ratio=0.75,
   ))
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads 'path/to/config.py[:arg]' by calling its get_config(arg), as --config flags do."""
+  import importlib.util
+  import os
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such config file')
+  module_spec = importlib.util.spec_from_file_location('_minvis_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ValueError(f'{path}: a config file must define get_config(arg=None)')
+  return module.get_config(arg or None)
