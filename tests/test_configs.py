@@ -1,0 +1,66 @@
+"""Every experiment config parses, carries the original recipe, and builds its model."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from minvis_jax import config_lib
+from minvis_jax.models import Mask2Former
+
+ROOT = os.path.join(os.path.dirname(__file__), '..', 'configs')
+ZOO_ROWS = [(d, b, f) for (d, b) in [('ytvis_2019', 'r50'), ('ytvis_2021', 'r50'), ('ovis', 'r50')]
+            for f in ('1.0',)] + [(d, 'swin_l', f) for d in ('ytvis_2019', 'ytvis_2021', 'ovis')
+                                  for f in ('1.0', '0.1', '0.05', '0.01')]
+
+
+def _load(name, arg=None):
+  return config_lib.load_config(os.path.join(ROOT, name) + (f':{arg}' if arg else ''))
+
+
+@pytest.mark.parametrize('dataset,backbone,fraction', ZOO_ROWS)
+def test_zoo_row(dataset, backbone, fraction):
+  c = _load('minvis.py', f'dataset={dataset},backbone={backbone},fraction={fraction}')
+  classes, steps, decay = {'ytvis_2019': (40, 6000, 4000), 'ytvis_2021': (40, 8000, 5500),
+                           'ovis': (25, 10000, 7000)}[dataset]
+  assert (c.model.num_classes, c.total_steps, tuple(c.optim.decay_steps)) == (classes, steps,
+                                                                                 (decay,))
+  assert c.model.num_queries == (100 if backbone == 'r50' else 200)
+  assert c.data.annotation_fraction == float(fraction)
+  assert c.expected_ap > 0
+  assert c.data.min_size_test == (480 if backbone == 'swin_l' and dataset != 'ytvis_2021' else 360)
+  assert (c.optim.lr, c.optim.weight_decay, c.optim.backbone_lr_mult, c.optim.clip_norm) == (
+      1e-4, 0.05, 0.1, 0.01)
+  assert c.batch_size == 32 and c.init.checkpoint and c.init.reinit_class_head
+  # The model builds (abstractly: no memory for Swin-L's weights).
+  shapes = jax.eval_shape(Mask2Former(c.model).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 64, 64, 3)))
+  logits = shapes['params']['decoder']['class_embed']['kernel']
+  assert logits.shape == (256, classes + 1)
+
+
+def test_zoo_rejects_unknown_rows_and_arguments():
+  with pytest.raises(ValueError, match='no model-zoo row'):
+    _load('minvis.py', 'dataset=kitti')
+  with pytest.raises(ValueError, match='key=value'):
+    _load('minvis.py', 'queries=5')
+
+
+def test_coco_and_tiny():
+  coco = _load('coco.py', 'backbone=swin_l')
+  assert coco.model.num_classes == 80 and coco.model.num_queries == 200
+  assert coco.model.backbone.embed_dim == 192 and coco.model.backbone.window_size == 12
+  tiny = _load('tiny.py')
+  assert tiny.data.dataset == 'synthetic' and tiny.model.num_classes == 4
+  h, w = tiny.data.canvas
+  assert h % 32 == 0 and w % 32 == 0
+
+
+def test_load_config_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no_such.py'):
+    config_lib.load_config(str(tmp_path / 'no_such.py'))
+  bad = tmp_path / 'bad.py'
+  bad.write_text('x = 1\n')
+  with pytest.raises(ValueError, match='get_config'):
+    config_lib.load_config(str(bad))
