@@ -9,12 +9,11 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
-from minvis_jax import matching
+from minvis_jax import tracking
 from minvis_jax.models import Mask2Former
 
 
@@ -36,20 +35,6 @@ def moving_shapes_video(num_frames: int, height: int, width: int, seed: int) -> 
       frame[inside] = s['colour']
     frames.append(frame.astype(np.uint8))
   return np.stack(frames)
-
-
-@jax.jit
-def associate(embds: jnp.ndarray) -> jnp.ndarray:
-  """embds [T, Q, C] -> perm [T, Q]: frame t's query perm[t, i] continues track i."""
-  e = embds / jnp.linalg.norm(embds, axis=-1, keepdims=True).clip(1e-6)
-
-  def step(prev, cur):
-    _, cols = matching.linear_sum_assignment((1.0 - prev @ cur.T))  # rows: previous tracks
-    return cur[cols], cols
-
-  _, perms = jax.lax.scan(step, e[0], e[1:])
-  first = jnp.arange(embds.shape[1], dtype=perms.dtype)[None]
-  return jnp.concatenate([first, perms], axis=0)
 
 
 def main(argv=None) -> int:
@@ -77,10 +62,9 @@ def main(argv=None) -> int:
   else:
     variables = jax.jit(model.init)(jax.random.PRNGKey(args.seed), images[:1])
   out = jax.jit(model.apply)(variables, images)
-  perm = associate(out['pred_embds'])
-  take = jax.vmap(lambda x, p: x[p])
-  logits = take(out['pred_logits'], perm)            # [T, Q, K+1] in track order
-  masks = take(out['pred_masks'], perm)              # [T, Q, H/4, W/4]
+  perm = tracking.associate(out['pred_embds'])
+  logits = tracking.reorder(out['pred_logits'], perm)   # [T, Q, K+1] in track order
+  masks = tracking.reorder(out['pred_masks'], perm)     # [T, Q, H/4, W/4]
   probs = jax.nn.softmax(logits.mean(axis=0), axis=-1)[:, :-1]   # [Q, K]
   scores, flat = jax.lax.top_k(probs.reshape(-1), args.top_k)
   k = probs.shape[1]
