@@ -82,38 +82,43 @@ def _evaluate_pair(dts, gts, ious, area_rng, max_det):
   dts = dts[:max_det]
   ious = ious[:len(dts)][:, g_order] if len(gts) else ious[:len(dts)]
   T, D, G = len(IOU_THRESHOLDS), len(dts), len(gts)
-  gt_matched = np.zeros((T, G), bool)
   dt_matched = np.zeros((T, D), bool)
   dt_ignore = np.zeros((T, D), bool)
-  for ti, thr in enumerate(IOU_THRESHOLDS):
-    for di in range(D):
-      best, m = min(thr, 1 - 1e-10), -1
-      for gi in range(G):
-        if gt_matched[ti, gi] and not crowd[gi]:
+  if D and G:
+    # Plain Python lists: this greedy loop is the evaluator's hot spot.
+    iou_rows, ig, cr = ious.tolist(), g_ignore.tolist(), crowd.tolist()
+    for ti, thr in enumerate(IOU_THRESHOLDS.tolist()):
+      taken = [False] * G
+      for di in range(D):
+        row = iou_rows[di]
+        best, m = min(thr, 1 - 1e-10), -1
+        for gi in range(G):
+          if taken[gi] and not cr[gi]:
+            continue
+          if m > -1 and not ig[m] and ig[gi]:
+            break
+          if row[gi] < best:
+            continue
+          best, m = row[gi], gi
+        if m == -1:
           continue
-        if m > -1 and not g_ignore[m] and g_ignore[gi]:
-          break
-        if ious[di, gi] < best:
-          continue
-        best, m = ious[di, gi], gi
-      if m == -1:
-        continue
-      dt_ignore[ti, di] = g_ignore[m]
-      dt_matched[ti, di] = True
-      gt_matched[ti, m] = True
+        dt_ignore[ti, di] = ig[m]
+        dt_matched[ti, di] = True
+        taken[m] = True
   d_out = np.array([not (area_rng[0] <= d['area'] <= area_rng[1]) for d in dts], bool)
   dt_ignore |= ~dt_matched & d_out[None, :]
   return dict(scores=np.array([d['score'] for d in dts]), matched=dt_matched,
               dt_ignore=dt_ignore, gt_ignore=g_ignore)
 
 
-def _accumulate(per_pair: list[dict]):
-  """precision [T, R], recall [T] over the (video) evaluations of one category/area/maxDet."""
+def _accumulate(per_pair: list[dict], max_det: int):
+  """precision [T, R], recall [T] over the (video) evaluations of one category/area, keeping each
+  video's `max_det` best detections (matching itself ran once, with the largest maxDet)."""
   T, R = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)
-  scores = np.concatenate([e['scores'] for e in per_pair])
+  scores = np.concatenate([e['scores'][:max_det] for e in per_pair])
   order = np.argsort(-scores, kind='mergesort')
-  matched = np.concatenate([e['matched'] for e in per_pair], axis=1)[:, order]
-  ignore = np.concatenate([e['dt_ignore'] for e in per_pair], axis=1)[:, order]
+  matched = np.concatenate([e['matched'][:, :max_det] for e in per_pair], axis=1)[:, order]
+  ignore = np.concatenate([e['dt_ignore'][:, :max_det] for e in per_pair], axis=1)[:, order]
   npig = int(np.count_nonzero(~np.concatenate([e['gt_ignore'] for e in per_pair])))
   if npig == 0:
     return None, None
@@ -182,9 +187,9 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
     if not pairs:
       continue
     for a, rng in enumerate(AREA_RANGES):
+      evals = [_evaluate_pair(d, g, ious, rng, MAX_DETS[-1]) for d, g, ious in pairs]
       for m, max_det in enumerate(MAX_DETS):
-        evals = [_evaluate_pair(d, g, ious, rng, max_det) for d, g, ious in pairs]
-        p, r = _accumulate(evals)
+        p, r = _accumulate(evals, max_det)
         if p is not None:
           precision[:, :, k, a, m] = p
           recall[:, k, a, m] = r
