@@ -60,3 +60,23 @@ def test_results_for_video_uses_dataset_category_ids():
   tracks = [{'category': 1, 'score': 0.5, 'segmentations': [None]}]
   res = inference.results_for_video(tracks, 'v7', [10, 20, 30])
   assert res == [{'video_id': 'v7', 'category_id': 20, 'score': 0.5, 'segmentations': [None]}]
+
+
+def test_2000_frames_with_flat_device_memory(monkeypatch):
+  cfg = config_lib.tiny_model(num_classes=4)
+  variables = Mask2Former(cfg).init(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
+  live = []
+  windows = inference._windows
+
+  def recording(images, window):
+    for item in windows(images, window):
+      live.append(sum(x.nbytes for x in jax.live_arrays()))
+      yield item
+
+  monkeypatch.setattr(inference, '_windows', recording)
+  frames = (np.full((64, 64, 3), np.sin(t / 50.0), np.float32) for t in range(2000))
+  tracks = inference.VideoPredictor(cfg, variables, window=100, top_k=2)(frames, (64, 64), (64, 64))
+  assert len(tracks) == 2 and all(len(t['segmentations']) == 2000 for t in tracks)
+  assert len(live) == 20
+  # Device memory after the first windows stays the same however many frames have passed.
+  assert max(live[2:]) - min(live[2:]) == 0, live
