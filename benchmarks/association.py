@@ -3,17 +3,16 @@ numpy + scipy loop. Embeddings drift slowly and queries keep their slots mostly 
 do), with a few near-duplicate 'no object' queries.
 """
 
-import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
 from test_tracking import scipy_loop  # noqa: E402
+
+from timing import median_time, result_line  # noqa: E402
 
 from minvis_jax import tracking  # noqa: E402
 
@@ -24,17 +23,6 @@ def video(t, q, c, seed):
   base[-q // 5:] = base[-1] + 0.05 * rng.normal(size=(q // 5, c))  # near-duplicate no-object
   frames = [base + 0.2 * rng.normal(size=base.shape) for _ in range(t)]
   return np.stack(frames).astype(np.float32)
-
-
-def median_time(fn, repeats=10, warmup=2):
-  for _ in range(warmup):
-    fn()
-  ts = []
-  for _ in range(repeats):
-    s = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - s)
-  return statistics.median(ts)
 
 
 def main():
@@ -48,9 +36,7 @@ def main():
           f'ratio {ours / ref:.3f}')
     ours_total += ours
     ref_total += ref
-  print('RESULT ' + json.dumps({'name': 'association_T36_Q100_Q200', 'ours_s': round(ours_total, 5),
-                                'ref_s': round(ref_total, 5),
-                                'ratio': round(ours_total / ref_total, 3)}))
+  print(result_line('association_T36_Q100_Q200', ours_total, ref_total))
 
 
 if __name__ == '__main__':

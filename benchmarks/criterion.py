@@ -5,8 +5,6 @@ Shapes of the R50 384x384 training step: batch 2, 100 queries, 40 classes, 25 pa
 real instances (its natural input); ours computes all 25 slots (static shapes) and masks the padding.
 """
 
-import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -15,22 +13,14 @@ import torch
 import transformers
 from transformers.models.mask2former import modeling_mask2former
 
+from timing import median_time, result_line
+
 from minvis_jax import config_lib
 from minvis_jax import criterion
 
 B, Q, K, N, H, W = 2, 100, 40, 25, 384, 384
 NUM_REAL = (7, 12)
 NUM_SETS = 10
-
-
-def _median(fn, repeats: int = 5) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main():
@@ -52,7 +42,7 @@ def main():
   targets = {'labels': jnp.asarray(labels), 'masks': jnp.asarray(masks), 'valid': jnp.asarray(valid)}
   step = jax.jit(jax.value_and_grad(
       lambda o, k: criterion.set_criterion(o, targets, k, loss_config)[0]))
-  ours = _median(lambda: jax.block_until_ready(step(outputs, jax.random.key(0))))
+  ours = median_time(lambda: jax.block_until_ready(step(outputs, jax.random.key(0))))
 
   hf_loss = modeling_mask2former.Mask2FormerLoss(transformers.Mask2FormerConfig(num_labels=K),
                                                  weight_dict={})
@@ -70,11 +60,10 @@ def main():
                 for name, value in losses.items())
     total.backward()
 
-  ref = _median(hf_step)
+  ref = median_time(hf_step)
   print(f'ours (jit, loss+grad, {NUM_SETS} sets): {ours * 1e3:.1f} ms')
   print(f'HF Mask2FormerLoss forward+backward:    {ref * 1e3:.1f} ms (torch threads: {torch.get_num_threads()})')
-  print('RESULT ' + json.dumps({'name': 'set_criterion_loss_and_grad', 'ours_s': ours, 'ref_s': ref,
-                                'ratio': ours / ref}))
+  print(result_line('set_criterion_loss_and_grad', ours, ref))
 
 
 if __name__ == '__main__':

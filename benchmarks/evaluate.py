@@ -1,6 +1,5 @@
 """The YouTube-VIS evaluator on 500 single-frame videos vs pycocotools COCOeval (segm)."""
 
-import json
 import os
 import statistics
 import sys
@@ -8,6 +7,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
 from test_evaluation import _cocoeval, _random_case  # noqa: E402
+
+from timing import result_line  # noqa: E402
 
 from minvis_jax.evaluation import evaluate_dicts  # noqa: E402
 
@@ -43,8 +44,7 @@ def main():
   o, r = statistics.median(times['ours']), statistics.median(times['ref'])
   print(f'{len(gt["videos"])} videos, {len(gt["annotations"])} tracks, {len(results)} results: '
         f'ours {o:.3f} s, COCOeval {r:.3f} s (AP {ours["AP"]:.4f} both)')
-  print('RESULT ' + json.dumps({'name': 'evaluate_500_single_frame', 'ours_s': round(o, 4),
-                                'ref_s': round(r, 4), 'ratio': round(o / r, 3)}))
+  print(result_line('evaluate_500_single_frame', o, r))
 
 
 if __name__ == '__main__':

@@ -4,11 +4,8 @@
 """
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import numpy as np
@@ -17,19 +14,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
 import hf_reference as ref  # noqa: E402
 
+from timing import median_time, result_line  # noqa: E402
+
 from minvis_jax import convert  # noqa: E402
 from minvis_jax.models import Mask2Former  # noqa: E402
-
-
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def main():
@@ -55,8 +43,7 @@ def main():
   theirs = median_time(torch_forward, args.repeats)
   print(f'jax {ours:.3f} s  torch {theirs:.3f} s  (median of {args.repeats}, '
         f'{os.cpu_count()} threads)')
-  print('RESULT ' + json.dumps({'name': f'forward_r50_{args.size}_b1_cpu', 'ours_s': round(ours, 4),
-                                'ref_s': round(theirs, 4), 'ratio': round(ours / theirs, 3)}))
+  print(result_line(f'forward_r50_{args.size}_b1_cpu', ours, theirs))
 
 
 if __name__ == '__main__':

@@ -1,24 +1,14 @@
 """Benchmark: jitted linear_sum_assignment on 36 x [100, 100] costs (lax.map and vmap) vs scipy."""
 
-import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
+from timing import median_time, result_line
+
 from minvis_jax import matching
-
-
-def _median_time(fn, repeats: int = 7) -> float:
-  fn()  # warm-up (compilation)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main():
@@ -40,17 +30,16 @@ def main():
   }
   results = {}
   for name, fn in variants.items():
-    results[name] = _median_time(lambda: jax.block_until_ready(fn(costs)))
-    results[name + '_tracker'] = _median_time(lambda: jax.block_until_ready(fn(tracker)))
-  ref = _median_time(lambda: [scipy.optimize.linear_sum_assignment(c) for c in random_costs])
-  ref_tracker = _median_time(lambda: [scipy.optimize.linear_sum_assignment(c) for c in near_identity])
+    results[name] = median_time(lambda: jax.block_until_ready(fn(costs)))
+    results[name + '_tracker'] = median_time(lambda: jax.block_until_ready(fn(tracker)))
+  ref = median_time(lambda: [scipy.optimize.linear_sum_assignment(c) for c in random_costs])
+  ref_tracker = median_time(lambda: [scipy.optimize.linear_sum_assignment(c) for c in near_identity])
   for name, t in results.items():
     print(f'{name:28s} {t * 1e3:8.2f} ms')
   print(f'{"scipy":28s} {ref * 1e3:8.2f} ms')
   print(f'{"scipy_tracker":28s} {ref_tracker * 1e3:8.2f} ms')
   ours = results['lax.map']
-  print('RESULT ' + json.dumps({'name': 'linear_sum_assignment_36x100x100', 'ours_s': ours, 'ref_s': ref,
-                                'ratio': ours / ref}))
+  print(result_line('linear_sum_assignment_36x100x100', ours, ref))
 
 
 if __name__ == '__main__':
