@@ -14,8 +14,9 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       dataset='synthetic',         # synthetic | ytvis_2019 | ytvis_2021 | ytvis_2022 | ovis | coco
-      data_dir='',                 # TFDS data_dir ('' = TFDS default)
       manual_dir='',               # the raw dataset folder (train.json / valid.json / JPEGImages)
+      tfds_dir='',                 # read TFDS records built from manual_dir here ('' = the folder)
+      workers=4,                   # input threads per process
       train_split='train',
       eval_split='valid',
       annotation_fraction=1.0,     # MinVIS sub-sampled annotations: 1.0, 0.1, 0.05, 0.01

@@ -27,3 +27,63 @@ def load_variables(path: str):
     raise FileNotFoundError(f'{path}: no such checkpoint directory')
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(path)
+
+
+# A trainer work directory holds `config.json` and `checkpoints/<step>/{variables,train}` (orbax
+# CheckpointManager items): `variables` as above, `train` the step and optimizer state.
+CONFIG_FILE = 'config.json'
+CHECKPOINT_SUBDIR = 'checkpoints'
+
+
+def save_config(directory: str, config) -> None:
+  """Writes `config` (a ConfigDict) as `directory/config.json`, atomically."""
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, CONFIG_FILE + '.tmp')
+  with open(tmp, 'w') as f:
+    f.write(config.to_json(indent=2))
+  os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+
+
+def load_config(directory: str):
+  """The ConfigDict saved by `save_config` in `directory`, or None if there is none."""
+  import json  # noqa: PLC0415
+
+  import ml_collections  # noqa: PLC0415
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}: not a valid config JSON ({e})') from None
+
+
+def _latest_step_dir(directory: str) -> str | None:
+  root = os.path.join(directory, CHECKPOINT_SUBDIR)
+  if not os.path.isdir(root):
+    return None
+  steps = [int(d) for d in os.listdir(root) if d.isdigit()]
+  return os.path.join(root, str(max(steps))) if steps else None
+
+
+def load_for_inference(path: str):
+  """(config or None, variables) from any model checkpoint this project writes.
+
+  `path` may be a trainer work directory (latest step), one step directory of it, or a directory
+  written by `save_variables` (e.g. by `convert`). The config is the `config.json` found in `path`
+  or in the work directory above a step directory; None when there is none.
+  """
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path}: no such checkpoint directory')
+  config = load_config(path)
+  step_dir = _latest_step_dir(path)
+  if step_dir is None and os.path.isdir(os.path.join(path, 'variables')):
+    step_dir = path
+    config = config or load_config(os.path.dirname(os.path.dirname(path)))
+  if step_dir is not None:
+    return config, load_variables(os.path.join(step_dir, 'variables'))
+  if os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
+    raise FileNotFoundError(f'{path}: work directory without any finished checkpoint')
+  return config, load_variables(path)

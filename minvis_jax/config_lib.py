@@ -100,3 +100,28 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   if not hasattr(module, 'get_config'):
     raise ValueError(f'{path}: a config file must define get_config(arg=None)')
   return module.get_config(arg or None)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Applies 'a.b=value' strings (command-line --set) in place; values parse as Python literals."""
+  import ast
+  for item in overrides:
+    key, sep, text = item.partition('=')
+    if not sep:
+      raise ValueError(f'override {item!r}: expected key=value')
+    parent, _, leaf = key.rpartition('.')
+    node = config
+    for part in filter(None, parent.split('.')):
+      if part not in node:
+        raise ValueError(f'override {item!r}: config has no field {part!r}')
+      node = node[part]
+    if leaf not in node:
+      raise ValueError(f'override {item!r}: config has no field {key!r}')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    if isinstance(node[leaf], tuple) and isinstance(value, list):
+      value = tuple(value)
+    node[leaf] = value
+  return config

@@ -1,24 +1,33 @@
-"""The `minvis-jax` command: dispatch, help, and the demo main job at a small size."""
+"""The `minvis-jax` command: dispatch, help, and the demo main job at a reduced length."""
 
-import re
+import json
+
+import pytest
 
 from minvis_jax import cli
 
 
-def test_help_and_unknown_subcommand(capsys):
+def test_help_lists_subcommands(capsys):
   assert cli.main(['--help']) == 0
   assert 'minvis-jax demo' in capsys.readouterr().out
-  assert cli.main(['nope']) == 2
-  assert "unknown subcommand 'nope'" in capsys.readouterr().out
 
 
-def test_demo_runs_and_reports_tracks(capsys):
-  assert cli.main(['demo', '--frames', '4', '--height', '64', '--width', '96', '--top_k', '3']) == 0
+def test_unknown_subcommand_fails_with_usage(capsys):
+  assert cli.main(['fly']) == 2
+  assert "unknown subcommand 'fly'" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_trains_to_well_above_untrained(tmp_path, capsys):
+  workdir = tmp_path / 'demo'
+  assert cli.main(['demo', '--workdir', str(workdir), '--steps', '60', '--train_videos', '12',
+                   '--valid_videos', '3', '--frames', '6']) == 0
   out = capsys.readouterr().out
-  rows = [l for l in out.splitlines() if re.match(r'\s+\d+\s+\d+\s+\d\.\d{3}\s', l)]
-  assert len(rows) == 3
-  for row in rows:
-    track, cls, score, *areas = row.split()
-    assert 0 <= int(cls) < 4 and 0.0 < float(score) <= 1.0
-    assert len(areas) == 4 and all(0 <= int(a) <= 16 * 24 for a in areas)
-  assert 'frame transitions' in out
+  metrics = json.loads((workdir / 'metrics.json').read_text())
+  before, after = metrics['untrained']['AP'], metrics['trained']['AP']
+  assert after >= before + 0.15, (before, after)
+  assert 'AP50' in out and 'demo finished' in out
+  assert (workdir / 'loss.png').stat().st_size > 1000
+  assert any(p.name.startswith('overlay') for p in workdir.iterdir())
+  results = json.loads((workdir / 'results.json').read_text())
+  assert all(len(r['segmentations']) == 6 for r in results)

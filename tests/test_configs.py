@@ -64,3 +64,68 @@ def test_load_config_errors(tmp_path):
   bad.write_text('x = 1\n')
   with pytest.raises(ValueError, match='get_config'):
     config_lib.load_config(str(bad))
+
+
+# --- Every experiment config builds its input pipeline and trains a step, at tiny shapes. -----------
+
+import numpy as np  # noqa: E402
+
+import layouts  # noqa: E402
+from minvis_jax import train  # noqa: E402
+from minvis_jax.data import input_pipeline  # noqa: E402
+from minvis_jax.data import synthetic  # noqa: E402
+
+ALL_CONFIGS = [('minvis.py', f'dataset={d},backbone={b},fraction={f}') for d, b, f in ZOO_ROWS]
+ALL_CONFIGS += [('coco.py', 'backbone=r50'), ('coco.py', 'backbone=swin_l'), ('tiny.py', None)]
+
+
+@pytest.fixture(scope='module')
+def dataset_roots(tmp_path_factory):
+  """A small folder in the standard layout of every dataset the configs name."""
+  source = str(tmp_path_factory.mktemp('synthetic'))
+  synthetic.generate(source, 'train', 3, 4, layouts.H, layouts.W, seed=2)
+  roots = {'synthetic': source}
+  for dataset in ('ytvis_2019', 'ytvis_2021', 'ovis'):
+    roots[dataset] = str(tmp_path_factory.mktemp(dataset))
+    layouts.relayout(source, roots[dataset], dataset, splits=('train',))
+  roots['coco'] = str(tmp_path_factory.mktemp('coco'))
+  layouts.coco_root(roots['coco'])
+  return roots
+
+
+def _shrink(c, manual_dir):
+  """The config at tiny shapes: small canvas, batch 2, few points; the recipe otherwise kept."""
+  c.data.manual_dir = manual_dir
+  c.data.canvas = (64, 64)
+  c.data.min_size_train = (32, 48)
+  c.data.max_size_train = 64
+  c.data.max_instances = 3
+  c.batch_size = 2
+  c.loss.num_points = 64
+  c.mesh.data = 1
+  c.init.checkpoint = ''
+  return c
+
+
+@pytest.mark.parametrize('name,arg', ALL_CONFIGS)
+def test_config_builds_its_input_pipeline(name, arg, dataset_roots):
+  c = _load(name, arg)
+  _shrink(c, dataset_roots[c.data.dataset])
+  batch = next(input_pipeline.train_iterator(c, start_step=0))
+  assert batch['image'].shape == (2, 64, 64, 3) and batch['masks'].shape == (2, 3, 64, 64)
+  assert batch['valid'].any()
+  assert batch['labels'][batch['valid']].max() < c.model.num_classes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,arg', [('minvis.py', 'dataset=ovis,backbone=r50'),
+                                      ('minvis.py', 'dataset=ytvis_2021,backbone=swin_l')])
+def test_config_trains_a_step_at_tiny_shapes(name, arg, dataset_roots):
+  c = _shrink(_load(name, arg), None)
+  c.data.manual_dir = dataset_roots[c.data.dataset]
+  trainer = train.Trainer(c, mesh=train.make_mesh(c.mesh, jax.devices()[:1]))
+  state = trainer.init_state()
+  batch = next(input_pipeline.train_iterator(c, start_step=0))
+  new, metrics = trainer.step(state, trainer.global_batch(batch))
+  assert int(new.step) == 1 and np.isfinite(float(metrics['loss']))
+  assert float(metrics['lr']) == pytest.approx(c.optim.lr)

@@ -1,5 +1,6 @@
 """Checkpoint import: detectron2 key map, key errors, HF config mapping, the convert command."""
 
+import os
 import re
 
 import jax
@@ -12,6 +13,7 @@ from minvis_jax import convert
 from minvis_jax.models import Mask2Former
 from test_backbones import _to_d2_resnet
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_PD = 'model.pixel_level_module.decoder.'
 HF_TD = 'model.transformer_module.'
 D2_PD = 'sem_seg_head.pixel_decoder.'
@@ -153,3 +155,39 @@ def test_convert_command_writes_a_checkpoint_that_restores(tiny, tmp_path):
   ours = Mask2Former(mc).apply(restored, x)
   theirs = ref.hf_forward(model, x)
   assert np.abs(np.asarray(ours['pred_masks']) - theirs['pred_masks']).max() < 1e-4
+
+
+def test_evaluate_from_a_converted_minvis_checkpoint(tmp_path, capsys):
+  """An original-layout (detectron2) MinVIS checkpoint -> convert -> `minvis-jax evaluate`."""
+  import json
+
+  import torch
+
+  from minvis_jax import cli
+  from minvis_jax.data import synthetic
+  hf_cfg = ref.hf_config('resnet_tiny', num_labels=4)
+  state = to_detectron2(ref.state_dict_numpy(ref.hf_model(hf_cfg, seed=4)))
+  torch.save({'model': {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
+              'iteration': 6000}, tmp_path / 'minvis_model_final.pth')
+  data_dir = tmp_path / 'data'
+  synthetic.generate(str(data_dir), 'valid', 2, 3, height=64, width=96, seed=0)
+  cfg_file = tmp_path / 'cfg.py'
+  cfg_file.write_text(
+      'from minvis_jax import config_lib, convert\n'
+      f'HF = {hf_cfg.to_dict()!r}\n'
+      'def get_config(arg=None):\n'
+      f'  c = config_lib.load_config({os.path.join(REPO, "configs", "tiny.py")!r})\n'
+      '  c.model = convert.model_config_from_hf(HF)\n'
+      f'  c.data.manual_dir = {str(data_dir)!r}\n'
+      '  return c\n')
+  ckpt = tmp_path / 'ckpt'
+  assert cli.main(['convert', '--source', 'detectron2', '--input',
+                   str(tmp_path / 'minvis_model_final.pth'), '--config', str(cfg_file),
+                   '--output', str(ckpt)]) == 0
+  out = tmp_path / 'eval'
+  assert cli.main(['evaluate', '--checkpoint', str(ckpt), '--out', str(out)]) == 0
+  metrics = json.loads((out / 'metrics.json').read_text())
+  assert set(metrics) >= {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10'}
+  results = json.loads((out / 'results.json').read_text())
+  assert len(results) == 2 * 10 and all(len(r['segmentations']) == 3 for r in results)
+  assert 'AP50' in capsys.readouterr().out

@@ -160,3 +160,138 @@ def test_empty_results_equal_cocoeval():
   theirs = _cocoeval(gt, [])
   for k in KEYS:
     assert abs(ours[k] - theirs[k]) <= 1e-9, (k, ours[k], theirs[k])
+
+
+# ------------------------------------------------------------------------------------------------
+# OVIS occlusion subsets.
+
+from minvis_jax.evaluation import ytvis as ytvis_eval  # noqa: E402
+
+OCC_KEYS = ['AP_slight', 'AP_moderate', 'AP_heavy']
+
+
+def test_occlusion_score_most_occluded_half():
+  score = ytvis_eval.occlusion_score
+  assert score(['no_occlusion', 'no_occlusion'], 'a') == 0.0
+  # [0, 0.25] -> the top ceil(2/2) = 1 level.
+  assert score(['no_occlusion', 'slight_occlusion', None], 'a') == 0.25
+  # [0, 0.25, 0.75] -> the top 2: (0.25 + 0.75) / 2.
+  assert score(['slight_occlusion', 'severe_occlusion', 'no_occlusion'], 'a') == 0.5
+  # [0, 0, 0, 0.75, 0.75] -> the top 3: 1.5 / 3.
+  assert score([None, 'no_occlusion', 'severe_occlusion', 'no_occlusion', 'severe_occlusion',
+                'no_occlusion'], 'a') == 0.5
+  assert score(['severe_occlusion'], 'a') == 0.75
+  with pytest.raises(ValueError,
+                     match="gt.json: video 3 annotation 9: unknown occlusion level 'partial'"):
+    score(['no_occlusion', 'partial'], 'gt.json: video 3 annotation 9')
+  with pytest.raises(ValueError, match='no level on any frame'):
+    score([None, None], 'x')
+
+
+def test_occlusion_subsets_hand_computed():
+  h = w = 16
+  def box(y, x):
+    m = np.zeros((h, w), np.uint8)
+    m[y:y + 4, x:x + 4] = 1
+    return m
+  g1, g2, g3, junk = box(0, 0), box(0, 8), box(8, 0), box(8, 8)
+  occ = {1: ['no_occlusion', 'slight_occlusion', None],                 # 0.25: slight and moderate
+         2: ['slight_occlusion', 'severe_occlusion', 'no_occlusion'],   # 0.5: moderate and heavy
+         3: ['severe_occlusion'] * 3}                                   # 0.75: heavy
+  gt = dict(videos=[dict(id=1, height=h, width=w, length=3)], categories=[dict(id=1, name='x')],
+            annotations=[dict(id=i, video_id=1, category_id=1, iscrowd=0,
+                              segmentations=_video([m] * 3), areas=[16.0] * 3, occlusion=occ[i])
+                         for i, m in ((1, g1), (2, g2), (3, g3))])
+  res = [dict(video_id=1, category_id=1, score=s, segmentations=_video([m] * 3))
+         for s, m in ((0.95, junk), (0.9, g1), (0.8, g3))]   # g2 is missed; junk overlaps nothing
+  m = evaluate_dicts(gt, res)
+  # slight: GT {g1}; detections FP, TP, (ignored: matches g3 outside the subset) -> precision 1/2.
+  assert m['AP_slight'] == pytest.approx(0.5)
+  # moderate: GT {g1, g2}; FP, TP (recall 1/2), ignored -> precision 1/2 up to recall 0.50.
+  assert m['AP_moderate'] == pytest.approx(0.5 * 51 / 101)
+  # heavy: GT {g2, g3}; FP, ignored (matches g1), TP -> precision 1/2 up to recall 0.50.
+  assert m['AP_heavy'] == pytest.approx(0.5 * 51 / 101)
+  # All ground truth: FP, TP, TP over 3 -> precision 2/3 up to recall 2/3 (0.00..0.66).
+  assert m['AP'] == pytest.approx(2 / 3 * 67 / 101)
+  # Without occlusion levels: the same YouTube-VIS metrics and no occlusion keys.
+  for a in gt['annotations']:
+    del a['occlusion']
+  plain = evaluate_dicts(gt, res)
+  assert set(plain) == set(KEYS)
+  assert {k: m[k] for k in KEYS} == plain
+  # Heavy subset empty of ground truth -> undefined (-1), as COCO's empty area ranges.
+  for a, levels in zip(gt['annotations'], (['no_occlusion'] * 3,) * 3):
+    a['occlusion'] = levels
+  m = evaluate_dicts(gt, res)
+  assert m['AP_heavy'] == -1.0 and m['AP_moderate'] == -1.0
+  assert m['AP_slight'] == pytest.approx(m['AP'])
+
+
+def _cocoeval_subset(gt, results, occ_scores, rng):
+  """COCOeval (segm) where the area of a ground truth is its occlusion score and every detection's
+  area lies in the range: ground truth outside `rng` is ignored, detections are never filtered."""
+  images = [dict(id=v['id'], height=v['height'], width=v['width']) for v in gt['videos']]
+  anns = [dict(id=a['id'], image_id=a['video_id'], category_id=a['category_id'], iscrowd=0,
+               segmentation=a['segmentations'][0], area=occ_scores[a['id']],
+               bbox=list(mask_utils.toBbox(a['segmentations'][0]))) for a in gt['annotations']]
+  coco = COCO()
+  coco.dataset = dict(images=images, annotations=anns, categories=gt['categories'])
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco.createIndex()
+    dets = [dict(image_id=r['video_id'], category_id=r['category_id'], score=r['score'],
+                 segmentation=r['segmentations'][0]) for r in results]
+    res = coco.loadRes(dets)
+    for d in res.dataset['annotations']:
+      d['area'] = rng[0]
+    ev = COCOeval(coco, res, 'segm')
+    ev.params.areaRng = [list(rng)]
+    ev.params.areaRngLbl = ['all']
+    ev.evaluate()
+    ev.accumulate()
+  p = ev.eval['precision'][:, :, :, 0, 2]
+  return float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
+
+
+@pytest.mark.parametrize('seed', range(12))
+def test_occlusion_subsets_equal_cocoeval_on_single_frame_videos(seed):
+  gt, results = _random_case(seed)
+  if not gt['annotations'] or not results:
+    return
+  rng = np.random.default_rng(100 + seed)
+  levels = list(ytvis_eval.OCCLUSION_LEVELS)
+  for a in gt['annotations']:
+    a['occlusion'] = [levels[int(rng.integers(0, 3))]]
+  scores = {a['id']: ytvis_eval.OCCLUSION_LEVELS[a['occlusion'][0]] for a in gt['annotations']}
+  ours = evaluate_dicts(gt, results)
+  for name, occ_rng in ytvis_eval.OCCLUSION_RANGES:
+    theirs = _cocoeval_subset(gt, results, scores, occ_rng)
+    assert abs(ours[name] - theirs) <= 1e-9, (name, ours[name], theirs)
+
+
+def test_occlusion_bad_input_names_the_annotation(tmp_path):
+  one = np.ones((4, 4))
+  gt = dict(videos=[dict(id=1, height=4, width=4, length=1)], categories=[dict(id=1, name='x')],
+            annotations=[dict(id=1, video_id=1, category_id=1, iscrowd=0,
+                              segmentations=_video([one]), occlusion=['no_occlusion']),
+                         dict(id=2, video_id=1, category_id=1, iscrowd=0,
+                              segmentations=_video([one]))])
+  gt_path = tmp_path / 'ovis.json'
+  gt_path.write_text(json.dumps(gt))
+  res_path = tmp_path / 'res.json'
+  res_path.write_text('[]')
+  with pytest.raises(ValueError, match='ovis.json: annotation 2 has no "occlusion" levels'):
+    evaluate(str(gt_path), str(res_path))
+  gt['annotations'][1]['occlusion'] = ['heavy']
+  gt_path.write_text(json.dumps(gt))
+  with pytest.raises(ValueError,
+                     match="ovis.json: video 1 annotation 2: unknown occlusion level 'heavy'"):
+    evaluate(str(gt_path), str(res_path))
+
+
+def test_format_table_with_occlusion_and_undefined():
+  from minvis_jax.evaluation import format_table
+  table = format_table(dict(AP=0.5, AP50=0.75, APs=-1.0, AP_slight=0.125, AP_moderate=0.0,
+                            AP_heavy=-1.0))
+  names, values = table.splitlines()
+  assert names.split() == ['AP', 'AP50', 'APs', 'AP_slight', 'AP_moderate', 'AP_heavy']
+  assert values.split() == ['50.00', '75.00', '-', '12.50', '0.00', '-']

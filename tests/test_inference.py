@@ -80,3 +80,199 @@ def test_2000_frames_with_flat_device_memory(monkeypatch):
   assert len(live) == 20
   # Device memory after the first windows stays the same however many frames have passed.
   assert max(live[2:]) - min(live[2:]) == 0, live
+
+
+# ------------------------------------------------------------------------------------------------
+# `minvis-jax infer` / `evaluate` with a random tiny model saved as a checkpoint.
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from minvis_jax import checkpoints  # noqa: E402
+from minvis_jax import visualize  # noqa: E402
+from minvis_jax.data import transforms  # noqa: E402
+from minvis_jax.evaluation import evaluate  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
+def _random_variables(model_config, seed=0):
+  """Random variables of the model's structure without running its (slow, eager) init: kernels
+  ~ N(0, 1/fan_in), norms at identity, frozen BatchNorm statistics mean 0 / variance 1."""
+  shapes = jax.eval_shape(Mask2Former(model_config).init, jax.random.PRNGKey(0),
+                          np.zeros((1, 32, 32, 3), np.float32))
+  rng = np.random.default_rng(seed)
+
+  def make(path, leaf):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    if name in ('scale', 'var'):
+      return np.ones(leaf.shape, leaf.dtype)
+    if name in ('bias', 'mean'):
+      return np.zeros(leaf.shape, leaf.dtype)
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
+    return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+  return jax.tree_util.tree_map_with_path(make, shapes)
+
+
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tmp_path_factory):
+  """(directory, config, variables): random tiny model (configs/tiny.py) with its config.json."""
+  config = config_lib.load_config(os.path.join(CONFIGS, 'tiny.py'))
+  config.inference.window = 4  # a small padded batch keeps the CPU tests fast
+  variables = _random_variables(config.model, seed=1)
+  path = str(tmp_path_factory.mktemp('ckpt') / 'model')
+  checkpoints.save_variables(path, variables)
+  checkpoints.save_config(path, config)
+  return path, config, variables
+
+
+def _moving_square_frames(n, h=64, w=96):
+  rng = np.random.default_rng(3)
+  frames = []
+  for t in range(n):
+    f = rng.integers(0, 40, (h, w, 3), dtype=np.uint8)
+    f[10 + 2 * t:34 + 2 * t, 8 + 5 * t:40 + 5 * t] = (220, 60, 30)
+    frames.append(f)
+  return frames
+
+
+def _write_folder(folder, frames, ext='png'):
+  os.makedirs(folder, exist_ok=True)
+  for t, f in enumerate(frames):
+    Image.fromarray(f).save(os.path.join(folder, f'{t:05d}.{ext}'))
+  return str(folder)
+
+
+def _check_results(path, num_frames, size, top_k, num_classes=4):
+  results = json.load(open(path))
+  assert len(results) == top_k
+  assert [r['score'] for r in results] == sorted((r['score'] for r in results), reverse=True)
+  for r in results:
+    assert r['video_id'] == 1 and 1 <= r['category_id'] <= num_classes and 0 < r['score'] <= 1
+    assert len(r['segmentations']) == num_frames
+    for seg in r['segmentations']:
+      assert seg['size'] == list(size) and isinstance(seg['counts'], str)
+      assert mask_utils.decode(dict(seg, counts=seg['counts'].encode())).shape == size
+  return results
+
+
+def _frame_count(path):
+  if path.endswith('.gif'):
+    with Image.open(path) as im:
+      return im.n_frames, im.size[::-1]
+  import imageio.v2 as imageio
+  with imageio.get_reader(path) as reader:
+    frames = [f for f in reader]
+  return len(frames), frames[0].shape[:2]
+
+
+def test_infer_on_frame_folder(tiny_checkpoint, tmp_path, capsys):
+  ckpt, config, variables = tiny_checkpoint
+  frames = _moving_square_frames(5)
+  folder = _write_folder(tmp_path / 'frames', frames)
+  out = tmp_path / 'out'
+  assert inference.infer_main(['minvis-jax infer', '--checkpoint', ckpt, '--video', folder,
+                               '--out', str(out), '--top_k', '3', '--score_threshold', '0']) == 0
+  results = _check_results(out / 'results.json', 5, (64, 96), 3)
+  # The same tracks as the predictor run directly on the test-time input (SPEC 1 geometry).
+  inputs = [transforms.test_frame(f, 128, 224, config.data.mean, config.data.std)[0]
+            for f in frames]
+  assert inputs[0].shape == (128, 192, 3)
+  direct = inference.VideoPredictor(config.model, variables, 4, 3)(inputs, (128, 192), (64, 96))
+  assert [r['category_id'] for r in results] == [t['category'] + 1 for t in direct]
+  np.testing.assert_allclose([r['score'] for r in results], [t['score'] for t in direct], rtol=1e-5)
+  assert [r['segmentations'] for r in results] == [t['segmentations'] for t in direct]
+  # A results file the evaluator accepts for a 5-frame 64x96 video.
+  gt = dict(videos=[dict(id=1, height=64, width=96, length=5)],
+            categories=[dict(id=c, name=f'c{c}') for c in range(1, 5)],
+            annotations=[dict(id=1, video_id=1, category_id=results[0]['category_id'], iscrowd=0,
+                              segmentations=results[0]['segmentations'], areas=None)])
+  (tmp_path / 'gt.json').write_text(json.dumps(gt))
+  metrics = evaluate(str(tmp_path / 'gt.json'), str(out / 'results.json'))
+  top = [dict(s, counts=s['counts'].encode()) for s in results[0]['segmentations']]
+  if any(mask_utils.area(top)):
+    assert metrics['AP'] == pytest.approx(1.0)  # the top track is its own ground truth
+  overlay = [f for f in os.listdir(out) if f.startswith('overlay.')]
+  assert overlay == ['overlay.mp4' if visualize.mp4_available() else 'overlay.gif']
+  assert _frame_count(str(out / overlay[0])) == (5, (64, 96))
+  assert 'wrote' in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not visualize.mp4_available(), reason='imageio-ffmpeg not installed')
+def test_infer_on_mp4(tiny_checkpoint, tmp_path):
+  ckpt, _, _ = tiny_checkpoint
+  video = visualize.write_video(str(tmp_path / 'in.mp4'), _moving_square_frames(4), fps=5)
+  frames = list(inference.read_video(video))
+  assert len(frames) == 4 and frames[0].shape == (64, 96, 3) and frames[0].dtype == np.uint8
+  # Lossy, but close to what was written.
+  assert np.abs(frames[2].astype(int) - _moving_square_frames(4)[2]).mean() < 12
+  out = tmp_path / 'out'
+  assert inference.infer_main(['minvis-jax infer', '--checkpoint', ckpt, '--video', video,
+                               '--out', str(out), '--top_k', '2']) == 0
+  _check_results(out / 'results.json', 4, (64, 96), 2)
+  assert _frame_count(str(out / 'overlay.mp4')) == (4, (64, 96))
+
+
+def test_read_video_folder_order_and_bad_inputs(tiny_checkpoint, tmp_path):
+  frames = _moving_square_frames(3)
+  folder = _write_folder(tmp_path / 'f', frames)
+  (tmp_path / 'f' / 'notes.txt').write_text('ignored')
+  read = list(inference.read_video(folder))
+  assert len(read) == 3
+  for a, b in zip(read, frames):
+    np.testing.assert_array_equal(a, b)  # png: lossless, sorted by name
+  with pytest.raises(FileNotFoundError, match='missing.mp4: no such video'):
+    inference.read_video(str(tmp_path / 'missing.mp4'))
+  os.makedirs(tmp_path / 'empty')
+  with pytest.raises(FileNotFoundError, match='empty: no .jpg'):
+    inference.read_video(str(tmp_path / 'empty'))
+  (tmp_path / 'bad.mp4').write_text('this is not a video')
+  with pytest.raises(ValueError, match='bad.mp4'):
+    list(inference.read_video(str(tmp_path / 'bad.mp4')))
+  (tmp_path / 'f' / '00001.png').write_bytes(b'corrupt')
+  with pytest.raises(ValueError, match='00001.png: corrupt or unreadable'):
+    list(inference.read_video(folder))
+  ckpt, _, _ = tiny_checkpoint
+  sizes = _write_folder(tmp_path / 'sizes', [frames[0], frames[1][:60]])
+  with pytest.raises(ValueError, match='sizes: frame 1 is 60x96, the video is 64x96'):
+    inference.infer_main(['infer', '--checkpoint', ckpt, '--video', sizes,
+                          '--out', str(tmp_path / 'o')])
+  bare = str(tmp_path / 'bare')
+  checkpoints.save_variables(bare, {'params': {'w': np.zeros(2)}})
+  with pytest.raises(ValueError, match='bare: the checkpoint has no config.json; pass --config'):
+    inference.infer_main(['infer', '--checkpoint', bare, '--video', folder, '--out', bare])
+  with pytest.raises(FileNotFoundError, match='nockpt: no such checkpoint'):
+    inference.infer_main(['infer', '--checkpoint', str(tmp_path / 'nockpt'), '--video', folder,
+                          '--out', bare])
+
+
+def test_evaluate_on_generated_videos(tiny_checkpoint, tmp_path, capsys):
+  synthetic = pytest.importorskip('minvis_jax.data.synthetic')
+  ckpt, _, _ = tiny_checkpoint
+  data = tmp_path / 'data'
+  synthetic.generate(str(data), 'valid', num_videos=2, num_frames=3, height=64, width=96, seed=0)
+  out = tmp_path / 'eval'
+  assert inference.evaluate_main(['minvis-jax evaluate',
+                                  '--config', os.path.join(CONFIGS, 'tiny.py'),
+                                  '--checkpoint', ckpt, '--manual_dir', str(data),
+                                  '--out', str(out), '--top_k', '5', '--window', '4']) == 0
+  gt = json.load(open(data / 'valid.json'))
+  results = json.load(open(out / 'results.json'))
+  assert sorted({r['video_id'] for r in results}) == sorted(v['id'] for v in gt['videos'])
+  assert len(results) == 2 * 5
+  for r in results:
+    assert len(r['segmentations']) == 3 and r['segmentations'][0]['size'] == [64, 96]
+  metrics = json.load(open(out / 'metrics.json'))
+  assert set(metrics) >= {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10'}
+  assert metrics == evaluate(str(data / 'valid.json'), str(out / 'results.json'))
+  printed = capsys.readouterr().out
+  assert 'AP50' in printed and 'results.json' in printed
+  # Default output: the checkpoint directory's config and location; only the first video.
+  assert inference.evaluate_main(['evaluate', '--checkpoint', ckpt, '--manual_dir', str(data),
+                                  '--max_videos', '1', '--out', str(tmp_path / 'one')]) == 0
+  one = json.load(open(tmp_path / 'one' / 'results.json'))
+  assert {r['video_id'] for r in one} == {gt['videos'][0]['id']} and len(one) == 10
+  assert set(json.load(open(tmp_path / 'one' / 'metrics.json'))) >= {'AP', 'AR10'}

@@ -190,6 +190,7 @@ def main(argv=None) -> int:
   config = config_lib.load_config(args.config)
   variables = convert(args.source, read_state_dict(args.input), config.model, args.seed)
   checkpoints.save_variables(args.output, variables)
+  checkpoints.save_config(args.output, config)
   n = sum(x.size for x in jax.tree.leaves(variables))
   print(f'wrote {args.output}: {n:,} values from {args.input} ({args.source})')
   return 0

@@ -2,9 +2,11 @@
 
 Track IoU = sum over frames of intersection / sum over frames of union; then COCO accumulation
 (IoU 0.50:0.05:0.95, 101 recall points, maxDets 1/10/100) with YouTube-VIS's area ranges.
+With OVIS ground truth (per-frame `occlusion` levels), also AP on the occlusion subsets.
 """
 
 import json
+import math
 import os
 from typing import Any
 
@@ -16,6 +18,14 @@ RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 MAX_DETS = (1, 10, 100)
 # all, small, medium, large: YouTube-VIS ranges over the mean non-empty area of a track.
 AREA_RANGES = ((0, 1e10), (0, 128 ** 2), (128 ** 2, 256 ** 2), (256 ** 2, 1e10))
+# OVIS (SPEC 7): per-frame occlusion levels of a ground-truth track as the OVIS annotations spell
+# them; a track's occlusion score is the mean level over its most occluded half of annotated frames.
+OCCLUSION_LEVELS = {'no_occlusion': 0.0, 'slight_occlusion': 0.25, 'severe_occlusion': 0.75}
+# Subsets by occlusion score, both ends inclusive as in the OVIS evaluator (which labels them
+# light / medium / heavy; the OVIS paper reports them as AP_so / AP_mo / AP_ho). Detections are not
+# filtered: a detection is ignored in a subset only when it matches a ground truth outside it.
+OCCLUSION_RANGES = (('AP_slight', (0.0, 0.25)), ('AP_moderate', (0.25, 0.5)),
+                    ('AP_heavy', (0.5, 1.0)))
 
 
 def _load_json(path: str, what: str):
@@ -49,6 +59,25 @@ def _mean_area(areas) -> float:
   return float(np.mean(vals)) if vals else 0.0
 
 
+def occlusion_score(levels: list, where: str) -> float:
+  """OVIS occlusion score of a ground-truth track: per-frame levels (strings of OCCLUSION_LEVELS or
+  None where not annotated) -> mean of the ceil(n/2) largest of its n annotated levels."""
+  if not isinstance(levels, list):
+    raise ValueError(f'{where}: "occlusion" must be a list of per-frame levels')
+  values = []
+  for t, level in enumerate(levels):
+    if level is None:
+      continue
+    if level not in OCCLUSION_LEVELS:
+      raise ValueError(f'{where}: unknown occlusion level {level!r} at frame {t}; expected one of '
+                       f'{sorted(OCCLUSION_LEVELS)} or null')
+    values.append(OCCLUSION_LEVELS[level])
+  if not values:
+    raise ValueError(f'{where}: "occlusion" has no level on any frame')
+  top = sorted(values)[-math.ceil(len(values) / 2):]
+  return sum(top) / len(top)
+
+
 def _track_ious(dts: list, gts: list, length: int) -> np.ndarray:
   """[D, G] sum over frames of intersection / sum of union."""
   inter = np.zeros((len(dts), len(gts)))
@@ -72,9 +101,10 @@ def _track_ious(dts: list, gts: list, length: int) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
-def _evaluate_pair(dts, gts, ious, area_rng, max_det):
-  """COCO evaluateImg for one (video, category, area range)."""
+def _evaluate_pair(dts, gts, ious, area_rng, max_det, occ_rng=None):
+  """COCO evaluateImg for one (video, category, area range[, OVIS occlusion range])."""
   g_ignore = np.array([g['iscrowd'] or not (area_rng[0] <= g['area'] <= area_rng[1])
+                       or (occ_rng is not None and not occ_rng[0] <= g['occ'] <= occ_rng[1])
                        for g in gts], bool)
   g_order = np.argsort(g_ignore, kind='mergesort')
   g_ignore = g_ignore[g_order]
@@ -143,6 +173,13 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
   """The metric from loaded JSON: gt (YouTube-VIS dict), results (list of tracks)."""
   videos = {v['id']: v for v in gt['videos']}
   cat_ids = sorted(c['id'] for c in gt['categories'])
+  # OVIS ground truth carries per-frame occlusion levels; then every annotation must have them.
+  with_occ = sum('occlusion' in a for a in gt['annotations'])
+  has_occ = with_occ > 0
+  if has_occ and with_occ < len(gt['annotations']):
+    missing = next(a for a in gt['annotations'] if 'occlusion' not in a)
+    raise ValueError(f'{gt_name}: annotation {missing.get("id")} has no "occlusion" levels but '
+                     f'{with_occ} other annotations do')
   gts: dict[tuple, list] = {}
   for a in gt['annotations']:
     v = videos.get(a['video_id'])
@@ -151,8 +188,9 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
     where = f'{gt_name}: video {v["id"]} annotation {a.get("id")}'
     rles = [_rle(s, v['height'], v['width'], where) for s in a['segmentations']]
     areas = a.get('areas') or [None if r is None else float(mask_utils.area(r)) for r in rles]
+    occ = occlusion_score(a['occlusion'], where) if has_occ else None
     gts.setdefault((v['id'], a['category_id']), []).append(dict(
-        rles=rles, area=_mean_area(areas), iscrowd=bool(a.get('iscrowd', 0))))
+        rles=rles, area=_mean_area(areas), iscrowd=bool(a.get('iscrowd', 0)), occ=occ))
   dts: dict[tuple, list] = {}
   for i, r in enumerate(results):
     v = videos.get(r.get('video_id'))
@@ -173,6 +211,7 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
       MAX_DETS)
   precision = -np.ones((T, R, K, A, M))
   recall = -np.ones((T, K, A, M))
+  occ_precision = -np.ones((T, R, K, len(OCCLUSION_RANGES)))  # all areas, maxDets 100
   for k, cat in enumerate(cat_ids):
     pairs = []
     for vid in videos:
@@ -193,12 +232,19 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
         if p is not None:
           precision[:, :, k, a, m] = p
           recall[:, k, a, m] = r
+    for o, (_, rng) in enumerate(OCCLUSION_RANGES if has_occ else ()):
+      evals = [_evaluate_pair(d, g, ious, AREA_RANGES[0], MAX_DETS[-1], rng)
+               for d, g, ious in pairs]
+      p, _ = _accumulate(evals, MAX_DETS[-1])
+      if p is not None:
+        occ_precision[:, :, k, o] = p
 
   def mean(x):
     x = x[x > -1]
     return float(np.mean(x)) if x.size else -1.0
 
   t50, t75 = 0, 5
+  occ = {name: mean(occ_precision[..., o]) for o, (name, _) in enumerate(OCCLUSION_RANGES)}
   return {
       'AP': mean(precision[:, :, :, 0, 2]),
       'AP50': mean(precision[t50, :, :, 0, 2]),
@@ -208,13 +254,15 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
       'APl': mean(precision[:, :, :, 3, 2]),
       'AR1': mean(recall[:, :, 0, 0]),
       'AR10': mean(recall[:, :, 0, 1]),
+      **(occ if has_occ else {}),
   }
 
 
 def evaluate(gt_json_path: str, results_json_path: str) -> dict[str, float]:
-  """AP, AP50, AP75, APs, APm, APl, AR1, AR10 of a results file against YouTube-VIS ground truth.
+  """AP, AP50, AP75, APs, APm, APl, AR1, AR10 of a results file against YouTube-VIS ground truth,
+  plus AP_slight, AP_moderate, AP_heavy when it is OVIS ground truth with occlusion levels.
 
-  Values are in [0, 1]; -1 where undefined (no ground truth in that area range), as in COCOeval.
+  Values are in [0, 1]; -1 where undefined (no ground truth in that range), as in COCOeval.
   """
   gt = _load_json(gt_json_path, 'ground-truth')
   results = _load_json(results_json_path, 'results')
@@ -227,6 +275,10 @@ def evaluate(gt_json_path: str, results_json_path: str) -> dict[str, float]:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-  keys = [k for k in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10') if k in metrics]
-  return ('  '.join(f'{k:>6}' for k in keys) + '\n'
-          + '  '.join(f'{100 * metrics[k]:6.2f}' for k in keys))
+  """Two lines: metric names and values in percent ('-' where undefined)."""
+  keys = [k for k in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10')
+          + tuple(name for name, _ in OCCLUSION_RANGES) if k in metrics]
+  widths = [max(6, len(k)) for k in keys]
+  return ('  '.join(f'{k:>{w}}' for k, w in zip(keys, widths)) + '\n'
+          + '  '.join(f'{100 * metrics[k]:{w}.2f}' if metrics[k] >= 0 else f'{"-":>{w}}'
+                      for k, w in zip(keys, widths)))

@@ -1,0 +1,118 @@
+"""R50 Mask2Former train step at 384x384, batch 2, CPU: our jitted step vs HF PyTorch fwd+loss+bwd.
+
+Same weights (HF's random R50 model converted), same images and targets (7 and 12 instances).
+Ours is the whole `train_step` (forward, set criterion on all 10 prediction sets with 12544 points,
+backward, clipping, AdamW update); HF's is forward with labels + `loss.backward()` (no optimizer).
+Also reports our step's FLOP utilisation: XLA's cost analysis of the compiled step over the measured
+peak of a jitted f32 matmul on the same machine.
+
+  python benchmarks/train_step.py [--repeats 5]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+import hf_reference as ref  # noqa: E402
+
+from timing import median_time, result_line  # noqa: E402
+
+from minvis_jax import config_lib  # noqa: E402
+from minvis_jax import convert  # noqa: E402
+from minvis_jax import train  # noqa: E402
+
+B, N, SIZE = 2, 25, 384
+NUM_REAL = (7, 12)
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+  """Measured FLOP/s of a jitted f32 [n, n] @ [n, n] on the default device."""
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  seconds = median_time(lambda: jax.block_until_ready(mm(a)), repeats)
+  return 2 * n ** 3 / seconds
+
+
+def make_batch(rng, num_classes: int) -> dict:
+  masks = np.zeros((B, N, SIZE, SIZE), np.uint8)
+  for b in range(B):
+    for n in range(NUM_REAL[b]):
+      y, x = rng.integers(0, SIZE - 128, 2)
+      masks[b, n, y:y + rng.integers(24, 128), x:x + rng.integers(24, 128)] = 1
+  return {'image': rng.integers(0, 256, (B, SIZE, SIZE, 3), dtype=np.uint8),
+          'image_size': np.full((B, 2), SIZE, np.int32),
+          'labels': rng.integers(0, num_classes, (B, N)).astype(np.int32),
+          'masks': masks,
+          'valid': np.arange(N)[None] < np.asarray(NUM_REAL)[:, None]}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--repeats', type=int, default=5)
+  args = parser.parse_args()
+  torch.set_num_threads(os.cpu_count())
+  hf_cfg = ref.hf_config('resnet50')
+  model = ref.hf_model(hf_cfg)
+  model_config = convert.model_config_from_hf(hf_cfg.to_dict())
+  variables = convert.params_from_hf(ref.state_dict_numpy(model), model_config)
+
+  config = config_lib.load_config(os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                               'minvis.py'))
+  config.model = model_config
+  config.data.canvas = (SIZE, SIZE)
+  config.data.max_instances = N
+  config.batch_size = B
+  config.mesh.data = 1
+  batch = make_batch(np.random.default_rng(0), model_config.num_classes)
+
+  trainer = train.Trainer(config, mesh=train.make_mesh(config.mesh, jax.devices()[:1]))
+  state = trainer.init_state()
+  state = state.replace(params=jax.device_put(variables['params']),
+                        frozen=jax.device_put(variables['frozen']))
+  global_batch = trainer.global_batch(batch)
+  t0 = time.perf_counter()
+  compiled = trainer.step.lower(state, global_batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+
+  holder = [state]
+
+  def ours_step():
+    holder[0], metrics = compiled(holder[0], global_batch)
+    jax.block_until_ready(metrics)
+  ours = median_time(ours_step, args.repeats)
+
+  # HF: the same images (normalised as ours) and the real instances only (its natural input).
+  images = np.asarray(train.normalize_images(batch['image'], batch['image_size'],
+                                             config.data.mean, config.data.std))
+  pixel_values = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+  mask_labels = [torch.from_numpy(batch['masks'][b, :NUM_REAL[b]].astype(np.float32))
+                 for b in range(B)]
+  class_labels = [torch.from_numpy(batch['labels'][b, :NUM_REAL[b]].astype(np.int64))
+                  for b in range(B)]
+
+  def hf_step():
+    model.zero_grad(set_to_none=True)
+    out = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
+    out.loss.backward()
+  theirs = median_time(hf_step, args.repeats)
+
+  peak = matmul_peak_flops()
+  utilisation = flops / ours / peak
+  print(f'ours: jitted train step {ours:.3f} s (compile {compile_s:.0f} s), '
+        f'{flops / 1e9:.1f} GFLOP -> {flops / ours / 1e9:.1f} GFLOP/s')
+  print(f'HF PyTorch forward+loss+backward {theirs:.3f} s (torch threads {torch.get_num_threads()})')
+  print(f'matmul peak {peak / 1e9:.0f} GFLOP/s -> FLOP utilisation {100 * utilisation:.1f}%')
+  print(result_line(f'train_step_r50_{SIZE}_b{B}_{jax.default_backend()}', ours, theirs))
+
+
+if __name__ == '__main__':
+  main()

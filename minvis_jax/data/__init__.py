@@ -1,0 +1,1 @@
+"""Datasets: folder readers, TFDS builders, the frame-level training input, synthetic videos."""

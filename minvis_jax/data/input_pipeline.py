@@ -1,0 +1,181 @@
+"""Frame-level training input (SPEC 1, 4): one annotated frame per sample, augmented, padded batches.
+
+The stream is a pure function of (seed, step): sample i of global step s comes from video
+`perm_e[(s * B + i) % V]` with e the epoch, and its frame and augmentation are drawn from a generator
+seeded by (seed, s, i). A resumed run therefore continues the same stream, and a process computes
+only its own rows of each global batch (rows [p * b, (p + 1) * b) for process p of the b-row shard).
+"""
+
+import concurrent.futures
+import functools
+import logging
+import queue
+import threading
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+
+from minvis_jax.data import transforms
+
+
+def usable_frames(num_frames: int, fraction: float) -> np.ndarray:
+  """The annotated frames MinVIS may use for a video of `num_frames` frames (SPEC 1).
+
+  n = max(round_half_even(L * r), 1); linspace(0, L, n, endpoint=False) cast to int when n > 1,
+  else the middle frame L // 2. (L=36: r=0.1 -> [0, 9, 18, 27]; r=0.01 -> [18].)
+  """
+  if num_frames < 1:
+    raise ValueError('a video needs at least one frame')
+  n = max(int(np.round(num_frames * fraction)), 1)   # np.round rounds half to even
+  if n == 1:
+    return np.array([num_frames // 2])
+  return np.linspace(0, num_frames, n, endpoint=False).astype(np.int64)
+
+
+def make_source(data: ml_collections.ConfigDict, split: str):
+  """The frame source of a split: TFDS records when `data.tfds_dir` is set, else the raw folder."""
+  if data.get('tfds_dir'):
+    from minvis_jax.data import tfds_builders  # noqa: PLC0415
+    return tfds_builders.TfdsSource(data.dataset, split, data.tfds_dir)
+  from minvis_jax.data import ytvis  # noqa: PLC0415
+  return ytvis.FolderSource(ytvis.load_split(data.dataset, data.manual_dir, split))
+
+
+def _fit(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, int]:
+  """Shrinks (h, w) (keeping the aspect ratio) until it fits the fixed canvas."""
+  scale = min(1.0, canvas[0] / size[0], canvas[1] / size[1])
+  return min(int(size[0] * scale + 0.5), canvas[0]), min(int(size[1] * scale + 0.5), canvas[1])
+
+
+def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
+            data: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  """Training augmentation of the original: optional crop, random short-side resize, h-flip.
+
+  image uint8 [H, W, 3], masks uint8 [N, H, W] -> resized versions (sizes fit `data.canvas`).
+  """
+  if data.crop:
+    # Relative crop in [0.5, 1] of each side (detectron2 "relative_range"), before the resize.
+    h, w = image.shape[:2]
+    ch, cw = (max(1, int(s * rng.uniform(0.5, 1.0))) for s in (h, w))
+    y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    image, masks = image[y:y + ch, x:x + cw], masks[:, y:y + ch, x:x + cw]
+  short = data.min_size_train[rng.integers(len(data.min_size_train))]
+  size = _fit(transforms.resize_shape(*image.shape[:2], short, data.max_size_train),
+              tuple(data.canvas))
+  image = transforms.resize_image(image, size)
+  masks = transforms.resize_masks(masks, size)
+  if data.flip and rng.random() < 0.5:
+    image, masks = image[:, ::-1], masks[:, :, ::-1]
+  return image, masks
+
+
+class TrainInput:
+  """Deterministic frame-level batches of one process.
+
+  A batch is {'image' uint8 [b, H, W, 3] (zero padded canvas), 'image_size' int32 [b, 2] (valid h, w),
+  'labels' int32 [b, N], 'masks' uint8 [b, N, H, W], 'valid' bool [b, N]} with b = batch_size /
+  process_count rows, (H, W) = data.canvas and N = data.max_instances.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, source, process_index: int = 0,
+               process_count: int = 1):
+    if config.batch_size % process_count:
+      raise ValueError(f'config.batch_size={config.batch_size} is not a multiple of the '
+                       f'{process_count} processes')
+    self.data = config.data
+    self.seed = config.seed
+    self.global_batch = config.batch_size
+    self.local_batch = config.batch_size // process_count
+    self.offset = process_index * self.local_batch
+    self.source = source
+    if source.num_videos == 0:
+      raise ValueError('the training split has no videos')
+    # Only these frames are ever read: the sub-sampled annotations of SPEC 1.
+    self.frames = [usable_frames(source.num_frames(v), config.data.annotation_fraction)
+                   for v in range(source.num_videos)]
+    # Each epoch visits every video once (videos equally likely whatever their length).
+    self._permutation = functools.lru_cache(maxsize=4)(
+        lambda epoch: np.random.default_rng([self.seed, 1, epoch]).permutation(source.num_videos))
+
+  def _video(self, position: int) -> int:
+    epoch, index = divmod(position, self.source.num_videos)
+    return int(self._permutation(epoch)[index])
+
+  def example(self, step: int, i: int) -> dict:
+    """Row i of global step `step`, as unbatched arrays."""
+    v = self._video(step * self.global_batch + i)
+    rng = np.random.default_rng([self.seed, 2, step, i])
+    t = int(rng.choice(self.frames[v]))
+    image, masks, labels = self.source.load(v, t)
+    image, masks = augment(image, masks, rng, self.data)
+    # Instances that the augmentation emptied are dropped (SPEC 1).
+    keep = masks.any(axis=(1, 2))
+    masks, labels = masks[keep], labels[keep]
+    n_max = self.data.max_instances
+    if len(labels) > n_max:
+      logging.warning('video %d frame %d: %d instances, keeping the first %d (data.max_instances)',
+                      v, t, len(labels), n_max)
+      masks, labels = masks[:n_max], labels[:n_max]
+    canvas_h, canvas_w = self.data.canvas
+    h, w = image.shape[:2]
+    out_image = np.zeros((canvas_h, canvas_w, 3), np.uint8)
+    out_image[:h, :w] = image
+    out_masks = np.zeros((n_max, canvas_h, canvas_w), np.uint8)
+    out_masks[:len(masks), :h, :w] = masks
+    out_labels = np.zeros(n_max, np.int32)
+    out_labels[:len(labels)] = labels
+    return {'image': out_image, 'image_size': np.array([h, w], np.int32), 'labels': out_labels,
+            'masks': out_masks, 'valid': np.arange(n_max) < len(labels)}
+
+  def batch(self, step: int, pool: concurrent.futures.Executor | None = None) -> dict:
+    """This process's rows of global step `step`."""
+    rows = range(self.offset, self.offset + self.local_batch)
+    examples = (pool.map(lambda i: self.example(step, i), rows) if pool
+                else [self.example(step, i) for i in rows])
+    examples = list(examples)
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def iterate(train_input: TrainInput, start_step: int, workers: int = 4,
+            prefetch: int = 2) -> Iterator[dict]:
+  """Batches of steps start_step, start_step + 1, ... built ahead by a background thread."""
+  out: queue.Queue = queue.Queue(maxsize=prefetch)
+  stop = threading.Event()
+
+  def produce():
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      step = start_step
+      while not stop.is_set():
+        try:
+          item = train_input.batch(step, pool)
+        except Exception as e:  # noqa: BLE001  (re-raised in the consumer)
+          item = e
+        while not stop.is_set():
+          try:
+            out.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if isinstance(item, Exception):
+          return
+        step += 1
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = out.get()
+      if isinstance(item, Exception):
+        raise item
+      yield item
+  finally:
+    stop.set()
+
+
+def train_iterator(config: ml_collections.ConfigDict, start_step: int, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict]:
+  """The trainer's input: this process's batches of `config.data.train_split` from `start_step`."""
+  source = make_source(config.data, config.data.train_split)
+  train_input = TrainInput(config, source, process_index, process_count)
+  return iterate(train_input, start_step, workers=config.data.get('workers', 4))

@@ -1,0 +1,61 @@
+"""Image geometry and normalisation shared by the training input and video inference (SPEC 1, 2)."""
+
+import numpy as np
+from PIL import Image
+
+
+def resize_shape(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
+  """detectron2's ResizeShortestEdge: short side to `short`, long side at most `max_size`.
+
+  Returns the new (height, width), rounded half up as the original.
+  """
+  scale = short / min(height, width)
+  new_h, new_w = height * scale, width * scale
+  if max(new_h, new_w) > max_size:
+    rescale = max_size / max(new_h, new_w)
+    new_h, new_w = new_h * rescale, new_w * rescale
+  return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [h, w, 3], bilinear (PIL, as detectron2)."""
+  if image.shape[:2] == tuple(size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """uint8 [N, H, W] -> uint8 [N, h, w], nearest neighbour (as detectron2 for masks)."""
+  if masks.shape[1:] == tuple(size):
+    return masks
+  h, w = masks.shape[1:]
+  # Nearest source pixel of each target pixel centre, as PIL's NEAREST.
+  rows = np.minimum(((np.arange(size[0]) + 0.5) * h / size[0]).astype(np.int64), h - 1)
+  cols = np.minimum(((np.arange(size[1]) + 0.5) * w / size[1]).astype(np.int64), w - 1)
+  return masks[:, rows][:, :, cols]
+
+
+def normalize_and_pad(image: np.ndarray, mean, std, padded_size: tuple[int, int]) -> np.ndarray:
+  """uint8 [h, w, 3] -> float32 [Hp, Wp, 3]: (x - mean) / std, zero padding bottom/right."""
+  h, w = image.shape[:2]
+  if h > padded_size[0] or w > padded_size[1]:
+    raise ValueError(f'image {h}x{w} does not fit the padded size {padded_size}')
+  out = np.zeros((*padded_size, 3), np.float32)
+  out[:h, :w] = (image.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  return out
+
+
+def padded_size(height: int, width: int, divisibility: int) -> tuple[int, int]:
+  """The size padded up to a multiple of `divisibility`."""
+  return -(-height // divisibility) * divisibility, -(-width // divisibility) * divisibility
+
+
+def test_frame(image: np.ndarray, min_size: int, max_size: int, mean, std,
+               divisibility: int = 32) -> tuple[np.ndarray, tuple[int, int]]:
+  """Test-time input of one frame (SPEC 1): resized, normalised, padded to `divisibility`.
+
+  Returns (float32 [Hp, Wp, 3], (h, w) of the resized image inside the padding).
+  """
+  size = resize_shape(*image.shape[:2], min_size, max_size)
+  return normalize_and_pad(resize_image(image, size), mean, std,
+                           padded_size(*size, divisibility)), size

@@ -1,0 +1,390 @@
+"""Readers of the standard dataset folders: YouTube-VIS 2019/2021/2022, OVIS and COCO instances.
+
+Every dataset becomes a `VisDataset` of videos (a COCO image is a one-frame video); masks are decoded
+per frame on demand through pycocotools, so a reader never holds a decoded video in memory.
+"""
+
+import dataclasses
+import io
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Instance:
+  id: int                 # annotation id
+  category: int           # 0-based contiguous class index (position of its id in sorted category ids)
+  iscrowd: bool
+  segmentations: list     # per frame: RLE dict (compressed or uncompressed counts), polygon list, or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Video:
+  id: int
+  name: str               # the frame folder name
+  height: int
+  width: int
+  frame_paths: tuple[str, ...]   # absolute paths, in order
+  instances: tuple[Instance, ...]
+
+  @property
+  def num_frames(self) -> int:
+    return len(self.frame_paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisDataset:
+  json_path: str
+  videos: tuple[Video, ...]
+  category_ids: tuple[int, ...]      # dataset category id of class index i (sorted ids)
+  category_names: tuple[str, ...]
+  has_annotations: bool              # False for e.g. the official valid.json without annotations
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.category_ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON parsing.
+
+
+def _load_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: annotation file not found')
+  try:
+    with open(path, 'rb') as f:
+      data = json.loads(f.read())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: malformed JSON ({e})') from None
+  if not isinstance(data, dict):
+    raise ValueError(f'{path}: malformed annotation file: top level is {type(data).__name__}, '
+                     'expected an object')
+  return data
+
+
+def _field(obj: dict, key: str, where: str):
+  if not isinstance(obj, dict) or key not in obj:
+    raise ValueError(f'{where}: missing field {key!r}')
+  return obj[key]
+
+
+def _categories(data: dict, path: str) -> tuple[tuple[int, ...], tuple[str, ...], dict[int, int]]:
+  """(sorted dataset ids, their names, dataset id -> contiguous index)."""
+  cats = _field(data, 'categories', path)
+  if not isinstance(cats, list) or not cats:
+    raise ValueError(f'{path}: "categories" must be a non-empty list')
+  by_id = {}
+  for c in cats:
+    cid = int(_field(c, 'id', f'{path}: category {c}'))
+    if cid in by_id:
+      raise ValueError(f'{path}: duplicate category id {cid}')
+    by_id[cid] = str(c.get('name', cid))
+  ids = tuple(sorted(by_id))
+  return ids, tuple(by_id[i] for i in ids), {cid: i for i, cid in enumerate(ids)}
+
+
+def _valid_polygons(seg: list, where: str) -> list | None:
+  """Keeps the polygons of >= 3 points as detectron2 does; None when none is left."""
+  if not all(isinstance(p, (list, tuple)) for p in seg):
+    raise ValueError(f'{where}: a polygon segmentation must be a list of coordinate lists')
+  polys = [list(map(float, p)) for p in seg if len(p) % 2 == 0 and len(p) >= 6]
+  if len(polys) != len(seg):
+    _log.info('%s: skipped %d degenerate polygon(s)', where, len(seg) - len(polys))
+  return polys or None
+
+
+def _clean_segmentation(seg: Any, where: str):
+  """Normalises 'absent' (None, [], {}) to None; checks the type; drops degenerate polygons."""
+  if seg is None or (isinstance(seg, (list, dict)) and not seg):
+    return None
+  if isinstance(seg, list):
+    return _valid_polygons(seg, where)
+  if isinstance(seg, dict):
+    if 'counts' not in seg or 'size' not in seg:
+      raise ValueError(f'{where}: an RLE segmentation needs "counts" and "size"')
+    return seg
+  raise ValueError(f'{where}: a segmentation must be an RLE dict, a polygon list or null, '
+                   f'got {type(seg).__name__}')
+
+
+def load_ytvis(json_path: str, image_root: str) -> VisDataset:
+  """Reads a YouTube-VIS (2019/2021/2022) or OVIS annotation file; frames live under image_root.
+
+  Annotations (if any) keep every frame's segmentation; crowd instances are kept with iscrowd=True
+  (the training input drops them, as the original).
+  """
+  json_path = os.path.abspath(json_path)
+  image_root = os.path.abspath(image_root)
+  data = _load_json(json_path)
+  category_ids, category_names, cat_index = _categories(data, json_path)
+  raw_videos = _field(data, 'videos', json_path)
+  if not isinstance(raw_videos, list):
+    raise ValueError(f'{json_path}: "videos" must be a list')
+
+  videos = {}  # id -> (name, h, w, frame paths)
+  for rv in raw_videos:
+    vid = int(_field(rv, 'id', f'{json_path}: video {str(rv)[:80]}'))
+    where = f'{json_path}: video {vid}'
+    if vid in videos:
+      raise ValueError(f'{where}: duplicate video id')
+    files = _field(rv, 'file_names', where)
+    if not isinstance(files, list) or not files:
+      raise ValueError(f'{where}: video has no frames ("file_names" is empty)')
+    name = os.path.dirname(files[0]) or str(vid)
+    where = f'{json_path}: video {vid} ({name!r})'
+    h, w = int(_field(rv, 'height', where)), int(_field(rv, 'width', where))
+    if h <= 0 or w <= 0:
+      raise ValueError(f'{where}: bad size {h}x{w}')
+    videos[vid] = (name, h, w, tuple(os.path.join(image_root, f) for f in files))
+
+  raw_anns = data.get('annotations')
+  has_annotations = raw_anns is not None
+  instances = {vid: [] for vid in videos}
+  for ann in raw_anns or ():
+    aid = int(_field(ann, 'id', f'{json_path}: annotation {str(ann)[:80]}'))
+    where = f'{json_path}: annotation {aid}'
+    vid = int(_field(ann, 'video_id', where))
+    if vid not in videos:
+      raise ValueError(f'{where}: video id {vid} is not in "videos"')
+    name, _, _, paths = videos[vid]
+    where = f'{json_path}: annotation {aid} of video {vid} ({name!r})'
+    cid = int(_field(ann, 'category_id', where))
+    if cid not in cat_index:
+      raise ValueError(f'{where}: unknown category id {cid} (known: {list(category_ids)})')
+    segs = _field(ann, 'segmentations', where)
+    if not isinstance(segs, list) or len(segs) != len(paths):
+      n = len(segs) if isinstance(segs, list) else type(segs).__name__
+      raise ValueError(f'{where}: {n} segmentations for a video of {len(paths)} frames')
+    segs = [_clean_segmentation(s, f'{where}, frame {t}') for t, s in enumerate(segs)]
+    instances[vid].append(
+        Instance(id=aid, category=cat_index[cid], iscrowd=bool(ann.get('iscrowd', 0)),
+                 segmentations=segs))
+
+  return VisDataset(
+      json_path=json_path,
+      videos=tuple(Video(id=vid, name=n, height=h, width=w, frame_paths=p,
+                         instances=tuple(instances[vid]))
+                   for vid, (n, h, w, p) in videos.items()),
+      category_ids=category_ids, category_names=category_names, has_annotations=has_annotations)
+
+
+def load_coco(json_path: str, image_root: str) -> VisDataset:
+  """Reads a COCO instances file: every image becomes a one-frame video (id = image id)."""
+  json_path = os.path.abspath(json_path)
+  image_root = os.path.abspath(image_root)
+  data = _load_json(json_path)
+  category_ids, category_names, cat_index = _categories(data, json_path)
+  images = _field(data, 'images', json_path)
+  if not isinstance(images, list):
+    raise ValueError(f'{json_path}: "images" must be a list')
+  videos = {}
+  for im in images:
+    iid = int(_field(im, 'id', f'{json_path}: image {str(im)[:80]}'))
+    where = f'{json_path}: image {iid}'
+    if iid in videos:
+      raise ValueError(f'{where}: duplicate image id')
+    fname = _field(im, 'file_name', where)
+    where = f'{json_path}: image {iid} ({fname!r})'
+    h, w = int(_field(im, 'height', where)), int(_field(im, 'width', where))
+    videos[iid] = (os.path.splitext(fname)[0], h, w, (os.path.join(image_root, fname),))
+
+  raw_anns = data.get('annotations')
+  instances = {iid: [] for iid in videos}
+  for ann in raw_anns or ():
+    aid = int(_field(ann, 'id', f'{json_path}: annotation {str(ann)[:80]}'))
+    where = f'{json_path}: annotation {aid}'
+    iid = int(_field(ann, 'image_id', where))
+    if iid not in videos:
+      raise ValueError(f'{where}: image id {iid} is not in "images"')
+    where = f'{json_path}: annotation {aid} of image {iid} ({videos[iid][0]!r})'
+    cid = int(_field(ann, 'category_id', where))
+    if cid not in cat_index:
+      raise ValueError(f'{where}: unknown category id {cid} (known: {list(category_ids)})')
+    seg = _clean_segmentation(ann.get('segmentation'), where)
+    if seg is None:
+      # detectron2 drops annotations without a valid segmentation.
+      _log.info('%s: no valid segmentation, skipped', where)
+      continue
+    instances[iid].append(
+        Instance(id=aid, category=cat_index[cid], iscrowd=bool(ann.get('iscrowd', 0)),
+                 segmentations=[seg]))
+
+  return VisDataset(
+      json_path=json_path,
+      videos=tuple(Video(id=iid, name=n, height=h, width=w, frame_paths=p,
+                         instances=tuple(instances[iid]))
+                   for iid, (n, h, w, p) in videos.items()),
+      category_ids=category_ids, category_names=category_names,
+      has_annotations=raw_anns is not None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Standard layouts.
+
+DATASETS = ('synthetic', 'ytvis_2019', 'ytvis_2021', 'ytvis_2022', 'ovis', 'coco')
+
+
+def _canonical(dataset: str) -> str:
+  name = dataset.lower().replace('-', '_')
+  name = {'ytvis2019': 'ytvis_2019', 'ytvis2021': 'ytvis_2021', 'ytvis2022': 'ytvis_2022',
+          'youtube_vis_2019': 'ytvis_2019', 'youtube_vis_2021': 'ytvis_2021',
+          'youtube_vis_2022': 'ytvis_2022', 'coco2017': 'coco'}.get(name, name)
+  if name not in DATASETS:
+    raise ValueError(f'unknown dataset {dataset!r}; expected one of {DATASETS}')
+  return name
+
+
+def split_paths(dataset: str, manual_dir: str, split: str) -> tuple[str, str]:
+  """(annotation json, image root) of a split in the dataset's standard folder layout.
+
+  synthetic, ytvis_2019: <split>.json, <split>/JPEGImages; ytvis_2021/2022: <split>/instances.json,
+  <split>/JPEGImages; ovis: annotations/annotations_<split>.json, <split>;
+  coco: annotations/instances_<split>2017.json, <split>2017 ('train' / 'val').
+  """
+  name = _canonical(dataset)
+  root = os.path.abspath(manual_dir)
+  if name in ('synthetic', 'ytvis_2019'):
+    return os.path.join(root, f'{split}.json'), os.path.join(root, split, 'JPEGImages')
+  if name in ('ytvis_2021', 'ytvis_2022'):
+    return (os.path.join(root, split, 'instances.json'),
+            os.path.join(root, split, 'JPEGImages'))
+  if name == 'ovis':
+    return os.path.join(root, 'annotations', f'annotations_{split}.json'), os.path.join(root, split)
+  split = split if split.endswith('2017') else f'{split}2017'
+  return os.path.join(root, 'annotations', f'instances_{split}.json'), os.path.join(root, split)
+
+
+def load_split(dataset: str, manual_dir: str, split: str) -> VisDataset:
+  """Reads a split of a dataset from its standard layout under manual_dir."""
+  json_path, image_root = split_paths(dataset, manual_dir, split)
+  if _canonical(dataset) == 'coco':
+    return load_coco(json_path, image_root)
+  return load_ytvis(json_path, image_root)
+
+
+# ------------------------------------------------------------------------------------------------
+# Masks and frames.
+
+
+def to_rle(segmentation, height: int, width: int, where: str) -> dict | None:
+  """A segmentation (RLE dict, polygons or None) -> compressed RLE (counts bytes) or None.
+
+  Raises ValueError naming `where` when its size is not height x width.
+  """
+  seg = _clean_segmentation(segmentation, where)
+  if seg is None:
+    return None
+  if isinstance(seg, list):
+    return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+  size = [int(s) for s in seg['size']]
+  if size != [height, width]:
+    raise ValueError(f'{where}: mask size {size} does not match the frame size {[height, width]}')
+  counts = seg['counts']
+  if isinstance(counts, list):  # uncompressed RLE
+    if sum(counts) != height * width:
+      raise ValueError(f'{where}: uncompressed RLE covers {sum(counts)} pixels, expected '
+                       f'{height * width} ({height}x{width})')
+    return mask_utils.frPyObjects(seg, height, width)
+  if isinstance(counts, str):
+    counts = counts.encode('ascii')
+  if not isinstance(counts, bytes):
+    raise ValueError(f'{where}: RLE counts must be a string or a list, got {type(counts).__name__}')
+  return {'size': size, 'counts': counts}
+
+
+def decode_mask(segmentation, height: int, width: int, where: str) -> np.ndarray:
+  """A segmentation (RLE dict, polygons or None) -> uint8 [height, width] in {0, 1}; zeros for None.
+
+  `where` names the file/video/frame in errors (e.g. a mask whose size is not the frame's).
+  """
+  rle = to_rle(segmentation, height, width, where)
+  if rle is None:
+    return np.zeros((height, width), np.uint8)
+  try:
+    mask = mask_utils.decode(rle)
+  except (ValueError, TypeError) as e:  # pycocotools on corrupt counts
+    raise ValueError(f'{where}: cannot decode RLE ({e})') from None
+  if mask.shape != (height, width):
+    raise ValueError(f'{where}: decoded mask {mask.shape} is not {height}x{width}')
+  return np.ascontiguousarray(mask, np.uint8)
+
+
+def decode_frame(data: bytes, where: str) -> np.ndarray:
+  """Encoded image bytes (JPEG, PNG, ...) -> uint8 [H, W, 3] RGB; ValueError names `where`."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return np.asarray(im.convert('RGB'))
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f'{where}: corrupt or unreadable image ({e})') from None
+
+
+def read_frame(path: str) -> np.ndarray:
+  """An image file -> uint8 [H, W, 3] RGB; FileNotFoundError / ValueError name the file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: frame not found')
+  with open(path, 'rb') as f:
+    return decode_frame(f.read(), path)
+
+
+def frame_annotations(video: Video, t: int, where: str = '') -> tuple[np.ndarray, np.ndarray]:
+  """(masks uint8 [N, H, W], labels int32 [N]) of frame t: non-crowd instances present at t.
+
+  Crowd instances are dropped (SPEC 1); only frame t's segmentations are decoded.
+  """
+  where = where or f'video {video.id} ({video.name!r})'
+  masks, labels = [], []
+  for inst in video.instances:
+    seg = inst.segmentations[t]
+    if inst.iscrowd or seg is None:
+      continue
+    masks.append(decode_mask(seg, video.height, video.width,
+                             f'{where}, annotation {inst.id}, frame {t}'))
+    labels.append(inst.category)
+  if not masks:
+    return np.zeros((0, video.height, video.width), np.uint8), np.zeros((0,), np.int32)
+  return np.stack(masks), np.asarray(labels, np.int32)
+
+
+def check_frame_size(image: np.ndarray, video: Video, path: str, where: str) -> None:
+  if image.shape[:2] != (video.height, video.width):
+    raise ValueError(f'{path}: frame is {image.shape[0]}x{image.shape[1]} but {where} says '
+                     f'{video.height}x{video.width}')
+
+
+class FolderSource:
+  """Random access to the frames of a VisDataset read from its folder (the training input's source)."""
+
+  def __init__(self, dataset: VisDataset):
+    self.dataset = dataset
+    self.num_videos = len(dataset.videos)
+    crowd = sum(inst.iscrowd for v in dataset.videos for inst in v.instances)
+    if crowd:
+      _log.info('%s: %d crowd instance(s) are skipped for training', dataset.json_path, crowd)
+
+  def num_frames(self, v: int) -> int:
+    return len(self.dataset.videos[v].frame_paths)
+
+  def load(self, v: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frame t of video v: (image uint8 [H, W, 3], masks uint8 [N, H, W], labels int32 [N])."""
+    video = self.dataset.videos[v]
+    if not 0 <= t < len(video.frame_paths):
+      raise IndexError(f'frame {t} out of range for video {video.id} ({video.name!r}) of '
+                       f'{len(video.frame_paths)} frames')
+    where = f'{self.dataset.json_path}: video {video.id} ({video.name!r})'
+    path = video.frame_paths[t]
+    try:
+      image = read_frame(path)
+    except (FileNotFoundError, ValueError) as e:
+      raise type(e)(f'{e}; frame {t} of {where}') from None
+    check_frame_size(image, video, path, where)
+    masks, labels = frame_annotations(video, t, where)
+    return image, masks, labels

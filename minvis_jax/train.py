@@ -1,0 +1,442 @@
+"""Frame-level Mask2Former training (SPEC 3, 4): optimizer, sharded train step, loop, checkpoints.
+
+  minvis-jax train --config configs/tiny.py --workdir /tmp/tiny [--distributed]
+
+One code path for one CPU, fake CPU devices, several processes and TPU pods: a ('data', 'model')
+`Mesh` from the config, `jax.jit` with shardings, batches assembled from each process's shard with
+`jax.make_array_from_process_local_data`. The work directory holds `config.json`, orbax checkpoints
+(`checkpoints/<step>/{variables,train}`), `metrics.jsonl` and TensorBoard event files.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from minvis_jax import checkpoints
+from minvis_jax import config_lib
+from minvis_jax import criterion
+from minvis_jax.models import Mask2Former
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array           # int32 scalar: number of updates applied
+  params: Any               # trainable model parameters
+  frozen: Any               # frozen BatchNorm statistics (never updated)
+  opt_state: Any
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer (SPEC 4).
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(getattr(k, 'key', str(k)) for k in path)
+
+
+def decay_mask(params):
+  """True where weight decay applies: conv and dense kernels only (no norms, embeddings, biases)."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: _path_names(p)[-1] == 'kernel', params)
+
+
+def param_groups(params):
+  """'backbone' or 'head' for every leaf (the backbone trains at lr * backbone_lr_mult)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: 'backbone' if _path_names(p)[0] == 'backbone' else 'head', params)
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up from 0 over `warmup_steps`, then x `decay_factor` at each of `decay_steps`."""
+  boundaries = jnp.asarray(sorted(optim.decay_steps) or [np.iinfo(np.int32).max])
+
+  def schedule(step):
+    decays = jnp.sum(step >= boundaries) if optim.decay_steps else 0
+    lr = optim.lr * optim.decay_factor ** decays
+    if optim.warmup_steps:
+      lr = lr * jnp.minimum(1.0, (step + 1) / optim.warmup_steps)
+    return lr
+  return schedule
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Global-norm clipping of all parameters, then AdamW per group (backbone at a reduced lr)."""
+  schedule = learning_rate_schedule(optim)
+
+  def adamw(mult):
+    return optax.adamw(lambda step: schedule(step) * mult, b1=optim.b1, b2=optim.b2,
+                       weight_decay=optim.weight_decay, mask=decay_mask)
+  return optax.chain(
+      optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity(),
+      optax.multi_transform({'backbone': adamw(optim.backbone_lr_mult), 'head': adamw(1.0)},
+                            param_groups))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh and shardings.
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """A ('data', 'model') mesh over all devices; data = -1 takes what the model axis leaves."""
+  devices = list(jax.devices() if devices is None else devices)
+  model = mesh_config.model
+  data = mesh_config.data if mesh_config.data != -1 else len(devices) // model
+  if data * model != len(devices):
+    raise ValueError(f'config.mesh: data={mesh_config.data} x model={model} does not cover '
+                     f'{len(devices)} devices')
+  return jax.make_mesh((data, model), ('data', 'model'), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _fsdp_spec(shape, data_size: int) -> P:
+  """Shards the largest dimension divisible by the data axis (ZeRO-3 style); else replicated."""
+  dims = [i for i, d in enumerate(shape) if d % data_size == 0 and d >= data_size]
+  if not dims or data_size == 1:
+    return P()
+  best = max(dims, key=lambda i: shape[i])
+  return P(*[('data' if i == best else None) for i in range(len(shape))])
+
+
+def state_shardings(abstract_state: TrainState, mesh, fsdp: bool):
+  """NamedShardings of the train state: replicated (data parallel) or FSDP over 'data'."""
+  def spec(x):
+    if fsdp and x.ndim >= 1 and x.size >= 2 ** 14:
+      return NamedSharding(mesh, _fsdp_spec(x.shape, mesh.shape['data']))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(spec, abstract_state)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P('data'))
+
+
+# ---------------------------------------------------------------------------------------------
+# State and step.
+
+
+def dummy_images(config) -> jax.Array:
+  return jnp.zeros((1, *config.data.canvas, 3), jnp.float32)
+
+
+def init_variables(config, key) -> dict:
+  """Model variables: random, or from `config.init.checkpoint` (class head re-initialised)."""
+  model = Mask2Former(config.model)
+  variables = model.init(key, dummy_images(config))
+  if not config.init.checkpoint:
+    return variables
+  loaded = checkpoints.load_variables(config.init.checkpoint)
+  if config.init.reinit_class_head:
+    loaded['params']['decoder']['class_embed'] = variables['params']['decoder']['class_embed']
+  shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)  # noqa: E731
+                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  want, got = shapes(variables), shapes(loaded)
+  if want != got:
+    diff = sorted(set(want.items()) ^ set(got.items()))[:5]
+    raise ValueError(f'{config.init.checkpoint}: variables do not match config.model (first '
+                     f'differences: {diff}); convert the checkpoint with the same model config')
+  return jax.tree.map(jnp.asarray, loaded)
+
+
+def create_train_state(config, key) -> TrainState:
+  variables = init_variables(config, key)
+  tx = make_optimizer(config.optim)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                    frozen=variables.get('frozen', {}), opt_state=tx.init(variables['params']))
+
+
+def normalize_images(images: jax.Array, image_size: jax.Array, mean, std) -> jax.Array:
+  """uint8 [B, H, W, 3] + valid (h, w) [B, 2] -> float32, normalised, zero outside the image."""
+  h, w = images.shape[1:3]
+  inside = ((jnp.arange(h)[None, :, None] < image_size[:, 0, None, None])
+            & (jnp.arange(w)[None, None, :] < image_size[:, 1, None, None]))
+  x = (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  return jnp.where(inside[..., None], x, 0.0)
+
+
+def make_train_step(config):
+  """The pure `train_step(state, batch) -> (state, metrics)` of this config (not yet jitted).
+
+  batch: 'image' uint8 [B, H, W, 3] (zero padded canvas), 'image_size' int32 [B, 2],
+  'labels' int32 [B, N], 'masks' uint8 [B, N, H, W], 'valid' bool [B, N].
+  """
+  model = Mask2Former(config.model)
+  tx = make_optimizer(config.optim)
+  schedule = learning_rate_schedule(config.optim)
+  base_key = jax.random.PRNGKey(config.seed)
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    # Randomness is a function of (seed, step) only, so a resumed run repeats it exactly.
+    key = jax.random.fold_in(base_key, state.step)
+    loss_key, dropout_key = jax.random.split(key)
+    images = normalize_images(batch['image'], batch['image_size'], config.data.mean,
+                              config.data.std)
+    targets = {k: batch[k] for k in ('labels', 'masks', 'valid')}
+
+    def loss_fn(params):
+      outputs = model.apply({'params': params, 'frozen': state.frozen}, images, train=True,
+                            rngs={'dropout': dropout_key})
+      return criterion.set_criterion(outputs, targets, loss_key, config.loss)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient leaves the state as it was: the loop then stops with an error,
+    # and no checkpoint can hold the poisoned parameters.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
+               'num_masks': jnp.sum(batch['valid'])}
+    metrics.update({k: terms[k] for k in ('loss_ce', 'loss_mask', 'loss_dice')})
+    return new, metrics
+  return train_step
+
+
+class Trainer:
+  """The jitted, sharded train step and state of one config on one mesh."""
+
+  def __init__(self, config, mesh=None):
+    self.config = config
+    self.mesh = make_mesh(config.mesh) if mesh is None else mesh
+    key = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(lambda: create_train_state_abstract(config, key))
+    self.state_sharding = state_shardings(abstract, self.mesh, config.mesh.fsdp)
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+        self.state_sharding)
+    self.batch_sharding = batch_sharding(self.mesh)
+    self.step = jax.jit(make_train_step(config), in_shardings=(self.state_sharding, None),
+                        out_shardings=(self.state_sharding, None), donate_argnums=0)
+
+  def init_state(self) -> TrainState:
+    key = jax.random.PRNGKey(self.config.seed)
+    return jax.jit(lambda: create_train_state(self.config, key),
+                   out_shardings=self.state_sharding)()
+
+  def global_batch(self, local: dict) -> dict:
+    """This process's rows of the batch -> global arrays sharded over 'data'."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in local.items()}
+
+
+def create_train_state_abstract(config, key) -> TrainState:
+  """As `create_train_state` but never reads the init checkpoint (for shapes only)."""
+  init = ml_collections.ConfigDict(config.to_dict())
+  init.init.checkpoint = ''
+  return create_train_state(init, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: orbax CheckpointManager, two items so evaluation can read the variables alone.
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep,
+                                         enable_async_checkpointing=True, create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), checkpoints.CHECKPOINT_SUBDIR),
+                               options=options, item_names=('variables', 'train'))
+
+
+def save_state(manager: ocp.CheckpointManager, state: TrainState) -> None:
+  manager.save(int(state.step), args=ocp.args.Composite(
+      variables=ocp.args.StandardSave({'params': state.params, 'frozen': state.frozen}),
+      train=ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state})))
+
+
+def restore_state(manager: ocp.CheckpointManager, abstract_state: TrainState,
+                  step: int | None = None) -> TrainState:
+  """Restores a checkpoint onto the shardings of `abstract_state` (any mesh)."""
+  step = manager.latest_step() if step is None else step
+  a = abstract_state
+  restored = manager.restore(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardRestore({'params': a.params, 'frozen': a.frozen}),
+      train=ocp.args.StandardRestore({'step': a.step, 'opt_state': a.opt_state})))
+  v, t = restored['variables'], restored['train']
+  return TrainState(step=t['step'], params=v['params'], frozen=v['frozen'],
+                    opt_state=t['opt_state'])
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging.
+
+
+class MetricWriter:
+  """Process 0 writes metrics to stdout, `metrics.jsonl` and TensorBoard; others stay quiet."""
+
+  def __init__(self, workdir: str, active: bool):
+    self.active = active
+    self._tb = None
+    self._jsonl = None
+    if active:
+      from tensorboardX import SummaryWriter  # noqa: PLC0415  (heavy import, process 0 only)
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def write(self, step: int, metrics: dict, echo: bool) -> None:
+    if not self.active:
+      return
+    for k, v in metrics.items():
+      self._tb.add_scalar(f'train/{k}', v, step)
+    self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+    self._jsonl.flush()
+    if echo:
+      print(f'step {step:6d} | ' + ' '.join(
+          f'{k} {v:.4g}' for k, v in metrics.items()), flush=True)
+
+  def close(self):
+    if self.active:
+      self._tb.close()
+      self._jsonl.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _Preemption:
+  """Records SIGTERM so the loop can save and exit cleanly between two steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """True on every process once any process got SIGTERM."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
+
+  input_fn(start_step) -> iterator of this process's batches (numpy dicts) for steps start_step, ...;
+  defaults to the frame-level pipeline of `config.data`.
+  """
+  total_steps = config.total_steps if total_steps is None else total_steps
+  local_batch = config.batch_size // jax.process_count()
+  if config.batch_size % jax.device_count() and config.mesh.data == -1:
+    raise ValueError(f'config.batch_size={config.batch_size} is not a multiple of the '
+                     f'{jax.device_count()} devices')
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    checkpoints.save_config(workdir, config)
+  trainer = Trainer(config)
+  manager = checkpoint_manager(workdir, config)
+  if manager.latest_step() is not None:
+    state = restore_state(manager, trainer.abstract_state)
+    logging.info('resumed from %s at step %d', workdir, int(state.step))
+  else:
+    state = trainer.init_state()
+  start = int(state.step)
+  if input_fn is None:
+    from minvis_jax.data import input_pipeline  # noqa: PLC0415
+    def input_fn(start_step):
+      return input_pipeline.train_iterator(config, start_step, jax.process_index(),
+                                           jax.process_count())
+  writer = MetricWriter(workdir, jax.process_index() == 0)
+  preemption = _Preemption()
+  if jax.process_index() == 0:
+    print(f'training {workdir}: steps {start} -> {total_steps}, global batch {config.batch_size} '
+          f'({local_batch} per process), mesh {dict(trainer.mesh.shape)}, '
+          f'{jax.device_count()} devices', flush=True)
+  try:
+    batches = input_fn(start)
+    tick, tick_step = time.perf_counter(), start
+    while int(state.step) < total_steps:
+      batch = trainer.global_batch(next(batches))
+      state, metrics = trainer.step(state, batch)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      step = int(state.step)
+      if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):
+        # Stop before this state can reach a checkpoint.
+        raise NonFiniteLossError(
+            f'non-finite loss {metrics["loss"]} (grad norm {metrics["grad_norm"]}) at step '
+            f'{step + 1}; the update was not applied and nothing after step {step} was saved '
+            f'(latest checkpoint in {workdir}: {manager.latest_step()}). Lower config.optim.lr or '
+            'check the input data.')
+      now = time.perf_counter()
+      rate = (step - tick_step) / max(now - tick, 1e-9)
+      tick, tick_step = now, step
+      metrics.update(steps_per_s=rate, images_per_s=rate * config.batch_size)
+      writer.write(step, metrics, echo=step % config.log_every == 0 or step == total_steps)
+      stop = preemption.agreed()
+      if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
+        save_state(manager, state)
+      if stop:
+        logging.warning('SIGTERM: saved step %d, exiting', step)
+        break
+    print(f'process {jax.process_index()}: finished at step {int(state.step)}, parameter '
+          f'fingerprint {fingerprint(state.params)}', flush=True)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    preemption.restore()
+  return state
+
+
+def fingerprint(tree) -> str:
+  """sha256 of this process's copy of replicated arrays: equal across processes iff bitwise equal."""
+  digest = hashlib.sha256()
+  for x in jax.tree.leaves(tree):
+    digest.update(np.ascontiguousarray(x.addressable_data(0)).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog=(argv or ['minvis-jax train'])[0],
+                                   description='Train Mask2Former on frames for MinVIS.')
+  parser.add_argument('--config', required=True, help='config file[:arg], e.g. configs/tiny.py')
+  parser.add_argument('--workdir', required=True, help='checkpoints, logs; resumes if present')
+  parser.add_argument('--total_steps', type=int, default=None, help='override config.total_steps')
+  parser.add_argument('--distributed', action='store_true',
+                      help='jax.distributed.initialize() (TPU pods, SLURM, local processes)')
+  parser.add_argument('--coordinator', default=None, help='host:port for --distributed')
+  parser.add_argument('--num_processes', type=int, default=None)
+  parser.add_argument('--process_id', type=int, default=None)
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='override a config value, e.g. --set batch_size=16 (repeatable)')
+  args = parser.parse_args((argv or [None])[1:])
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
+  if args.distributed:
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  config = config_lib.load_config(args.config)
+  config_lib.apply_overrides(config, args.set)
+  train(config, args.workdir, total_steps=args.total_steps)
+  return 0
+
+
+def initialize_distributed(coordinator=None, num_processes=None, process_id=None) -> None:
+  """jax.distributed with auto-detection (TPU, SLURM) or explicit values (local processes)."""
+  if 'cpu' in os.environ.get('JAX_PLATFORMS', ''):
+    # Many back-to-back CPU collectives under async dispatch can deadlock in gloo (SPEC 7).
+    jax.config.update('jax_cpu_enable_async_dispatch', False)
+  jax.distributed.initialize(coordinator, num_processes, process_id)

@@ -1,0 +1,174 @@
+"""Synthetic VIS videos: determinism, masks vs JSON areas/bboxes/JPEG, motion, occlusion, CLI."""
+
+import filecmp
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minvis_jax.data import synthetic, ytvis
+
+H, W = 64, 96
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('syn'))
+  path = synthetic.generate(root, 'train', 16, 8, H, W, seed=3)
+  return root, path, ytvis.load_ytvis(path, os.path.join(root, 'train', 'JPEGImages'))
+
+
+def _decoded(ds):
+  """(video, instance, [T, H, W] masks) for every annotation."""
+  for v in ds.videos:
+    for inst in v.instances:
+      yield v, inst, np.stack([ytvis.decode_mask(s, v.height, v.width, 'x')
+                               for s in inst.segmentations])
+
+
+def test_same_seed_same_files_other_seed_differs(tmp_path, dataset):
+  root, path, _ = dataset
+  other = str(tmp_path / 'again')
+  path2 = synthetic.generate(other, 'train', 3, 8, H, W, seed=3)
+  first = _read_json(path)
+  second = _read_json(path2)
+  # Video i does not depend on how many videos are written.
+  assert second['videos'] == first['videos'][:3]
+  assert second['annotations'] == [a for a in first['annotations'] if a['video_id'] <= 3]
+  for f in second['videos'][0]['file_names']:
+    assert filecmp.cmp(os.path.join(root, 'train/JPEGImages', f),
+                       os.path.join(other, 'train/JPEGImages', f), shallow=False)
+  path3 = synthetic.generate(str(tmp_path / 'seed4'), 'train', 3, 8, H, W, seed=4)
+  assert _read_json(path3)['annotations'] != second['annotations']
+  # train and valid of the same seed are different videos.
+  path4 = synthetic.generate(str(tmp_path / 'valid'), 'valid', 3, 8, H, W, seed=3)
+  assert _read_json(path4)['annotations'] != second['annotations']
+
+
+def test_json_schema_and_instance_counts(dataset):
+  _, path, ds = dataset
+  data = _read_json(path)
+  assert [c['id'] for c in data['categories']] == [1, 2, 3, 4]
+  assert ds.category_names == ('disc', 'square', 'triangle', 'cross')
+  assert all(1 <= len(v.instances) <= 4 for v in ds.videos)
+  for a in data['annotations']:
+    assert a['iscrowd'] == 0 and len(a['segmentations']) == 8
+    for s, area, box in zip(a['segmentations'], a['areas'], a['bboxes']):
+      assert (s is None) == (area is None) == (box is None)
+      assert s is None or isinstance(s['counts'], str)
+  # All four categories occur.
+  assert {i.category for v in ds.videos for i in v.instances} == {0, 1, 2, 3}
+
+
+def test_masks_match_areas_bboxes_and_are_disjoint(dataset):
+  _, path, ds = dataset
+  anns = {a['id']: a for a in _read_json(path)['annotations']}
+  union = {}
+  for v, inst, masks in _decoded(ds):
+    a = anns[inst.id]
+    for t, m in enumerate(masks):
+      if a['areas'][t] is None:
+        assert not m.any()
+        continue
+      assert m.sum() == a['areas'][t] > 0
+      ys, xs = np.nonzero(m)
+      np.testing.assert_allclose(a['bboxes'][t], [xs.min(), ys.min(), xs.max() - xs.min() + 1,
+                                                  ys.max() - ys.min() + 1])
+    prev = union.get(v.id, np.zeros_like(masks))
+    assert not (prev & masks).any(), 'visible masks of one video overlap'
+    union[v.id] = prev | masks
+
+
+def test_masks_agree_with_jpeg_pixels(dataset):
+  """Each visible mask shows its own category's colours: masks are after occlusion, not amodal."""
+  _, _, ds = dataset
+  centroids = synthetic._COLORS.mean(axis=1)  # [4, 3]
+  hits = total = 0
+  for v, inst, masks in _decoded(ds):
+    for t, m in enumerate(masks):
+      if m.sum() < 40:
+        continue
+      image = np.asarray(Image.open(v.frame_paths[t]).convert('RGB')).astype(np.float32)
+      mean = image[m.astype(bool)].mean(0)
+      hits += int(np.argmin(((centroids - mean) ** 2).sum(1)) == inst.category)
+      total += 1
+  assert total > 50 and hits >= 0.95 * total, (hits, total)
+
+
+def test_jpeg_equals_render(dataset):
+  _, _, ds = dataset
+  sim = synthetic.render_video(synthetic.video_rng(3, 'train', 0), 8, H, W)
+  for t, p in enumerate(ds.videos[0].frame_paths):
+    buf = io.BytesIO()
+    Image.fromarray(sim['frames'][t]).save(buf, format='JPEG', quality=90)
+    with open(p, 'rb') as f:
+      assert f.read() == buf.getvalue()
+  visible = [m for m in sim['visible'] if m.any()]
+  masks = [m for _, _, m in _decoded(ytvis.VisDataset(ds.json_path, ds.videos[:1], (), (), True))]
+  np.testing.assert_array_equal(np.stack(masks).astype(bool), np.stack(visible))
+
+
+def test_objects_enter_and_leave(dataset):
+  _, _, ds = dataset
+  present = [np.array([s is not None for s in i.segmentations])
+             for v in ds.videos for i in v.instances]
+  entering = [p for p in present if not p[0] and p.any()]
+  leaving = [p for p in present if not p[-1] and p.any()]
+  assert entering and leaving
+  # Present frames of an entering object are contiguous up to the end or a later exit.
+  assert any(p[-1] for p in entering)
+
+
+def test_occlusion_happens_and_front_wins():
+  occluded = 0
+  for i in range(10):
+    sim = synthetic.render_video(synthetic.video_rng(0, 'train', i), 6, H, W)
+    vis, amo = sim['visible'], sim['amodal']
+    assert not (vis & ~amo).any()
+    np.testing.assert_array_equal(vis[0], amo[0])  # the front instance is never occluded
+    assert (vis.sum(0) <= 1).all()
+    occluded += int(((vis.sum((2, 3)) < amo.sum((2, 3))) & vis.any((2, 3))).sum())
+  assert occluded > 0
+
+
+def test_scale_changes():
+  changes = []
+  for i in range(8):
+    sim = synthetic.render_video(synthetic.video_rng(0, 'train', i), 6, H, W)
+    a = sim['amodal'][0].sum((1, 2))  # instance 0 always stays in view
+    changes.append(a[-1] / a[0])
+  assert min(changes) < 0.8 and max(changes) > 1.25
+
+
+def test_cli_writes_layout_readable_by_load_ytvis(tmp_path):
+  out = str(tmp_path / 'cli')
+  subprocess.run([sys.executable, '-m', 'minvis_jax.data.synthetic', '--out', out, '--videos', '3',
+                  '--frames', '4', '--valid_videos', '2', '--height', '48', '--width', '80',
+                  '--seed', '1'], check=True, capture_output=True)
+  assert os.path.isfile(os.path.join(out, 'train/JPEGImages/train_00002/00003.jpg'))
+  assert os.path.isfile(os.path.join(out, 'valid/JPEGImages/valid_00001/00000.jpg'))
+  for split, n in (('train', 3), ('valid', 2)):
+    ds = ytvis.load_split('synthetic', out, split)
+    assert len(ds.videos) == n and ds.has_annotations
+    assert all(len(v.frame_paths) == 4 for v in ds.videos)
+    image, masks, labels = ytvis.FolderSource(ds).load(n - 1, 3)
+    assert image.shape == (48, 80, 3) and masks.shape[1:] == (48, 80)
+    assert labels.shape == (masks.shape[0],)
+
+
+def test_generation_is_fast(tmp_path):
+  start = time.perf_counter()
+  synthetic.generate(str(tmp_path), 'train', 40, 12, 128, 224, seed=0)
+  elapsed = time.perf_counter() - start
+  assert elapsed < 30, elapsed  # ~2.5 s on one core; generous for a shared CI machine

@@ -1,0 +1,276 @@
+"""Trainer: optimizer groups, schedule, sharded step equivalence, NaN stop, checkpoints and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from minvis_jax import checkpoints
+from minvis_jax import config_lib
+from minvis_jax import train
+from minvis_jax.data import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config():
+  """The tiny config at 64x96 with few points: the cheapest real train step."""
+  c = config_lib.load_config(os.path.join(REPO, 'configs', 'tiny.py'))
+  c.data.canvas = (64, 96)
+  c.data.min_size_train = (64,)
+  c.data.max_size_train = 96
+  c.data.max_instances = 4
+  c.loss.num_points = 256
+  c.batch_size = 8
+  return c
+
+
+def random_batch(c, seed=0):
+  rng = np.random.default_rng(seed)
+  b, n, (h, w) = c.batch_size, c.data.max_instances, c.data.canvas
+  return {'image': rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8),
+          'image_size': np.tile(np.array([[h - 4, w - 8]], np.int32), (b, 1)),
+          'labels': rng.integers(0, c.model.num_classes, (b, n)).astype(np.int32),
+          'masks': (rng.random((b, n, h, w)) > 0.6).astype(np.uint8),
+          'valid': rng.random((b, n)) > 0.4}
+
+
+def test_decay_mask_and_groups():
+  params = {'backbone': {'stem': {'kernel': 1.0}, 'norm': {'scale': 1.0, 'bias': 1.0}},
+            'decoder': {'query_feat': 1.0, 'class_embed': {'kernel': 1.0, 'bias': 1.0},
+                        'decoder_norm': {'scale': 1.0}}}
+  mask = train.decay_mask(params)
+  assert mask['backbone']['stem']['kernel'] and mask['decoder']['class_embed']['kernel']
+  assert not any([mask['backbone']['norm']['scale'], mask['backbone']['norm']['bias'],
+                  mask['decoder']['query_feat'], mask['decoder']['class_embed']['bias'],
+                  mask['decoder']['decoder_norm']['scale']])
+  groups = train.param_groups(params)
+  assert groups['backbone']['stem']['kernel'] == 'backbone'
+  assert groups['decoder']['query_feat'] == 'head'
+
+
+def test_optimizer_matches_hand_computed_adamw():
+  c = small_config().optim
+  c.lr, c.weight_decay, c.backbone_lr_mult, c.clip_norm = 0.5, 0.1, 0.1, 0.0
+  c.warmup_steps, c.decay_steps = 0, ()
+  params = {'backbone': {'kernel': jnp.array([2.0]), 'bias': jnp.array([2.0])},
+            'head': {'kernel': jnp.array([2.0]), 'bias': jnp.array([2.0])}}
+  grads = jax.tree.map(lambda x: jnp.array([0.3]), params)
+  tx = train.make_optimizer(c)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # First Adam step: m_hat / sqrt(v_hat) = sign(g) (eps aside); decoupled decay lr * wd * p.
+  adam = 1.0 * 0.3 / (0.3 + 1e-8)
+  expected = {'backbone': {'kernel': -0.05 * (adam + 0.1 * 2.0), 'bias': -0.05 * adam},
+              'head': {'kernel': -0.5 * (adam + 0.1 * 2.0), 'bias': -0.5 * adam}}
+  for group in expected:
+    for name, value in expected[group].items():
+      np.testing.assert_allclose(updates[group][name], [value], rtol=1e-5)
+
+
+def test_clipping_is_global_over_all_parameters():
+  c = small_config().optim
+  c.lr, c.weight_decay, c.clip_norm, c.b1, c.b2 = 1.0, 0.0, 0.5, 0.0, 0.0
+  c.warmup_steps, c.decay_steps = 0, ()
+  params = {'backbone': {'kernel': jnp.zeros(2)}, 'head': {'kernel': jnp.zeros(2)}}
+  grads = {'backbone': {'kernel': jnp.array([3.0, 0.0])}, 'head': {'kernel': jnp.array([0.0, 4.0])}}
+  clipped = optax.clip_by_global_norm(0.5).update(grads, None)[0]
+  np.testing.assert_allclose(optax.global_norm(clipped), 0.5, rtol=1e-6)
+  tx = train.make_optimizer(c)
+  # With b1 = b2 = 0 Adam normalises each coordinate, so compare the clip stage alone.
+  chain_clip = tx.update(grads, tx.init(params), params)
+  assert np.all(np.isfinite(jax.tree.leaves(chain_clip[0])))
+
+
+def test_learning_rate_schedule():
+  c = small_config().optim
+  c.lr, c.warmup_steps, c.decay_steps, c.decay_factor = 1.0, 4, (10, 20), 0.1
+  lr = train.learning_rate_schedule(c)
+  np.testing.assert_allclose([lr(s) for s in (0, 3, 9, 10, 19, 20, 25)],
+                             [0.25, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+
+
+def test_fsdp_spec_shards_largest_divisible_dimension():
+  assert train._fsdp_spec((3, 3, 64, 256), 8) == jax.sharding.PartitionSpec(None, None, None,
+                                                                             'data')
+  assert train._fsdp_spec((7, 9), 8) == jax.sharding.PartitionSpec()
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one_device_and_fsdp():
+  assert jax.device_count() == 8
+  c = small_config()
+  batch = random_batch(c)
+  results = []
+  for devices, fsdp in ((jax.devices()[:1], False), (jax.devices(), False), (jax.devices(), True)):
+    c.mesh.fsdp = fsdp
+    trainer = train.Trainer(c, mesh=train.make_mesh(c.mesh, devices))
+    state = trainer.init_state()
+    for _ in range(2):
+      state, metrics = trainer.step(state, trainer.global_batch(batch))
+    if fsdp:
+      specs = {x.sharding.spec for x in jax.tree.leaves(state.params)}
+      assert jax.sharding.PartitionSpec() in specs and len(specs) > 1   # some leaves sharded
+    results.append((float(metrics['loss']), jax.device_get(state.params)))
+  (loss1, params1), *others = results
+  assert np.isfinite(loss1)
+  for loss, params in others:
+    np.testing.assert_allclose(loss, loss1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params1)):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_non_finite_loss_stops_before_a_bad_save(tmp_path, monkeypatch):
+  c = small_config()
+  c.checkpoint.every_steps = 1
+  real = train.criterion.set_criterion
+
+  def poisoned(outputs, targets, key, loss_config):
+    loss, terms = real(outputs, targets, key, loss_config)
+    return jnp.where(targets['labels'][0, 0] == 99, jnp.nan, loss), terms
+
+  monkeypatch.setattr(train.criterion, 'set_criterion', poisoned)
+
+  def input_fn(start):
+    for step in range(start, 100):
+      batch = random_batch(c, step)
+      if step == 2:
+        batch['labels'][0, 0] = 99
+      yield batch
+
+  with pytest.raises(train.NonFiniteLossError, match='non-finite loss nan .* at step 3'):
+    train.train(c, str(tmp_path), input_fn=input_fn, total_steps=5)
+  saved = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  assert saved[-1] == 2
+  _, variables = checkpoints.load_for_inference(str(tmp_path))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+  c = small_config()
+  c.checkpoint.every_steps = 2
+  batches = lambda start: (random_batch(c, s) for s in range(start, 100))  # noqa: E731
+  state = train.train(c, str(tmp_path), input_fn=batches, total_steps=2)
+  manager = train.checkpoint_manager(str(tmp_path), c)
+  c.mesh.fsdp = True
+  other = train.Trainer(c, mesh=train.make_mesh(c.mesh, jax.devices()[:4]))
+  restored = train.restore_state(manager, other.abstract_state)
+  manager.close()
+  assert int(restored.step) == 2
+  assert len(restored.params['decoder']['query_feat'].sharding.device_set) == 4
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  config, variables = checkpoints.load_for_inference(str(tmp_path))
+  assert config.batch_size == c.batch_size
+  np.testing.assert_array_equal(variables['params']['decoder']['query_feat'],
+                                np.asarray(state.params['decoder']['query_feat']))
+  lines = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [m['step'] for m in lines] == [1, 2]
+  assert {'loss', 'loss_ce', 'loss_mask', 'loss_dice', 'lr', 'steps_per_s',
+          'images_per_s'} <= set(lines[0])
+  assert any(f.startswith('events') for f in os.listdir(tmp_path / 'tensorboard'))
+
+
+# --- End to end through the command line, on generated videos. -------------------------------------
+
+
+@pytest.fixture(scope='module')
+def synthetic_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp('synthetic')
+  synthetic.generate(str(out), 'train', num_videos=6, num_frames=4, height=64, width=96, seed=1)
+  return str(out)
+
+
+def _train_cmd(workdir, data_dir, steps, *extra):
+  return [sys.executable, '-m', 'minvis_jax.cli', 'train', '--config', 'configs/tiny.py',
+          '--workdir', str(workdir), '--total_steps', str(steps),
+          '--set', f'data.manual_dir={data_dir}', '--set', 'data.canvas=(64,96)',
+          '--set', 'data.min_size_train=(64,)', '--set', 'data.max_size_train=96',
+          '--set', 'data.max_instances=4', '--set', 'loss.num_points=256',
+          '--set', 'data.workers=1', *extra]
+
+
+def _env(devices=1):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def _fingerprint(log: str) -> str:
+  lines = [line for line in log.splitlines() if 'parameter fingerprint' in line]
+  assert lines, log[-3000:]
+  return lines[-1].split()[-1]
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_bitwise_equal(tmp_path, synthetic_dir):
+  steps, every = 7, 3
+  full = subprocess.run(_train_cmd(tmp_path / 'full', synthetic_dir, steps,
+                                   '--set', f'checkpoint.every_steps={every}'),
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert full.returncode == 0, full.stderr[-3000:]
+
+  workdir = tmp_path / 'killed'
+  proc = subprocess.Popen(_train_cmd(workdir, synthetic_dir, steps,
+                                     '--set', f'checkpoint.every_steps={every}'),
+                          cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  finished = workdir / 'checkpoints' / str(every)
+  deadline = time.time() + 600
+  while not finished.is_dir() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert finished.is_dir()
+  killed_at = max(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
+  assert killed_at < steps, 'the run finished before it could be killed'
+
+  resumed = subprocess.run(_train_cmd(workdir, synthetic_dir, steps,
+                                      '--set', f'checkpoint.every_steps={every}'),
+                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'steps {killed_at} -> {steps}' in resumed.stdout
+  assert _fingerprint(resumed.stdout) == _fingerprint(full.stdout)
+  a = checkpoints.load_for_inference(str(tmp_path / 'full'))[1]
+  b = checkpoints.load_for_inference(str(workdir))[1]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits(tmp_path, synthetic_dir):
+  workdir = tmp_path / 'preempted'
+  proc = subprocess.Popen(_train_cmd(workdir, synthetic_dir, 1000,
+                                     '--set', 'checkpoint.every_steps=1000'),
+                          cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 600
+  while not (metrics.exists() and metrics.read_text().count('\n') >= 2) and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  saved = [int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()]
+  assert len(saved) == 1 and 2 <= saved[0] < 1000, saved
+
+
+@pytest.mark.slow
+def test_two_processes_with_local_launcher(tmp_path, synthetic_dir):
+  workdir = tmp_path / 'multi'
+  cmd = ['bash', 'launch/local.sh', '2', '4', 'configs/tiny.py', str(workdir)]
+  cmd += _train_cmd(workdir, synthetic_dir, 3)[9:]   # the flags after --workdir DIR
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+  logs = [(workdir / 'logs' / f'process_{i}.log').read_text() for i in range(2)]
+  assert result.returncode == 0, result.stderr + logs[0][-3000:] + logs[1][-3000:]
+  assert 'mesh {\'data\': 8, \'model\': 1}, 8 devices' in logs[0]
+  assert _fingerprint(logs[0]) == _fingerprint(logs[1])
+  assert 'finished at step 3' in logs[1]
+  _, variables = checkpoints.load_for_inference(str(workdir))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))

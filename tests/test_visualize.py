@@ -1,0 +1,134 @@
+"""Overlays, overlay videos (mp4 / GIF fallback) and loss plots."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from minvis_jax import visualize
+
+
+def test_track_colors_distinct_and_deterministic():
+  c = visualize.track_colors(20)
+  assert c.shape == (20, 3) and c.dtype == np.uint8
+  assert len({tuple(x) for x in c}) == 20
+  np.testing.assert_array_equal(c, visualize.track_colors(20))
+  np.testing.assert_array_equal(c[:5], visualize.track_colors(5))
+  assert visualize.track_colors(0).shape == (0, 3)
+
+
+def test_overlay_blends_draws_contour_and_tag():
+  frame = np.full((64, 96, 3), 100, np.uint8)
+  masks = np.zeros((2, 64, 96), bool)
+  masks[0, 30:50, 40:80] = True
+  masks[1, 0:10, 0:10] = True
+  colors = np.array([[200, 0, 0], [0, 0, 250]], np.uint8)
+  out = visualize.overlay(frame, masks, ['cat', 'dog'], [0.9, 0.5], colors, alpha=0.5)
+  assert out.shape == frame.shape and out.dtype == np.uint8
+  # Interior (away from the tag at the top-left corner): blend; edge: the pure colour.
+  np.testing.assert_array_equal(out[45, 70], [150, 50, 50])
+  np.testing.assert_array_equal(out[49, 60], [200, 0, 0])   # bottom row of the mask
+  np.testing.assert_array_equal(out[40, 79], [200, 0, 0])   # right column
+  # Outside every mask and tag: untouched.
+  np.testing.assert_array_equal(out[60, 5], [100, 100, 100])
+  np.testing.assert_array_equal(out[20, 90], [100, 100, 100])
+  # The tag sits at the mask's top-left: its background colour and some text ink are there.
+  tag = out[30:42, 40:80].reshape(-1, 3)
+  assert (tag == [200, 0, 0]).all(-1).sum() > 20
+  assert (tag.min(-1) > 200).sum() > 3  # anti-aliased white ink on a dark tag
+  # Different text gives a different picture; no labels' instances -> the frame unchanged.
+  other = visualize.overlay(frame, masks, ['cat', 'elephant'], [0.9, 0.5], colors)
+  assert not np.array_equal(out, other)
+  np.testing.assert_array_equal(visualize.overlay(frame, masks[:0], [], []), frame)
+
+
+def test_overlay_empty_mask_and_bad_shapes():
+  frame = np.zeros((8, 8, 3), np.uint8)
+  out = visualize.overlay(frame, np.zeros((1, 8, 8), bool), ['x'], [1.0])
+  np.testing.assert_array_equal(out, frame)
+  with pytest.raises(ValueError, match='masks must be'):
+    visualize.overlay(frame, np.zeros((1, 4, 8), bool), ['x'])
+  with pytest.raises(ValueError, match='1 masks but 2 labels'):
+    visualize.overlay(frame, np.zeros((1, 8, 8), bool), ['x', 'y'])
+  with pytest.raises(ValueError, match='uint8'):
+    visualize.overlay(frame.astype(np.float32), np.zeros((1, 8, 8), bool), ['x'])
+
+
+def _frames(n, h=63, w=95):
+  rng = np.random.default_rng(0)
+  return [np.full((h, w, 3), 20 * t, np.uint8) + rng.integers(0, 5, (h, w, 3), dtype=np.uint8)
+          for t in range(n)]
+
+
+@pytest.mark.skipif(not visualize.mp4_available(), reason='imageio-ffmpeg not installed')
+def test_write_mp4_odd_size(tmp_path):
+  import imageio.v2 as imageio
+  path = visualize.write_video(str(tmp_path / 'sub' / 'v.mp4'), iter(_frames(5)), fps=5)
+  assert path.endswith('v.mp4')
+  with imageio.get_reader(path) as reader:
+    frames = [f for f in reader]
+  assert len(frames) == 5
+  assert frames[0].shape == (64, 96, 3)  # padded to even for yuv420p
+  assert abs(float(frames[3][:63, :95].mean()) - float(_frames(5)[3].mean())) < 3
+
+
+def test_write_gif_and_mp4_fallback(tmp_path, monkeypatch):
+  path = visualize.write_video(str(tmp_path / 'v.gif'), _frames(4, 32, 48), fps=4)
+  with Image.open(path) as im:
+    assert im.n_frames == 4 and im.size == (48, 32)
+    assert im.info['duration'] == 250
+  monkeypatch.setattr(visualize, 'mp4_available', lambda: False)
+  path = visualize.write_video(str(tmp_path / 'w.mp4'), _frames(3, 32, 48))
+  assert path == str(tmp_path / 'w.gif')
+  with Image.open(path) as im:
+    assert im.n_frames == 3
+  with pytest.raises(ValueError, match='no frames'):
+    visualize.write_video(str(tmp_path / 'e.gif'), [])
+
+
+def test_plot_losses(tmp_path):
+  metrics = tmp_path / 'metrics.jsonl'
+  rows = [dict(step=s, loss=10.0 / (s + 1), loss_mask=1.0 / (s + 1), lr=1e-3)
+          for s in range(0, 50, 10)]
+  metrics.write_text('\n'.join(json.dumps(r) for r in rows) + '\n\n')
+  png = visualize.plot_losses(str(metrics), str(tmp_path / 'plots' / 'loss.png'),
+                              keys=['loss_mask', 'nope'])
+  with Image.open(png) as im:
+    assert im.format == 'PNG' and im.size == (600, 400)
+    pixels = np.asarray(im.convert('RGB'))
+  assert pixels.std() > 10  # not a blank canvas
+  with pytest.raises(FileNotFoundError, match='missing.jsonl'):
+    visualize.plot_losses(str(tmp_path / 'missing.jsonl'), str(tmp_path / 'x.png'))
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"step": 1}\n')
+  with pytest.raises(ValueError, match='bad.jsonl: no line with both'):
+    visualize.plot_losses(str(bad), str(tmp_path / 'x.png'))
+  bad.write_text('{"step": 1, "loss": 2}\nnot json\n')
+  with pytest.raises(ValueError, match='bad.jsonl: line 2 is not JSON'):
+    visualize.plot_losses(str(bad), str(tmp_path / 'x.png'))
+
+
+def test_overlay_video_from_tracks(tmp_path, monkeypatch):
+  monkeypatch.setattr(visualize, 'mp4_available', lambda: False)  # GIF: palette, but exact here
+  frames = [np.zeros((48, 64, 3), np.uint8) for _ in range(3)]
+  m = np.zeros((48, 64), np.uint8)
+  m[24:40, 8:56] = 1
+  rle = mask_utils.encode(np.asfortranarray(m))
+  tracks = [dict(score=0.9, segmentations=[dict(rle, counts=rle['counts'].decode()), None, rle]),
+            dict(score=0.1, segmentations=[rle, rle, rle])]   # below the threshold: not drawn
+  path = visualize.overlay_video(str(tmp_path / 'o.mp4'), frames, tracks, ['a', 'b'], 0.5, fps=2)
+  assert path.endswith('o.gif')
+  with Image.open(path) as im:
+    assert im.n_frames == 3
+    read = []
+    for i in range(3):
+      im.seek(i)
+      read.append(np.asarray(im.convert('RGB')))
+  color = visualize.track_colors(1)[0]
+  np.testing.assert_array_equal(read[0][39, 30], color)          # contour of the kept track
+  np.testing.assert_array_equal(read[1], 0)                       # no mask on frame 1
+  np.testing.assert_array_equal(read[2][39, 30], color)
+  np.testing.assert_array_equal(read[2][44, 30], [0, 0, 0])
+  np.testing.assert_array_equal(read[2][10, 30], [0, 0, 0])
