@@ -298,18 +298,27 @@ def set_criterion(outputs: dict[str, Any], targets: dict[str, jax.Array], key: j
   queries target "no object", their mask terms are 0).
   """
   num_masks = jnp.maximum(jnp.sum(targets['valid'].astype(jnp.float32)), 1.0)
-  sets = [(outputs['pred_logits'], outputs['pred_masks'], '')]
-  for i, aux in enumerate(outputs.get('aux_outputs') or []):
-    sets.append((aux['pred_logits'], aux['pred_masks'], f'_{i}'))
+  sets = [(outputs['pred_logits'], outputs['pred_masks'])]
+  sets += [(aux['pred_logits'], aux['pred_masks']) for aux in outputs.get('aux_outputs') or []]
   keys = jax.random.split(key, len(sets))
+  num_slots = targets['labels'].shape[1]
+
+  def one_set(carry, xs):
+    logits, masks, set_key = xs
+    points = draw_points(set_key, logits.shape[0], num_slots, loss_config)
+    return carry, prediction_set_losses(logits, masks, targets, points, num_masks, loss_config)
+
+  # One scan over the (equally shaped) prediction sets: the same numbers as a Python loop, but XLA
+  # compiles the matcher and the losses once instead of once per set (10x for the R50 model).
+  stacked = (jnp.stack([s[0] for s in sets]), jnp.stack([s[1] for s in sets]), keys)
+  _, terms = jax.lax.scan(one_set, None, stacked)   # {name: [num_sets]}
   weights = {'loss_ce': loss_config.class_weight, 'loss_mask': loss_config.mask_weight,
              'loss_dice': loss_config.dice_weight}
   metrics = {}
   total = 0.0
-  for (logits, masks, suffix), set_key in zip(sets, keys):
-    points = draw_points(set_key, logits.shape[0], targets['labels'].shape[1], loss_config)
-    terms = prediction_set_losses(logits, masks, targets, points, num_masks, loss_config)
+  for i in range(len(sets)):
+    suffix = '' if i == 0 else f'_{i - 1}'
     for name, value in terms.items():
-      metrics[name + suffix] = value
-      total = total + weights[name] * value
+      metrics[name + suffix] = value[i]
+      total = total + weights[name] * value[i]
   return total, metrics

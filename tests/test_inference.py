@@ -15,7 +15,7 @@ def _setup(t=7):
   rng = np.random.default_rng(0)
   images = rng.normal(size=(t, 64, 96, 3)).astype(np.float32)
   images[:, 56:] = 0  # valid image is 56x96 inside the padding
-  variables = Mask2Former(cfg).init(jax.random.PRNGKey(0), images[:1])
+  variables = jax.jit(Mask2Former(cfg).init)(jax.random.PRNGKey(0), images[:1])
   return cfg, variables, images
 
 
@@ -64,7 +64,8 @@ def test_results_for_video_uses_dataset_category_ids():
 
 def test_2000_frames_with_flat_device_memory(monkeypatch):
   cfg = config_lib.tiny_model(num_classes=4)
-  variables = Mask2Former(cfg).init(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
+  variables = jax.jit(Mask2Former(cfg).init)(jax.random.PRNGKey(0),
+                                             np.zeros((1, 64, 64, 3), np.float32))
   live = []
   windows = inference._windows
 
