@@ -16,7 +16,6 @@ import hf_reference as ref  # noqa: E402
 
 from timing import median_time, result_line  # noqa: E402
 
-from minvis_jax import convert  # noqa: E402
 from minvis_jax.models import Mask2Former  # noqa: E402
 
 
@@ -26,10 +25,7 @@ def main():
   parser.add_argument('--size', type=int, default=384)
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
-  hf_cfg = ref.hf_config('resnet50')
-  model = ref.hf_model(hf_cfg)
-  model_config = convert.model_config_from_hf(hf_cfg.to_dict())
-  variables = convert.params_from_hf(ref.state_dict_numpy(model), model_config)
+  model, model_config, variables = ref.converted_r50()
   variables = jax.device_put(variables)
   x = np.random.RandomState(0).randn(1, args.size, args.size, 3).astype(np.float32)
   xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()

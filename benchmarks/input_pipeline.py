@@ -58,6 +58,7 @@ def main():
 
   config.batch_size = STEP_BATCH
   config.mesh.data = 1
+  config.init.checkpoint = ''   # weights set below / random: no pretrained files needed
   trainer = train.Trainer(config, mesh=train.make_mesh(config.mesh, jax.devices()[:1]))
   holder = [trainer.init_state()]
   global_batch = trainer.global_batch(batch)

@@ -25,7 +25,6 @@ import hf_reference as ref  # noqa: E402
 from timing import median_time, result_line  # noqa: E402
 
 from minvis_jax import config_lib  # noqa: E402
-from minvis_jax import convert  # noqa: E402
 from minvis_jax import train  # noqa: E402
 
 B, N, SIZE = 2, 25, 384
@@ -56,12 +55,10 @@ def make_batch(rng, num_classes: int) -> dict:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--torch_device', default='cpu', help="'cuda' to time HF on the GPU")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
-  hf_cfg = ref.hf_config('resnet50')
-  model = ref.hf_model(hf_cfg)
-  model_config = convert.model_config_from_hf(hf_cfg.to_dict())
-  variables = convert.params_from_hf(ref.state_dict_numpy(model), model_config)
+  model, model_config, variables = ref.converted_r50()
 
   config = config_lib.load_config(os.path.join(os.path.dirname(__file__), '..', 'configs',
                                                'minvis.py'))
@@ -70,6 +67,7 @@ def main():
   config.data.max_instances = N
   config.batch_size = B
   config.mesh.data = 1
+  config.init.checkpoint = ''   # weights set below / random: no pretrained files needed
   batch = make_batch(np.random.default_rng(0), model_config.num_classes)
 
   trainer = train.Trainer(config, mesh=train.make_mesh(config.mesh, jax.devices()[:1]))
@@ -99,17 +97,26 @@ def main():
   class_labels = [torch.from_numpy(batch['labels'][b, :NUM_REAL[b]].astype(np.int64))
                   for b in range(B)]
 
+  device = torch.device(args.torch_device)
+  model.to(device)
+  pixel_values = pixel_values.to(device)
+  mask_labels = [m.to(device) for m in mask_labels]
+  class_labels = [c.to(device) for c in class_labels]
+
   def hf_step():
     model.zero_grad(set_to_none=True)
     out = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
     out.loss.backward()
+    if device.type == 'cuda':
+      torch.cuda.synchronize()
   theirs = median_time(hf_step, args.repeats)
 
   peak = matmul_peak_flops()
   utilisation = flops / ours / peak
   print(f'ours: jitted train step {ours:.3f} s (compile {compile_s:.0f} s), '
         f'{flops / 1e9:.1f} GFLOP -> {flops / ours / 1e9:.1f} GFLOP/s')
-  print(f'HF PyTorch forward+loss+backward {theirs:.3f} s (torch threads {torch.get_num_threads()})')
+  print(f'HF PyTorch forward+loss+backward {theirs:.3f} s ({device}, torch threads '
+        f'{torch.get_num_threads()})')
   print(f'matmul peak {peak / 1e9:.0f} GFLOP/s -> FLOP utilisation {100 * utilisation:.1f}%')
   print(result_line(f'train_step_r50_{SIZE}_b{B}_{jax.default_backend()}', ours, theirs))
 

@@ -26,7 +26,13 @@ def load_variables(path: str):
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: no such checkpoint directory')
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path)
+    # An explicit single-device target: the checkpoint may come from another topology (a pod, other
+    # processes, another mesh), which a restore without a target refuses.
+    tree = ckptr.metadata(path)
+    tree = getattr(tree, 'item_metadata', tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return jax.tree.map(np.asarray, ckptr.restore(path, target))
 
 
 # A trainer work directory holds `config.json` and `checkpoints/<step>/{variables,train}` (orbax

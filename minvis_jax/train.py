@@ -96,8 +96,12 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
   """A ('data', 'model') mesh over all devices; data = -1 takes what the model axis leaves."""
-  devices = list(jax.devices() if devices is None else devices)
   model = mesh_config.model
+  if devices is None:
+    devices = jax.devices()
+    if mesh_config.data != -1:   # an explicit size may use a leading subset of the devices
+      devices = devices[:mesh_config.data * model]
+  devices = list(devices)
   data = mesh_config.data if mesh_config.data != -1 else len(devices) // model
   if data * model != len(devices):
     raise ValueError(f'config.mesh: data={mesh_config.data} x model={model} does not cover '
@@ -334,6 +338,19 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def _compile_everywhere(trainer: Trainer, state: TrainState, batch: dict):
+  """Compiles the step, then waits for every process: a peer that reaches the first collective
+  more than gloo's 30 s after the others (a slower compile) would otherwise fail the run."""
+  start = time.perf_counter()
+  compiled = trainer.step.lower(state, batch).compile()
+  if jax.process_count() > 1:
+    from jax._src import distributed  # noqa: PLC0415  (the coordination-service barrier)
+    distributed.global_state.client.wait_at_barrier('minvis_train_step_compiled', 3_600_000)
+  if jax.process_index() == 0:
+    print(f'compiled the train step in {time.perf_counter() - start:.0f} s', flush=True)
+  return compiled
+
+
 def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
 
@@ -369,10 +386,13 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
           f'{jax.device_count()} devices', flush=True)
   try:
     batches = input_fn(start)
-    tick, tick_step = time.perf_counter(), start
+    step_fn = None
     while int(state.step) < total_steps:
       batch = trainer.global_batch(next(batches))
-      state, metrics = trainer.step(state, batch)
+      if step_fn is None:
+        step_fn = _compile_everywhere(trainer, state, batch)
+        tick, tick_step = time.perf_counter(), int(state.step)
+      state, metrics = step_fn(state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       step = int(state.step)
       if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):

@@ -65,3 +65,12 @@ def hf_forward(model, images_nhwc: np.ndarray) -> dict:
   return {'pred_logits': out.class_queries_logits.numpy(),
           'pred_masks': out.masks_queries_logits.numpy(), 'pred_embds': embds,
           'aux_outputs': aux}
+
+
+def converted_r50(seed: int = 0):
+  """(HF R50 Mask2Former with random weights, our model config, the same weights as our variables)."""
+  from minvis_jax import convert  # noqa: PLC0415
+  hf_cfg = hf_config('resnet50')
+  model = hf_model(hf_cfg, seed)
+  model_config = convert.model_config_from_hf(hf_cfg.to_dict())
+  return model, model_config, convert.params_from_hf(state_dict_numpy(model), model_config)

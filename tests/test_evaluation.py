@@ -54,10 +54,15 @@ def _random_case(seed):
   return dict(videos=videos, annotations=anns, categories=cats), results
 
 
-def _cocoeval(gt, results):
+def _coco_eval(gt, results, gt_areas=None, det_area=None, area_ranges=YTVIS_AREAS):
+  """pycocotools COCOeval (segm) over single-frame videos, run (evaluate + accumulate).
+
+  gt_areas: annotation id -> area (default: the JSON's); det_area: one area for every detection
+  (default: computed from its mask)."""
   images = [dict(id=v['id'], height=v['height'], width=v['width']) for v in gt['videos']]
   anns = [dict(id=a['id'], image_id=a['video_id'], category_id=a['category_id'], iscrowd=0,
-               segmentation=a['segmentations'][0], area=a['areas'][0],
+               segmentation=a['segmentations'][0],
+               area=gt_areas[a['id']] if gt_areas else a['areas'][0],
                bbox=list(mask_utils.toBbox(a['segmentations'][0]))) for a in gt['annotations']]
   coco = COCO()
   coco.dataset = dict(images=images, annotations=anns, categories=gt['categories'])
@@ -69,10 +74,20 @@ def _cocoeval(gt, results):
     if not dets:
       res.dataset = dict(images=images, annotations=[], categories=gt['categories'])
       res.createIndex()
+    if det_area is not None:
+      for d in res.dataset['annotations']:
+        d['area'] = det_area
     ev = COCOeval(coco, res, 'segm')
-    ev.params.areaRng = YTVIS_AREAS
+    ev.params.areaRng = [list(r) for r in area_ranges]
+    ev.params.areaRngLbl = ['all', 'small', 'medium', 'large'][:len(area_ranges)]
     ev.evaluate()
     ev.accumulate()
+  return ev
+
+
+def _cocoeval(gt, results):
+  ev = _coco_eval(gt, results)
+  with contextlib.redirect_stdout(io.StringIO()):
     ev.summarize()
   s = ev.stats
   return dict(AP=s[0], AP50=s[1], AP75=s[2], APs=s[3], APm=s[4], APl=s[5], AR1=s[6], AR10=s[7])
@@ -230,24 +245,7 @@ def test_occlusion_subsets_hand_computed():
 def _cocoeval_subset(gt, results, occ_scores, rng):
   """COCOeval (segm) where the area of a ground truth is its occlusion score and every detection's
   area lies in the range: ground truth outside `rng` is ignored, detections are never filtered."""
-  images = [dict(id=v['id'], height=v['height'], width=v['width']) for v in gt['videos']]
-  anns = [dict(id=a['id'], image_id=a['video_id'], category_id=a['category_id'], iscrowd=0,
-               segmentation=a['segmentations'][0], area=occ_scores[a['id']],
-               bbox=list(mask_utils.toBbox(a['segmentations'][0]))) for a in gt['annotations']]
-  coco = COCO()
-  coco.dataset = dict(images=images, annotations=anns, categories=gt['categories'])
-  with contextlib.redirect_stdout(io.StringIO()):
-    coco.createIndex()
-    dets = [dict(image_id=r['video_id'], category_id=r['category_id'], score=r['score'],
-                 segmentation=r['segmentations'][0]) for r in results]
-    res = coco.loadRes(dets)
-    for d in res.dataset['annotations']:
-      d['area'] = rng[0]
-    ev = COCOeval(coco, res, 'segm')
-    ev.params.areaRng = [list(rng)]
-    ev.params.areaRngLbl = ['all']
-    ev.evaluate()
-    ev.accumulate()
+  ev = _coco_eval(gt, results, gt_areas=occ_scores, det_area=rng[0], area_ranges=[rng])
   p = ev.eval['precision'][:, :, :, 0, 2]
   return float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
 
