@@ -24,7 +24,7 @@ def main():
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--size', type=int, default=384)
   args = parser.parse_args()
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
   model, model_config, variables = ref.converted_r50()
   variables = jax.device_put(variables)
   x = np.random.RandomState(0).randn(1, args.size, args.size, 3).astype(np.float32)

@@ -57,7 +57,7 @@ def main():
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--torch_device', default='cpu', help="'cuda' to time HF on the GPU")
   args = parser.parse_args()
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
   model, model_config, variables = ref.converted_r50()
 
   config = config_lib.load_config(os.path.join(os.path.dirname(__file__), '..', 'configs',
