@@ -50,7 +50,7 @@ def save_config(directory: str, config) -> None:
   os.replace(tmp, os.path.join(directory, CONFIG_FILE))
 
 
-def load_config(directory: str):
+def read_config(directory: str):
   """The ConfigDict saved by `save_config` in `directory`, or None if there is none."""
   import json  # noqa: PLC0415
 
@@ -83,11 +83,11 @@ def load_for_inference(path: str):
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: no such checkpoint directory')
-  config = load_config(path)
+  config = read_config(path)
   step_dir = _latest_step_dir(path)
   if step_dir is None and os.path.isdir(os.path.join(path, 'variables')):
     step_dir = path
-    config = config or load_config(os.path.dirname(os.path.dirname(path)))
+    config = config or read_config(os.path.dirname(os.path.dirname(path)))
   if step_dir is not None:
     return config, load_variables(os.path.join(step_dir, 'variables'))
   if os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):

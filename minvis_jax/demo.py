@@ -92,10 +92,9 @@ def main(argv=None) -> int:
   train.train(config, train_dir, total_steps=steps)
   _, variables = checkpoints.load_for_inference(train_dir)
   results, metrics = score(config, variables, valid)
-  with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
-    json.dump(results, f)
-  with open(os.path.join(args.workdir, 'metrics.json'), 'w') as f:
-    json.dump({'untrained': before, 'trained': metrics, 'steps': steps}, f, indent=2)
+  inference.write_json(os.path.join(args.workdir, 'results.json'), results)
+  inference.write_json(os.path.join(args.workdir, 'metrics.json'),
+                       {'untrained': before, 'trained': metrics, 'steps': steps})
   overlay = write_overlay(os.path.join(args.workdir, 'overlay.mp4'), valid, results)
   curve = visualize.plot_losses(os.path.join(train_dir, 'metrics.jsonl'),
                                 os.path.join(args.workdir, 'loss.png'))

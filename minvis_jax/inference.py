@@ -256,7 +256,7 @@ def _load_model(checkpoint: str, config_spec: str):
   return config, variables
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
@@ -308,7 +308,7 @@ def infer_main(argv=None) -> int:
   ids, names = _category_table(config)
   results = results_for_video(tracks, 1, ids)
   results_path = os.path.join(args.out, 'results.json')
-  _write_json(results_path, results)
+  write_json(results_path, results)
 
   # Second pass over the video: the masks of a track are only known once it has ended.
   video_path = visualize.overlay_video(
@@ -361,7 +361,7 @@ def evaluate_main(argv=None) -> int:
   results = predict_dataset(config, variables, dataset, args.max_videos, args.top_k, args.window)
   out = args.out or os.path.abspath(args.checkpoint)
   results_path = os.path.join(out, 'results.json')
-  _write_json(results_path, results)
+  write_json(results_path, results)
   n = len(dataset.videos if args.max_videos is None else dataset.videos[:args.max_videos])
   print(f'{config.data.dataset} {split}: {n} videos, {len(results)} tracks in '
         f'{time.time() - t0:.1f} s; wrote {results_path}')
@@ -374,7 +374,7 @@ def evaluate_main(argv=None) -> int:
                                         results_name=results_path)
   else:
     metrics = evaluation.evaluate(dataset.json_path, results_path)
-  _write_json(os.path.join(out, 'metrics.json'), metrics)
+  write_json(os.path.join(out, 'metrics.json'), metrics)
   print(evaluation.format_table(metrics))
   sys.stdout.flush()
   return 0
