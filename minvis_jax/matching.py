@@ -1,20 +1,22 @@
 """Exact linear sum assignment in JAX (jittable, vmappable): shared by the set criterion and the tracker.
 
-The full solver is optax's Hungarian algorithm (`optax.assignment.hungarian_algorithm`, exact, O(n^3)),
-wrapped to give scipy's output convention. In front of it sits a fast path: when every row's argmin is
-a different column, that assignment is optimal (no assignment can do better than each row at its own
-minimum), so the O(n^3) solver runs only when the argmins collide (decided with `lax.cond`). For the
-MinVIS tracker this is the common case: consecutive frames' queries mostly match themselves.
+A shortest-augmenting-path solver in the Jonker-Volgenant style, written for XLA: every row starts at
+its cheapest column (row reduction) and the first claimant of each column keeps it; only the rows left
+free are then added one at a time by a Dijkstra search over columns on reduced costs, with the dual
+update that keeps the partial assignment optimal. When the row argmins are already distinct (consecutive
+frames in the tracker, well-separated predictions in the matcher) no search runs at all, and otherwise
+the work is proportional to the number of collisions rather than O(n^3) for every matrix.
 
-Note: under `vmap` a `lax.cond` with a batched predicate turns into a select that runs both branches,
-so the fast path only saves time on unbatched calls or under `lax.map` / `lax.scan`; that is one reason
-`batched_linear_sum_assignment` maps sequentially (also measured faster on CPU; see its docstring).
+Under `vmap` the loops run until the slowest matrix of the batch is done (finished ones idle through
+masked iterations), which on CPU and accelerators is still faster than mapping one matrix at a time
+for the batch sizes of training and tracking (see benchmarks/matching.py).
 """
+
+from typing import NamedTuple
 
 import jax
 from jax import lax
 import jax.numpy as jnp
-import optax
 
 
 def _finite_costs(cost: jax.Array) -> jax.Array:
@@ -33,32 +35,114 @@ def _finite_costs(cost: jax.Array) -> jax.Array:
   return jnp.where(finite, cost, big)
 
 
-def _wide_col4row(cost: jax.Array, use_fast_path: bool) -> jax.Array:
-  """Optimal column of each row of a wide cost [n, m], n <= m (distinct columns). Returns int32 [n]."""
-  n = cost.shape[0]
-
-  def full(c):
-    # optax returns (row of each assigned column, column) pairs in column order (square) or ranked by
-    # row (wide); scatter them into a per-row table.
-    r, col = optax.assignment.hungarian_algorithm(c)
-    return jnp.zeros(n, jnp.int32).at[r].set(col.astype(jnp.int32))
-
-  if not use_fast_path:
-    return full(cost)
-  argmins = jnp.argmin(cost, axis=1).astype(jnp.int32)
-  sorted_argmins = jnp.sort(argmins)
-  distinct = jnp.all(sorted_argmins[1:] != sorted_argmins[:-1])
-  return lax.cond(distinct, lambda c: argmins, full, cost)
+class _Solver(NamedTuple):
+  v: jax.Array          # [m] column duals (row duals are implicit: u[i] = min_j cost[i, j] - v[j])
+  col4row: jax.Array    # [n] int32, -1 while the row is free
+  row4col: jax.Array    # [m] int32, -1 while the column is free
+  dist: jax.Array       # [m] shortest alternating path from `start` to each column (shifted)
+  pred: jax.Array       # [m] int32 row before each column on that path
+  scanned: jax.Array    # [m] bool columns whose distance is final
+  relax_row: jax.Array  # [] int32 search: the row whose edges the next iteration relaxes
+  relax_base: jax.Array  # [] f32 its distance offset
+  j: jax.Array          # [] int32 flip: the next column to flip
+  start: jax.Array      # [] int32 the free row being added
+  k: jax.Array          # [] int32 position of `start` in the list of initially free rows
+  flipping: jax.Array   # [] bool phase: flipping a path (else searching)
 
 
-def linear_sum_assignment(cost: jax.Array, use_fast_path: bool = True) -> tuple[jax.Array, jax.Array]:
+def _nearest(dist: jax.Array, assigned: jax.Array) -> jax.Array:
+  """Index of the smallest dist [m], preferring an unassigned column among equals (then the lowest).
+
+  Exact ties are common (constant rows, e.g. padded target slots in the matcher); taking a free
+  column there ends the search at once instead of scanning every tied column first.
+  """
+  def smaller(a, b):
+    (da, aa, ia), (db, ab, ib) = a, b
+    a_first = (da < db) | ((da == db) & ((aa < ab) | ((aa == ab) & (ia < ib))))
+    return (jnp.where(a_first, da, db), jnp.where(a_first, aa, ab), jnp.where(a_first, ia, ib))
+
+  operands = (dist, assigned.astype(jnp.int32), jnp.arange(dist.shape[0], dtype=jnp.int32))
+  init = (jnp.array(jnp.inf, dist.dtype), jnp.int32(2), jnp.int32(dist.shape[0]))
+  return lax.reduce(operands, init, smaller, (0,))[2]
+
+
+def _wide_col4row(cost: jax.Array) -> jax.Array:
+  """Optimal column of each row of a wide cost [n, m], n <= m (distinct columns). Returns int32 [n].
+
+  Invariant (LP duals of the rectangular problem, row duals implicit): every assigned row sits at
+  the minimum of cost[i] - v, v <= 0, and v == 0 on unassigned columns; so the complete assignment
+  reached at the end is optimal.
+
+  One iteration of the single while loop is one Dijkstra step or one column of a path flip; under
+  `vmap` every matrix advances at its own pace and the batch costs max(steps), not a sum of maxima.
+  """
+  n, m = cost.shape
+  rows = jnp.arange(n, dtype=jnp.int32)
+  argmin = jnp.argmin(cost, axis=1).astype(jnp.int32)
+  # Each column goes to the first row whose argmin it is; the other claimants stay free.
+  owner = jnp.full(m, n, jnp.int32).at[argmin].min(rows)
+  col4row = jnp.where(owner[argmin] == rows, argmin, -1)
+  row4col = jnp.where(owner < n, owner, -1)
+  # Augmentation never frees a row, so the free rows are known now (ascending; stable sort).
+  free_rows = jnp.argsort(col4row >= 0, stable=True).astype(jnp.int32)
+  num_free = jnp.sum(col4row < 0)
+
+  def fresh(start):  # search state before the first relaxation from `start`
+    return (jnp.full(m, jnp.inf, cost.dtype), jnp.zeros(m, jnp.int32), jnp.zeros(m, bool), start,
+            jnp.zeros((), cost.dtype))
+
+  zero = jnp.zeros((), jnp.int32)
+  dist, pred, scanned, relax_row, relax_base = fresh(free_rows[0])
+  state = _Solver(jnp.zeros(m, cost.dtype), col4row, row4col, dist, pred, scanned, relax_row,
+                  relax_base, zero, free_rows[0], zero, jnp.zeros((), bool))
+
+  def step(s: _Solver) -> _Solver:
+    # Search: relax the edges of relax_row, then take the nearest unscanned column j.
+    via = s.relax_base + cost[s.relax_row] - s.v
+    better = (via < s.dist) & ~s.scanned
+    dist = jnp.where(better, via, s.dist)
+    pred = jnp.where(better, s.relax_row, s.pred)
+    j = _nearest(jnp.where(s.scanned, jnp.inf, dist), s.row4col >= 0)
+    owner = s.row4col[j]
+    found = owner < 0
+    # j assigned: scan it and relax its row next (u[owner] = cost[owner, j] - v[j], tight).
+    scanned = s.scanned.at[j].set(True)
+    next_base = dist[j] - cost[jnp.maximum(owner, 0), j] + s.v[j]
+    # j free (the sink): dual update on the scanned columns, then flip the path back from j.
+    v_sink = s.v - jnp.where(s.scanned, dist[j] - dist, 0.0)
+
+    # Flip: column fj takes the row it was reached from; that row's old column is next.
+    fj = s.j
+    fr = s.pred[fj]
+    done_flip = fr == s.start
+    k_next = s.k + 1
+    n_dist, n_pred, n_scanned, n_row, n_base = fresh(free_rows[jnp.minimum(k_next, n - 1)])
+
+    f = s.flipping
+    sel = lambda a, b: jnp.where(f, a, b)  # noqa: E731  (flip branch, search branch)
+    return _Solver(
+        v=sel(s.v, jnp.where(found, v_sink, s.v)),
+        col4row=sel(s.col4row.at[fr].set(fj), s.col4row),
+        row4col=sel(s.row4col.at[fj].set(fr), s.row4col),
+        dist=sel(jnp.where(done_flip, n_dist, s.dist), dist),
+        pred=sel(jnp.where(done_flip, n_pred, s.pred), pred),
+        scanned=sel(jnp.where(done_flip, n_scanned, s.scanned), jnp.where(found, s.scanned, scanned)),
+        relax_row=sel(jnp.where(done_flip, n_row, s.relax_row), jnp.maximum(owner, 0)),
+        relax_base=sel(jnp.where(done_flip, n_base, s.relax_base), next_base),
+        j=sel(s.col4row[fr], j),
+        start=sel(jnp.where(done_flip, n_row, s.start), s.start),
+        k=sel(jnp.where(done_flip, k_next, s.k), s.k),
+        flipping=sel(~done_flip, found))
+
+  return lax.while_loop(lambda s: s.k < num_free, step, state).col4row
+
+
+def linear_sum_assignment(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Minimum-cost assignment, same semantics as `scipy.optimize.linear_sum_assignment`.
 
   Args:
     cost: [N, M] float costs. Non-finite entries are replaced by a finite value larger than any
       assignment of finite entries (so they are used only when unavoidable).
-    use_fast_path: try the "all row argmins distinct" shortcut before the full solver (see module
-      docstring); the result is optimal either way.
 
   Returns:
     (rows, cols): int32 [min(N, M)] each, rows ascending, such that cost[rows, cols].sum() is minimal.
@@ -70,20 +154,13 @@ def linear_sum_assignment(cost: jax.Array, use_fast_path: bool = True) -> tuple[
     return jnp.zeros(0, jnp.int32), jnp.zeros(0, jnp.int32)
   cost = _finite_costs(cost.astype(jnp.float32))
   if n <= m:
-    return jnp.arange(n, dtype=jnp.int32), _wide_col4row(cost, use_fast_path)
+    return jnp.arange(n, dtype=jnp.int32), _wide_col4row(cost)
   # Tall: solve the transpose (each column picks a row), then list the pairs by ascending row.
-  row4col = _wide_col4row(cost.T, use_fast_path)
+  row4col = _wide_col4row(cost.T)
   order = jnp.argsort(row4col).astype(jnp.int32)
   return row4col[order], order
 
 
-def batched_linear_sum_assignment(costs: jax.Array, use_fast_path: bool = True) -> tuple[jax.Array, jax.Array]:
-  """`linear_sum_assignment` over a batch: costs [B, N, M] -> (rows, cols) int32 [B, min(N, M)].
-
-  Maps sequentially with `lax.map` rather than `vmap`: the solver is a data-dependent while loop, and
-  vmapping it makes every matrix run as many iterations as the slowest (plus both branches of the fast
-  path). Measured with benchmarks/matching.py on a shared 2-core CPU, 36 x [100, 100]: random costs
-  lax.map 44 ms, vmap 83 ms (scipy 9.9 ms); tracker-like near-permutation costs, where the fast path
-  applies, lax.map 1.6 ms, vmap 5.6 ms (scipy 1.7 ms).
-  """
-  return lax.map(lambda c: linear_sum_assignment(c, use_fast_path), costs)
+def batched_linear_sum_assignment(costs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`linear_sum_assignment` over a batch: costs [B, N, M] -> (rows, cols) int32 [B, min(N, M)]."""
+  return jax.vmap(linear_sum_assignment)(costs)

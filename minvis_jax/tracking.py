@@ -8,6 +8,7 @@ processed in chunks (windows, or live) with the same result as one call.
 from typing import NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 from minvis_jax import matching
@@ -32,20 +33,40 @@ def associate_chunk(state: TrackState, embds: jnp.ndarray, valid: jnp.ndarray):
 
   perm[t, i] is the query of frame t that continues track i. The first valid frame defines the
   tracks (identity); invalid (padded) frames get the identity and leave the state unchanged.
+
+  Matching frame t to the previous frame *reordered* only permutes the columns of the cost against
+  the previous frame in its own query order, so all frame pairs are solved at once (one batched
+  solve instead of T sequential ones) and the scan over frames just composes the permutations:
+  perm[t] = match[t][perm[t_prev]]. With a unique optimum (any non-degenerate input) this is the
+  original sequential association exactly; with ties it is another optimal one.
   """
-  q = embds.shape[1]
+  t, q, _ = embds.shape
   identity = jnp.arange(q, dtype=jnp.int32)
+  e = _normalise(embds.astype(jnp.float32))
+  # For frame t, the last valid frame before it, as an index into [state.prev, e_0, ..., e_T-1].
+  last = lax.cummax(jnp.where(valid, jnp.arange(1, t + 1), 0))
+  prev_index = jnp.concatenate([jnp.zeros(1, last.dtype), last[:-1]])
+  prev = jnp.concatenate([state.prev[None], e])[prev_index]           # [T, Q, C]
+  cost = 1.0 - jnp.einsum('tic,tjc->tij', prev, e)                     # [T, Q (prev), Q (this)]
+  # Frames with nothing to match (padding, or no valid frame before them) get a trivial cost: an
+  # all-equal one (the unstarted state is zeros) is the solver's slowest case and the batch would
+  # wait for it.
+  has_prev = valid & ((prev_index > 0) | state.started)
+  cost = jnp.where(has_prev[:, None, None], cost, 1.0 - jnp.eye(q, dtype=cost.dtype))
+  _, match = matching.batched_linear_sum_assignment(cost)              # [T, Q]
 
-  def step(s: TrackState, inputs):
-    e, ok = inputs
-    e = _normalise(e.astype(jnp.float32))
-    _, cols = matching.linear_sum_assignment(1.0 - s.prev @ e.T)
-    perm = jnp.where(s.started, cols.astype(jnp.int32), identity)
+  # The carry maps tracks to the queries of the last valid frame (state.prev is in track order).
+  def compose(carry, inputs):
+    tracks, started = carry
+    m, ok = inputs
+    perm = jnp.where(started, m[tracks], identity)
     perm = jnp.where(ok, perm, identity)
-    new = TrackState(jnp.where(ok, e[perm], s.prev), s.started | ok)
-    return new, perm
+    return (jnp.where(ok, perm, tracks), started | ok), perm
 
-  return jax.lax.scan(step, state, (embds, valid))
+  (tracks, started), perm = lax.scan(compose, (identity, state.started), (match, valid))
+  any_valid = jnp.any(valid)
+  new_prev = jnp.where(any_valid, e[jnp.maximum(last[-1] - 1, 0)][tracks], state.prev)
+  return TrackState(new_prev, started), perm
 
 
 def associate(embds: jnp.ndarray, valid: jnp.ndarray | None = None) -> jnp.ndarray:

@@ -293,3 +293,198 @@ def test_format_table_with_occlusion_and_undefined():
   names, values = table.splitlines()
   assert names.split() == ['AP', 'AP50', 'APs', 'AP_slight', 'AP_moderate', 'AP_heavy']
   assert values.split() == ['50.00', '75.00', '-', '12.50', '0.00', '-']
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-frame videos against an independent reference: COCOeval with videos as images and its
+# computeIoU replaced by track IoU from decoded masks (the evaluator itself never decodes).
+
+def _decoded(segs, h, w):
+  return np.stack([np.zeros((h, w), bool) if s is None else mask_utils.decode(s).astype(bool)
+                   for s in segs])
+
+
+def _mean_nonzero(areas):
+  vals = [a for a in areas if a]
+  return float(np.mean(vals)) if vals else 0.0
+
+
+class _TrackIoUEval(COCOeval):
+  """COCOeval whose IoU is sum over frames of intersection / sum of union of the decoded masks."""
+
+  def computeIoU(self, img_id, cat_id):
+    g, d = self._gts[img_id, cat_id], self._dts[img_id, cat_id]
+    order = np.argsort([-x['score'] for x in d], kind='mergesort')
+    d = [d[i] for i in order][:self.params.maxDets[-1]]
+    ious = np.zeros((len(d), len(g)))
+    for i, x in enumerate(d):
+      for j, y in enumerate(g):
+        union = np.count_nonzero(x['masks'] | y['masks'])
+        ious[i, j] = np.count_nonzero(x['masks'] & y['masks']) / union if union else 0.0
+    return ious
+
+
+def _coco_eval_tracks(gt, results, gt_areas=None, det_area=None, area_ranges=YTVIS_AREAS):
+  """_TrackIoUEval run (evaluate + accumulate); areas: mean non-empty area of a track (ground
+  truth: of the JSON `areas`), or gt_areas (annotation id -> area) and det_area (all detections)."""
+  sizes = {v['id']: (v['height'], v['width']) for v in gt['videos']}
+  images = [dict(id=v['id'], height=v['height'], width=v['width']) for v in gt['videos']]
+  blank = {vid: _rle(np.zeros(hw)) for vid, hw in sizes.items()}  # unused by the IoU above
+  anns = [dict(id=a['id'], image_id=a['video_id'], category_id=a['category_id'],
+               iscrowd=a['iscrowd'], segmentation=blank[a['video_id']],
+               area=gt_areas[a['id']] if gt_areas else _mean_nonzero(a['areas']),
+               masks=_decoded(a['segmentations'], *sizes[a['video_id']]))
+          for a in gt['annotations']]
+  dets = []
+  for i, r in enumerate(results):
+    masks = _decoded(r['segmentations'], *sizes[r['video_id']])
+    dets.append(dict(id=i + 1, image_id=r['video_id'], category_id=r['category_id'],
+                     score=r['score'], segmentation=blank[r['video_id']], masks=masks,
+                     area=_mean_nonzero(masks.sum((1, 2))) if det_area is None else det_area))
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco_gt, coco_dt = COCO(), COCO()
+    coco_gt.dataset = dict(images=images, annotations=anns, categories=gt['categories'])
+    coco_dt.dataset = dict(images=images, annotations=dets, categories=gt['categories'])
+    coco_gt.createIndex()
+    coco_dt.createIndex()
+    ev = _TrackIoUEval(coco_gt, coco_dt, 'segm')
+    ev.params.areaRng = [list(r) for r in area_ranges]
+    ev.params.areaRngLbl = ['all', 'small', 'medium', 'large'][:len(area_ranges)]
+    ev.evaluate()
+    ev.accumulate()
+  return ev
+
+
+def _moving_box(rng, h, w, length):
+  """A box of 1/6 to all of the frame drifting a few pixels per frame; null on some frames."""
+  bh, bw = int(rng.integers(h // 6, h + 1)), int(rng.integers(w // 6, w + 1))
+  y, x = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+  masks = []
+  for _ in range(length):
+    m = np.zeros((h, w), np.uint8)
+    m[y:y + bh, x:x + bw] = 1
+    masks.append(m if rng.random() < 0.85 else None)
+    y = int(np.clip(y + rng.integers(-3, 4), 0, h - bh))
+    x = int(np.clip(x + rng.integers(-3, 4), 0, w - bw))
+  return masks
+
+
+def _random_video_case(seed, crowded=False):
+  """Videos of 1-4 frames and three sizes (all area ranges): frames without a mask (null) or with
+  an empty one, crowd and duplicated ground truth (ties), shifted detections, tied scores, false
+  positives; crowded: 105 more detections in one (video, category), beyond maxDets 100."""
+  rng = np.random.default_rng(seed)
+  n_cats = int(rng.integers(1, 4))
+  videos, anns, results = [], [], []
+  for v in range(1, int(rng.integers(1, 4)) + 1):
+    h, w = [(48, 64), (140, 200), (270, 300)][int(rng.integers(0, 3))]
+    length = int(rng.integers(1, 5))
+    videos.append(dict(id=v, height=h, width=w, length=length))
+    for _ in range(int(rng.integers(1, 4))):
+      masks = _moving_box(rng, h, w, length)
+      if rng.random() < 0.2:
+        masks[0] = np.zeros((h, w), np.uint8)
+      cat = int(rng.integers(1, n_cats + 1))
+      for _ in range(2 if rng.random() < 0.2 else 1):
+        anns.append(dict(id=len(anns) + 1, video_id=v, category_id=cat,
+                         iscrowd=int(rng.random() < 0.15), segmentations=_video(masks),
+                         areas=[None if m is None else float(m.sum()) for m in masks]))
+      for _ in range(int(rng.integers(0, 3))):
+        shift = (int(rng.integers(-h // 12, h // 12 + 1)), int(rng.integers(-w // 12, w // 12 + 1)))
+        det = [None if m is None or rng.random() < 0.1 else np.roll(m, shift, axis=(0, 1))
+               for m in masks]
+        other = int(rng.integers(1, n_cats + 1))
+        results.append(dict(video_id=v, score=float(rng.choice([0.5, 0.8, rng.random()])),
+                            category_id=cat if rng.random() < 0.85 else other,
+                            segmentations=_video(det)))
+    for _ in range(int(rng.integers(0, 3)) + (105 if crowded and v == 1 else 0)):
+      cat = 1 if crowded else int(rng.integers(1, n_cats + 1))
+      results.append(dict(video_id=v, category_id=cat, score=float(rng.choice([0.5, 0.9])),
+                          segmentations=_video(_moving_box(rng, h, w, length))))
+  cats = [dict(id=c, name=f'c{c}') for c in range(1, n_cats + 1)]
+  return dict(videos=videos, annotations=anns, categories=cats), results
+
+
+@pytest.mark.parametrize('seed,crowded',
+                         [(s, False) for s in range(14)] + [(100, True), (101, True)])
+def test_multi_frame_videos_equal_track_iou_cocoeval(seed, crowded):
+  gt, results = _random_video_case(seed, crowded)
+  ours = evaluate_dicts(gt, results)
+  ev = _coco_eval_tracks(gt, results)
+  with contextlib.redirect_stdout(io.StringIO()):
+    ev.summarize()
+  for k, theirs in zip(KEYS, ev.stats):
+    assert abs(ours[k] - theirs) <= 1e-9, (k, ours[k], theirs)
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_multi_frame_occlusion_subsets_equal_track_iou_cocoeval(seed):
+  gt, results = _random_video_case(200 + seed)
+  rng = np.random.default_rng(seed)
+  levels = list(ytvis_eval.OCCLUSION_LEVELS)
+  for a in gt['annotations']:
+    a['occlusion'] = [levels[int(rng.integers(0, 3))] for _ in a['segmentations']]
+  scores = {a['id']: ytvis_eval.occlusion_score(a['occlusion'], 'x') for a in gt['annotations']}
+  ours = evaluate_dicts(gt, results)
+  for name, occ_rng in ytvis_eval.OCCLUSION_RANGES:
+    ev = _coco_eval_tracks(gt, results, gt_areas=scores, det_area=occ_rng[0],
+                           area_ranges=[occ_rng])
+    p = ev.eval['precision'][:, :, :, 0, 2]
+    theirs = float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
+    assert abs(ours[name] - theirs) <= 1e-9, (name, ours[name], theirs)
+
+
+def test_many_masks_equal_cocoeval():
+  """Hundreds of masks in one call (pycocotools' area() fails past 255 in one list)."""
+  gt = dict(videos=[], annotations=[], categories=[dict(id=c, name=f'c{c}') for c in (1, 2, 3)])
+  results = []
+  for seed in range(60):
+    g, r = _random_case(seed)
+    offset = len(gt['videos'])
+    gt['videos'] += [dict(v, id=v['id'] + offset) for v in g['videos']]
+    first_id = len(gt['annotations']) + 1
+    gt['annotations'] += [dict(a, id=first_id + i, video_id=a['video_id'] + offset)
+                          for i, a in enumerate(g['annotations'])]
+    results += [dict(x, video_id=x['video_id'] + offset) for x in r]
+  assert len(gt['annotations']) + len(results) > 300
+  ours = evaluate_dicts(gt, results)
+  theirs = _cocoeval(gt, results)
+  for k in KEYS:
+    assert abs(ours[k] - theirs[k]) <= 1e-9, (k, ours[k], theirs[k])
+
+
+def test_ground_truth_frame_count_must_match_the_video():
+  gt = dict(videos=[dict(id=1, height=4, width=4, length=2)], categories=[dict(id=1, name='x')],
+            annotations=[dict(id=5, video_id=1, category_id=1, iscrowd=0,
+                              segmentations=_video([np.ones((4, 4))]))])
+  with pytest.raises(ValueError, match='gt.json: video 1 annotation 5: 1 frame segmentations for '
+                                       'a video of 2 frames'):
+    evaluate_dicts(gt, [], gt_name='gt.json')
+
+
+def test_matching_ties_and_crowd_reuse():
+  def row(a, b, r=0):
+    m = np.zeros((2, 20), np.uint8)
+    m[r, a:b] = 1
+    return m
+  def case(anns, dets):
+    gt = dict(videos=[dict(id=1, height=2, width=20, length=1)], categories=[dict(id=1, name='x')],
+              annotations=[dict(id=i + 1, video_id=1, category_id=1, iscrowd=c,
+                                segmentations=_video([m]), areas=[float(m.sum())])
+                           for i, (m, c) in enumerate(anns)])
+    res = [dict(video_id=1, category_id=1, score=s, segmentations=_video([m])) for s, m in dets]
+    ours = evaluate_dicts(gt, res)
+    ev = _coco_eval_tracks(gt, res)
+    with contextlib.redirect_stdout(io.StringIO()):
+      ev.summarize()
+    for k, theirs in zip(KEYS, ev.stats):
+      assert abs(ours[k] - theirs) <= 1e-9, (k, ours[k], theirs)
+    return ours
+  # The first detection has IoU 0.6 with both ground truths and takes the later one (COCOeval's
+  # loop), which leaves the earlier one to the second detection: two matches at IoU 0.5.
+  m = case([(row(0, 6), 0), (row(4, 10), 0)], [(0.9, row(0, 10)), (0.8, row(0, 7))])
+  assert m['AP50'] == 1.0
+  # A crowd ground truth can absorb several detections (all ignored): the third is a clean TP.
+  m = case([(row(0, 10), 1), (row(0, 10, 1), 0)],
+           [(0.9, row(0, 10)), (0.8, row(0, 10)), (0.7, row(0, 10, 1))])
+  assert m['AP'] == pytest.approx(1.0)

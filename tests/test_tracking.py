@@ -65,3 +65,12 @@ def test_reorder():
   x = np.arange(2 * 3).reshape(2, 3)
   perm = np.array([[2, 0, 1], [1, 2, 0]])
   np.testing.assert_array_equal(np.asarray(tracking.reorder(x, perm)), [[2, 0, 1], [4, 5, 3]])
+
+
+def test_invalid_frames_anywhere_are_skipped():
+  embds, _ = drifting_video(16, 20, 16, seed=4)
+  valid = np.ones(16, bool)
+  valid[[0, 1, 5, 6, 7, 15]] = False  # leading, middle and trailing gaps
+  perm = np.asarray(tracking.associate(embds, valid))
+  np.testing.assert_array_equal(perm[valid], scipy_loop(embds[valid]))
+  np.testing.assert_array_equal(perm[~valid], np.broadcast_to(np.arange(20), (6, 20)))
