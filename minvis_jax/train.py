@@ -141,25 +141,30 @@ def dummy_images(config) -> jax.Array:
 
 
 def init_variables(config, key) -> dict:
-  """Model variables: random, or from `config.init.checkpoint` (class head re-initialised)."""
-  model = Mask2Former(config.model)
-  variables = model.init(key, dummy_images(config))
-  if not config.init.checkpoint:
-    return variables
+  """Random model variables (traced: call it under `jax.jit` or `jax.eval_shape`)."""
+  return Mask2Former(config.model).init(key, dummy_images(config))
+
+
+def load_init_variables(config, like: dict) -> dict:
+  """`config.init.checkpoint`'s variables as host arrays, checked against `like` (the random ones,
+  whose class head is kept when `config.init.reinit_class_head`)."""
   loaded = checkpoints.load_variables(config.init.checkpoint)
+  loaded = jax.tree.map(np.asarray, loaded)
   if config.init.reinit_class_head:
-    loaded['params']['decoder']['class_embed'] = variables['params']['decoder']['class_embed']
+    loaded['params']['decoder']['class_embed'] = jax.tree.map(
+        np.asarray, like['params']['decoder']['class_embed'])
   shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)  # noqa: E731
                          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-  want, got = shapes(variables), shapes(loaded)
+  want, got = shapes(like), shapes(loaded)
   if want != got:
     diff = sorted(set(want.items()) ^ set(got.items()))[:5]
     raise ValueError(f'{config.init.checkpoint}: variables do not match config.model (first '
                      f'differences: {diff}); convert the checkpoint with the same model config')
-  return jax.tree.map(jnp.asarray, loaded)
+  return loaded
 
 
 def create_train_state(config, key) -> TrainState:
+  """Random initial state (traced); `Trainer.init_state` puts the init checkpoint in afterwards."""
   variables = init_variables(config, key)
   tx = make_optimizer(config.optim)
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
@@ -222,7 +227,7 @@ class Trainer:
     self.config = config
     self.mesh = make_mesh(config.mesh) if mesh is None else mesh
     key = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(lambda: create_train_state_abstract(config, key))
+    abstract = jax.eval_shape(lambda: create_train_state(config, key))
     self.state_sharding = state_shardings(abstract, self.mesh, config.mesh.fsdp)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
@@ -232,21 +237,27 @@ class Trainer:
                         out_shardings=(self.state_sharding, None), donate_argnums=0)
 
   def init_state(self) -> TrainState:
+    """Random state built on device with the state shardings; then, with `config.init.checkpoint`,
+    the pretrained weights replace params/frozen. They are read on the host and placed shard by
+    shard: loaded inside `jit` they would become compile-time constants (slow compiles, the whole
+    model held twice). The optimizer state does not depend on the values (AdamW starts at zero)."""
     key = jax.random.PRNGKey(self.config.seed)
-    return jax.jit(lambda: create_train_state(self.config, key),
-                   out_shardings=self.state_sharding)()
+    state = jax.jit(lambda: create_train_state(self.config, key),
+                    out_shardings=self.state_sharding)()
+    if not self.config.init.checkpoint:
+      return state
+    like = jax.device_get({'params': state.params, 'frozen': state.frozen})
+    loaded = load_init_variables(self.config, like)
+    place = lambda x, sharding: jax.make_array_from_callback(  # noqa: E731
+        x.shape, sharding, lambda index: x[index])
+    return state.replace(
+        params=jax.tree.map(place, loaded['params'], self.state_sharding.params),
+        frozen=jax.tree.map(place, loaded['frozen'], self.state_sharding.frozen))
 
   def global_batch(self, local: dict) -> dict:
     """This process's rows of the batch -> global arrays sharded over 'data'."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in local.items()}
-
-
-def create_train_state_abstract(config, key) -> TrainState:
-  """As `create_train_state` but never reads the init checkpoint (for shapes only)."""
-  init = ml_collections.ConfigDict(config.to_dict())
-  init.init.checkpoint = ''
-  return create_train_state(init, key)
 
 
 # ---------------------------------------------------------------------------------------------

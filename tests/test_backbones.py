@@ -352,3 +352,26 @@ def test_import_errors_name_the_key(tiny_resnet, tiny_swin):
   bad = dict(state, **{key: np.zeros(7, np.float32)})
   with pytest.raises(ValueError, match=re.escape(key)):
     convert.backbone_from_hf(bad, cfg)
+
+
+@pytest.mark.parametrize('k,stride,size', [(1, 1, 9), (1, 2, 9), (3, 1, 8), (3, 2, 9), (7, 2, 10)])
+def test_conv2d_and_its_gradients_equal_xla_conv(k, stride, size):
+  from minvis_jax.models.conv import conv2d
+  rng = np.random.default_rng(k * 10 + stride)
+  x = jnp.asarray(rng.normal(size=(2, size, size + 1, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
+  pad = k // 2
+
+  def xla(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  ours = conv2d(x, kernel, stride, pad)
+  ref = xla(x, kernel)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+  # A loss that weights every output differently, so each gradient entry is checked.
+  w = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
+  grads = [jax.grad(lambda a, b, f=f: jnp.sum(f(a, b) * w), argnums=(0, 1))(x, kernel)
+           for f in (lambda a, b: conv2d(a, b, stride, pad), xla)]
+  for g_ours, g_ref in zip(*grads):
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)

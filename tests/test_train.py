@@ -157,6 +157,41 @@ def test_non_finite_loss_stops_before_a_bad_save(tmp_path, monkeypatch):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
+def test_init_checkpoint_is_placed_with_state_shardings(tmp_path):
+  c = small_config()
+  c.mesh.fsdp = True
+  other = jax.eval_shape(lambda: train.init_variables(c, jax.random.PRNGKey(123)))
+  pretrained = jax.tree.map(
+      lambda x: np.random.default_rng(x.size).normal(size=x.shape).astype(x.dtype), other)
+  path = str(tmp_path / 'pretrained')
+  checkpoints.save_variables(path, pretrained)
+  c.init.checkpoint = path
+  c.init.reinit_class_head = True
+  mesh = train.make_mesh(c.mesh, jax.devices()[:1])
+  random_state = train.Trainer(_without_init(c), mesh).init_state()
+  state = train.Trainer(c, mesh).init_state()
+  flat = lambda t: dict(jax.tree_util.tree_leaves_with_path(t))  # noqa: E731
+  got, want, rand = flat(state.params), flat(pretrained['params']), flat(random_state.params)
+  for path_, x in got.items():
+    ref = rand if 'class_embed' in jax.tree_util.keystr(path_) else want
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(ref[path_]), err_msg=str(path_))
+  for path_, x in flat(state.frozen).items():
+    np.testing.assert_array_equal(np.asarray(x), flat(pretrained['frozen'])[path_])
+  # Same shardings as the random state, so the jitted step takes it as is.
+  assert jax.tree.map(lambda x: x.sharding, state) == jax.tree.map(lambda x: x.sharding,
+                                                                   random_state)
+  # A checkpoint of another model: a clear error naming it.
+  c.model.num_queries = 6
+  with pytest.raises(ValueError, match='pretrained: variables do not match config.model'):
+    train.Trainer(c, mesh).init_state()
+
+
+def _without_init(c):
+  c = c.copy_and_resolve_references()
+  c.init.checkpoint = ''
+  return c
+
+
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   c = small_config()
   c.checkpoint.every_steps = 2

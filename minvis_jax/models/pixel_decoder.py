@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from minvis_jax.models.conv import Conv
 from minvis_jax.models.deform_attn import MSDeformAttn
 from minvis_jax.models.position import sine_position_embedding
 
@@ -59,8 +60,7 @@ class PixelDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, features):
-    conv = lambda n, k, name, bias=True: nn.Conv(
-        n, (k, k), padding=[(k // 2, k // 2)] * 2, use_bias=bias, dtype=self.dtype, name=name)
+    conv = lambda n, k, name, bias=True: Conv(n, k, use_bias=bias, dtype=self.dtype, name=name)
     gn = lambda name: nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=self.dtype, name=name)
     names = ['res5', 'res4', 'res3'][:self.levels]
     level_embed = self.param('level_embed', nn.initializers.normal(1.0), (self.levels, self.dim))

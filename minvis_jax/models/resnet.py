@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from minvis_jax.models.conv import conv2d
+
 BN_EPS = 1e-5
 
 
@@ -33,9 +35,7 @@ class ConvBN(nn.Module):
     var = self.variable('frozen', 'var', jnp.ones, (self.features,), jnp.float32).value
     # Explicit symmetric padding: 'SAME' would pad asymmetrically on stride 2, unlike torch.
     pad = (k - 1) // 2
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
-        ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad)
     # Fold the frozen statistics into one affine transform, computed in float32.
     mul = scale * jax.lax.rsqrt(var + BN_EPS)
     add = bias - mean * mul
