@@ -1,4 +1,4 @@
-"""Benchmark: jitted linear_sum_assignment on 36 x [100, 100] costs vs scipy (optax Hungarian for scale)."""
+"""Jitted linear_sum_assignment on 36 x [100, 100] costs vs scipy (optax's Hungarian for scale)."""
 
 
 import jax

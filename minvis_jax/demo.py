@@ -25,7 +25,6 @@ from minvis_jax import train
 from minvis_jax import visualize
 from minvis_jax.data import synthetic
 from minvis_jax.data import ytvis
-from minvis_jax.models import Mask2Former
 
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            'configs', 'tiny.py')
@@ -83,8 +82,7 @@ def main(argv=None) -> int:
   print(f'data: {args.train_videos} train + {args.valid_videos} held-out videos of {args.frames} '
         f'frames ({height}x{width}) in {data_dir}')
 
-  untrained = Mask2Former(config.model).init(jax.random.PRNGKey(args.seed),
-                                             train.dummy_images(config))
+  untrained = jax.jit(lambda key: train.init_variables(config, key))(jax.random.PRNGKey(args.seed))
   _, before = score(config, untrained, valid)
   print(f'untrained model: AP {100 * before["AP"]:.2f}')
 

@@ -1,15 +1,15 @@
-"""Exact linear sum assignment in JAX (jittable, vmappable): shared by the set criterion and the tracker.
+"""Exact linear sum assignment in JAX (jittable, vmappable), shared by the criterion and tracker.
 
-A shortest-augmenting-path solver in the Jonker-Volgenant style, written for XLA: every row starts at
-its cheapest column (row reduction) and the first claimant of each column keeps it; only the rows left
-free are then added one at a time by a Dijkstra search over columns on reduced costs, with the dual
-update that keeps the partial assignment optimal. When the row argmins are already distinct (consecutive
-frames in the tracker, well-separated predictions in the matcher) no search runs at all, and otherwise
-the work is proportional to the number of collisions rather than O(n^3) for every matrix.
+A shortest-augmenting-path solver in the Jonker-Volgenant style, written for XLA: every row starts
+at its cheapest column (row reduction) and the first claimant of each column keeps it; only the rows
+left free are then added one at a time by a Dijkstra search over columns on reduced costs, with the
+dual update that keeps the partial assignment optimal. When the row argmins are already distinct
+(consecutive frames in the tracker, well-separated predictions in the matcher) no search runs at
+all; otherwise the work grows with the number of collisions, not O(n^3) for every matrix.
 
-Under `vmap` the loops run until the slowest matrix of the batch is done (finished ones idle through
-masked iterations), which on CPU and accelerators is still faster than mapping one matrix at a time
-for the batch sizes of training and tracking (see benchmarks/matching.py).
+Under `vmap` the loop runs until the slowest matrix of the batch is done (finished ones idle
+through masked iterations); for the batches of training and tracking that is still faster than
+mapping one matrix at a time (see benchmarks/matching.py).
 """
 
 from typing import NamedTuple
@@ -126,7 +126,8 @@ def _wide_col4row(cost: jax.Array) -> jax.Array:
         row4col=sel(s.row4col.at[fj].set(fr), s.row4col),
         dist=sel(jnp.where(done_flip, n_dist, s.dist), dist),
         pred=sel(jnp.where(done_flip, n_pred, s.pred), pred),
-        scanned=sel(jnp.where(done_flip, n_scanned, s.scanned), jnp.where(found, s.scanned, scanned)),
+        scanned=sel(jnp.where(done_flip, n_scanned, s.scanned),
+                    jnp.where(found, s.scanned, scanned)),
         relax_row=sel(jnp.where(done_flip, n_row, s.relax_row), jnp.maximum(owner, 0)),
         relax_base=sel(jnp.where(done_flip, n_base, s.relax_base), next_base),
         j=sel(s.col4row[fr], j),

@@ -40,7 +40,7 @@ def test_rejects_sizes_not_multiple_of_32():
 def test_bfloat16_compute_float32_params():
   cfg = config_lib.tiny_model()
   x = jnp.asarray(np.random.RandomState(1).randn(2, 64, 96, 3), jnp.float32)
-  variables = Mask2Former(cfg).init(jax.random.PRNGKey(0), x)
+  variables = jax.jit(Mask2Former(cfg).init)(jax.random.PRNGKey(0), x)
   ref_out = jax.jit(Mask2Former(cfg).apply)(variables, x)
   cfg.dtype = 'bfloat16'
   out = jax.jit(Mask2Former(cfg).apply)(variables, x)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -165,10 +164,3 @@ def test_cli_writes_layout_readable_by_load_ytvis(tmp_path):
     image, masks, labels = ytvis.FolderSource(ds).load(n - 1, 3)
     assert image.shape == (48, 80, 3) and masks.shape[1:] == (48, 80)
     assert labels.shape == (masks.shape[0],)
-
-
-def test_generation_is_fast(tmp_path):
-  start = time.perf_counter()
-  synthetic.generate(str(tmp_path), 'train', 40, 12, 128, 224, seed=0)
-  elapsed = time.perf_counter() - start
-  assert elapsed < 30, elapsed  # ~2.5 s on one core; generous for a shared CI machine

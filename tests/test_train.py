@@ -10,7 +10,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from minvis_jax import checkpoints

@@ -68,9 +68,10 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, H, W, Cin] -> [B, H/stride, W/stride, features]."""
     k = self.kernel_size
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
-                        jnp.float32)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (k, k, x.shape[-1], self.features), jnp.float32)
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, k // 2)
     if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+      bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
     return y
