@@ -146,13 +146,12 @@ def init_variables(config, key) -> dict:
 
 
 def load_init_variables(config, like: dict) -> dict:
-  """`config.init.checkpoint`'s variables as host arrays, checked against `like` (the random ones,
-  whose class head is kept when `config.init.reinit_class_head`)."""
-  loaded = checkpoints.load_variables(config.init.checkpoint)
-  loaded = jax.tree.map(np.asarray, loaded)
+  """`config.init.checkpoint`'s variables as host arrays, checked against the shapes of `like`
+  (arrays or ShapeDtypeStructs). With `config.init.reinit_class_head` the class head's leaves are
+  `like`'s own (so a head for another class count is fine)."""
+  loaded = jax.tree.map(np.asarray, checkpoints.load_variables(config.init.checkpoint))
   if config.init.reinit_class_head:
-    loaded['params']['decoder']['class_embed'] = jax.tree.map(
-        np.asarray, like['params']['decoder']['class_embed'])
+    loaded['params']['decoder']['class_embed'] = like['params']['decoder']['class_embed']
   shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)  # noqa: E731
                          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
   want, got = shapes(like), shapes(loaded)
@@ -246,13 +245,18 @@ class Trainer:
                     out_shardings=self.state_sharding)()
     if not self.config.init.checkpoint:
       return state
-    like = jax.device_get({'params': state.params, 'frozen': state.frozen})
+    # Shapes only: the random arrays may be sharded over other processes (FSDP on a pod).
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        {'params': state.params, 'frozen': state.frozen})
     loaded = load_init_variables(self.config, like)
-    place = lambda x, sharding: jax.make_array_from_callback(  # noqa: E731
-        x.shape, sharding, lambda index: x[index])
-    return state.replace(
-        params=jax.tree.map(place, loaded['params'], self.state_sharding.params),
-        frozen=jax.tree.map(place, loaded['frozen'], self.state_sharding.frozen))
+
+    def place(x, current):  # a kept random leaf stays where it is
+      if isinstance(x, jax.ShapeDtypeStruct):
+        return current
+      return jax.make_array_from_callback(x.shape, current.sharding, lambda index: x[index])
+
+    return state.replace(params=jax.tree.map(place, loaded['params'], state.params),
+                         frozen=jax.tree.map(place, loaded['frozen'], state.frozen))
 
   def global_batch(self, local: dict) -> dict:
     """This process's rows of the batch -> global arrays sharded over 'data'."""

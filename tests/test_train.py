@@ -159,14 +159,17 @@ def test_non_finite_loss_stops_before_a_bad_save(tmp_path, monkeypatch):
 def test_init_checkpoint_is_placed_with_state_shardings(tmp_path):
   c = small_config()
   c.mesh.fsdp = True
-  other = jax.eval_shape(lambda: train.init_variables(c, jax.random.PRNGKey(123)))
+  coco = c.copy_and_resolve_references()
+  coco.model.num_classes += 3   # pretrained on another label set: its class head is dropped
+  other = jax.eval_shape(lambda: train.init_variables(coco, jax.random.PRNGKey(123)))
   pretrained = jax.tree.map(
       lambda x: np.random.default_rng(x.size).normal(size=x.shape).astype(x.dtype), other)
   path = str(tmp_path / 'pretrained')
   checkpoints.save_variables(path, pretrained)
   c.init.checkpoint = path
   c.init.reinit_class_head = True
-  mesh = train.make_mesh(c.mesh, jax.devices()[:1])
+  c.mesh.data = jax.device_count()   # FSDP over 8 devices: most leaves are really sharded
+  mesh = train.make_mesh(c.mesh)
   random_state = train.Trainer(_without_init(c), mesh).init_state()
   state = train.Trainer(c, mesh).init_state()
   flat = lambda t: dict(jax.tree_util.tree_leaves_with_path(t))  # noqa: E731
@@ -176,6 +179,7 @@ def test_init_checkpoint_is_placed_with_state_shardings(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(ref[path_]), err_msg=str(path_))
   for path_, x in flat(state.frozen).items():
     np.testing.assert_array_equal(np.asarray(x), flat(pretrained['frozen'])[path_])
+  assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
   # Same shardings as the random state, so the jitted step takes it as is.
   assert jax.tree.map(lambda x: x.sharding, state) == jax.tree.map(lambda x: x.sharding,
                                                                    random_state)
