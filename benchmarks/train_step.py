@@ -15,28 +15,19 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
 import hf_reference as ref  # noqa: E402
 
-from timing import median_time, result_line  # noqa: E402
+from timing import matmul_peak_flops, median_time, result_line  # noqa: E402
 
 from minvis_jax import config_lib  # noqa: E402
 from minvis_jax import train  # noqa: E402
 
 B, N, SIZE = 2, 25, 384
 NUM_REAL = (7, 12)
-
-
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-  """Measured FLOP/s of a jitted f32 [n, n] @ [n, n] on the default device."""
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-  mm = jax.jit(lambda x: x @ x)
-  seconds = median_time(lambda: jax.block_until_ready(mm(a)), repeats)
-  return 2 * n ** 3 / seconds
 
 
 def make_batch(rng, num_classes: int) -> dict:

@@ -36,9 +36,11 @@ def _conv_kxk_bwd(stride, pad, res, dy):
   (dx,) = input_vjp(dy)
   kh, kw = kernel.shape[:2]
   h, w = dy.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  taps = [jnp.einsum('bhwc,bhwd->cd',
-                     xp[:, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride],
+  # Channels first, once: each tap's GEMM contracts over pixels, and a channels-last tap slice would
+  # be transposed on its own (a slow strided copy per tap) to feed it.
+  xp = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+  taps = [jnp.einsum('cbhw,bhwd->cd',
+                     xp[:, :, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride],
                      dy, preferred_element_type=jnp.float32)
           for i in range(kh) for j in range(kw)]
   dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
