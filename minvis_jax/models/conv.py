@@ -5,7 +5,8 @@ swapped), which is very slow on CPU: for a 1x1 conv on [2, 96, 96, 256] it took 
 1x1 convs are plain matmuls (forward and both gradients are GEMMs), and larger kernels keep XLA's
 convolution for the forward and the input gradient but get their kernel gradient as one GEMM per
 kernel tap (sum over pixels of shifted input x output gradient). Same numbers as
-`lax.conv_general_dilated` up to float rounding; on accelerators the matmul forms are as good.
+`lax.conv_general_dilated` up to float rounding. Only measured on CPU: on GPU/TPU these forms are
+still GEMMs, but not yet timed against XLA's own convolution gradients there.
 """
 
 import functools
