@@ -14,8 +14,8 @@ import sys
 _COMMANDS = {
     'demo': ('minvis_jax.demo', 'main'),
     'train': ('minvis_jax.train', 'main'),
-    'evaluate': ('minvis_jax.inference', 'evaluate_main'),
-    'infer': ('minvis_jax.inference', 'infer_main'),
+    'evaluate': ('minvis_jax.evaluator', 'main'),
+    'infer': ('minvis_jax.infer', 'main'),
     'convert': ('minvis_jax.convert', 'main'),
 }
 

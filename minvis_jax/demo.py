@@ -20,7 +20,7 @@ import jax
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
 from minvis_jax import evaluation
-from minvis_jax import inference
+from minvis_jax import dataset_eval
 from minvis_jax import train
 from minvis_jax import visualize
 from minvis_jax.data import synthetic
@@ -40,7 +40,7 @@ def make_data(data_dir: str, train_videos: int, valid_videos: int, frames: int, 
 
 def score(config, variables, dataset) -> tuple[list[dict], dict]:
   """(results entries, metrics) of MinVIS with `variables` on every video of `dataset`."""
-  results = inference.predict_dataset(config, variables, dataset)
+  results = dataset_eval.predict_dataset(config, variables, dataset)
   with open(dataset.json_path) as f:
     gt = json.load(f)
   return results, evaluation.evaluate_dicts(gt, results, gt_name=dataset.json_path)
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
   train.train(config, train_dir, total_steps=steps)
   _, variables = checkpoints.load_for_inference(train_dir)
   results, metrics = score(config, variables, valid)
-  inference.write_json(os.path.join(args.workdir, 'results.json'), results)
-  inference.write_json(os.path.join(args.workdir, 'metrics.json'),
+  dataset_eval.write_json(os.path.join(args.workdir, 'results.json'), results)
+  dataset_eval.write_json(os.path.join(args.workdir, 'metrics.json'),
                        {'untrained': before, 'trained': metrics, 'steps': steps})
   overlay = write_overlay(os.path.join(args.workdir, 'overlay.mp4'), valid, results)
   curve = visualize.plot_losses(os.path.join(train_dir, 'metrics.jsonl'),

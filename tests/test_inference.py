@@ -6,7 +6,10 @@ from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 
 from minvis_jax import config_lib
-from minvis_jax import inference
+from minvis_jax import evaluator
+from minvis_jax import infer
+from minvis_jax import predictor
+from minvis_jax import video_io
 from minvis_jax.models import Mask2Former
 
 
@@ -21,8 +24,8 @@ def _setup(t=7):
 
 def test_windows_equal_one_pass_and_shapes():
   cfg, variables, images = _setup()
-  one = inference.VideoPredictor(cfg, variables, window=7, top_k=5)(images, (56, 96), (112, 192))
-  win = inference.VideoPredictor(cfg, variables, window=3, top_k=5)(images, (56, 96), (112, 192))
+  one = predictor.VideoPredictor(cfg, variables, window=7, top_k=5)(images, (56, 96), (112, 192))
+  win = predictor.VideoPredictor(cfg, variables, window=3, top_k=5)(images, (56, 96), (112, 192))
   assert len(one) == 5
   for a, b in zip(one, win):
     assert a['category'] == b['category'] and abs(a['score'] - b['score']) < 1e-6
@@ -34,7 +37,7 @@ def test_windows_equal_one_pass_and_shapes():
 
 def test_scores_and_masks_match_a_direct_computation():
   cfg, variables, images = _setup()
-  tracks = inference.VideoPredictor(cfg, variables, window=4, top_k=3)(images, (56, 96), (56, 96))
+  tracks = predictor.VideoPredictor(cfg, variables, window=4, top_k=3)(images, (56, 96), (56, 96))
   out = jax.tree.map(np.asarray, Mask2Former(cfg).apply(variables, images))
   e = out['pred_embds'] / np.linalg.norm(out['pred_embds'], axis=-1, keepdims=True)
   perm = [np.arange(e.shape[1])]
@@ -58,7 +61,7 @@ def test_scores_and_masks_match_a_direct_computation():
 
 def test_results_for_video_uses_dataset_category_ids():
   tracks = [{'category': 1, 'score': 0.5, 'segmentations': [None]}]
-  res = inference.results_for_video(tracks, 'v7', [10, 20, 30])
+  res = predictor.results_for_video(tracks, 'v7', [10, 20, 30])
   assert res == [{'video_id': 'v7', 'category_id': 20, 'score': 0.5, 'segmentations': [None]}]
 
 
@@ -67,16 +70,16 @@ def test_2000_frames_with_flat_device_memory(monkeypatch):
   variables = jax.jit(Mask2Former(cfg).init)(jax.random.PRNGKey(0),
                                              np.zeros((1, 64, 64, 3), np.float32))
   live = []
-  windows = inference._windows
+  windows = predictor._windows
 
   def recording(images, window):
     for item in windows(images, window):
       live.append(sum(x.nbytes for x in jax.live_arrays()))
       yield item
 
-  monkeypatch.setattr(inference, '_windows', recording)
+  monkeypatch.setattr(predictor, '_windows', recording)
   frames = (np.full((64, 64, 3), np.sin(t / 50.0), np.float32) for t in range(2000))
-  tracks = inference.VideoPredictor(cfg, variables, window=100, top_k=2)(frames, (64, 64), (64, 64))
+  tracks = predictor.VideoPredictor(cfg, variables, window=100, top_k=2)(frames, (64, 64), (64, 64))
   assert len(tracks) == 2 and all(len(t['segmentations']) == 2000 for t in tracks)
   assert len(live) == 20
   # Device memory after the first windows stays the same however many frames have passed.
@@ -175,14 +178,14 @@ def test_infer_on_frame_folder(tiny_checkpoint, tmp_path, capsys):
   frames = _moving_square_frames(5)
   folder = _write_folder(tmp_path / 'frames', frames)
   out = tmp_path / 'out'
-  assert inference.infer_main(['minvis-jax infer', '--checkpoint', ckpt, '--video', folder,
+  assert infer.main(['minvis-jax infer', '--checkpoint', ckpt, '--video', folder,
                                '--out', str(out), '--top_k', '3', '--score_threshold', '0']) == 0
   results = _check_results(out / 'results.json', 5, (64, 96), 3)
   # The same tracks as the predictor run directly on the test-time input (SPEC 1 geometry).
   inputs = [transforms.test_frame(f, 128, 224, config.data.mean, config.data.std)[0]
             for f in frames]
   assert inputs[0].shape == (128, 192, 3)
-  direct = inference.VideoPredictor(config.model, variables, 4, 3)(inputs, (128, 192), (64, 96))
+  direct = predictor.VideoPredictor(config.model, variables, 4, 3)(inputs, (128, 192), (64, 96))
   assert [r['category_id'] for r in results] == [t['category'] + 1 for t in direct]
   np.testing.assert_allclose([r['score'] for r in results], [t['score'] for t in direct], rtol=1e-5)
   assert [r['segmentations'] for r in results] == [t['segmentations'] for t in direct]
@@ -206,12 +209,12 @@ def test_infer_on_frame_folder(tiny_checkpoint, tmp_path, capsys):
 def test_infer_on_mp4(tiny_checkpoint, tmp_path):
   ckpt, _, _ = tiny_checkpoint
   video = visualize.write_video(str(tmp_path / 'in.mp4'), _moving_square_frames(4), fps=5)
-  frames = list(inference.read_video(video))
+  frames = list(video_io.read_video(video))
   assert len(frames) == 4 and frames[0].shape == (64, 96, 3) and frames[0].dtype == np.uint8
   # Lossy, but close to what was written.
   assert np.abs(frames[2].astype(int) - _moving_square_frames(4)[2]).mean() < 12
   out = tmp_path / 'out'
-  assert inference.infer_main(['minvis-jax infer', '--checkpoint', ckpt, '--video', video,
+  assert infer.main(['minvis-jax infer', '--checkpoint', ckpt, '--video', video,
                                '--out', str(out), '--top_k', '2']) == 0
   _check_results(out / 'results.json', 4, (64, 96), 2)
   assert _frame_count(str(out / 'overlay.mp4')) == (4, (64, 96))
@@ -221,32 +224,32 @@ def test_read_video_folder_order_and_bad_inputs(tiny_checkpoint, tmp_path):
   frames = _moving_square_frames(3)
   folder = _write_folder(tmp_path / 'f', frames)
   (tmp_path / 'f' / 'notes.txt').write_text('ignored')
-  read = list(inference.read_video(folder))
+  read = list(video_io.read_video(folder))
   assert len(read) == 3
   for a, b in zip(read, frames):
     np.testing.assert_array_equal(a, b)  # png: lossless, sorted by name
   with pytest.raises(FileNotFoundError, match='missing.mp4: no such video'):
-    inference.read_video(str(tmp_path / 'missing.mp4'))
+    video_io.read_video(str(tmp_path / 'missing.mp4'))
   os.makedirs(tmp_path / 'empty')
   with pytest.raises(FileNotFoundError, match='empty: no .jpg'):
-    inference.read_video(str(tmp_path / 'empty'))
+    video_io.read_video(str(tmp_path / 'empty'))
   (tmp_path / 'bad.mp4').write_text('this is not a video')
   with pytest.raises(ValueError, match='bad.mp4'):
-    list(inference.read_video(str(tmp_path / 'bad.mp4')))
+    list(video_io.read_video(str(tmp_path / 'bad.mp4')))
   (tmp_path / 'f' / '00001.png').write_bytes(b'corrupt')
   with pytest.raises(ValueError, match='00001.png: corrupt or unreadable'):
-    list(inference.read_video(folder))
+    list(video_io.read_video(folder))
   ckpt, _, _ = tiny_checkpoint
   sizes = _write_folder(tmp_path / 'sizes', [frames[0], frames[1][:60]])
   with pytest.raises(ValueError, match='sizes: frame 1 is 60x96, the video is 64x96'):
-    inference.infer_main(['infer', '--checkpoint', ckpt, '--video', sizes,
+    infer.main(['infer', '--checkpoint', ckpt, '--video', sizes,
                           '--out', str(tmp_path / 'o')])
   bare = str(tmp_path / 'bare')
   checkpoints.save_variables(bare, {'params': {'w': np.zeros(2)}})
   with pytest.raises(ValueError, match='bare: the checkpoint has no config.json; pass --config'):
-    inference.infer_main(['infer', '--checkpoint', bare, '--video', folder, '--out', bare])
+    infer.main(['infer', '--checkpoint', bare, '--video', folder, '--out', bare])
   with pytest.raises(FileNotFoundError, match='nockpt: no such checkpoint'):
-    inference.infer_main(['infer', '--checkpoint', str(tmp_path / 'nockpt'), '--video', folder,
+    infer.main(['infer', '--checkpoint', str(tmp_path / 'nockpt'), '--video', folder,
                           '--out', bare])
 
 
@@ -256,7 +259,7 @@ def test_evaluate_on_generated_videos(tiny_checkpoint, tmp_path, capsys):
   data = tmp_path / 'data'
   synthetic.generate(str(data), 'valid', num_videos=2, num_frames=3, height=64, width=96, seed=0)
   out = tmp_path / 'eval'
-  assert inference.evaluate_main(['minvis-jax evaluate',
+  assert evaluator.main(['minvis-jax evaluate',
                                   '--config', os.path.join(CONFIGS, 'tiny.py'),
                                   '--checkpoint', ckpt, '--manual_dir', str(data),
                                   '--out', str(out), '--top_k', '5', '--window', '4']) == 0
@@ -272,7 +275,7 @@ def test_evaluate_on_generated_videos(tiny_checkpoint, tmp_path, capsys):
   printed = capsys.readouterr().out
   assert 'AP50' in printed and 'results.json' in printed
   # Default output: the checkpoint directory's config and location; only the first video.
-  assert inference.evaluate_main(['evaluate', '--checkpoint', ckpt, '--manual_dir', str(data),
+  assert evaluator.main(['evaluate', '--checkpoint', ckpt, '--manual_dir', str(data),
                                   '--max_videos', '1', '--out', str(tmp_path / 'one')]) == 0
   one = json.load(open(tmp_path / 'one' / 'results.json'))
   assert {r['video_id'] for r in one} == {gt['videos'][0]['id']} and len(one) == 10
