@@ -159,9 +159,9 @@ def test_bad_inputs_name_the_file(tmp_path):
       ([dict(video_id=7, category_id=1, score=1.0, segmentations=_video([one, one]))],
        'video 7, which the ground truth does not have'),
       ([dict(video_id=1, category_id=1, score=1.0, segmentations=_video([np.ones((5, 4)), one]))],
-       r'mask size \[5, 4\] != video size \[4, 4\]'),
+       r'result 0 \(video 1\), frame 0: mask size \[5, 4\] does not match the frame size \[4, 4\]'),
       ([dict(video_id=1, category_id=1, score=1.0, segmentations=_video([one]))],
-       '1 frame segmentations for a video of 2 frames')]:
+       r'result 0 \(video 1\): "segmentations" must be a list .*got 1 for a video of 2 frames')]:
     bad.write_text(json.dumps(results))
     with pytest.raises(ValueError, match=msg):
       evaluate(str(gt_path), str(bad))
@@ -277,12 +277,14 @@ def test_occlusion_bad_input_names_the_annotation(tmp_path):
   gt_path.write_text(json.dumps(gt))
   res_path = tmp_path / 'res.json'
   res_path.write_text('[]')
-  with pytest.raises(ValueError, match='ovis.json: annotation 2 has no "occlusion" levels'):
+  with pytest.raises(ValueError,
+                     match=r'ovis.json: annotations\[1\] \(id 2\) has no "occlusion" levels'):
     evaluate(str(gt_path), str(res_path))
   gt['annotations'][1]['occlusion'] = ['heavy']
   gt_path.write_text(json.dumps(gt))
   with pytest.raises(ValueError,
-                     match="ovis.json: video 1 annotation 2: unknown occlusion level 'heavy'"):
+                     match=r"ovis.json: annotations\[1\] \(id 2\) of video 1: unknown occlusion "
+                           r"level 'heavy'"):
     evaluate(str(gt_path), str(res_path))
 
 
@@ -457,8 +459,8 @@ def test_ground_truth_frame_count_must_match_the_video():
   gt = dict(videos=[dict(id=1, height=4, width=4, length=2)], categories=[dict(id=1, name='x')],
             annotations=[dict(id=5, video_id=1, category_id=1, iscrowd=0,
                               segmentations=_video([np.ones((4, 4))]))])
-  with pytest.raises(ValueError, match='gt.json: video 1 annotation 5: 1 frame segmentations for '
-                                       'a video of 2 frames'):
+  with pytest.raises(ValueError, match=r'gt.json: annotations\[0\] \(id 5\) of video 1: '
+                                       r'"segmentations" .* got 1 for a video of 2 frames'):
     evaluate_dicts(gt, [], gt_name='gt.json')
 
 

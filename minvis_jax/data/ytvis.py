@@ -1,13 +1,14 @@
 """Readers of the standard dataset folders: YouTube-VIS 2019/2021/2022, OVIS and COCO instances.
 
-Every dataset becomes a `VisDataset` of videos (a COCO image is a one-frame video); masks are decoded
-per frame on demand through pycocotools, so a reader never holds a decoded video in memory.
+Every dataset becomes a `VisDataset` of videos (a COCO image is a one-frame video); masks are
+decoded per frame on demand through pycocotools, so a reader never holds a decoded video in memory.
 """
 
 import dataclasses
 import io
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -21,9 +22,9 @@ _log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class Instance:
   id: int                 # annotation id
-  category: int           # 0-based contiguous class index (position of its id in sorted category ids)
+  category: int           # 0-based class index (position of its id among the sorted category ids)
   iscrowd: bool
-  segmentations: list     # per frame: RLE dict (compressed or uncompressed counts), polygon list, or None
+  segmentations: list     # per frame: RLE dict (checked, compressed counts), polygon list, or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +73,35 @@ def _load_json(path: str) -> dict:
 
 
 def _field(obj: dict, key: str, where: str):
-  if not isinstance(obj, dict) or key not in obj:
+  if not isinstance(obj, dict):
+    raise ValueError(f'{where}: expected an object, got {type(obj).__name__}')
+  if key not in obj:
     raise ValueError(f'{where}: missing field {key!r}')
   return obj[key]
+
+
+def _int_field(obj: dict, key: str, where: str, minimum: int | None = None) -> int:
+  """An integer field (not a bool, a float or a string), at least `minimum` if given."""
+  x = _field(obj, key, where)
+  if not is_int(x):
+    raise ValueError(f'{where}: {key!r} must be an integer, got {x!r}')
+  if minimum is not None and x < minimum:
+    raise ValueError(f'{where}: {key!r} must be at least {minimum}, got {x}')
+  return int(x)
+
+
+def _crowd(obj: dict, where: str) -> bool:
+  flag = obj.get('iscrowd', 0)
+  if not isinstance(flag, (int, np.integer, bool, np.bool_)) or flag not in (0, 1):
+    raise ValueError(f'{where}: "iscrowd" must be 0 or 1, got {flag!r}')
+  return bool(flag)
+
+
+def _list_field(obj: dict, key: str, where: str) -> list:
+  x = _field(obj, key, where)
+  if not isinstance(x, list):
+    raise ValueError(f'{where}: {key!r} must be a list, got {type(x).__name__}')
+  return x
 
 
 def _categories(data: dict, path: str) -> tuple[tuple[int, ...], tuple[str, ...], dict[int, int]]:
@@ -83,27 +110,44 @@ def _categories(data: dict, path: str) -> tuple[tuple[int, ...], tuple[str, ...]
   if not isinstance(cats, list) or not cats:
     raise ValueError(f'{path}: "categories" must be a non-empty list')
   by_id = {}
-  for c in cats:
-    cid = int(_field(c, 'id', f'{path}: category {c}'))
+  for j, c in enumerate(cats):
+    cid = _int_field(c, 'id', f'{path}: categories[{j}]')
     if cid in by_id:
-      raise ValueError(f'{path}: duplicate category id {cid}')
+      raise ValueError(f'{path}: categories[{j}]: duplicate category id {cid}')
     by_id[cid] = str(c.get('name', cid))
   ids = tuple(sorted(by_id))
   return ids, tuple(by_id[i] for i in ids), {cid: i for i, cid in enumerate(ids)}
 
 
+def _is_coordinate(x) -> bool:
+  return (isinstance(x, (int, float, np.integer, np.floating))
+          and not isinstance(x, (bool, np.bool_)) and math.isfinite(x))
+
+
+def check_polygons(seg: list, where: str) -> None:
+  """A polygon segmentation must be a list of lists of finite numbers."""
+  for p in seg:
+    if not isinstance(p, (list, tuple)):
+      raise ValueError(f'{where}: a polygon segmentation must be a list of coordinate lists, '
+                       f'got an element {str(p)[:80]}')
+    if not all(map(_is_coordinate, p)):
+      bad = next(x for x in p if not _is_coordinate(x))
+      raise ValueError(f'{where}: polygon coordinates must be finite numbers, got {bad!r}')
+
+
 def _valid_polygons(seg: list, where: str) -> list | None:
   """Keeps the polygons of >= 3 points as detectron2 does; None when none is left."""
-  if not all(isinstance(p, (list, tuple)) for p in seg):
-    raise ValueError(f'{where}: a polygon segmentation must be a list of coordinate lists')
+  check_polygons(seg, where)
   polys = [list(map(float, p)) for p in seg if len(p) % 2 == 0 and len(p) >= 6]
   if len(polys) != len(seg):
-    _log.info('%s: skipped %d degenerate polygon(s)', where, len(seg) - len(polys))
+    _log.warning('%s: skipped %d degenerate polygon(s)', where, len(seg) - len(polys))
   return polys or None
 
 
-def _clean_segmentation(seg: Any, where: str):
-  """Normalises 'absent' (None, [], {}) to None; checks the type; drops degenerate polygons."""
+def _clean_segmentation(seg: Any, height: int, width: int, where: str):
+  """Normalises 'absent' (None, [], {}) to None; checks the type and the RLE size; drops degenerate
+  polygons; an uncompressed RLE becomes a compressed one (checked). Compressed counts are left to
+  check_rle_counts, which checks many at once."""
   if seg is None or (isinstance(seg, (list, dict)) and not seg):
     return None
   if isinstance(seg, list):
@@ -111,63 +155,100 @@ def _clean_segmentation(seg: Any, where: str):
   if isinstance(seg, dict):
     if 'counts' not in seg or 'size' not in seg:
       raise ValueError(f'{where}: an RLE segmentation needs "counts" and "size"')
-    return seg
+    check_rle_size(seg['size'], height, width, where)
+    counts = seg['counts']
+    if isinstance(counts, list):
+      return uncompressed_rle(seg, height, width, where)
+    if not isinstance(counts, (str, bytes)):
+      raise ValueError(f'{where}: RLE counts must be a string or a list, got '
+                       f'{type(counts).__name__}')
+    return {'size': [height, width], 'counts': counts}
   raise ValueError(f'{where}: a segmentation must be an RLE dict, a polygon list or null, '
                    f'got {type(seg).__name__}')
+
+
+class _CompressedRles:
+  """Compressed RLEs of a file, checked together once it is read (check_rle_counts)."""
+
+  def __init__(self):
+    self.counts, self.sizes, self.where = [], [], []
+
+  def add(self, seg, height: int, width: int, where: str):
+    if isinstance(seg, dict) and isinstance(seg['counts'], (str, bytes)):
+      self.counts.append(seg['counts'])
+      self.sizes.append((height, width))
+      self.where.append(where)
+    return seg
+
+  def check(self) -> None:
+    check_rle_counts(self.counts, self.sizes, lambda i: self.where[i])
+
+
+def _annotations(data: dict, path: str) -> list | None:
+  anns = data.get('annotations')
+  if anns is not None and not isinstance(anns, list):
+    raise ValueError(f'{path}: "annotations" must be a list, got {type(anns).__name__}')
+  return anns
 
 
 def load_ytvis(json_path: str, image_root: str) -> VisDataset:
   """Reads a YouTube-VIS (2019/2021/2022) or OVIS annotation file; frames live under image_root.
 
   Annotations (if any) keep every frame's segmentation; crowd instances are kept with iscrowd=True
-  (the training input drops them, as the original).
+  (the training input drops them, as the original). Every field read is checked here, RLEs against
+  their frame size included, with the record and the frame in the message.
   """
   json_path = os.path.abspath(json_path)
   image_root = os.path.abspath(image_root)
   data = _load_json(json_path)
   category_ids, category_names, cat_index = _categories(data, json_path)
-  raw_videos = _field(data, 'videos', json_path)
-  if not isinstance(raw_videos, list):
-    raise ValueError(f'{json_path}: "videos" must be a list')
+  raw_videos = _list_field(data, 'videos', json_path)
 
   videos = {}  # id -> (name, h, w, frame paths)
-  for rv in raw_videos:
-    vid = int(_field(rv, 'id', f'{json_path}: video {str(rv)[:80]}'))
+  for j, rv in enumerate(raw_videos):
+    vid = _int_field(rv, 'id', f'{json_path}: videos[{j}]')
     where = f'{json_path}: video {vid}'
     if vid in videos:
-      raise ValueError(f'{where}: duplicate video id')
+      raise ValueError(f'{json_path}: videos[{j}]: duplicate video id {vid}')
     files = _field(rv, 'file_names', where)
     if not isinstance(files, list) or not files:
       raise ValueError(f'{where}: video has no frames ("file_names" is empty)')
+    if not all(isinstance(f, str) and f for f in files):
+      bad = next(f for f in files if not (isinstance(f, str) and f))
+      raise ValueError(f'{where}: "file_names" must be non-empty strings, got {bad!r}')
     name = os.path.dirname(files[0]) or str(vid)
     where = f'{json_path}: video {vid} ({name!r})'
-    h, w = int(_field(rv, 'height', where)), int(_field(rv, 'width', where))
-    if h <= 0 or w <= 0:
-      raise ValueError(f'{where}: bad size {h}x{w}')
+    h, w = _int_field(rv, 'height', where, 1), _int_field(rv, 'width', where, 1)
+    if 'length' in rv and _int_field(rv, 'length', where) != len(files):
+      raise ValueError(f'{where}: "length" is {rv["length"]} but "file_names" lists '
+                       f'{len(files)} frames')
     videos[vid] = (name, h, w, tuple(os.path.join(image_root, f) for f in files))
 
-  raw_anns = data.get('annotations')
+  raw_anns = _annotations(data, json_path)
   has_annotations = raw_anns is not None
   instances = {vid: [] for vid in videos}
-  for ann in raw_anns or ():
-    aid = int(_field(ann, 'id', f'{json_path}: annotation {str(ann)[:80]}'))
-    where = f'{json_path}: annotation {aid}'
-    vid = int(_field(ann, 'video_id', where))
+  rles = _CompressedRles()
+  for j, ann in enumerate(raw_anns or ()):
+    aid = _int_field(ann, 'id', f'{json_path}: annotations[{j}]')
+    where = f'{json_path}: annotations[{j}] (id {aid})'
+    vid = _int_field(ann, 'video_id', where)
     if vid not in videos:
       raise ValueError(f'{where}: video id {vid} is not in "videos"')
-    name, _, _, paths = videos[vid]
-    where = f'{json_path}: annotation {aid} of video {vid} ({name!r})'
-    cid = int(_field(ann, 'category_id', where))
+    name, h, w, paths = videos[vid]
+    where = f'{json_path}: annotations[{j}] (id {aid}) of video {vid} ({name!r})'
+    cid = _int_field(ann, 'category_id', where)
     if cid not in cat_index:
       raise ValueError(f'{where}: unknown category id {cid} (known: {list(category_ids)})')
     segs = _field(ann, 'segmentations', where)
     if not isinstance(segs, list) or len(segs) != len(paths):
       n = len(segs) if isinstance(segs, list) else type(segs).__name__
       raise ValueError(f'{where}: {n} segmentations for a video of {len(paths)} frames')
-    segs = [_clean_segmentation(s, f'{where}, frame {t}') for t, s in enumerate(segs)]
+    segs = [rles.add(_clean_segmentation(s, h, w, f'{where}, frame {t}'), h, w,
+                     f'{where}, frame {t}')
+            for t, s in enumerate(segs)]
     instances[vid].append(
-        Instance(id=aid, category=cat_index[cid], iscrowd=bool(ann.get('iscrowd', 0)),
-                 segmentations=segs))
+        Instance(id=aid, category=cat_index[cid], iscrowd=_crowd(ann, where), segmentations=segs))
+  rles.check()
 
   return VisDataset(
       json_path=json_path,
@@ -183,40 +264,42 @@ def load_coco(json_path: str, image_root: str) -> VisDataset:
   image_root = os.path.abspath(image_root)
   data = _load_json(json_path)
   category_ids, category_names, cat_index = _categories(data, json_path)
-  images = _field(data, 'images', json_path)
-  if not isinstance(images, list):
-    raise ValueError(f'{json_path}: "images" must be a list')
+  images = _list_field(data, 'images', json_path)
   videos = {}
-  for im in images:
-    iid = int(_field(im, 'id', f'{json_path}: image {str(im)[:80]}'))
+  for j, im in enumerate(images):
+    iid = _int_field(im, 'id', f'{json_path}: images[{j}]')
     where = f'{json_path}: image {iid}'
     if iid in videos:
-      raise ValueError(f'{where}: duplicate image id')
+      raise ValueError(f'{json_path}: images[{j}]: duplicate image id {iid}')
     fname = _field(im, 'file_name', where)
+    if not isinstance(fname, str) or not fname:
+      raise ValueError(f'{where}: "file_name" must be a non-empty string, got {fname!r}')
     where = f'{json_path}: image {iid} ({fname!r})'
-    h, w = int(_field(im, 'height', where)), int(_field(im, 'width', where))
+    h, w = _int_field(im, 'height', where, 1), _int_field(im, 'width', where, 1)
     videos[iid] = (os.path.splitext(fname)[0], h, w, (os.path.join(image_root, fname),))
 
-  raw_anns = data.get('annotations')
+  raw_anns = _annotations(data, json_path)
   instances = {iid: [] for iid in videos}
-  for ann in raw_anns or ():
-    aid = int(_field(ann, 'id', f'{json_path}: annotation {str(ann)[:80]}'))
-    where = f'{json_path}: annotation {aid}'
-    iid = int(_field(ann, 'image_id', where))
+  rles = _CompressedRles()
+  for j, ann in enumerate(raw_anns or ()):
+    aid = _int_field(ann, 'id', f'{json_path}: annotations[{j}]')
+    where = f'{json_path}: annotations[{j}] (id {aid})'
+    iid = _int_field(ann, 'image_id', where)
     if iid not in videos:
       raise ValueError(f'{where}: image id {iid} is not in "images"')
-    where = f'{json_path}: annotation {aid} of image {iid} ({videos[iid][0]!r})'
-    cid = int(_field(ann, 'category_id', where))
+    _, h, w, _ = videos[iid]
+    where = f'{json_path}: annotations[{j}] (id {aid}) of image {iid} ({videos[iid][0]!r})'
+    cid = _int_field(ann, 'category_id', where)
     if cid not in cat_index:
       raise ValueError(f'{where}: unknown category id {cid} (known: {list(category_ids)})')
-    seg = _clean_segmentation(ann.get('segmentation'), where)
+    seg = rles.add(_clean_segmentation(ann.get('segmentation'), h, w, where), h, w, where)
     if seg is None:
       # detectron2 drops annotations without a valid segmentation.
       _log.info('%s: no valid segmentation, skipped', where)
       continue
     instances[iid].append(
-        Instance(id=aid, category=cat_index[cid], iscrowd=bool(ann.get('iscrowd', 0)),
-                 segmentations=[seg]))
+        Instance(id=aid, category=cat_index[cid], iscrowd=_crowd(ann, where), segmentations=[seg]))
+  rles.check()
 
   return VisDataset(
       json_path=json_path,
@@ -225,6 +308,165 @@ def load_coco(json_path: str, image_root: str) -> VisDataset:
                    for iid, (n, h, w, p) in videos.items()),
       category_ids=category_ids, category_names=category_names,
       has_annotations=raw_anns is not None)
+
+
+# ------------------------------------------------------------------------------------------------
+# RLE validation. pycocotools trusts an RLE: counts that do not add up to height x width make its
+# IoU loop forever and its decode return uninitialised memory, so every RLE a user file supplies is
+# checked here before pycocotools sees it.
+#
+# Compressed counts (pycocotools' string format): each run length is 5-bit groups, least
+# significant first, as characters chr(48 + g) with g in 0..63; bit 0x20 of g = another group
+# follows, bit 0x10 of a run's last group = negative (two's complement). Run m > 2 is stored as the
+# difference to run m - 2.
+
+_RLE_BATCH = 1 << 16  # characters
+_RLE_MAX_GROUPS = 6  # 30 bits; pycocotools reads a 7th group through an overflowing int shift
+
+
+def bad_compressed_counts(counts: list, pixels: np.ndarray) -> np.ndarray:
+  """Compressed counts (str or bytes) [N], pixels of their frames (h * w) [N] -> bool [N]: True
+  where pycocotools would not read a mask of exactly that many pixels.
+
+  Many RLEs at once, in a few passes over their runs (the evaluator checks every RLE of a dataset);
+  in batches of about _RLE_BATCH characters, whose arrays stay in cache."""
+  strs = [c if isinstance(c, str) else c.decode('latin-1') for c in counts]  # bytes map 1:1
+  ends = np.cumsum(np.fromiter(map(len, strs), np.int64, len(strs)))
+  cuts = np.unique(np.searchsorted(ends, np.arange(0, ends[-1] if len(ends) else 0, _RLE_BATCH),
+                                   'right'))
+  bounds = np.r_[0, cuts[cuts > 0], len(strs)].tolist()
+  return np.concatenate([np.zeros(0, bool)] + [_bad_counts(strs[a:b], pixels[a:b])
+                                               for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
+
+
+def _bad_counts(strs: list, pixels: np.ndarray) -> np.ndarray:
+  n = len(strs)
+  bad = np.zeros(n, bool)
+  joined = ''.join(strs)
+  if not joined.isascii():
+    bad[:] = [not s.isascii() for s in strs]
+    strs = [s if s.isascii() else '' for s in strs]
+    joined = ''.join(strs)
+  lengths = np.fromiter(map(len, strs), np.int64, n)
+  ends = np.cumsum(lengths)  # [N] one past each string's last character
+  bad |= lengths == 0  # no run: covers no pixel
+  full = np.flatnonzero(lengths)  # [F]
+  if not len(full):
+    return bad
+  g = np.frombuffer(joined.encode('ascii'), np.uint8) - np.uint8(48)  # bad characters wrap > 63
+  if (g > 63).any():
+    bad[np.searchsorted(ends, np.flatnonzero(g > 63), 'right')] = True
+    g &= np.uint8(63)
+  stop = g < 32  # the last group of a run
+  last = ends[full] - 1
+  bad[full[~stop[last]]] = True  # the string ends inside a run
+  stop[last] = True  # so that no run spans two strings
+  more = np.flatnonzero(~stop)  # [C] groups that are not the last of their run (few)
+  # [F] runs of each string: its characters less its groups that are not the last.
+  runs = lengths[full] - np.diff(np.searchsorted(more, ends[full]), prepend=0)
+  first = np.cumsum(runs) - runs  # [F] index of each string's first run
+  # Run values: the last group sign-extended from its bit 0x10 ((g ^ 16) - 16 in int8), plus the
+  # lower groups of the runs of more than one group.
+  x = ((g[stop] & np.uint8(31)) ^ np.uint8(16)) + np.uint8(240)
+  x = x.view(np.int8).astype(np.int64)  # [R]
+  if len(more):
+    run = more - np.arange(len(more))  # [C] its run: characters before it less groups not last
+    multi, head, lower = np.unique(run, return_index=True, return_counts=True)
+    start = more[head]  # the run's first character
+    bad[np.searchsorted(ends, start[lower >= _RLE_MAX_GROUPS], 'right')] = True
+    shift = 5 * np.minimum(lower, _RLE_MAX_GROUPS - 1)
+    x[multi] <<= shift
+    position = np.minimum(more - np.repeat(start, lower), _RLE_MAX_GROUPS - 1)
+    np.add.at(x, run, (g[more] & np.uint8(31)).astype(np.int64) << 5 * position)
+  # Run m > 2 is stored as the difference to run m - 2: the runs of a string at even and at odd
+  # global index are two running sums (run 0 stands alone: zeroed in them).
+  bad[full[x[first] < 0]] = True
+  total = x[first]
+  x[first] = 0
+  for parity in (0, 1):
+    sums = np.cumsum(x[parity::2])
+    seg_start = (first + 1 - parity) // 2  # [F] each string's runs in this chain
+    seg_end = (first + runs + 1 - parity) // 2
+    some = np.flatnonzero(seg_end > seg_start)
+    if not len(some):
+      continue
+    start, count = seg_start[some], (seg_end - seg_start)[some]
+    before = np.where(start > 0, sums[np.maximum(start - 1, 0)], 0)
+    # Run lengths are sums - before: the smallest must not be negative.
+    bad[full[some[np.minimum.reduceat(sums, start) < before]]] = True
+    total[some] += np.add.reduceat(sums, start) - count * before
+  bad[full] |= total != pixels[full]
+  return bad
+
+
+def compressed_counts_problem(counts, pixels: int) -> str:
+  """Why compressed counts (str or bytes) are not an RLE of `pixels` pixels, one run at a time."""
+  s = counts if isinstance(counts, str) else counts.decode('latin-1')
+  runs, x, k = [], 0, 0
+  for i, ch in enumerate(s):
+    g = ord(ch) - 48
+    if not 0 <= g <= 63:
+      return f'character {ch!r} at position {i} of the counts is not in the RLE alphabet'
+    x |= (g & 31) << (5 * k)
+    k += 1
+    if g & 32:
+      if k == _RLE_MAX_GROUPS:
+        return f'run {len(runs)} of the counts is longer than {_RLE_MAX_GROUPS} characters'
+      continue
+    if g & 16:
+      x -= 1 << (5 * k)
+    if len(runs) > 2:
+      x += runs[-2]
+    if x < 0:
+      return f'run {len(runs)} has a negative length ({x})'
+    runs.append(x)
+    x, k = 0, 0
+  if k:
+    return 'the counts string ends inside a run (truncated)'
+  return f'the runs cover {sum(runs)} pixels, the frame has {pixels}'
+
+
+def check_rle_counts(counts: list, sizes: list, where) -> None:
+  """Raises ValueError unless compressed counts[i] (str or bytes) is an RLE of a sizes[i] = (h, w)
+  frame; where(i) -> the file / record / frame named in the message."""
+  if not counts:
+    return
+  sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+  bad = np.flatnonzero(bad_compressed_counts(counts, sizes[:, 0] * sizes[:, 1]))
+  if len(bad):
+    i = int(bad[0])
+    h, w = sizes[i].tolist()
+    raise ValueError(f'{where(i)}: malformed RLE: {compressed_counts_problem(counts[i], h * w)} '
+                     f'({h}x{w})')
+
+
+def is_int(x) -> bool:
+  """An integer of JSON or numpy, not a bool."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_rle_size(size, height: int, width: int, where: str) -> None:
+  """An RLE's `size` must be [height, width] (two ints)."""
+  if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(is_int, size))):
+    raise ValueError(f'{where}: RLE "size" must be [height, width] (two integers), got {size!r}')
+  if [int(s) for s in size] != [height, width]:
+    raise ValueError(f'{where}: mask size {[int(s) for s in size]} does not match the frame size '
+                     f'{[height, width]}')
+
+
+def uncompressed_rle(seg: dict, height: int, width: int, where: str) -> dict:
+  """An RLE with a list of run lengths -> the compressed RLE pycocotools reads, checked."""
+  counts = seg['counts']
+  if not all(map(is_int, counts)):
+    bad = next(c for c in counts if not is_int(c))
+    raise ValueError(f'{where}: uncompressed RLE counts must be integers, got {bad!r}')
+  if counts and min(counts) < 0:
+    raise ValueError(f'{where}: uncompressed RLE has a negative run length ({min(counts)})')
+  if sum(counts) != height * width:
+    raise ValueError(f'{where}: uncompressed RLE covers {sum(counts)} pixels, expected '
+                     f'{height * width} ({height}x{width})')
+  return mask_utils.frPyObjects({'size': [height, width], 'counts': [int(c) for c in counts]},
+                                height, width)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,27 +520,16 @@ def load_split(dataset: str, manual_dir: str, split: str) -> VisDataset:
 def to_rle(segmentation, height: int, width: int, where: str) -> dict | None:
   """A segmentation (RLE dict, polygons or None) -> compressed RLE (counts bytes) or None.
 
-  Raises ValueError naming `where` when its size is not height x width.
+  Raises ValueError naming `where` unless it is a valid mask of height x width.
   """
-  seg = _clean_segmentation(segmentation, where)
+  seg = _clean_segmentation(segmentation, height, width, where)
   if seg is None:
     return None
   if isinstance(seg, list):
     return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-  size = [int(s) for s in seg['size']]
-  if size != [height, width]:
-    raise ValueError(f'{where}: mask size {size} does not match the frame size {[height, width]}')
   counts = seg['counts']
-  if isinstance(counts, list):  # uncompressed RLE
-    if sum(counts) != height * width:
-      raise ValueError(f'{where}: uncompressed RLE covers {sum(counts)} pixels, expected '
-                       f'{height * width} ({height}x{width})')
-    return mask_utils.frPyObjects(seg, height, width)
-  if isinstance(counts, str):
-    counts = counts.encode('ascii')
-  if not isinstance(counts, bytes):
-    raise ValueError(f'{where}: RLE counts must be a string or a list, got {type(counts).__name__}')
-  return {'size': size, 'counts': counts}
+  check_rle_counts([counts], [(height, width)], lambda i: where)
+  return {'size': [height, width], 'counts': counts.encode() if isinstance(counts, str) else counts}
 
 
 def decode_mask(segmentation, height: int, width: int, where: str) -> np.ndarray:
@@ -309,13 +540,8 @@ def decode_mask(segmentation, height: int, width: int, where: str) -> np.ndarray
   rle = to_rle(segmentation, height, width, where)
   if rle is None:
     return np.zeros((height, width), np.uint8)
-  try:
-    mask = mask_utils.decode(rle)
-  except (ValueError, TypeError) as e:  # pycocotools on corrupt counts
-    raise ValueError(f'{where}: cannot decode RLE ({e})') from None
-  if mask.shape != (height, width):
-    raise ValueError(f'{where}: decoded mask {mask.shape} is not {height}x{width}')
-  return np.ascontiguousarray(mask, np.uint8)
+  # The counts are checked (to_rle): the decoded mask is exactly 0/1 over height x width.
+  return np.ascontiguousarray(mask_utils.decode(rle), np.uint8)
 
 
 def decode_frame(data: bytes, where: str) -> np.ndarray:
@@ -361,7 +587,7 @@ def check_frame_size(image: np.ndarray, video: Video, path: str, where: str) -> 
 
 
 class FolderSource:
-  """Random access to the frames of a VisDataset read from its folder (the training input's source)."""
+  """Random access to the frames of a VisDataset read from its folder (a training input source)."""
 
   def __init__(self, dataset: VisDataset):
     self.dataset = dataset

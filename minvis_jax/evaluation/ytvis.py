@@ -8,10 +8,13 @@ With OVIS ground truth (per-frame `occlusion` levels), also AP on the occlusion 
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from minvis_jax.data import ytvis as ytvis_data
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
@@ -38,30 +41,181 @@ def _load_json(path: str, what: str):
     raise ValueError(f'{path}: not a JSON {what} file ({e})') from None
 
 
-def _rle(seg, h: int, w: int, where: str):
-  """A per-frame segmentation (RLE dict or polygons, not None) -> an RLE dict pycocotools reads."""
-  if isinstance(seg, dict):
-    size, counts = seg.get('size'), seg.get('counts')
-    if size is None or counts is None:
-      raise ValueError(f'{where}: a segmentation must be an RLE dict, polygons or null')
-    if list(size) != [h, w]:
-      raise ValueError(f'{where}: mask size {list(size)} != video size {[h, w]}')
-    if isinstance(counts, list):
-      return mask_utils.frPyObjects(seg, h, w)
-    return seg  # compressed counts, str or bytes: pycocotools reads the dict as it is
-  if isinstance(seg, list):  # polygons
-    return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-  raise ValueError(f'{where}: a segmentation must be an RLE dict, polygons or null')
+def _where_list(items: list, limit: int = 20) -> str:
+  items = sorted(set(items), key=repr)
+  return ', '.join(map(repr, items[:limit])) + (', ...' if len(items) > limit else '')
 
 
-def _add_frames(segs: list, h: int, w: int, where: str, rles: list, slots: list):
-  """Appends a track's masks to the flat `rles`; per frame, its index there (-1: none) to slots."""
-  for s in segs:
-    if s is None:
-      slots.append(-1)
-    else:
-      slots.append(len(rles))
-      rles.append(_rle(s, h, w, where))
+class _Masks:
+  """Every non-empty frame segmentation of both sides as a pycocotools RLE (a flat list), checked
+  against its frame before pycocotools sees it: pycocotools' IoU never returns on an RLE whose
+  counts do not add up to its size."""
+
+  def __init__(self):
+    self.rles = []
+    self._pixels = []  # [len(rles)] h * w of each mask's frame
+    self._checked = 0  # rles[:_checked] are checked
+
+  def add_track(self, segs: list, h: int, w: int, where, slots: list) -> None:
+    """Appends a track's masks; per frame, its index in `rles` (-1: none) to slots; where(t) names
+    frame t in errors."""
+    hw, pixels = [h, w], h * w
+    for t, s in enumerate(segs):
+      if s is None:
+        slots.append(-1)
+        continue
+      slots.append(len(self.rles))
+      self._pixels.append(pixels)
+      # The common case in few Python operations: compressed counts (checked in `check`) and the
+      # frame's size as two ints.
+      if type(s) is dict:
+        size, counts = s.get('size'), s.get('counts')
+        if (type(counts) is str and size == hw and type(size) is list and type(size[0]) is int
+            and type(size[1]) is int):
+          self.rles.append(s)
+          continue
+      self.rles.append(self._other(s, h, w, where(t)))
+
+  def _other(self, seg, h: int, w: int, where: str) -> dict:
+    if isinstance(seg, dict):
+      if 'size' not in seg or 'counts' not in seg:
+        raise ValueError(f'{where}: an RLE needs "size" and "counts", got keys {sorted(seg)}')
+      ytvis_data.check_rle_size(seg['size'], h, w, where)
+      counts = seg['counts']
+      if isinstance(counts, list):
+        return ytvis_data.uncompressed_rle(seg, h, w, where)
+      if not isinstance(counts, (str, bytes)):
+        raise ValueError(f'{where}: RLE "counts" must be a string or a list of run lengths, got '
+                         f'{type(counts).__name__}')
+      return {'size': [h, w], 'counts': counts}
+    if isinstance(seg, list) and seg:  # polygons
+      ytvis_data.check_polygons(seg, where)
+      short = next((p for p in seg if len(p) < 6 or len(p) % 2), None)
+      if short is not None:
+        raise ValueError(f'{where}: a polygon needs at least 3 (x, y) points, got {len(short)} '
+                         f'coordinates')
+      return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    raise ValueError(f'{where}: a frame segmentation must be an RLE object, polygons or null, got '
+                     f'{str(seg)[:80]}')
+
+  def check(self, where) -> None:
+    """Checks the counts of the masks added since the last check; where(i) names rles[i]. (Those
+    made here from polygons or run-length lists are checked again: few, and valid.)"""
+    new = self.rles[self._checked:]
+    bad = np.flatnonzero(ytvis_data.bad_compressed_counts(
+        [r['counts'] for r in new], np.asarray(self._pixels[self._checked:], np.int64)))
+    if len(bad):
+      i = self._checked + int(bad[0])
+      problem = ytvis_data.compressed_counts_problem(self.rles[i]['counts'], self._pixels[i])
+      raise ValueError(f'{where(i)}: malformed RLE: {problem}')
+    self._checked = len(self.rles)
+
+
+def _locate(slots: list, lengths: list, rle: int, where) -> tuple[str, int]:
+  """(where(track), frame) of the track and frame whose mask is rles[rle]."""
+  pos = slots.index(rle)
+  track = int(np.searchsorted(np.cumsum(lengths), pos, 'right'))
+  return where(track), pos - int(np.sum(lengths[:track]))
+
+
+def _int(x) -> bool:
+  return type(x) is int or ytvis_data.is_int(x)
+
+
+def _field(record, key: str, where: str):
+  if key not in record:
+    raise ValueError(f'{where}: missing field {key!r}')
+  return record[key]
+
+
+def _ground_truth_videos(gt: dict, gt_name: str) -> dict:
+  """video id -> (height, width, length) of the ground truth, checked."""
+  raw = _field(gt, 'videos', gt_name)
+  if not isinstance(raw, list):
+    raise ValueError(f'{gt_name}: "videos" must be a list, got {type(raw).__name__}')
+  videos = {}
+  for j, v in enumerate(raw):
+    where = f'{gt_name}: videos[{j}]'
+    if not isinstance(v, dict):
+      raise ValueError(f'{where}: expected an object, got {type(v).__name__}')
+    vid = _field(v, 'id', where)
+    if not _int(vid):
+      raise ValueError(f'{where}: "id" must be an integer, got {vid!r}')
+    if vid in videos:
+      raise ValueError(f'{where}: duplicate video id {vid}')
+    where = f'{gt_name}: videos[{j}] (id {vid})'
+    size = []
+    for key in ('height', 'width'):
+      x = _field(v, key, where)
+      if not _int(x) or x < 1:
+        raise ValueError(f'{where}: {key!r} must be a positive integer, got {x!r}')
+      size.append(int(x))
+    files = v.get('file_names')
+    if files is not None and not isinstance(files, list):
+      raise ValueError(f'{where}: "file_names" must be a list, got {type(files).__name__}')
+    length = v.get('length')
+    if length is None:  # YouTube-VIS files have it; the frames listed say the same
+      if files is None:
+        raise ValueError(f'{where}: missing field "length" (and no "file_names" to count)')
+      length = len(files)
+    elif not _int(length):
+      raise ValueError(f'{where}: "length" must be an integer, got {length!r}')
+    elif files is not None and len(files) != length:
+      raise ValueError(f'{where}: "length" is {length} but "file_names" lists {len(files)} '
+                       f'frames')
+    if length < 1:
+      raise ValueError(f'{where}: a video needs at least one frame, "length" is {length}')
+    videos[vid] = (*size, int(length))
+  return videos
+
+
+def _category_ids(gt: dict, gt_name: str) -> list:
+  raw = _field(gt, 'categories', gt_name)
+  if not isinstance(raw, list):
+    raise ValueError(f'{gt_name}: "categories" must be a list, got {type(raw).__name__}')
+  ids = []
+  for j, c in enumerate(raw):
+    where = f'{gt_name}: categories[{j}]'
+    if not isinstance(c, dict):
+      raise ValueError(f'{where}: expected an object, got {type(c).__name__}')
+    cid = _field(c, 'id', where)
+    if not _int(cid):
+      raise ValueError(f'{where}: "id" must be an integer, got {cid!r}')
+    if cid in ids:
+      raise ValueError(f'{where}: duplicate category id {cid}')
+    ids.append(int(cid))
+  return sorted(ids)
+
+
+def _json_areas(areas, length: int, where: str) -> float:
+  """Mean of the non-empty per-frame `areas` of a ground-truth track; NaN without them (the masks'
+  areas are used then); 0 when none is positive."""
+  if areas is None:
+    return math.nan
+  if not isinstance(areas, list) or len(areas) != length:
+    n = len(areas) if isinstance(areas, list) else type(areas).__name__
+    raise ValueError(f'{where}: "areas" must be a list of {length} per-frame areas or nulls, '
+                     f'got {n}')
+  vals = []
+  for t, x in enumerate(areas):
+    if x is None:
+      continue
+    if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            and x >= 0):
+      raise ValueError(f'{where}: "areas" of frame {t} must be a non-negative number or null, '
+                       f'got {x!r}')
+    if x:
+      vals.append(x)
+  return math.fsum(vals) / len(vals) if vals else 0.0
+
+
+def _score(score, where: str) -> float:
+  if (not isinstance(score, (int, float, np.integer, np.floating))
+      or isinstance(score, (bool, np.bool_))):
+    raise ValueError(f'{where}: "score" must be a number, got {score!r}')
+  if not math.isfinite(score):
+    raise ValueError(f'{where}: "score" must be finite, got {score!r}')
+  return float(score)
 
 
 def occlusion_score(levels: list, where: str) -> float:
@@ -73,7 +227,7 @@ def occlusion_score(levels: list, where: str) -> float:
   for t, level in enumerate(levels):
     if level is None:
       continue
-    if level not in OCCLUSION_LEVELS:
+    if not isinstance(level, str) or level not in OCCLUSION_LEVELS:
       raise ValueError(f'{where}: unknown occlusion level {level!r} at frame {t}; expected one of '
                        f'{sorted(OCCLUSION_LEVELS)} or null')
     values.append(OCCLUSION_LEVELS[level])
@@ -227,56 +381,114 @@ def _precision(tp_hits: np.ndarray, fp_hits: np.ndarray, npig: np.ndarray) -> np
 def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
                    results_name: str = 'results') -> dict[str, float]:
   """The metric from loaded JSON: gt (YouTube-VIS dict), results (list of tracks)."""
-  videos = {v['id']: v for v in gt['videos']}
+  if not isinstance(gt, dict):
+    raise ValueError(f'{gt_name}: expected a YouTube-VIS JSON object, got {type(gt).__name__}')
+  if 'annotations' not in gt:
+    raise ValueError(f'{gt_name}: no "annotations": a split without ground truth cannot be scored '
+                     '(submit the results to its evaluation server)')
+  if not isinstance(results, list):
+    raise ValueError(f'{results_name}: expected a JSON list of tracks, got '
+                     f'{type(results).__name__}')
+  videos = _ground_truth_videos(gt, gt_name)  # id -> (height, width, length)
   video_pos = {vid: i for i, vid in enumerate(videos)}
-  cat_ids = sorted(c['id'] for c in gt['categories'])
+  cat_ids = _category_ids(gt, gt_name)
   cat_pos = {c: k for k, c in enumerate(cat_ids)}
   V, K = len(videos), len(cat_ids)
+  anns = gt['annotations']
+  if not isinstance(anns, list):
+    raise ValueError(f'{gt_name}: "annotations" must be a list, got {type(anns).__name__}')
+  for j, a in enumerate(anns):
+    if not isinstance(a, dict):
+      raise ValueError(f'{gt_name}: annotations[{j}]: expected an object, got '
+                       f'{type(a).__name__}')
   # OVIS ground truth carries per-frame occlusion levels; then every annotation must have them.
-  with_occ = sum('occlusion' in a for a in gt['annotations'])
+  with_occ = sum('occlusion' in a for a in anns)
   has_occ = with_occ > 0
-  if has_occ and with_occ < len(gt['annotations']):
-    missing = next(a for a in gt['annotations'] if 'occlusion' not in a)
-    raise ValueError(f'{gt_name}: annotation {missing.get("id")} has no "occlusion" levels but '
-                     f'{with_occ} other annotations do')
+  if has_occ and with_occ < len(anns):
+    j = next(j for j, a in enumerate(anns) if 'occlusion' not in a)
+    raise ValueError(f'{gt_name}: annotations[{j}] (id {anns[j].get("id")}) has no "occlusion" '
+                     f'levels but {with_occ} other annotations do')
 
-  rles = []  # every non-empty frame segmentation of both sides, as pycocotools RLEs
+  masks = _Masks()
   g_video, g_cat, g_slots, g_len, g_json_area, g_crowd, g_occ = [], [], [], [], [], [], []
-  for a in gt['annotations']:
-    v = videos.get(a['video_id'])
-    if v is None:
-      raise ValueError(f'{gt_name}: annotation {a.get("id")} names unknown video {a["video_id"]}')
-    where = f'{gt_name}: video {v["id"]} annotation {a.get("id")}'
-    segs = a['segmentations']
-    if len(segs) != v['length']:
-      raise ValueError(f'{where}: {len(segs)} frame segmentations for a video of '
-                       f'{v["length"]} frames')
-    _add_frames(segs, v['height'], v['width'], where, rles, g_slots)
+  unknown = []
+
+  def gt_where(j):
+    vid = anns[j].get('video_id')
+    return (f'{gt_name}: annotations[{j}] (id {anns[j].get("id")})'
+            + (f' of video {vid}' if _int(vid) and vid in videos else ''))
+  for j, a in enumerate(anns):
+    try:
+      vid, cid, segs = a['video_id'], a['category_id'], a['segmentations']
+    except KeyError as e:
+      raise ValueError(f'{gt_where(j)}: missing field {e.args[0]!r}') from None
+    if not _int(vid) or vid not in videos:
+      raise ValueError(f'{gt_where(j)}: "video_id" {vid!r} is not a video of "videos"')
+    h, w, length = videos[vid]
+    if not _int(cid):
+      raise ValueError(f'{gt_where(j)}: "category_id" must be an integer, got {cid!r}')
+    if cid not in cat_pos:
+      unknown.append(cid)
+    if type(segs) is not list or len(segs) != length:
+      n = len(segs) if isinstance(segs, list) else type(segs).__name__
+      raise ValueError(f'{gt_where(j)}: "segmentations" must be a list of one segmentation or '
+                       f'null per frame: got {n} for a video of {length} frames')
+    crowd = a.get('iscrowd', 0)
+    if not isinstance(crowd, (int, bool)) or crowd not in (0, 1):
+      raise ValueError(f'{gt_where(j)}: "iscrowd" must be 0 or 1, got {crowd!r}')
+    masks.add_track(segs, h, w, lambda t, j=j: f'{gt_where(j)}, frame {t}', g_slots)
     areas = a.get('areas')
-    vals = [x for x in areas if x] if areas else []
-    # Mean of the JSON's non-empty areas; without them (NaN here), of the masks'.
-    g_json_area.append(math.fsum(vals) / len(vals) if vals else 0.0 if areas else math.nan)
-    g_occ.append(occlusion_score(a['occlusion'], where) if has_occ else 0.0)
-    g_video.append(video_pos[v['id']])
-    g_cat.append(cat_pos.get(a['category_id'], -1))
-    g_len.append(len(segs))
-    g_crowd.append(bool(a.get('iscrowd', 0)))
-  d_video, d_cat, d_slots, d_len, d_score = [], [], [], [], []
+    g_json_area.append(math.nan if areas is None else _json_areas(areas, length, gt_where(j)))
+    g_occ.append(occlusion_score(a['occlusion'], gt_where(j)) if has_occ else 0.0)
+    g_video.append(video_pos[vid])
+    g_cat.append(cat_pos.get(cid, -1))
+    g_len.append(length)
+    g_crowd.append(bool(crowd))
+  masks.check(lambda rle: '{}, frame {}'.format(*_locate(g_slots, g_len, rle, gt_where)))
+  if unknown:
+    # Never scored, as in the official evaluation (SPEC 7); said, as a wrong id is likely a mistake.
+    warnings.warn(f'{gt_name}: {len(unknown)} annotation(s) have a "category_id" that is not in '
+                  f'"categories" ({_where_list(unknown)}); they are not scored', stacklevel=2)
+
+  d_video, d_cat, d_slots, d_len, d_score, unknown = [], [], [], [], [], []
+
+  def result_where(i):
+    vid = results[i].get('video_id') if isinstance(results[i], dict) else None
+    return (f'{results_name}: result {i}'
+            + (f' (video {vid})' if _int(vid) and vid in videos else ''))
   for i, r in enumerate(results):
-    v = videos.get(r.get('video_id'))
-    if v is None:
-      raise ValueError(f'{results_name}: result {i} is for video {r.get("video_id")!r}, '
-                       f'which the ground truth does not have')
-    segs = r.get('segmentations') or []
-    if len(segs) != v['length']:
-      raise ValueError(f'{results_name}: result {i} (video {v["id"]}): {len(segs)} frame '
-                       f'segmentations for a video of {v["length"]} frames')
-    _add_frames(segs, v['height'], v['width'], f'{results_name}: result {i} (video {v["id"]})',
-                rles, d_slots)
-    d_video.append(video_pos[v['id']])
-    d_cat.append(cat_pos.get(r['category_id'], -1))
-    d_len.append(len(segs))
-    d_score.append(float(r['score']))
+    if type(r) is not dict:
+      raise ValueError(f'{results_name}: result {i}: expected an object with video_id, '
+                       f'category_id, score, segmentations; got {type(r).__name__}')
+    try:
+      vid, cid, score, segs = r['video_id'], r['category_id'], r['score'], r['segmentations']
+    except KeyError as e:
+      raise ValueError(f'{result_where(i)}: missing field {e.args[0]!r}') from None
+    if not _int(vid) or vid not in videos:
+      raise ValueError(f'{results_name}: result {i} is for video {vid!r}, which the ground truth '
+                       f'does not have')
+    h, w, length = videos[vid]
+    if not _int(cid):
+      raise ValueError(f'{result_where(i)}: "category_id" must be an integer, got {cid!r}')
+    if cid not in cat_pos:
+      unknown.append(cid)
+    if type(score) is not float or not math.isfinite(score):
+      score = _score(score, result_where(i))
+    if type(segs) is not list or len(segs) != length:
+      n = len(segs) if isinstance(segs, list) else type(segs).__name__
+      raise ValueError(f'{result_where(i)}: "segmentations" must be a list of one RLE or null per '
+                       f'frame: got {n} for a video of {length} frames')
+    masks.add_track(segs, h, w, lambda t, i=i: f'{result_where(i)}, frame {t}', d_slots)
+    d_video.append(video_pos[vid])
+    d_cat.append(cat_pos.get(cid, -1))
+    d_len.append(length)
+    d_score.append(score)
+  masks.check(lambda rle: '{}, frame {}'.format(*_locate(d_slots, d_len, rle, result_where)))
+  if unknown:
+    warnings.warn(f'{results_name}: {len(unknown)} result(s) have a "category_id" that is not in '
+                  f'the ground truth\'s categories ({_where_list(unknown)}); they are not scored',
+                  stacklevel=2)
+  rles = masks.rles
 
   gts = _Tracks(g_video, g_cat, g_slots, g_len, V)
   dts = _Tracks(d_video, d_cat, d_slots, d_len, V)
@@ -325,7 +537,7 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
     g_pair = np.searchsorted(pair_keys, gts.key)
     g_sel = np.flatnonzero((gts.cat >= 0)
                            & (pair_keys[np.minimum(g_pair, len(pair_keys) - 1)] == gts.key))
-    frame_base = np.r_[0, np.cumsum([videos[vid]['length'] for vid in videos])]
+    frame_base = np.r_[0, np.cumsum([videos[vid][2] for vid in videos])]
     e_d, e_g, e_iou = _track_ious(dts, gts, d_sel, g_sel, rles, frame_areas, d_total, g_total,
                                   frame_base)
     num_d = np.bincount(d_pair[d_sel], minlength=len(pair_keys))
@@ -406,11 +618,6 @@ def evaluate(gt_json_path: str, results_json_path: str) -> dict[str, float]:
   """
   gt = _load_json(gt_json_path, 'ground-truth')
   results = _load_json(results_json_path, 'results')
-  if not isinstance(gt, dict) or not {'videos', 'annotations', 'categories'} <= set(gt):
-    raise ValueError(f'{gt_json_path}: expected a YouTube-VIS JSON with videos, annotations, '
-                     f'categories')
-  if not isinstance(results, list):
-    raise ValueError(f'{results_json_path}: expected a JSON list of tracks')
   return evaluate_dicts(gt, results, gt_name=gt_json_path, results_name=results_json_path)
 
 
