@@ -283,8 +283,8 @@ def test_unknown_category(tmp_path):
   data = _ytvis(os.path.join(str(tmp_path), 'train', 'JPEGImages'))
   data['annotations'][0]['category_id'] = 99
   with pytest.raises(ValueError,
-                     match=r"train\.json: annotations\[0\] \(id 1\) of video 5 \('vid_a'\): unknown "
-                           'category id 99'):
+                     match=r"train\.json: annotations\[0\] \(id 1\) of video 5 \('vid_a'\): "
+                           'unknown category id 99'):
     _load(tmp_path, data)
 
 
@@ -292,7 +292,8 @@ def test_unknown_video_id(tmp_path):
   data = _ytvis(os.path.join(str(tmp_path), 'train', 'JPEGImages'))
   data['annotations'][0]['video_id'] = 6
   with pytest.raises(ValueError,
-                     match=r'train\.json: annotations\[0\] \(id 1\): video id 6 is not in "videos"'):
+                     match=r'train\.json: annotations\[0\] \(id 1\): video id 6 is not in '
+                           '"videos"'):
     _load(tmp_path, data)
 
 
@@ -301,7 +302,8 @@ def test_mask_of_wrong_size_when_read(tmp_path):
   anns = [{'id': 4, 'video_id': 5, 'category_id': 3, 'segmentations': [None, big]}]
   # Checked when the file is read, not when (hours into training) the frame is first decoded.
   with pytest.raises(ValueError, match=r"train\.json: annotations\[0\] \(id 4\) of video 5 "
-                                       r"\('vid_a'\), frame 1: mask size \[24, 36\] does not match"):
+                                       r"\('vid_a'\), frame 1: mask size \[24, 36\] does not "
+                                       'match'):
     _load(tmp_path, _ytvis(os.path.join(str(tmp_path), 'train', 'JPEGImages'), 2, anns))
   with pytest.raises(ValueError, match=r'somewhere: mask size \[24, 36\] does not match'):
     ytvis.decode_mask(big, H, W, 'somewhere')

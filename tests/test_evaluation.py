@@ -1,4 +1,5 @@
-"""The YouTube-VIS metric: equal to pycocotools COCOeval on single-frame videos, hand cases, errors."""
+"""The YouTube-VIS metric: equal to pycocotools COCOeval on single-frame videos, hand cases,
+errors."""
 
 import contextlib
 import io
@@ -49,7 +50,8 @@ def _random_case(seed):
                             segmentations=[_rle(dm)]))
     for _ in range(int(rng.integers(0, 3))):  # false positives, tied scores
       results.append(dict(video_id=v, category_id=int(rng.integers(1, n_cats + 1)),
-                          score=float(rng.choice([0.5, 0.9])), segmentations=[_rle(_box_mask(rng, h, w))]))
+                          score=float(rng.choice([0.5, 0.9])),
+                          segmentations=[_rle(_box_mask(rng, h, w))]))
   cats = [dict(id=c, name=f'c{c}') for c in range(1, n_cats + 1)]
   return dict(videos=videos, annotations=anns, categories=cats), results
 
