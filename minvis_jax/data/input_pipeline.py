@@ -73,9 +73,9 @@ def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
 class TrainInput:
   """Deterministic frame-level batches of one process.
 
-  A batch is {'image' uint8 [b, H, W, 3] (zero padded canvas), 'image_size' int32 [b, 2] (valid h, w),
-  'labels' int32 [b, N], 'masks' uint8 [b, N, H, W], 'valid' bool [b, N]} with b = batch_size /
-  process_count rows, (H, W) = data.canvas and N = data.max_instances.
+  A batch is {'image' uint8 [b, H, W, 3] (zero padded canvas), 'image_size' int32 [b, 2] (valid
+  h, w), 'labels' int32 [b, N], 'masks' uint8 [b, N, H, W], 'valid' bool [b, N]} with
+  b = batch_size / process_count rows, (H, W) = data.canvas and N = data.max_instances.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, source, process_index: int = 0,
@@ -89,8 +89,17 @@ class TrainInput:
     self.local_batch = config.batch_size // process_count
     self.offset = process_index * self.local_batch
     self.source = source
+    origin = getattr(source, 'origin', 'the training split')
     if source.num_videos == 0:
-      raise ValueError('the training split has no videos')
+      raise ValueError(f'{origin}: the training split has no videos')
+    # An unannotated split (e.g. YouTube-VIS valid.json) would train on empty targets and exit 0.
+    if not getattr(source, 'has_annotations', True):
+      raise ValueError(f'{origin}: has no "annotations", so it cannot be trained on (the valid and '
+                       'test splits of YouTube-VIS / OVIS are unannotated: their results go to '
+                       'the evaluation server); set data.train_split to an annotated split')
+    if getattr(source, 'num_instances', None) == 0:
+      raise ValueError(f'{origin}: no instance to train on (its "annotations" are empty or all '
+                       'crowd)')
     # Only these frames are ever read: the sub-sampled annotations of SPEC 1.
     self.frames = [usable_frames(source.num_frames(v), config.data.annotation_fraction)
                    for v in range(source.num_videos)]

@@ -8,14 +8,12 @@ identical to the folder's), and per instance one compressed RLE string per frame
 """
 
 import argparse
-import io
 import os
 from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 
 from minvis_jax.data import ytvis
 
@@ -30,13 +28,15 @@ _SPLITS = {
 
 
 class _VisBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Reads a standard folder layout (see `ytvis.split_paths`) from manual_dir; splits present there."""
+  """Reads a standard folder layout (see `ytvis.split_paths`) from manual_dir: the splits there."""
 
   DATASET = ''  # key of ytvis.split_paths
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES: ClassVar[dict[str, str]] = {'1.0.0': 'Whole videos: encoded frames, per-frame RLE instance masks.'}
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
+      '1.0.0': 'Whole videos: encoded frames, per-frame RLE instance masks.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Put the dataset in its standard layout in manual_dir (see minvis_jax.data.ytvis.split_paths).')
+      'Put the dataset in its standard layout in manual_dir '
+      '(see minvis_jax.data.ytvis.split_paths).')
   # TFDS otherwise infers this through importlib_resources, which is not a dependency here.
   code_path = epath.Path(__file__)
 
@@ -57,7 +57,7 @@ class _VisBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             'instances': {
                 'id': tfds.features.Tensor(shape=(None,), dtype=np.int64),           # [N]
                 'category': tfds.features.Tensor(shape=(None,), dtype=np.int64),     # [N] 0-based
-                'category_id': tfds.features.Tensor(shape=(None,), dtype=np.int64),  # [N] dataset id
+                'category_id': tfds.features.Tensor(shape=(None,), dtype=np.int64),  # [N] dataset
                 'iscrowd': tfds.features.Tensor(shape=(None,), dtype=np.bool_),      # [N]
                 # [N * T] row-major; TFDS stores only one unknown dimension for strings.
                 'rles': tfds.features.Tensor(shape=(None,), dtype=np.object_),
@@ -86,6 +86,7 @@ class _VisBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         'category_names': list(first.category_names),
         'num_frames': {s: [len(v.frame_paths) for v in d.videos] for s, d in datasets.items()},
         'has_annotations': {s: d.has_annotations for s, d in datasets.items()},
+        'num_instances': {s: d.num_instances for s, d in datasets.items()},
     })
     return {s: self._generate_examples(d, roots[s]) for s, d in datasets.items()}
 
@@ -102,18 +103,16 @@ def _video_example(dataset: ytvis.VisDataset, video: ytvis.Video, image_root: st
       raise FileNotFoundError(f'{path}: frame {t} of {where} not found')
     with open(path, 'rb') as f:
       data = f.read()
-    try:  # the header only: a frame of the wrong size fails the build, not the training run
-      with Image.open(io.BytesIO(data)) as im:
-        w, h = im.size
-    except (OSError, SyntaxError, ValueError) as e:
-      raise ValueError(f'{path}: corrupt or unreadable image ({e}); frame {t} of {where}') from None
-    if (h, w) != (video.height, video.width):
-      raise ValueError(f'{path}: frame is {h}x{w} but {where} says {video.height}x{video.width}')
+    # Decoded whole (a truncated JPEG has a valid header): a bad frame fails the build, not the
+    # training run that reads it hours later.
+    image = ytvis.decode_frame(data, f'{path} (frame {t} of {where})')
+    ytvis.check_frame_size(image, video, path, where)
     frames.append(data)
   rles = []
   for inst in video.instances:
     for t, seg in enumerate(inst.segmentations):
-      rle = ytvis.to_rle(seg, video.height, video.width, f'{where}, annotation {inst.id}, frame {t}')
+      rle = ytvis.to_rle(seg, video.height, video.width,
+                         f'{where}, annotation {inst.id}, frame {t}')
       rles.append(b'' if rle is None else rle['counts'])
   n = len(video.instances)
   return {
@@ -197,6 +196,9 @@ class TfdsSource:
     self.category_ids = tuple(meta['category_ids'])
     self.category_names = tuple(meta['category_names'])
     self.has_annotations = bool(meta['has_annotations'][split])
+    # Instances training can use (not crowd); None for datasets prepared before it was recorded.
+    self.num_instances = meta.get('num_instances', {}).get(split)
+    self.origin = f'{builder.data_dir} ({name} {split})'
     self._num_frames = list(meta['num_frames'][split])
     self.num_videos = len(self.source)
     if len(self._num_frames) != self.num_videos:

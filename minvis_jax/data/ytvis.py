@@ -53,6 +53,11 @@ class VisDataset:
   def num_classes(self) -> int:
     return len(self.category_ids)
 
+  @property
+  def num_instances(self) -> int:
+    """Instances a training input can use (crowd ones are dropped)."""
+    return sum(not inst.iscrowd for v in self.videos for inst in v.instances)
+
 
 # ------------------------------------------------------------------------------------------------
 # JSON parsing.
@@ -591,7 +596,10 @@ class FolderSource:
 
   def __init__(self, dataset: VisDataset):
     self.dataset = dataset
+    self.origin = dataset.json_path
     self.num_videos = len(dataset.videos)
+    self.has_annotations = dataset.has_annotations
+    self.num_instances = dataset.num_instances
     crowd = sum(inst.iscrowd for v in dataset.videos for inst in v.instances)
     if crowd:
       _log.info('%s: %d crowd instance(s) are skipped for training', dataset.json_path, crowd)
