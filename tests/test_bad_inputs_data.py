@@ -81,28 +81,39 @@ def _write(tmp_path, gt, results) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------------------
 # Evaluator: malformed RLEs (pycocotools' IoU never returns on counts that miss the frame size).
 
-_RLE_CASES = [
-    # (which side, counts string, expected problem)
-    ('results', _encode([0, 2, 2, 2]), 'the runs cover 6 pixels, the frame has 16'),      # short
-    ('results', _encode([0, 2, 2, 2, 11]), 'the runs cover 17 pixels, the frame has 16'),  # long
-    ('results', _encode([0, 2, 5, -1, 10]), 'run 3 has a negative length'),
-    ('results', '02208' + 'P', 'ends inside a run'),                                      # truncated
-    ('results', '0220 8', "character ' ' at position 4"),
-    ('results', 'PPPPPP0', 'longer than 6 characters'),
-    ('results', '', 'the runs cover 0 pixels'),
-    ('gt', _encode([0, 2, 2, 2]), 'the runs cover 6 pixels, the frame has 16'),
-    ('gt', _encode([0, 2, 2, 2, 10, 3]), 'the runs cover 19 pixels, the frame has 16'),
+def _compressed(counts) -> dict:
+  return {'size': [H, W], 'counts': counts if isinstance(counts, str) else _encode(counts)}
+
+
+_HANG_CASES = [
+    # (which side, frame segmentation, expected problem)
+    ('results', _compressed([0, 2, 2, 2]), 'malformed RLE: the runs cover 6 pixels, the frame '
+                                           'has 16'),
+    ('results', _compressed([0, 2, 2, 2, 11]), 'malformed RLE: the runs cover 17 pixels'),
+    ('results', _compressed([0, 2, 5, -1, 10]), 'malformed RLE: run 3 has a negative length'),
+    ('results', _compressed('02208P'), 'malformed RLE: the counts string ends inside a run'),
+    ('results', _compressed('0220 8'), "malformed RLE: character ' ' at position 4"),
+    ('results', _compressed('PPPPPP0'), 'malformed RLE: run 0 of the counts is longer than 6'),
+    ('results', _compressed(''), 'malformed RLE: the runs cover 0 pixels'),
+    ('results', {'size': [H, W], 'counts': [0, 2, 2, 2]}, 'uncompressed RLE covers 6 pixels, '
+                                                          'expected 16'),
+    ('results', {'size': [H, W], 'counts': [0, 20, -4]}, 'uncompressed RLE has a negative run '
+                                                         'length (-4)'),
+    ('results', [[0, 0, 1, 0, math.nan, 1]], 'polygon coordinates must be finite numbers, got '
+                                             'nan'),
+    ('gt', _compressed([0, 2, 2, 2]), 'malformed RLE: the runs cover 6 pixels, the frame has 16'),
+    ('gt', _compressed([0, 2, 2, 2, 10, 3]), 'malformed RLE: the runs cover 19 pixels'),
+    ('gt', {'size': [H, W], 'counts': [0, 2, 2, 2]}, 'uncompressed RLE covers 6 pixels'),
 ]
 
 
 @pytest.mark.timeout(120)
-def test_malformed_rles_raise_instead_of_hanging(tmp_path):
-  """In a subprocess with a timeout: on such RLEs pycocotools loops forever in C, where no
+def test_malformed_masks_raise_instead_of_hanging(tmp_path):
+  """In a subprocess with a timeout: on such masks pycocotools loops forever in C, where no
   in-process timeout can interrupt it."""
   paths = []
-  for k, (side, counts, _) in enumerate(_RLE_CASES):
+  for k, (side, seg, _) in enumerate(_HANG_CASES):
     gt, results = _gt(), [_result(), _result()]
-    seg = {'size': [H, W], 'counts': counts}
     if side == 'gt':
       gt['annotations'][0]['segmentations'][1] = seg
     else:
@@ -122,16 +133,13 @@ def test_malformed_rles_raise_instead_of_hanging(tmp_path):
     out = subprocess.run([sys.executable, '-c', script, json.dumps(paths)], cwd=REPO,
                          capture_output=True, text=True, timeout=60, check=True).stdout
   except subprocess.TimeoutExpired as e:
-    pytest.fail(f'the evaluator hangs on a malformed RLE (output so far: {e.stdout!r})')
+    pytest.fail(f'the evaluator hangs on a malformed mask (output so far: {e.stdout!r})')
   lines = out.splitlines()
-  assert len(lines) == len(_RLE_CASES)
-  for (side, _, problem), (gt_path, res_path), line in zip(_RLE_CASES, paths, lines):
-    if side == 'gt':
-      assert line.startswith(f'{gt_path}: annotations[0] (id 7) of video 1, frame 1: '
-                             'malformed RLE: '), line
-    else:
-      assert line.startswith(f'{res_path}: result 1 (video 1), frame 1: malformed RLE: '), line
-    assert problem in line, (problem, line)
+  assert len(lines) == len(_HANG_CASES)
+  for (side, _, problem), (gt_path, res_path), line in zip(_HANG_CASES, paths, lines):
+    where = (f'{gt_path}: annotations[0] (id 7) of video 1, frame 1' if side == 'gt' else
+             f'{res_path}: result 1 (video 1), frame 1')
+    assert line.startswith(f'{where}: {problem}'), (where, problem, line)
 
 
 def test_valid_rles_of_every_kind_are_accepted():
@@ -271,18 +279,16 @@ def test_results_fields_of_the_wrong_kind(tmp_path, change, message):
     ({'size': '4x4', 'counts': '02208'}, 'RLE "size" must be [height, width]'),
     ({'size': [4], 'counts': '02208'}, 'RLE "size" must be [height, width]'),
     ({'size': [4, 5], 'counts': '02208'}, 'mask size [4, 5] does not match the frame size [4, 4]'),
-    ({'size': [H, W], 'counts': [0, 2, 2, 2]}, 'uncompressed RLE covers 6 pixels, expected 16'),
-    ({'size': [H, W], 'counts': [0, 20, -4]}, 'uncompressed RLE has a negative run length (-4)'),
     ({'size': [H, W], 'counts': [0, 2.0, 14]}, 'uncompressed RLE counts must be integers, got 2.0'),
     ({'size': [H, W], 'counts': [0, True, 15]}, 'uncompressed RLE counts must be integers, got '
                                                 'True'),
-    ([[0, 0, 1, 0, math.nan, 1]], 'polygon coordinates must be finite numbers, got nan'),
     ([[0, 0, 1, 0, '1', 1]], 'polygon coordinates must be finite numbers, got \'1\''),
     ([[0, 0, 1, 0]], 'a polygon needs at least 3 (x, y) points, got 4 coordinates'),
     ([[0, 0, 1, 0, 1, 1, 2]], 'a polygon needs at least 3 (x, y) points, got 7 coordinates'),
     ([5, 6, 7], 'a polygon segmentation must be a list of coordinate lists'),
 ])
 def test_frame_segmentations_of_the_wrong_kind(tmp_path, seg, problem):
+  # (Masks the evaluator used to hang on: test_malformed_masks_raise_instead_of_hanging.)
   for side in ('results', 'gt'):
     gt, results = _gt(), [_result()]
     if side == 'gt':

@@ -1,5 +1,5 @@
-"""TFDS builders: every builder prepares offline from a small generated folder and reads back equal to
-the folder reader, frame by frame; no TensorFlow involved."""
+"""TFDS builders: every builder prepares offline from a small generated folder and reads back equal
+to the folder reader, frame by frame; no TensorFlow involved."""
 
 import json
 import os
@@ -129,8 +129,10 @@ def test_missing_frame_fails_the_build(tmp_path, synthetic_root):
 def test_frame_of_wrong_size_fails_the_build(tmp_path, synthetic_root):
   manual_dir = str(tmp_path / 'm')
   layouts.relayout(synthetic_root, manual_dir, 'ytvis_2019', splits=('train',))
-  Image.new('RGB', (W + 2, H)).save(os.path.join(manual_dir, 'train/JPEGImages/train_00000/00001.jpg'))
-  with pytest.raises(ValueError, match=r"00001\.jpg: frame is 40x58 but .*video 1 \('train_00000'\)"):
+  Image.new('RGB', (W + 2, H)).save(
+      os.path.join(manual_dir, 'train/JPEGImages/train_00000/00001.jpg'))
+  with pytest.raises(ValueError,
+                     match=r"00001\.jpg: frame is 40x58 but .*video 1 \('train_00000'\)"):
     tfds_builders.build('ytvis_2019', manual_dir, str(tmp_path / 'tfds'))
 
 
@@ -154,3 +156,39 @@ def test_cli(tmp_path, synthetic_root, capsys):
   want = source.load(1, 3)
   for got, exp in zip(pickle.loads(pickle.dumps(source)).load(1, 3), want):
     np.testing.assert_array_equal(got, exp)
+
+
+def test_truncated_jpeg_fails_the_build(tmp_path, synthetic_root):
+  # Its header is intact (the size reads fine): only decoding the whole frame finds it.
+  manual_dir = str(tmp_path / 'm')
+  layouts.relayout(synthetic_root, manual_dir, 'ytvis_2019', splits=('train',))
+  path = os.path.join(manual_dir, 'train/JPEGImages/train_00001/00003.jpg')
+  with open(path, 'rb') as f:
+    data = f.read()
+  with open(path, 'wb') as f:
+    f.write(data[:len(data) * 2 // 3])
+  with Image.open(path) as im:
+    assert im.size == (W, H)
+  with pytest.raises(ValueError, match=r"00003\.jpg \(frame 3 of .*train\.json: video 2 "
+                                       r"\('train_00001'\)\): corrupt or unreadable image"):
+    tfds_builders.build('ytvis_2019', manual_dir, str(tmp_path / 'tfds'))
+
+
+def test_training_on_an_unannotated_prepared_split(tmp_path, synthetic_root):
+  from minvis_jax import config_lib
+  from minvis_jax.data import input_pipeline
+  manual_dir = str(tmp_path / 'm')
+  layouts.relayout(synthetic_root, manual_dir, 'ytvis_2019', splits=('train',))
+  json_path = ytvis.split_paths('ytvis_2019', manual_dir, 'train')[0]
+  data = _read_json(json_path)
+  del data['annotations']
+  with open(json_path, 'w') as f:
+    json.dump(data, f)
+  data_dir = str(tmp_path / 'tfds')
+  tfds_builders.build('ytvis_2019', manual_dir, data_dir)
+  c = config_lib.load_config(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'configs', 'tiny.py'))
+  c.data.dataset, c.data.tfds_dir, c.batch_size = 'ytvis_2019', data_dir, 2
+  with pytest.raises(ValueError, match=r'minvis_ytvis2019 train\): has no "annotations", so it '
+                                       'cannot be trained on'):
+    input_pipeline.TrainInput(c, input_pipeline.make_source(c.data, 'train'))
