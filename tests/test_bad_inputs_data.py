@@ -286,6 +286,7 @@ def test_results_fields_of_the_wrong_kind(tmp_path, change, message):
     ([[0, 0, 1, 0]], 'a polygon needs at least 3 (x, y) points, got 4 coordinates'),
     ([[0, 0, 1, 0, 1, 1, 2]], 'a polygon needs at least 3 (x, y) points, got 7 coordinates'),
     ([5, 6, 7], 'a polygon segmentation must be a list of coordinate lists'),
+    ([[0, 0, 1, 0, 1e12, 1]], 'polygon point (1000000000000.0, 1) lies far outside the 4x4 frame'),
 ])
 def test_frame_segmentations_of_the_wrong_kind(tmp_path, seg, problem):
   # (Masks the evaluator used to hang on: test_malformed_masks_raise_instead_of_hanging.)
@@ -386,6 +387,9 @@ _V, _A = ('videos', 0), ('annotations', 0)
                                  'must be a non-negative number or null, got \'4\''),
     ((*_A, 'occlusion'), ['no_occlusion', ['x']], 'gt.json: annotations[0] (id 7) of video 1: '
                                                   'unknown occlusion level [\'x\'] at frame 1'),
+    ((*_A, 'occlusion'), ['no_occlusion'], 'gt.json: annotations[0] (id 7) of video 1: '
+                                           '"occlusion" has 1 levels for a video of 2 frames'),
+    ((*_V, 'width'), 2 ** 30, 'gt.json: videos[0] (id 1): a 4x1073741824 frame is larger than'),
 ])
 def test_ground_truth_fields_of_the_wrong_kind(path, value, message):
   assert _gt_problem(_set(path, value)).startswith(message)
@@ -504,6 +508,9 @@ _WHERE = "train.json: annotations[0] (id 5) of video 3 ('v')"
      f'{_WHERE}, frame 0: polygon coordinates must be finite numbers, got True'),
     ((*_RA, 'segmentations', 0), 'RLE', f'{_WHERE}, frame 0: a segmentation must be an RLE dict, '
                                         'a polygon list or null, got str'),
+    ((*_RA, 'segmentations', 0), [[0, 0, 3, 0, 3, -1e9]],
+     f'{_WHERE}, frame 0: polygon point (3, -1000000000.0) lies far outside the 4x4 frame'),
+    ((*_RV, 'height'), 2 ** 29, "train.json: video 3 ('v'): a 536870912x4 frame is larger than"),
 ])
 def test_training_fields_of_the_wrong_kind(tmp_path, path, value, message):
   assert _reader_problem(tmp_path, _set(path, value)).startswith(message)

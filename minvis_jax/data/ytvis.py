@@ -129,8 +129,9 @@ def _is_coordinate(x) -> bool:
           and not isinstance(x, (bool, np.bool_)) and math.isfinite(x))
 
 
-def check_polygons(seg: list, where: str) -> None:
-  """A polygon segmentation must be a list of lists of finite numbers."""
+def check_polygons(seg: list, height: int, width: int, where: str) -> None:
+  """A polygon segmentation must be a list of lists of finite numbers near the frame (pycocotools
+  rasterises a far-away point into an allocation that can exhaust the memory)."""
   for p in seg:
     if not isinstance(p, (list, tuple)):
       raise ValueError(f'{where}: a polygon segmentation must be a list of coordinate lists, '
@@ -138,11 +139,15 @@ def check_polygons(seg: list, where: str) -> None:
     if not all(map(_is_coordinate, p)):
       bad = next(x for x in p if not _is_coordinate(x))
       raise ValueError(f'{where}: polygon coordinates must be finite numbers, got {bad!r}')
+    for x, y in zip(p[0::2], p[1::2]):
+      if not (-width <= x <= 2 * width and -height <= y <= 2 * height):
+        raise ValueError(f'{where}: polygon point ({x}, {y}) lies far outside the '
+                         f'{height}x{width} frame')
 
 
-def _valid_polygons(seg: list, where: str) -> list | None:
+def _valid_polygons(seg: list, height: int, width: int, where: str) -> list | None:
   """Keeps the polygons of >= 3 points as detectron2 does; None when none is left."""
-  check_polygons(seg, where)
+  check_polygons(seg, height, width, where)
   polys = [list(map(float, p)) for p in seg if len(p) % 2 == 0 and len(p) >= 6]
   if len(polys) != len(seg):
     _log.warning('%s: skipped %d degenerate polygon(s)', where, len(seg) - len(polys))
@@ -156,7 +161,7 @@ def _clean_segmentation(seg: Any, height: int, width: int, where: str):
   if seg is None or (isinstance(seg, (list, dict)) and not seg):
     return None
   if isinstance(seg, list):
-    return _valid_polygons(seg, where)
+    return _valid_polygons(seg, height, width, where)
   if isinstance(seg, dict):
     if 'counts' not in seg or 'size' not in seg:
       raise ValueError(f'{where}: an RLE segmentation needs "counts" and "size"')
@@ -224,6 +229,7 @@ def load_ytvis(json_path: str, image_root: str) -> VisDataset:
     name = os.path.dirname(files[0]) or str(vid)
     where = f'{json_path}: video {vid} ({name!r})'
     h, w = _int_field(rv, 'height', where, 1), _int_field(rv, 'width', where, 1)
+    check_frame_pixels(h, w, where)
     if 'length' in rv and _int_field(rv, 'length', where) != len(files):
       raise ValueError(f'{where}: "length" is {rv["length"]} but "file_names" lists '
                        f'{len(files)} frames')
@@ -281,6 +287,7 @@ def load_coco(json_path: str, image_root: str) -> VisDataset:
       raise ValueError(f'{where}: "file_name" must be a non-empty string, got {fname!r}')
     where = f'{json_path}: image {iid} ({fname!r})'
     h, w = _int_field(im, 'height', where, 1), _int_field(im, 'width', where, 1)
+    check_frame_pixels(h, w, where)
     videos[iid] = (os.path.splitext(fname)[0], h, w, (os.path.join(image_root, fname),))
 
   raw_anns = _annotations(data, json_path)
@@ -443,6 +450,16 @@ def check_rle_counts(counts: list, sizes: list, where) -> None:
     h, w = sizes[i].tolist()
     raise ValueError(f'{where(i)}: malformed RLE: {compressed_counts_problem(counts[i], h * w)} '
                      f'({h}x{w})')
+
+
+# pycocotools counts pixels in 32-bit integers.
+MAX_FRAME_PIXELS = 2 ** 31 - 1
+
+
+def check_frame_pixels(height: int, width: int, where: str) -> None:
+  if height * width > MAX_FRAME_PIXELS:
+    raise ValueError(f'{where}: a {height}x{width} frame is larger than the {MAX_FRAME_PIXELS} '
+                     'pixels pycocotools can count')
 
 
 def is_int(x) -> bool:

@@ -89,7 +89,7 @@ class _Masks:
                          f'{type(counts).__name__}')
       return {'size': [h, w], 'counts': counts}
     if isinstance(seg, list) and seg:  # polygons
-      ytvis_data.check_polygons(seg, where)
+      ytvis_data.check_polygons(seg, h, w, where)
       short = next((p for p in seg if len(p) < 6 or len(p) % 2), None)
       if short is not None:
         raise ValueError(f'{where}: a polygon needs at least 3 (x, y) points, got {len(short)} '
@@ -150,6 +150,7 @@ def _ground_truth_videos(gt: dict, gt_name: str) -> dict:
       if not _int(x) or x < 1:
         raise ValueError(f'{where}: {key!r} must be a positive integer, got {x!r}')
       size.append(int(x))
+    ytvis_data.check_frame_pixels(*size, where)
     files = v.get('file_names')
     if files is not None and not isinstance(files, list):
       raise ValueError(f'{where}: "file_names" must be a list, got {type(files).__name__}')
@@ -439,7 +440,14 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
     masks.add_track(segs, h, w, lambda t, j=j: f'{gt_where(j)}, frame {t}', g_slots)
     areas = a.get('areas')
     g_json_area.append(math.nan if areas is None else _json_areas(areas, length, gt_where(j)))
-    g_occ.append(occlusion_score(a['occlusion'], gt_where(j)) if has_occ else 0.0)
+    if has_occ:
+      occ = a['occlusion']
+      if isinstance(occ, list) and len(occ) != length:
+        raise ValueError(f'{gt_where(j)}: "occlusion" has {len(occ)} levels for a video of '
+                         f'{length} frames')
+      g_occ.append(occlusion_score(occ, gt_where(j)))
+    else:
+      g_occ.append(0.0)
     g_video.append(video_pos[vid])
     g_cat.append(cat_pos.get(cid, -1))
     g_len.append(length)
