@@ -42,7 +42,7 @@ def _load_json(path: str, what: str):
 
 
 def _where_list(items: list, limit: int = 20) -> str:
-  items = sorted(set(items), key=repr)
+  items = sorted(set(items))
   return ', '.join(map(repr, items[:limit])) + (', ...' if len(items) > limit else '')
 
 
@@ -188,14 +188,14 @@ def _category_ids(gt: dict, gt_name: str) -> list:
   return sorted(ids)
 
 
-def _json_areas(areas, length: int, where: str) -> float:
+def _json_areas(areas, length: int, where) -> float:
   """Mean of the non-empty per-frame `areas` of a ground-truth track; NaN without them (the masks'
-  areas are used then); 0 when none is positive."""
+  areas are used then); 0 when none is positive. where() names the track in errors."""
   if areas is None:
     return math.nan
   if not isinstance(areas, list) or len(areas) != length:
     n = len(areas) if isinstance(areas, list) else type(areas).__name__
-    raise ValueError(f'{where}: "areas" must be a list of {length} per-frame areas or nulls, '
+    raise ValueError(f'{where()}: "areas" must be a list of {length} per-frame areas or nulls, '
                      f'got {n}')
   vals = []
   for t, x in enumerate(areas):
@@ -203,7 +203,7 @@ def _json_areas(areas, length: int, where: str) -> float:
       continue
     if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
             and x >= 0):
-      raise ValueError(f'{where}: "areas" of frame {t} must be a non-negative number or null, '
+      raise ValueError(f'{where()}: "areas" of frame {t} must be a non-negative number or null, '
                        f'got {x!r}')
     if x:
       vals.append(x)
@@ -381,7 +381,13 @@ def _precision(tp_hits: np.ndarray, fp_hits: np.ndarray, npig: np.ndarray) -> np
 
 def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
                    results_name: str = 'results') -> dict[str, float]:
-  """The metric from loaded JSON: gt (YouTube-VIS dict), results (list of tracks)."""
+  """The metric from loaded JSON: gt (YouTube-VIS dict), results (list of tracks).
+
+  Every field read is checked first, every mask against its frame included (pycocotools never
+  returns on an RLE whose runs miss the frame size): ValueError names the file (gt_name,
+  results_name), the record and the field. Results or annotations whose category is not in the
+  ground truth's categories are not scored (as the official evaluation) and warned about once.
+  """
   if not isinstance(gt, dict):
     raise ValueError(f'{gt_name}: expected a YouTube-VIS JSON object, got {type(gt).__name__}')
   if 'annotations' not in gt:
@@ -430,7 +436,7 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
       raise ValueError(f'{gt_where(j)}: "category_id" must be an integer, got {cid!r}')
     if cid not in cat_pos:
       unknown.append(cid)
-    if type(segs) is not list or len(segs) != length:
+    if not isinstance(segs, list) or len(segs) != length:
       n = len(segs) if isinstance(segs, list) else type(segs).__name__
       raise ValueError(f'{gt_where(j)}: "segmentations" must be a list of one segmentation or '
                        f'null per frame: got {n} for a video of {length} frames')
@@ -438,8 +444,7 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
     if not isinstance(crowd, (int, bool)) or crowd not in (0, 1):
       raise ValueError(f'{gt_where(j)}: "iscrowd" must be 0 or 1, got {crowd!r}')
     masks.add_track(segs, h, w, lambda t, j=j: f'{gt_where(j)}, frame {t}', g_slots)
-    areas = a.get('areas')
-    g_json_area.append(math.nan if areas is None else _json_areas(areas, length, gt_where(j)))
+    g_json_area.append(_json_areas(a.get('areas'), length, lambda: gt_where(j)))
     if has_occ:
       occ = a['occlusion']
       if isinstance(occ, list) and len(occ) != length:
@@ -465,7 +470,7 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
     return (f'{results_name}: result {i}'
             + (f' (video {vid})' if _int(vid) and vid in videos else ''))
   for i, r in enumerate(results):
-    if type(r) is not dict:
+    if not isinstance(r, dict):
       raise ValueError(f'{results_name}: result {i}: expected an object with video_id, '
                        f'category_id, score, segmentations; got {type(r).__name__}')
     try:
@@ -482,7 +487,7 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
       unknown.append(cid)
     if type(score) is not float or not math.isfinite(score):
       score = _score(score, result_where(i))
-    if type(segs) is not list or len(segs) != length:
+    if not isinstance(segs, list) or len(segs) != length:
       n = len(segs) if isinstance(segs, list) else type(segs).__name__
       raise ValueError(f'{result_where(i)}: "segmentations" must be a list of one RLE or null per '
                        f'frame: got {n} for a video of {length} frames')
