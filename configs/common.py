@@ -3,6 +3,7 @@
 import ml_collections
 
 from minvis_jax import config_lib
+from minvis_jax.data import categories
 
 
 def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -31,6 +32,10 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       size_divisibility=32,
       mean=config_lib.IMAGE_MEAN,
       std=config_lib.IMAGE_STD,
+      # (dataset id, name) of class index 0..K-1, checked against the annotation file's categories
+      # when a split is loaded; empty: take them from the file (a custom dataset).
+      category_ids=(),
+      category_names=(),
   ))
   c.batch_size = 32                # global, frames (= videos: one frame each)
 
@@ -58,7 +63,7 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def with_dataset(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
-  """Number of classes and schedule of each dataset (SPEC 4)."""
+  """Number of classes, category table and schedule of each dataset (SPEC 4)."""
   classes, steps, decay = {
       'ytvis_2019': (40, 6000, 4000),
       'ytvis_2021': (40, 8000, 5500),
@@ -68,6 +73,7 @@ def with_dataset(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.C
       'coco': (80, 368750, 327778),
   }[dataset]
   c.data.dataset = dataset
+  c.data.category_ids, c.data.category_names = categories.table(dataset)
   c.model.num_classes = classes
   c.total_steps = steps
   c.optim.decay_steps = (decay,)
