@@ -24,8 +24,8 @@ _COMMANDS = {
     'convert': ('minvis_jax.convert', 'main'),
 }
 
-# What a command raises for bad input (a path, a file's content, a flag value): the message names the
-# file and field, so the traceback is noise. Anything else (a bug) keeps its traceback.
+# What a command raises for bad input (a path, a file's content, a flag value): the message names
+# the file and field, so the traceback is noise. Anything else (a bug) keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 
