@@ -66,7 +66,7 @@ def test_load_config_errors(tmp_path):
     config_lib.load_config(str(bad))
 
 
-# --- Every experiment config builds its input pipeline and trains a step, at tiny shapes. -----------
+# --- Every experiment config builds its input pipeline and trains a step, at tiny shapes. ---------
 
 import numpy as np  # noqa: E402
 
