@@ -128,9 +128,12 @@ def resolve_config(spec: str) -> tuple[str, str]:
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads 'name[:arg]' or 'path/to/config.py[:arg]' by calling its get_config(arg), as --config
   flags do (see `resolve_config`)."""
+  import importlib.machinery
   import importlib.util
   path, arg = resolve_config(spec)
-  module_spec = importlib.util.spec_from_file_location('_minvis_config', path)
+  # An explicit loader: a config file need not end in .py.
+  loader = importlib.machinery.SourceFileLoader('_minvis_config', path)
+  module_spec = importlib.util.spec_from_file_location('_minvis_config', path, loader=loader)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):

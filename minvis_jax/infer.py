@@ -21,13 +21,15 @@ OUT/results.json (YouTube-VIS results format, dataset category ids) and OUT/over
 The model's config (the checkpoint's config.json, or --config) fixes how the video is run: the test
 resolution (frames are resized to short side data.min_size_test, long side at most
 data.max_size_test), the frames per forward (inference.window) and the tracks kept
-(inference.top_k), and the class names drawn. --window and --top_k override those two.
+(inference.top_k), and the class names drawn. --window and --top_k override those two; --set
+overrides any config field (e.g. --set data.min_size_test=480).
 """
 
 _EXAMPLES = """\
 examples:
   minvis-jax infer --checkpoint ckpt --video clip.mp4 --out out
   minvis-jax infer --checkpoint ckpt --video frames/ --out out --fps 6 --score_threshold 0.5
+  minvis-jax infer --checkpoint ckpt --video clip.mp4 --out out --set data.min_size_test=480
 """
 
 _WEIGHT_FILES = {'.safetensors': 'hf', '.bin': 'hf', '.pkl': 'detectron2', '.pth': 'detectron2',
@@ -106,6 +108,9 @@ def main(argv=None) -> int:
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--config', default='',
                       help='config name[:arg] or file; default: the checkpoint\'s config.json')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='override a config field, e.g. --set data.min_size_test=480 '
+                      '(repeatable)')
   parser.add_argument('--top_k', type=int, default=None,
                       help='tracks kept (default: the config\'s inference.top_k)')
   parser.add_argument('--window', type=int, default=None,
@@ -120,6 +125,7 @@ def main(argv=None) -> int:
 
   t0 = time.time()
   config, variables = load_model(args.checkpoint, args.config)
+  config_lib.apply_overrides(config, args.set)
   video = video_io.open_video(args.video)
   first = next(video.frames, None)
   if first is None:
@@ -128,7 +134,9 @@ def main(argv=None) -> int:
   frames = video_io.same_size(itertools.chain([first], video.frames), size, args.video)
   predictor = predictor_lib.from_config(config, variables, args.top_k, args.window)
   valid = predictor_lib.valid_size(*size, config.data)
-  with tqdm(total=video.num_frames, unit='frame', desc='infer', dynamic_ncols=True) as bar:
+  # Updated once per window (a few per second at most): print every update.
+  with tqdm(total=video.num_frames, unit='frame', desc='infer', dynamic_ncols=True, miniters=1,
+            mininterval=0) as bar:
     tracks = predictor(
         predictor_lib.preprocess(count_processed(frames, bar, predictor.window), config.data),
         valid, size)
