@@ -121,7 +121,7 @@ def zoo_config(dataset: str, backbone: str, fraction: float) -> ml_collections.C
     c.data.min_size_test = 480
   # Initialised from the COCO instance Mask2Former checkpoint, converted with
   #   python -m minvis_jax.convert --source detectron2 --input model_final_3c8ec9.pkl \
-  #       --config configs/coco.py:backbone=r50 --output pretrained/coco_r50
+  #       --config coco:backbone=r50 --output pretrained/coco_r50
   c.init.checkpoint = f'pretrained/coco_{backbone}'
   c.init.reinit_class_head = True
   c.expected_ap = ZOO[(dataset, backbone)].get(fraction, -1.0)

@@ -1,7 +1,7 @@
 """Checkpoint import: HF transformers and detectron2 Mask2Former / MinVIS, ImageNet backbones.
 
-  python -m minvis_jax.convert --source {hf,detectron2,torchvision,swin} --input PATH \
-      --config CONFIG --output DIR
+  minvis-jax convert --source {hf,detectron2,torchvision,swin} --input PATH \
+      [--config CONFIG] [--hf_config config.json] --output DIR
 
 Every function takes a flat {name: numpy array} mapping and returns the complete `variables` of
 `Mask2Former(model_config).apply`. A missing, unexpected or mis-shaped key raises ValueError.
