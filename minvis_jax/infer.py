@@ -158,7 +158,8 @@ def main(argv=None) -> int:
         [names[t['category']] for t in tracks], args.score_threshold, fps)
   shown = sum(t['score'] >= args.score_threshold for t in tracks)
 
-  source = args.config or 'the checkpoint\'s config.json'
+  source = (args.config or 'the checkpoint\'s config.json') + (
+      ' and flags' if args.set or args.window or args.top_k else '')
   rate = f' at {video.fps:g} fps' if video.fps else ''
   print(f'{args.video}: {num_frames} frames of {size[0]}x{size[1]}{rate}, run at {valid[0]}x'
         f'{valid[1]} (data.min_size_test={config.data.min_size_test}, max_size_test='
