@@ -62,7 +62,11 @@ def load_model(checkpoint: str, config_spec: str):
   check_checkpoint_kind(checkpoint)
   config, variables = checkpoints.load_for_inference(checkpoint)
   if config_spec:
-    config = config_lib.load_config(config_spec)
+    own, config = config, config_lib.load_config(config_spec)
+    if own is not None and 'model' in own and 'model' in config:
+      from minvis_jax import convert  # noqa: PLC0415
+      convert.check_architecture(own.model, config.model, config_spec,
+                                 f'{checkpoint}/{checkpoints.CONFIG_FILE}')
   if config is None:
     raise ValueError(f'{os.path.abspath(checkpoint)}: the checkpoint has no config.json; '
                      f'pass --config')

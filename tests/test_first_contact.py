@@ -135,6 +135,15 @@ def test_user_errors_are_one_line_with_exit_2(hf_folder, tmp_path, capsys):
   err = _one_line_error(capsys, ['convert', '--source', 'detectron2', '--input', weights,
                                  '--output', str(tmp_path / 'c')], 'minvis-jax convert: error: ')
   assert 'carries no model config; pass --config' in err
+  # A config that does not describe the checkpoint's model (the HF-converted one has 12 queries).
+  ckpt = str(tmp_path / 'ckpt')
+  assert cli.main(['convert', '--source', 'hf', '--input', folder, '--output', ckpt]) == 0
+  capsys.readouterr()
+  err = _one_line_error(capsys, ['infer', '--checkpoint', ckpt, '--config', 'minvis:dataset=ovis',
+                                 '--video', frames, '--out', str(tmp_path / 'o')],
+                        'minvis-jax infer: error: ')
+  assert err.endswith(f'the checkpoint has 12 queries ({ckpt}/config.json); --config '
+                      'minvis:dataset=ovis has model.num_queries=100')
   err = _one_line_error(capsys, ['train', '--config', 'nosuch', '--workdir', str(tmp_path / 't')],
                         'minvis-jax train: error: ')
   assert 'nosuch: no such config file or shipped config' in err
