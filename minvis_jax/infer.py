@@ -130,6 +130,7 @@ def main(argv=None) -> int:
   t0 = time.time()
   config, variables = load_model(args.checkpoint, args.config)
   config_lib.apply_overrides(config, args.set)
+  ids, names = _category_table(config)
   video = video_io.open_video(args.video)
   first = next(video.frames, None)
   if first is None:
@@ -147,7 +148,6 @@ def main(argv=None) -> int:
     num_frames = len(tracks[0]['segmentations']) if tracks else 0
     bar.set_postfix_str('', refresh=False)
     bar.update(num_frames - bar.n)
-  ids, names = _category_table(config)
   results = predictor_lib.results_for_video(tracks, 1, ids)
   results_path = os.path.join(args.out, 'results.json')
   dataset_eval.write_json(results_path, results)
