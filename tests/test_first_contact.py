@@ -182,6 +182,18 @@ def test_convert_hf_folder_without_a_config(hf_folder, tmp_path, capsys):
                                  str(tmp_path / 'x'), '--config', 'minvis:dataset=ovis'],
                         'minvis-jax convert: error: ')
   assert 'the checkpoint has 12 queries' in err and 'model.num_queries=100' in err
+  # A sharded save (model.safetensors.index.json + shards) reads as the same state dict.
+  sharded = tmp_path / 'sharded'
+  model.save_pretrained(str(sharded), max_shard_size='1MB')
+  capsys.readouterr()   # transformers' progress bar
+  assert (sharded / 'model.safetensors.index.json').exists()
+  weights, beside = convert.hf_files(str(sharded))
+  assert weights.endswith('model.safetensors.index.json') and beside == str(sharded / 'config.json')
+  whole = convert.read_state_dict(os.path.join(folder, 'model.safetensors'))
+  parts = convert.read_weights(weights)
+  assert sorted(parts) == sorted(whole)
+  for key, value in whole.items():
+    np.testing.assert_array_equal(parts[key], value, err_msg=key)
   # A weights file without config.json beside it, with --hf_config.
   alone = tmp_path / 'alone.safetensors'
   shutil.copy(os.path.join(folder, 'model.safetensors'), alone)
