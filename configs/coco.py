@@ -1,7 +1,7 @@
 """Mask2Former instance segmentation on COCO (the image model MinVIS starts from).
 
-  --config configs/coco.py                      # R50, 100 queries
-  --config configs/coco.py:backbone=swin_l      # Swin-L, 200 queries
+  --config coco                      # R50, 100 queries
+  --config coco:backbone=swin_l      # Swin-L, 200 queries
 
 Original recipe: batch 16, 50 epochs (368,750 iterations), LSJ crop 1024 (here: resize + pad).
 """

@@ -3,6 +3,7 @@
 import ml_collections
 
 from minvis_jax import config_lib
+from minvis_jax.data import categories
 
 
 def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -31,6 +32,10 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       size_divisibility=32,
       mean=config_lib.IMAGE_MEAN,
       std=config_lib.IMAGE_STD,
+      # (dataset id, name) of class index 0..K-1, checked against the annotation file's categories
+      # when a split is loaded; empty: take them from the file (a custom dataset).
+      category_ids=(),
+      category_names=(),
   ))
   c.batch_size = 32                # global, frames (= videos: one frame each)
 
@@ -58,7 +63,7 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def with_dataset(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
-  """Number of classes and schedule of each dataset (SPEC 4)."""
+  """Number of classes, category table and schedule of each dataset (SPEC 4)."""
   classes, steps, decay = {
       'ytvis_2019': (40, 6000, 4000),
       'ytvis_2021': (40, 8000, 5500),
@@ -68,6 +73,7 @@ def with_dataset(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.C
       'coco': (80, 368750, 327778),
   }[dataset]
   c.data.dataset = dataset
+  c.data.category_ids, c.data.category_names = categories.table(dataset)
   c.model.num_classes = classes
   c.total_steps = steps
   c.optim.decay_steps = (decay,)
@@ -93,7 +99,8 @@ def parse_arg(arg, **defaults) -> dict:
       continue
     key, sep, value = item.partition('=')
     if not sep or key not in defaults:
-      raise ValueError(f'config argument {item!r}: expected key=value with key in {sorted(defaults)}')
+      raise ValueError(f'config argument {item!r}: expected key=value with key in '
+                       f'{sorted(defaults)}')
     out[key] = value
   return out
 
@@ -114,7 +121,7 @@ def zoo_config(dataset: str, backbone: str, fraction: float) -> ml_collections.C
     c.data.min_size_test = 480
   # Initialised from the COCO instance Mask2Former checkpoint, converted with
   #   python -m minvis_jax.convert --source detectron2 --input model_final_3c8ec9.pkl \
-  #       --config configs/coco.py:backbone=r50 --output pretrained/coco_r50
+  #       --config coco:backbone=r50 --output pretrained/coco_r50
   c.init.checkpoint = f'pretrained/coco_{backbone}'
   c.init.reinit_class_head = True
   c.expected_ap = ZOO[(dataset, backbone)].get(fraction, -1.0)

@@ -1,8 +1,8 @@
 """MinVIS model-zoo experiments (SPEC 4), one row per argument set.
 
-  --config configs/minvis.py                                   # YouTube-VIS 2019, R50, 100%
-  --config configs/minvis.py:dataset=ytvis_2021,backbone=swin_l,fraction=0.1
-  --config configs/minvis.py:dataset=ovis,backbone=swin_l,fraction=0.01
+  --config minvis                                   # YouTube-VIS 2019, R50, 100%
+  --config minvis:dataset=ytvis_2021,backbone=swin_l,fraction=0.1
+  --config minvis:dataset=ovis,backbone=swin_l,fraction=0.01
 
 dataset: ytvis_2019 | ytvis_2021 | ovis; backbone: r50 | swin_l; fraction: 1.0 | 0.1 | 0.05 | 0.01
 (sub-sampled annotations exist for Swin-L in the original zoo).

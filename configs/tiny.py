@@ -1,6 +1,6 @@
 """Tiny model on synthetic videos: tests and the CPU demo.
 
-  minvis-jax train --config configs/tiny.py --workdir /tmp/tiny
+  minvis-jax train --config tiny --workdir /tmp/tiny
 """
 
 import os

@@ -87,14 +87,53 @@ def loss_config() -> ml_collections.ConfigDict:
   ))
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads 'path/to/config.py[:arg]' by calling its get_config(arg), as --config flags do."""
-  import importlib.util
+def configs_dir() -> str:
+  """The folder of the shipped experiment configs: `minvis_jax/configs` in an installed package (the
+  wheel maps the top-level `configs/` there), else `configs/` beside the package in a checkout."""
+  import os
+  package = os.path.dirname(os.path.abspath(__file__))
+  for path in (os.path.join(package, 'configs'), os.path.join(os.path.dirname(package), 'configs')):
+    if os.path.isfile(os.path.join(path, 'common.py')):
+      return path
+  raise FileNotFoundError(f'{package}: no configs folder beside or inside the package (a broken '
+                          f'install?)')
+
+
+def config_names() -> list[str]:
+  """Names of the shipped configs, e.g. ['coco', 'minvis', 'tiny']."""
+  import os
+  return sorted(f[:-3] for f in os.listdir(configs_dir())
+                if f.endswith('.py') and f not in ('__init__.py', 'common.py'))
+
+
+def resolve_config(spec: str) -> tuple[str, str]:
+  """'name[:arg]' or 'path/to/config.py[:arg]' -> (config file path, arg).
+
+  A path that exists wins; otherwise a bare name (`minvis`, `minvis.py`) is a shipped config, so the
+  same spec works from any directory and after a pip install.
+  """
   import os
   path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: no such config file')
-  module_spec = importlib.util.spec_from_file_location('_minvis_config', path)
+  if os.path.isfile(path):
+    return path, arg
+  name = path[:-3] if path.endswith('.py') else path
+  if name and os.sep not in name and '/' not in name:
+    shipped = os.path.join(configs_dir(), name + '.py')
+    if name != 'common' and os.path.isfile(shipped):
+      return shipped, arg
+  hint = f'shipped configs: {", ".join(config_names())} (e.g. --config minvis:dataset=ovis)'
+  raise FileNotFoundError(f'{path}: no such config file or shipped config; {hint}')
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads 'name[:arg]' or 'path/to/config.py[:arg]' by calling its get_config(arg), as --config
+  flags do (see `resolve_config`)."""
+  import importlib.machinery
+  import importlib.util
+  path, arg = resolve_config(spec)
+  # An explicit loader: a config file need not end in .py.
+  loader = importlib.machinery.SourceFileLoader('_minvis_config', path)
+  module_spec = importlib.util.spec_from_file_location('_minvis_config', path, loader=loader)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):

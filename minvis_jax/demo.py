@@ -26,8 +26,7 @@ from minvis_jax import visualize
 from minvis_jax.data import synthetic
 from minvis_jax.data import ytvis
 
-TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           'configs', 'tiny.py')
+TINY_CONFIG = 'tiny'  # the shipped configs/tiny.py, found from any directory (config_lib)
 
 
 def make_data(data_dir: str, train_videos: int, valid_videos: int, frames: int, height: int,

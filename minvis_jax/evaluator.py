@@ -8,6 +8,7 @@ import time
 from minvis_jax import dataset_eval
 from minvis_jax import evaluation
 from minvis_jax import infer
+from minvis_jax.data import categories
 from minvis_jax.data import ytvis
 
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
   manual_dir = args.manual_dir or config.data.manual_dir
   if not manual_dir:
     raise ValueError('no dataset folder: set data.manual_dir in the config or pass --manual_dir')
-  dataset = ytvis.load_split(config.data.dataset, manual_dir, split)
+  dataset = categories.check(config.data, ytvis.load_split(config.data.dataset, manual_dir, split))
   if dataset.num_classes != config.model.num_classes:
     raise ValueError(f'{dataset.json_path}: {dataset.num_classes} categories but the model has '
                      f'model.num_classes={config.model.num_classes}')

@@ -14,12 +14,59 @@ from minvis_jax import predictor as predictor_lib
 from minvis_jax import video_io
 from minvis_jax import visualize
 
+_DESCRIPTION = """\
+MinVIS on one video (mp4 or anything ffmpeg reads, GIF, or a folder of jpg/png frames): writes
+OUT/results.json (YouTube-VIS results format, dataset category ids) and OUT/overlay.mp4.
+
+The model's config (the checkpoint's config.json, or --config) fixes how the video is run: the test
+resolution (frames are resized to short side data.min_size_test, long side at most
+data.max_size_test), the frames per forward (inference.window) and the tracks kept
+(inference.top_k), and the class names drawn. --window and --top_k override those two; --set
+overrides any config field (e.g. --set data.min_size_test=480).
+"""
+
+_EXAMPLES = """\
+examples:
+  minvis-jax infer --checkpoint ckpt --video clip.mp4 --out out
+  minvis-jax infer --checkpoint ckpt --video frames/ --out out --fps 6 --score_threshold 0.5
+  minvis-jax infer --checkpoint ckpt --video clip.mp4 --out out --set data.min_size_test=480
+"""
+
+_WEIGHT_FILES = {'.safetensors': 'hf', '.bin': 'hf', '.pkl': 'detectron2', '.pth': 'detectron2',
+                 '.pt': 'detectron2'}
+_HF_FOLDER = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json')
+
+
+def check_checkpoint_kind(path: str) -> None:
+  """A clear error when `path` is not a minvis-jax checkpoint but, e.g., weights to convert."""
+  convert = 'convert it first: minvis-jax convert --source {} --input {} --output CKPT'
+  if os.path.isfile(path):
+    ext = os.path.splitext(path)[1].lower()
+    if ext in _WEIGHT_FILES:
+      raise ValueError(f'{path}: a {ext} weights file, not a minvis-jax checkpoint directory; '
+                       + convert.format(_WEIGHT_FILES[ext], path))
+    raise ValueError(f'{path}: a file, not a minvis-jax checkpoint directory')
+  if not os.path.isdir(path):
+    return  # load_for_inference names the missing path
+  if any(os.path.isfile(os.path.join(path, f)) for f in _HF_FOLDER):
+    raise ValueError(f'{path}: an HF model folder, not a minvis-jax checkpoint; '
+                     + convert.format('hf', path))
+  markers = ('_METADATA', checkpoints.CHECKPOINT_SUBDIR, 'variables')
+  if not any(os.path.exists(os.path.join(path, m)) for m in markers):
+    raise ValueError(f'{path}: not a minvis-jax checkpoint (no orbax _METADATA, no checkpoints/ '
+                     f'of a training work directory); write one with minvis-jax convert or train')
+
 
 def load_model(checkpoint: str, config_spec: str):
   """(config, variables): the checkpoint's own config unless `config_spec` is given."""
+  check_checkpoint_kind(checkpoint)
   config, variables = checkpoints.load_for_inference(checkpoint)
   if config_spec:
-    config = config_lib.load_config(config_spec)
+    own, config = config, config_lib.load_config(config_spec)
+    if own is not None and 'model' in own and 'model' in config:
+      from minvis_jax import convert  # noqa: PLC0415
+      convert.check_architecture(own.model, config.model, config_spec,
+                                 f'{checkpoint}/{checkpoints.CONFIG_FILE}')
   if config is None:
     raise ValueError(f'{os.path.abspath(checkpoint)}: the checkpoint has no config.json; '
                      f'pass --config')
@@ -38,53 +85,92 @@ def _category_table(config) -> tuple[list[int], list[str]]:
   return ids, names
 
 
+def count_processed(frames, bar, window: int):
+  """Passes `frames` through, advancing `bar` by a window once the predictor has finished it.
+
+  The predictor pulls the first frame of window k + 1 only after window k's masks are on the host,
+  so that pull marks window k as processed; the last window is counted by the caller. Until the
+  first window is done (it includes compiling the forward) the bar says 'compiling'.
+  """
+  bar.set_postfix_str('compiling', refresh=True)
+  for i, frame in enumerate(frames):
+    if i and i % window == 0:
+      if i == window:
+        bar.set_postfix_str('', refresh=False)
+      bar.update(window)
+    yield frame
+
+
 def main(argv=None) -> int:
   """`minvis-jax infer`: one video -> OUT/results.json and OUT/overlay.mp4 (or .gif)."""
   parser = argparse.ArgumentParser(prog=(argv or ['minvis-jax infer'])[0],
-                                   description='MinVIS on one video (mp4/GIF or frame folder).')
-  parser.add_argument('--checkpoint', required=True, help='model checkpoint directory')
+                                   description=_DESCRIPTION, epilog=_EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--checkpoint', required=True,
+                      help='minvis-jax checkpoint directory (written by convert or train)')
   parser.add_argument('--video', required=True, help='mp4/GIF file or folder of jpg/png frames')
   parser.add_argument('--out', required=True, help='output directory')
-  parser.add_argument('--config', default='', help='config file[:arg]; default: the checkpoint\'s')
-  parser.add_argument('--top_k', type=int, default=None, help='tracks kept (default: config)')
+  parser.add_argument('--config', default='',
+                      help='config name[:arg] or file; default: the checkpoint\'s config.json')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='override a config field, e.g. --set data.min_size_test=480 '
+                      '(repeatable)')
+  parser.add_argument('--top_k', type=int, default=None,
+                      help='tracks kept (default: the config\'s inference.top_k)')
   parser.add_argument('--window', type=int, default=None,
-                      help='frames per forward (default: config)')
+                      help='frames per forward (default: the config\'s inference.window)')
   parser.add_argument('--score_threshold', type=float, default=0.3,
-                      help='tracks drawn on the overlay need at least this score')
-  parser.add_argument('--fps', type=float, default=10.0, help='frame rate of the overlay video')
+                      help='tracks drawn on the overlay need at least this score (all are in '
+                      'results.json)')
+  parser.add_argument('--fps', type=float, default=None,
+                      help='frame rate of the overlay (default: the source video\'s; 10 for a '
+                      'frame folder)')
   args = parser.parse_args((argv or [None])[1:])
 
   t0 = time.time()
   config, variables = load_model(args.checkpoint, args.config)
-  count, frames = video_io.open_video(args.video)
-  first = next(frames, None)
+  config_lib.apply_overrides(config, args.set)
+  ids, names = _category_table(config)
+  video = video_io.open_video(args.video)
+  first = next(video.frames, None)
   if first is None:
     raise ValueError(f'{args.video}: the video has no frames')
   size = first.shape[:2]
-  frames = video_io.same_size(itertools.chain([first], frames), size, args.video)
-  bar = tqdm(frames, total=count, unit='frame', desc='infer', dynamic_ncols=True)
-  tracks = predictor_lib.from_config(config, variables, args.top_k, args.window)(
-      predictor_lib.preprocess(bar, config.data), predictor_lib.valid_size(*size, config.data),
-      size)
-  bar.close()
-  num_frames = len(tracks[0]['segmentations']) if tracks else 0
-  ids, names = _category_table(config)
+  frames = video_io.same_size(itertools.chain([first], video.frames), size, args.video)
+  predictor = predictor_lib.from_config(config, variables, args.top_k, args.window)
+  valid = predictor_lib.valid_size(*size, config.data)
+  # Updated once per window (a few per second at most): print every update.
+  with tqdm(total=video.num_frames, unit='frame', desc='infer', dynamic_ncols=True, miniters=1,
+            mininterval=0) as bar:
+    tracks = predictor(
+        predictor_lib.preprocess(count_processed(frames, bar, predictor.window), config.data),
+        valid, size)
+    num_frames = len(tracks[0]['segmentations']) if tracks else 0
+    bar.set_postfix_str('', refresh=False)
+    bar.update(num_frames - bar.n)
   results = predictor_lib.results_for_video(tracks, 1, ids)
   results_path = os.path.join(args.out, 'results.json')
   dataset_eval.write_json(results_path, results)
 
   # Second pass over the video: the masks of a track are only known once it has ended.
-  video_path = visualize.overlay_video(
-      os.path.join(args.out, 'overlay.mp4'),
-      video_io.same_size(video_io.read_video(args.video), size, args.video),
-      tracks, [names[t['category']] for t in tracks], args.score_threshold, args.fps)
+  fps = args.fps or video.fps or 10.0
+  with tqdm(video_io.same_size(video_io.read_video(args.video), size, args.video),
+            total=num_frames, unit='frame', desc='overlay', dynamic_ncols=True) as again, \
+       video_io.ffmpeg_without_preexec():
+    video_path = visualize.overlay_video(
+        os.path.join(args.out, 'overlay.mp4'), again, tracks,
+        [names[t['category']] for t in tracks], args.score_threshold, fps)
   shown = sum(t['score'] >= args.score_threshold for t in tracks)
 
-  print(f'{args.video}: {num_frames} frames of {size[0]}x{size[1]}, {len(tracks)} tracks '
-        f'({shown} with score >= {args.score_threshold}) in {time.time() - t0:.1f} s')
+  source = (args.config or 'the checkpoint\'s config.json') + (
+      ' and flags' if args.set or args.window or args.top_k else '')
+  rate = f' at {video.fps:g} fps' if video.fps else ''
+  print(f'{args.video}: {num_frames} frames of {size[0]}x{size[1]}{rate}, run at {valid[0]}x'
+        f'{valid[1]} (data.min_size_test={config.data.min_size_test}, max_size_test='
+        f'{config.data.max_size_test}), window {predictor.window}, top {predictor.top_k} (from '
+        f'{source}): {len(tracks)} tracks ({shown} with score >= {args.score_threshold}) in '
+        f'{time.time() - t0:.1f} s')
   for track in tracks:
     print(f'  {names[track["category"]]:>16}  score {track["score"]:.3f}')
-  print(f'wrote {results_path} and {video_path}')
+  print(f'wrote {results_path} and {video_path} ({fps:g} fps)')
   return 0
-
-

@@ -449,7 +449,7 @@ def fingerprint(tree) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog=(argv or ['minvis-jax train'])[0],
                                    description='Train Mask2Former on frames for MinVIS.')
-  parser.add_argument('--config', required=True, help='config file[:arg], e.g. configs/tiny.py')
+  parser.add_argument('--config', required=True, help='config name[:arg] or file, e.g. tiny')
   parser.add_argument('--workdir', required=True, help='checkpoints, logs; resumes if present')
   parser.add_argument('--total_steps', type=int, default=None, help='override config.total_steps')
   parser.add_argument('--distributed', action='store_true',

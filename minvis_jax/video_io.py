@@ -1,6 +1,9 @@
 """Reading a user's video: a frame folder, an mp4 (or anything ffmpeg reads) or a GIF."""
 
+import contextlib
+import dataclasses
 import os
+import struct
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -12,55 +15,162 @@ from minvis_jax.data import ytvis
 FRAME_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
 
-def open_video(path: str) -> tuple[int | None, Iterator[np.ndarray]]:
-  """(number of frames or None when unknown, iterator of uint8 [H, W, 3]); checks up front."""
+@dataclasses.dataclass
+class VideoInput:
+  frames: Iterator[np.ndarray]   # uint8 [H, W, 3] RGB, read lazily
+  num_frames: int | None         # None when the container does not say
+  fps: float | None              # None for a frame folder or when the container does not say
+
+
+@contextlib.contextmanager
+def ffmpeg_without_preexec():
+  """Starts imageio-ffmpeg's subprocesses without a Python `preexec_fn` while active.
+
+  imageio-ffmpeg puts ffmpeg in its own process group with `preexec_fn=os.setpgrp`; a preexec_fn
+  makes subprocess run the at-fork hooks, and JAX's warns that os.fork() in a multithreaded process
+  may deadlock (it may: the child runs Python). Without it ffmpeg is spawned without running Python
+  in the child; the only change is that Ctrl-C also reaches ffmpeg, which is what we want anyway.
+  """
+  key = 'IMAGEIO_FFMPEG_NO_PREVENT_SIGINT'
+  old = os.environ.get(key)
+  os.environ[key] = '1'
+  try:
+    yield
+  finally:
+    if old is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = old
+
+
+def _boxes(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[bytes, int, int]]:
+  """(type, payload start, payload end) of the ISO-BMFF boxes in data[start:end]."""
+  end = len(data) if end is None else end
+  while start + 8 <= end:
+    size, kind = struct.unpack('>I4s', data[start:start + 8])
+    header = 8
+    if size == 1:
+      if start + 16 > end:
+        return
+      size, header = struct.unpack('>Q', data[start + 8:start + 16])[0], 16
+    elif size == 0:
+      size = end - start
+    if size < header or start + size > end:
+      return
+    yield kind, start + header, start + size
+    start += size
+
+
+def mp4_frame_count(path: str) -> int | None:
+  """Frames of the first video track of an MP4/MOV file, from its sample table ('stsz'), without
+  decoding anything; None for other containers, fragmented files or when a box is missing."""
+  try:
+    with open(path, 'rb') as f:
+      moov = None
+      while moov is None:
+        header = f.read(8)
+        if len(header) < 8:
+          return None
+        size, kind = struct.unpack('>I4s', header)
+        offset = 8
+        if size == 1:
+          size, offset = struct.unpack('>Q', f.read(8))[0], 16
+        if size == 0 and kind != b'moov':
+          return None
+        if kind == b'moov':
+          moov = f.read(size - offset if size else -1)
+        elif size < offset:
+          return None
+        else:
+          f.seek(size - offset, os.SEEK_CUR)
+  except (OSError, struct.error):
+    return None
+
+  def child(start, end, kind):
+    return next(((s, e) for k, s, e in _boxes(moov, start, end) if k == kind), None)
+
+  for kind, start, end in _boxes(moov):
+    if kind != b'trak':
+      continue
+    mdia = child(start, end, b'mdia')
+    hdlr = mdia and child(*mdia, b'hdlr')
+    if not hdlr or moov[hdlr[0] + 8:hdlr[0] + 12] != b'vide':  # version/flags, pre_defined, type
+      continue
+    minf = child(*mdia, b'minf')
+    stbl = minf and child(*minf, b'stbl')
+    table = stbl and (child(*stbl, b'stsz') or child(*stbl, b'stz2'))
+    if not table or table[1] - table[0] < 12:
+      return None
+    count = struct.unpack('>I', moov[table[0] + 8:table[0] + 12])[0]  # after version/flags, size
+    return count or None
+  return None
+
+
+def _ffmpeg_error(path: str, error: Exception) -> ValueError:
+  """ffmpeg's last stderr line (not its banner and build configuration) as a ValueError."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  reason = lines[-1] if lines else type(error).__name__
+  return ValueError(f'{path}: not a readable video (ffmpeg: {reason})')
+
+
+def _open_ffmpeg(path: str) -> VideoInput:
+  import imageio_ffmpeg  # noqa: PLC0415
+  gen = imageio_ffmpeg.read_frames(path, pix_fmt='rgb24', input_params=['-hide_banner'])
+  try:
+    with ffmpeg_without_preexec():
+      meta = next(gen)
+  except (OSError, RuntimeError, StopIteration) as e:
+    gen.close()
+    raise _ffmpeg_error(path, e) from None
+  width, height = meta['size']
+  fps = float(meta.get('fps') or 0) or None
+  count = mp4_frame_count(path)
+
+  def frames():
+    try:
+      for i, data in enumerate(gen):
+        if len(data) != height * width * 3:
+          raise ValueError(f'{path}: frame {i} has {len(data)} bytes, expected {height}x{width}x3')
+        yield np.frombuffer(data, np.uint8).reshape(height, width, 3)
+    except (OSError, RuntimeError) as e:
+      raise _ffmpeg_error(path, e) from None
+    finally:
+      gen.close()
+  return VideoInput(frames(), count, fps)
+
+
+def open_video(path: str) -> VideoInput:
+  """The frames of a video with their count and frame rate where known; checks the input up front.
+
+  `path` is a folder of frames (its .jpg/.jpeg/.png files in sorted name order), an mp4 (or another
+  format ffmpeg reads; needs imageio-ffmpeg; the count comes from an MP4/MOV container's sample
+  table) or a GIF. A missing or unreadable input raises FileNotFoundError / ValueError naming it.
+  """
   if os.path.isdir(path):
     files = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTENSIONS))
     if not files:
       raise FileNotFoundError(f'{path}: no {"/".join(FRAME_EXTENSIONS)} frames in this folder')
-    return len(files), (ytvis.read_frame(os.path.join(path, f)) for f in files)
+    return VideoInput((ytvis.read_frame(os.path.join(path, f)) for f in files), len(files), None)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such video file or frame folder')
   if path.lower().endswith('.gif'):
     from PIL import Image, ImageSequence  # noqa: PLC0415
     try:
       with Image.open(path) as im:
+        duration = im.info.get('duration') or 0   # ms per frame (of the first; the rest may vary)
         frames = [np.asarray(f.convert('RGB')) for f in ImageSequence.Iterator(im)]
     except (OSError, ValueError) as e:
       raise ValueError(f'{path}: unreadable GIF ({e})') from None
-    return len(frames), iter(frames)
+    return VideoInput(iter(frames), len(frames), 1000.0 / duration if duration else None)
   if not visualize.mp4_available():
     raise ValueError(f'{path}: reading video files needs the imageio-ffmpeg package '
                      f'(pip install imageio-ffmpeg); or pass a folder of jpg/png frames')
-  import imageio.v2 as imageio  # noqa: PLC0415
-  try:
-    reader = imageio.get_reader(path, format='ffmpeg')
-    count = reader.get_meta_data().get('nframes')
-  except Exception as e:  # imageio/ffmpeg raise assorted errors on bad files
-    raise ValueError(f'{path}: not a readable video ({type(e).__name__}: {e})') from None
-
-  def frames():
-    try:
-      for i, frame in enumerate(reader):
-        if frame.ndim != 3 or frame.shape[2] != 3:
-          raise ValueError(f'{path}: frame {i} has shape {frame.shape}, expected [H, W, 3]')
-        yield np.asarray(frame, np.uint8)
-    except (OSError, RuntimeError) as e:
-      raise ValueError(f'{path}: video decoding failed ({e})') from None
-    finally:
-      reader.close()
-  known = isinstance(count, (int, float)) and np.isfinite(count) and count > 0
-  return (int(count) if known else None), frames()
+  return _open_ffmpeg(path)
 
 
 def read_video(path: str) -> Iterator[np.ndarray]:
-  """The frames of a video: uint8 [H, W, 3] RGB, read lazily.
-
-  `path` is a folder of frames (its .jpg/.jpeg/.png files in sorted name order), an mp4 (or another
-  format ffmpeg reads; needs imageio-ffmpeg) or a GIF. A missing or unreadable input raises
-  FileNotFoundError / ValueError naming the path, before any frame is read where possible.
-  """
-  return open_video(path)[1]
+  """The frames of a video (see `open_video`): uint8 [H, W, 3] RGB, read lazily."""
+  return open_video(path).frames
 
 
 def same_size(frames: Iterable[np.ndarray], size: tuple[int, int], where: str):
@@ -69,5 +179,3 @@ def same_size(frames: Iterable[np.ndarray], size: tuple[int, int], where: str):
       raise ValueError(f'{where}: frame {t} is {frame.shape[0]}x{frame.shape[1]}, the video is '
                        f'{size[0]}x{size[1]}')
     yield frame
-
-

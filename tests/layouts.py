@@ -7,23 +7,36 @@ import shutil
 import numpy as np
 from PIL import Image
 
+from minvis_jax.data import categories
 from minvis_jax.data import ytvis
 
 H, W = 40, 56
 
 
-def relayout(src_root: str, dst_root: str, dataset: str, splits=('train', 'valid')) -> None:
-  """Copies the synthetic folder into another dataset's standard layout."""
+def relayout(src_root: str, dst_root: str, dataset: str, splits=('train', 'valid'),
+             official_categories: bool = False) -> None:
+  """Copies the synthetic folder into another dataset's standard layout; with official_categories
+  the JSON lists the dataset's real categories (synthetic id k becomes the table's k-th id)."""
   for split in splits:
     json_src, images_src = ytvis.split_paths('synthetic', src_root, split)
     json_dst, images_dst = ytvis.split_paths(dataset, dst_root, split)
     os.makedirs(os.path.dirname(json_dst), exist_ok=True)
     shutil.copy(json_src, json_dst)
     shutil.copytree(images_src, images_dst)
+    if official_categories:
+      with open(json_dst) as f:
+        data = json.load(f)
+      ids, names = categories.table(dataset)
+      data['categories'] = [{'id': i, 'name': n} for i, n in zip(ids, names)]
+      for ann in data['annotations']:
+        ann['category_id'] = ids[ann['category_id'] - 1]
+      with open(json_dst, 'w') as f:
+        json.dump(data, f)
 
 
-def coco_root(root: str) -> None:
-  """A 3-image COCO folder: polygons, a crowd uncompressed RLE, an image without annotations."""
+def coco_root(root: str, all_categories: bool = False) -> None:
+  """A 3-image COCO folder: polygons, a crowd uncompressed RLE, an image without annotations; the
+  categories are person and dog, or all 80 of COCO with all_categories."""
   json_path, image_root = ytvis.split_paths('coco', root, 'train')
   os.makedirs(image_root)
   rng = np.random.default_rng(0)
@@ -50,6 +63,8 @@ def coco_root(root: str) -> None:
        'segmentation': [[1.0, 1.0, 12.0, 1.0, 6.0, 9.0]]},
   ]
   cats = [{'id': 1, 'name': 'person'}, {'id': 18, 'name': 'dog'}]
+  if all_categories:
+    cats = [{'id': i, 'name': n} for i, n in categories.COCO]
   os.makedirs(os.path.dirname(json_path))
   with open(json_path, 'w') as f:
     json.dump({'images': images, 'annotations': anns, 'categories': cats}, f)

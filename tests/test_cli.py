@@ -31,3 +31,30 @@ def test_demo_trains_to_well_above_untrained(tmp_path, capsys):
   assert any(p.name.startswith('overlay') for p in workdir.iterdir())
   results = json.loads((workdir / 'results.json').read_text())
   assert all(len(r['segmentations']) == 6 for r in results)
+
+
+def test_run_turns_user_errors_into_one_line_and_exit_2(capsys):
+  def fails(exc):
+    def main(argv):
+      assert argv[0] == 'minvis-jax x' and '--debug' not in argv
+      raise exc
+    return main
+  for exc in (ValueError('a.json: video 3: missing field "id"\n(details)'),
+              FileNotFoundError('ckpt: no such checkpoint directory'),
+              ImportError('reading torch checkpoints needs torch')):
+    assert cli.run('minvis-jax x', fails(exc), ['--flag']) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    assert captured.err == f'minvis-jax x: error: {" ".join(str(exc).split())}\n'
+  # --debug (anywhere) lets the exception through; a bug is never turned into one line.
+  with pytest.raises(ValueError, match='bad'):
+    cli.run('minvis-jax x', fails(ValueError('bad')), ['--a', '--debug'])
+  with pytest.raises(ZeroDivisionError):
+    cli.run('minvis-jax x', fails(ZeroDivisionError()), [])
+  assert cli.run('minvis-jax x', lambda argv: None, []) == 0
+
+
+def test_subcommand_errors_go_through_run(tmp_path, capsys):
+  assert cli.main(['evaluate', '--checkpoint', str(tmp_path / 'none')]) == 2
+  err = capsys.readouterr().err
+  assert err == f'minvis-jax evaluate: error: {tmp_path / "none"}: no such checkpoint directory\n'

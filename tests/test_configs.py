@@ -66,7 +66,7 @@ def test_load_config_errors(tmp_path):
     config_lib.load_config(str(bad))
 
 
-# --- Every experiment config builds its input pipeline and trains a step, at tiny shapes. -----------
+# --- Every experiment config builds its input pipeline and trains a step, at tiny shapes. ---------
 
 import numpy as np  # noqa: E402
 
@@ -87,9 +87,9 @@ def dataset_roots(tmp_path_factory):
   roots = {'synthetic': source}
   for dataset in ('ytvis_2019', 'ytvis_2021', 'ovis'):
     roots[dataset] = str(tmp_path_factory.mktemp(dataset))
-    layouts.relayout(source, roots[dataset], dataset, splits=('train',))
+    layouts.relayout(source, roots[dataset], dataset, splits=('train',), official_categories=True)
   roots['coco'] = str(tmp_path_factory.mktemp('coco'))
-  layouts.coco_root(roots['coco'])
+  layouts.coco_root(roots['coco'], all_categories=True)
   return roots
 
 

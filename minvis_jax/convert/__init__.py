@@ -1,7 +1,7 @@
 """Checkpoint import: HF transformers and detectron2 Mask2Former / MinVIS, ImageNet backbones.
 
-  python -m minvis_jax.convert --source {hf,detectron2,torchvision,swin} --input PATH \
-      --config CONFIG --output DIR
+  minvis-jax convert --source {hf,detectron2,torchvision,swin} --input PATH \
+      [--config CONFIG] [--hf_config config.json] --output DIR
 
 Every function takes a flat {name: numpy array} mapping and returns the complete `variables` of
 `Mask2Former(model_config).apply`. A missing, unexpected or mis-shaped key raises ValueError.
@@ -177,20 +177,187 @@ def convert(source: str, state: Mapping[str, Any], model_config, seed: int = 0):
   raise ValueError(f'--source must be hf, detectron2, torchvision or swin, got {source!r}')
 
 
+# Fields of a model config that fix the weights' shapes and meaning (not dtype or drop-path rate).
+_ARCHITECTURE = ('num_classes', 'num_queries', 'hidden_dim', 'mask_dim', 'enc_layers', 'enc_heads',
+                 'enc_ffn_dim', 'enc_points', 'num_feature_levels', 'dec_layers', 'dec_heads',
+                 'dec_ffn_dim')
+_BACKBONE = ('name', 'depths', 'stem_width', 'widths', 'embed_dim', 'num_heads', 'window_size',
+             'patch_size')
+_HF_WEIGHTS = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json')
+
+
+def hf_files(path: str, hf_config: str = '') -> tuple[str, str | None]:
+  """(weights file, HF config.json or None) of an HF checkpoint: a `save_pretrained` folder, or a
+  weights file with `config.json` beside it; `hf_config` names the config.json explicitly."""
+  if os.path.isdir(path):
+    found = [os.path.join(path, f) for f in _HF_WEIGHTS if os.path.isfile(os.path.join(path, f))]
+    if not found:
+      raise FileNotFoundError(f'{path}: no {", ".join(_HF_WEIGHTS)} in this folder')
+    weights = found[0]
+  elif os.path.isfile(path):
+    weights = path
+  else:
+    raise FileNotFoundError(f'{path}: no such checkpoint file or folder')
+  if hf_config:
+    if not os.path.isfile(hf_config):
+      raise FileNotFoundError(f'{hf_config}: no such HF config file')
+    return weights, hf_config
+  beside = os.path.join(os.path.dirname(os.path.abspath(weights)), 'config.json')
+  return weights, (beside if os.path.isfile(beside) else None)
+
+
+def read_hf_config(path: str) -> dict:
+  """An HF Mask2Former config.json as a dict; ValueError names the file when it is not one."""
+  import json  # noqa: PLC0415
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: not a JSON file ({e})') from None
+  if not isinstance(data, dict) or data.get('model_type') != 'mask2former':
+    kind = data.get('model_type') if isinstance(data, dict) else type(data).__name__
+    raise ValueError(f'{path}: not an HF Mask2Former config (model_type {kind!r}, expected '
+                     f"'mask2former')")
+  return data
+
+
+def read_weights(path: str) -> dict[str, np.ndarray]:
+  """`read_state_dict`, plus sharded HF safetensors (`model.safetensors.index.json`)."""
+  if not path.endswith('.index.json'):
+    return read_state_dict(path)
+  import json  # noqa: PLC0415
+  with open(path) as f:
+    shards = sorted(set(json.load(f).get('weight_map', {}).values()))
+  if not shards:
+    raise ValueError(f'{path}: no "weight_map" entries')
+  state = {}
+  for shard in shards:
+    state.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
+  return state
+
+
+def _rows(state: Mapping[str, Any], suffixes: tuple[str, ...]) -> int | None:
+  for key, value in state.items():
+    if key.endswith(suffixes):
+      return int(np.shape(value)[0])
+  return None
+
+
+def check_architecture(model, config_model, config_spec: str, origin: str) -> None:
+  """ValueError (one line, both values) where the checkpoint's model config (from `origin`, e.g.
+  its config.json) and the experiment config's `model` disagree on the architecture."""
+  def norm(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+  pairs = [(k, k, model.get(k), config_model.get(k)) for k in _ARCHITECTURE]
+  pairs += [(f'backbone.{k}', k, model.backbone.get(k), config_model.backbone.get(k))
+            for k in _BACKBONE]
+  for key, short, a, b in pairs:
+    if norm(a) != norm(b):
+      what = {'num_classes': f'{a} classes', 'num_queries': f'{a} queries'}.get(short,
+                                                                               f'{key}={a!r}')
+      raise ValueError(f'the checkpoint has {what} ({origin}); --config {config_spec} has '
+                       f'model.{key}={b!r}')
+
+
+def check_state_shapes(state: Mapping[str, Any], model_config, config_spec: str,
+                       source: str) -> None:
+  """The class and query counts of a state dict against `model_config`, as one-line errors."""
+  classes = _rows(state, ('class_predictor.weight', 'class_embed.weight'))
+  if classes is not None and classes - 1 != model_config.num_classes:
+    raise ValueError(f'{source}: the checkpoint has {classes - 1} classes (its class head has '
+                     f'{classes} outputs); --config {config_spec} has '
+                     f'model.num_classes={model_config.num_classes}')
+  queries = _rows(state, ('queries_features.weight', 'query_feat.weight'))
+  if queries is not None and queries != model_config.num_queries:
+    raise ValueError(f'{source}: the checkpoint has {queries} queries; --config {config_spec} has '
+                     f'model.num_queries={model_config.num_queries}')
+
+
+def experiment_for(model, labels: list[str]) -> ml_collections.ConfigDict:
+  """The experiment of a checkpoint that carries only its model config: the MinVIS recipe
+  (`--config minvis`: test short side 360, window 30, top-10) with this model and its classes
+  (a dataset's table when `labels` name its classes, else ids 1..K with these names)."""
+  from minvis_jax.data import categories  # noqa: PLC0415
+  config = config_lib.load_config('minvis')
+  config.model = model
+  config.init.checkpoint = ''
+  config.expected_ap = -1.0  # not a model-zoo row
+  dataset = categories.find(labels)
+  if dataset:
+    config.data.dataset = dataset
+    config.data.category_ids, config.data.category_names = categories.table(dataset)
+  else:
+    config.data.dataset = 'custom'
+    config.data.category_ids = tuple(range(1, model.num_classes + 1))
+    config.data.category_names = tuple(labels)
+  return config
+
+
+def _hf_labels(hf: dict, num_classes: int) -> list[str]:
+  id2label = {int(k): str(v) for k, v in (hf.get('id2label') or {}).items()}
+  return [id2label.get(i, f'class {i + 1}') for i in range(num_classes)]
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog=(argv or ['minvis-jax convert'])[0],
-                                   description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(
+      prog=(argv or ['minvis-jax convert'])[0],
+      description='Converts a Mask2Former / MinVIS checkpoint (HF transformers, detectron2) or an\n'
+      'ImageNet backbone to a minvis-jax checkpoint directory, read by `minvis-jax infer`,\n'
+      '`evaluate` and training (init.checkpoint).',
+      epilog='examples:\n'
+      '  minvis-jax convert --source hf --input mask2former-swin-small-coco-instance \\\n'
+      '      --output ckpt\n'
+      '  minvis-jax convert --source detectron2 --input model_final_3c8ec9.pkl \\\n'
+      '      --config coco:backbone=r50 --output pretrained/coco_r50\n'
+      '  minvis-jax convert --source detectron2 --input minvis_ytvis19_R50.pth \\\n'
+      '      --config minvis:dataset=ytvis_2019 --output ckpt_ytvis19',
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--source', required=True,
                       choices=['hf', 'detectron2', 'torchvision', 'swin'])
-  parser.add_argument('--input', required=True, help='checkpoint file')
-  parser.add_argument('--config', required=True, help='config file[:arg], e.g. configs/minvis.py')
-  parser.add_argument('--output', required=True, help='new orbax checkpoint directory')
+  parser.add_argument('--input', required=True,
+                      help='checkpoint file (.safetensors, .bin, .pth, .pkl), or for --source hf '
+                      'an HF model folder (save_pretrained: config.json + weights)')
+  parser.add_argument('--hf_config', default='',
+                      help='HF config.json of --input when it is not beside the weights')
+  parser.add_argument('--config', default='',
+                      help='the experiment: a shipped config name[:arg] (minvis, '
+                      'minvis:dataset=ovis, coco:backbone=swin_l, tiny) or a config file. It '
+                      'gives the data, category names, test resolution, window and top-k. With '
+                      'an HF config.json the model comes from it and --config must agree; '
+                      'without --config an HF checkpoint gets the MinVIS recipe and its own '
+                      'classes. Required for detectron2/torchvision/swin (no model config inside)')
+  parser.add_argument('--output', required=True, help='new checkpoint directory')
   parser.add_argument('--seed', type=int, default=0, help='init of the head for backbone sources')
   args = parser.parse_args((argv or [None])[1:])
-  config = config_lib.load_config(args.config)
-  variables = convert(args.source, read_state_dict(args.input), config.model, args.seed)
+
+  hf, origin = None, ''
+  weights = args.input
+  if args.source == 'hf':
+    weights, hf_path = hf_files(args.input, args.hf_config)
+    if hf_path:
+      hf, origin = read_hf_config(hf_path), hf_path
+  elif args.hf_config:
+    raise ValueError('--hf_config is for --source hf')
+  model = model_config_from_hf(hf) if hf else None
+  if args.config:
+    config = config_lib.load_config(args.config)
+    if model is not None:
+      check_architecture(model, config.model, args.config, origin)
+  elif model is not None:
+    config = experiment_for(model, _hf_labels(hf, model.num_classes))
+  else:
+    raise ValueError(f'--source {args.source}: {args.input} carries no model config; pass '
+                     f'--config (e.g. --config coco:backbone=r50 for a COCO Mask2Former, '
+                     f'--config minvis:dataset=ovis for a MinVIS OVIS model)')
+  state = read_weights(weights)
+  if args.source in ('hf', 'detectron2'):
+    check_state_shapes(state, config.model, args.config or origin, weights)
+  variables = convert(args.source, state, config.model, args.seed)
   checkpoints.save_variables(args.output, variables)
   checkpoints.save_config(args.output, config)
   n = sum(x.size for x in jax.tree.leaves(variables))
-  print(f'wrote {args.output}: {n:,} values from {args.input} ({args.source})')
+  k = config.model.num_classes
+  dataset = (config.get('data', None) or {}).get('dataset', '?')
+  print(f'wrote {args.output}: {n:,} values from {weights} ({args.source}); {dataset} experiment, '
+        f'{k} classes')
   return 0

@@ -1,5 +1,6 @@
 import sys
 
+from minvis_jax import cli
 from minvis_jax.convert import main
 
-sys.exit(main(sys.argv))
+sys.exit(cli.run('minvis-jax convert', main, sys.argv[1:]))

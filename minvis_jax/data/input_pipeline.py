@@ -16,6 +16,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
+from minvis_jax.data import categories
 from minvis_jax.data import transforms
 
 
@@ -37,9 +38,10 @@ def make_source(data: ml_collections.ConfigDict, split: str):
   """The frame source of a split: TFDS records when `data.tfds_dir` is set, else the raw folder."""
   if data.get('tfds_dir'):
     from minvis_jax.data import tfds_builders  # noqa: PLC0415
-    return tfds_builders.TfdsSource(data.dataset, split, data.tfds_dir)
+    return categories.check(data, tfds_builders.TfdsSource(data.dataset, split, data.tfds_dir))
   from minvis_jax.data import ytvis  # noqa: PLC0415
-  return ytvis.FolderSource(ytvis.load_split(data.dataset, data.manual_dir, split))
+  return ytvis.FolderSource(categories.check(data, ytvis.load_split(data.dataset, data.manual_dir,
+                                                                    split)))
 
 
 def _fit(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, int]:
