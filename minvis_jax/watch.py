@@ -238,7 +238,7 @@ def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | No
         idle_since = time.monotonic()
         continue
       if final >= 0 and done and max(done) >= final:
-        logging.info('evaluated the run\'s final step %d; stopping', final)
+        logging.info('the run\'s final step %d is done; stopping', final)
         break
       if timeout is not None and _agree(time.monotonic() - idle_since > timeout):
         logging.info('no new checkpoint in %s for %.0f s; stopping', workdir, timeout)
