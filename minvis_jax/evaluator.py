@@ -72,7 +72,11 @@ def main(argv=None) -> int:
 
 def _watch(args) -> int:
   """--watch WORKDIR: a run's checkpoints -> WORKDIR/eval.jsonl, OUT/<step>/, OUT/best.json."""
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+  watch.log.addHandler(handler)
+  watch.log.setLevel(logging.INFO)
+  watch.log.propagate = False
   config = (config_lib.load_config(args.config) if args.config
             else watch.wait_for_config(args.watch, args.timeout))
   dataset = watch.load_dataset(config, args.split, args.manual_dir)

@@ -22,6 +22,8 @@ from minvis_jax import checkpoints
 from minvis_jax import dataset_eval
 from minvis_jax import evaluation
 
+log = logging.getLogger(__name__)   # the command layer shows it (absl keeps the root at WARNING)
+
 EVAL_JSONL = 'eval.jsonl'
 BEST_FILE = 'best.json'
 
@@ -87,7 +89,7 @@ def read_eval_rows(path: str) -> list[dict]:
   with open(path) as f:
     text = f.read()
   if text and not text.endswith('\n'):
-    logging.warning('%s: dropping an unfinished last line %r', path, text.rsplit('\n', 1)[-1][:80])
+    log.warning('%s: dropping an unfinished last line %r', path, text.rsplit('\n', 1)[-1][:80])
     text = text[:text.rfind('\n') + 1]
     with open(path, 'w') as f:
       f.write(text)
@@ -203,10 +205,10 @@ def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | No
   if not dataset.has_annotations:
     raise ValueError(f'{dataset.json_path} has no annotations: --watch needs a split with ground '
                      'truth')
-  log = _Log(workdir, out_dir)
-  done = {r['step'] for r in log.rows}
+  writer = _Log(workdir, out_dir)
+  done = {r['step'] for r in writer.rows}
   if done:
-    logging.info('%s: %d steps already evaluated (last %d)', log.jsonl_path, len(done), max(done))
+    log.info('%s: %d steps already evaluated (last %d)', writer.jsonl_path, len(done), max(done))
   added = []
   idle_since = time.monotonic()
   try:
@@ -220,30 +222,30 @@ def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | No
         step_dir = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR, str(step))
         variables = _load_step(step_dir, grace_s)
         if not _all_ok(variables is not None):
-          logging.warning('step %d: checkpoint %s was deleted before it could be read; skipped',
+          log.warning('step %d: checkpoint %s was deleted before it could be read; skipped',
                           step, step_dir)
         else:
           start = time.monotonic()
           results, metrics = score(config, variables, dataset, max_videos, top_k, window)
           del variables
-          if log.active:
+          if writer.active:
             dataset_eval.write_json(os.path.join(out_dir, str(step), 'results.json'), results)
             dataset_eval.write_json(os.path.join(out_dir, str(step), 'metrics.json'), metrics)
             row = eval_row(step, metrics)
-            log.add(row)
+            writer.add(row)
             added.append(row)
-            logging.info('step %d: AP %.4f AP50 %.4f (%.1f s); best so far: step %d', step,
-                         metrics['AP'], metrics['AP50'], time.monotonic() - start,
-                         best_row(log.rows)['step'])
+            log.info('step %d: AP %.4f AP50 %.4f (%.1f s); best so far: step %d', step,
+                     metrics['AP'], metrics['AP50'], time.monotonic() - start,
+                     best_row(writer.rows)['step'])
         idle_since = time.monotonic()
         continue
       if final >= 0 and done and max(done) >= final:
-        logging.info('the run\'s final step %d is done; stopping', final)
+        log.info('the run\'s final step %d is done; stopping', final)
         break
       if timeout is not None and _agree(time.monotonic() - idle_since > timeout):
-        logging.info('no new checkpoint in %s for %.0f s; stopping', workdir, timeout)
+        log.info('no new checkpoint in %s for %.0f s; stopping', workdir, timeout)
         break
       time.sleep(poll_s)
   finally:
-    log.close()
+    writer.close()
   return added
