@@ -29,13 +29,13 @@ BEST_FILE = 'best.json'
 
 
 def score(config, variables, dataset, max_videos: int | None = None, top_k: int | None = None,
-          window: int | None = None) -> tuple[list[dict], dict | None]:
+          window: int | None = None, progress: bool = False) -> tuple[list[dict], dict | None]:
   """(results entries, metrics) of MinVIS with `variables` on the first `max_videos` videos of
   `dataset` (all when None or 0). Every process calls it; metrics are computed on process 0 only
   (None elsewhere, and when the split has no annotations)."""
   max_videos = max_videos or None
   results = dataset_eval.predict_dataset(config, variables, dataset, max_videos=max_videos,
-                                         top_k=top_k, window=window, progress=False)
+                                         top_k=top_k, window=window, progress=progress)
   if jax.process_index() != 0 or not dataset.has_annotations:
     return results, None
   videos = dataset.videos if max_videos is None else dataset.videos[:max_videos]
@@ -49,7 +49,8 @@ def eval_row(step: int, metrics: dict) -> dict:
 
 
 def load_dataset(config, split: str = '', manual_dir: str = ''):
-  """The evaluation split of `config` (default `data.eval_split`), checked against the model."""
+  """The evaluation split of `config` (default `data.eval_split`), checked against the model and
+  for ground truth (to score it)."""
   from minvis_jax.data import ytvis  # noqa: PLC0415
   split = split or config.data.get('eval_split', 'valid')
   manual_dir = manual_dir or config.data.manual_dir
@@ -59,6 +60,9 @@ def load_dataset(config, split: str = '', manual_dir: str = ''):
   if dataset.num_classes != config.model.num_classes:
     raise ValueError(f'{dataset.json_path}: {dataset.num_classes} categories but the model has '
                      f'model.num_classes={config.model.num_classes}')
+  if not dataset.has_annotations:
+    raise ValueError(f'{dataset.json_path} has no annotations: evaluating checkpoints needs a '
+                     'split with ground truth')
   return dataset
 
 
@@ -111,6 +115,9 @@ def best_row(rows: list[dict]) -> dict | None:
   """The row with the highest eval/AP (the earliest step among equals)."""
   scored = [r for r in rows if 'eval/AP' in r]
   return max(scored, key=lambda r: (r['eval/AP'], -r['step'])) if scored else None
+
+
+_WAIT, _STOP_FINAL, _STOP_TIMEOUT = -1, -2, -3   # the watcher's actions besides a step
 
 
 def _agree(value: int) -> int:
@@ -203,8 +210,8 @@ def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | No
   workdir = os.path.abspath(workdir)
   out_dir = out_dir or os.path.join(workdir, 'eval')
   if not dataset.has_annotations:
-    raise ValueError(f'{dataset.json_path} has no annotations: --watch needs a split with ground '
-                     'truth')
+    raise ValueError(f'{dataset.json_path} has no annotations: evaluating checkpoints needs a '
+                     'split with ground truth')
   writer = _Log(workdir, out_dir)
   done = {r['step'] for r in writer.rows}
   if done:
@@ -213,39 +220,50 @@ def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | No
   idle_since = time.monotonic()
   try:
     while True:
-      run_config = checkpoints.read_config(workdir)
-      final = _agree(run_config.total_steps if run_config is not None else -1)
+      # Process 0 decides (a step to evaluate, wait or stop), so that all processes run the same
+      # collectives: their listings of a changing directory may differ.
       todo = [s for s in finished_steps(workdir) if s not in done]
-      step = _agree(todo[0] if todo else -1)
-      if step >= 0:
-        done.add(step)
-        step_dir = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR, str(step))
-        variables = _load_step(step_dir, grace_s)
-        if not _all_ok(variables is not None):
-          log.warning('step %d: checkpoint %s was deleted before it could be read; skipped',
-                          step, step_dir)
-        else:
-          start = time.monotonic()
-          results, metrics = score(config, variables, dataset, max_videos, top_k, window)
-          del variables
-          if writer.active:
-            dataset_eval.write_json(os.path.join(out_dir, str(step), 'results.json'), results)
-            dataset_eval.write_json(os.path.join(out_dir, str(step), 'metrics.json'), metrics)
-            row = eval_row(step, metrics)
-            writer.add(row)
-            added.append(row)
-            log.info('step %d: AP %.4f AP50 %.4f (%.1f s); best so far: step %d', step,
-                     metrics['AP'], metrics['AP50'], time.monotonic() - start,
-                     best_row(writer.rows)['step'])
-        idle_since = time.monotonic()
-        continue
-      if final >= 0 and done and max(done) >= final:
+      run_config = checkpoints.read_config(workdir)
+      final = run_config.total_steps if run_config is not None else None
+      if todo:
+        action = todo[0]
+      elif final is not None and done and max(done) >= final:
+        action = _STOP_FINAL
+      elif timeout is not None and time.monotonic() - idle_since > timeout:
+        action = _STOP_TIMEOUT
+      else:
+        action = _WAIT
+      action = _agree(action)
+      if action == _STOP_FINAL:
         log.info('the run\'s final step %d is done; stopping', final)
         break
-      if timeout is not None and _agree(time.monotonic() - idle_since > timeout):
+      if action == _STOP_TIMEOUT:
         log.info('no new checkpoint in %s for %.0f s; stopping', workdir, timeout)
         break
-      time.sleep(poll_s)
+      if action == _WAIT:
+        time.sleep(poll_s)
+        continue
+      step = action
+      done.add(step)
+      step_dir = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR, str(step))
+      variables = _load_step(step_dir, grace_s)
+      if not _all_ok(variables is not None):
+        log.warning('step %d: checkpoint %s was deleted before it could be read; skipped', step,
+                    step_dir)
+      else:
+        start = time.monotonic()
+        results, metrics = score(config, variables, dataset, max_videos, top_k, window)
+        del variables
+        if writer.active:
+          dataset_eval.write_json(os.path.join(out_dir, str(step), 'results.json'), results)
+          dataset_eval.write_json(os.path.join(out_dir, str(step), 'metrics.json'), metrics)
+          row = eval_row(step, metrics)
+          writer.add(row)
+          added.append(row)
+          log.info('step %d: AP %.4f AP50 %.4f (%.1f s); best so far: step %d', step,
+                   metrics['AP'], metrics['AP50'], time.monotonic() - start,
+                   best_row(writer.rows)['step'])
+      idle_since = time.monotonic()
   finally:
     writer.close()
   return added

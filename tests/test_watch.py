@@ -280,3 +280,25 @@ def test_watcher_beside_training_run(tmp_path, data_dir):
           == json.loads((tmp_path / 'one' / 'results.json').read_text()))
   assert json.loads((workdir / 'eval' / 'best.json').read_text()) == max(
       rows, key=lambda r: (r['eval/AP'], -r['step']))
+
+
+@pytest.mark.slow
+def test_eval_in_train_with_two_processes(tmp_path, data_dir):
+  workdir = tmp_path / 'multi'
+  cmd = ['bash', 'launch/local.sh', '2', '4', 'configs/tiny.py', str(workdir)]
+  for s in OVERRIDES + [f'data.manual_dir={data_dir}', 'total_steps=3', 'eval.every_steps=3',
+                        'eval.max_videos=1']:
+    cmd += ['--set', s]
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+  logs = [(workdir / 'logs' / f'process_{i}.log').read_text() for i in range(2)]
+  assert result.returncode == 0, result.stderr + logs[0][-3000:] + logs[1][-3000:]
+  assert "mesh {'data': 8, 'model': 1}, 8 devices" in logs[0]
+  # Both processes evaluated (collectives), process 0 alone wrote: one line.
+  evals = [r for r in _rows(workdir / 'metrics.jsonl') if 'eval/AP' in r]
+  assert [r['step'] for r in evals] == [3]
+  out = tmp_path / 'one'
+  assert evaluator.main(['evaluate', '--checkpoint', str(workdir / 'checkpoints' / '3'),
+                         '--max_videos', '1', '--out', str(out)]) == 0
+  metrics = json.loads((out / 'metrics.json').read_text())
+  assert evals[0] == pytest.approx({'step': 3, **{f'eval/{k}': v for k, v in metrics.items()}},
+                                   abs=1e-6)
