@@ -155,6 +155,16 @@ def test_eval_rows_file_and_best(tmp_path):
     watch.read_eval_rows(str(path))
 
 
+def test_evaluate_command_arguments(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    evaluator.main(['evaluate'])
+  assert 'pass --checkpoint DIR (or --watch WORKDIR)' in capsys.readouterr().err
+  start = time.monotonic()
+  with pytest.raises(TimeoutError, match='config.json: not written within 0 s'):
+    evaluator.main(['evaluate', '--watch', str(tmp_path), '--timeout', '0.1'])
+  assert time.monotonic() - start < 10
+
+
 # --- Evaluation inside train. -------------------------------------------------------------------
 
 
