@@ -409,6 +409,7 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
     try:   # at the start, not at the first evaluation hours later
       eval_data = watch.load_dataset(config, config.eval.split)
     except (FileNotFoundError, ValueError) as e:
+      manager.close()
       raise type(e)(f'config.eval.every_steps={eval_every}: {e} (set eval.every_steps=0 to train '
                     'without evaluation)') from None
   if input_fn is None:
