@@ -72,18 +72,26 @@ def main(argv=None) -> int:
 
 def _watch(args) -> int:
   """--watch WORKDIR: a run's checkpoints -> WORKDIR/eval.jsonl, OUT/<step>/, OUT/best.json."""
-  handler = logging.StreamHandler(sys.stdout)
-  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
-  watch.log.addHandler(handler)
-  watch.log.setLevel(logging.INFO)
-  watch.log.propagate = False
   config = (config_lib.load_config(args.config) if args.config
             else watch.wait_for_config(args.watch, args.timeout))
   dataset = watch.load_dataset(config, args.split, args.manual_dir)
   print(f'watching {os.path.abspath(args.watch)}: {config.data.dataset} {dataset.json_path}',
         flush=True)
-  added = watch.watch(args.watch, config, dataset, args.out, args.max_videos, args.top_k,
-                      args.window, args.timeout)
+  # The watcher's progress lines on stdout, for this command only (absl keeps the root logger at
+  # WARNING; propagating would print them twice).
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+  level, propagate = watch.log.level, watch.log.propagate
+  watch.log.addHandler(handler)
+  watch.log.setLevel(logging.INFO)
+  watch.log.propagate = False
+  try:
+    added = watch.watch(args.watch, config, dataset, args.out, args.max_videos, args.top_k,
+                        args.window, args.timeout)
+  finally:
+    watch.log.removeHandler(handler)
+    watch.log.setLevel(level)
+    watch.log.propagate = propagate
   best = watch.best_row(watch.read_eval_rows(os.path.join(args.watch, watch.EVAL_JSONL)))
   print(f'evaluated {len(added)} checkpoints' + (f'; best AP {100 * best["eval/AP"]:.2f} at step '
                                                  f'{best["step"]}' if best else ''), flush=True)
