@@ -452,8 +452,7 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
       if eval_data is not None and step % eval_every == 0 and not stop:   # preempted: exit now
         eval_metrics = evaluate_state(config, state, trainer.mesh, eval_data)
         if eval_metrics is not None:
-          writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()}, echo=True,
-                       tb_prefix='')
+          writer.write(step, watch.eval_scalars(eval_metrics), echo=True, tb_prefix='')
         tick = time.perf_counter()   # evaluation time is not training throughput
       if stop:
         logging.warning('SIGTERM: saved step %d, exiting', step)

@@ -43,9 +43,10 @@ def score(config, variables, dataset, max_videos: int | None = None, top_k: int 
   return results, evaluation.evaluate_dicts(gt, results, gt_name=dataset.json_path)
 
 
-def eval_row(step: int, metrics: dict) -> dict:
-  """{'step': step, 'eval/AP': ..., ...}: one line of eval.jsonl / metrics.jsonl."""
-  return {'step': int(step), **{f'eval/{k}': float(v) for k, v in metrics.items()}}
+def eval_scalars(metrics: dict) -> dict:
+  """{'eval/AP': ..., 'eval/AP50': ..., ...}: the names evaluations log under (JSON lines and
+  TensorBoard tags), in-training and by the watcher alike."""
+  return {f'eval/{k}': float(v) for k, v in metrics.items()}
 
 
 def load_dataset(config, split: str = '', manual_dir: str = ''):
@@ -257,7 +258,7 @@ def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | No
         if writer.active:
           dataset_eval.write_json(os.path.join(out_dir, str(step), 'results.json'), results)
           dataset_eval.write_json(os.path.join(out_dir, str(step), 'metrics.json'), metrics)
-          row = eval_row(step, metrics)
+          row = {'step': step, **eval_scalars(metrics)}
           writer.add(row)
           added.append(row)
           log.info('step %d: AP %.4f AP50 %.4f (%.1f s); best so far: step %d', step,
