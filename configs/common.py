@@ -59,6 +59,13 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(checkpoint='', reinit_class_head=True))
 
   c.inference = ml_collections.ConfigDict(dict(window=30, top_k=10))
+  # Evaluation inside `train` on the training mesh, logged as eval/* at its step (metrics.jsonl,
+  # TensorBoard). Off by default: `minvis-jax evaluate --watch WORKDIR` does it beside the run.
+  c.eval = ml_collections.ConfigDict(dict(
+      every_steps=0,               # 0: never; else at every multiple of it
+      split='',                    # '' = data.eval_split (needs annotations)
+      max_videos=0,                # the first N videos of the split; 0 = all
+  ))
   return c
 
 

@@ -29,4 +29,5 @@ def get_config(arg=None):
   c.optim.warmup_steps = 20
   c.checkpoint.every_steps = 100
   c.log_every = 10
+  c.eval.every_steps = 100   # the demo's AP curve (its held-out videos)
   return c

@@ -1,16 +1,16 @@
 """The offline end-to-end demo (`minvis-jax demo`): generate videos, train, track, evaluate.
 
-Generates a synthetic VIS dataset in the YouTube-VIS layout (train and held-out valid videos), trains
-the tiny Mask2Former on single frames with the real trainer, runs MinVIS inference with query
-association on the held-out videos, scores them with the YouTube-VIS evaluator, and writes an overlay
-video of one held-out video and a PNG of the loss curve. Everything runs on CPU, with no download.
+Generates a synthetic VIS dataset in the YouTube-VIS layout (train and held-out valid videos),
+trains the tiny Mask2Former on single frames with the real trainer (scoring the held-out videos
+every `config.eval.every_steps`), runs MinVIS inference with query association on the held-out
+videos, scores them with the YouTube-VIS evaluator, and writes an overlay video of one held-out
+video and a PNG of the loss and eval AP curves. Everything runs on CPU, with no download.
 
   minvis-jax demo                          # ~300 steps, a few minutes on a laptop CPU
   minvis-jax demo --steps 1000 --workdir /tmp/demo_long
 """
 
 import argparse
-import json
 import os
 import resource
 import time
@@ -23,6 +23,7 @@ from minvis_jax import evaluation
 from minvis_jax import dataset_eval
 from minvis_jax import train
 from minvis_jax import visualize
+from minvis_jax import watch
 from minvis_jax.data import synthetic
 from minvis_jax.data import ytvis
 
@@ -35,14 +36,6 @@ def make_data(data_dir: str, train_videos: int, valid_videos: int, frames: int, 
   for split, n in (('train', train_videos), ('valid', valid_videos)):
     if not os.path.exists(os.path.join(data_dir, f'{split}.json')):
       synthetic.generate(data_dir, split, n, frames, height=height, width=width, seed=seed)
-
-
-def score(config, variables, dataset) -> tuple[list[dict], dict]:
-  """(results entries, metrics) of MinVIS with `variables` on every video of `dataset`."""
-  results = dataset_eval.predict_dataset(config, variables, dataset)
-  with open(dataset.json_path) as f:
-    gt = json.load(f)
-  return results, evaluation.evaluate_dicts(gt, results, gt_name=dataset.json_path)
 
 
 def write_overlay(path: str, dataset, results: list[dict], threshold: float = 0.3) -> str:
@@ -82,13 +75,15 @@ def main(argv=None) -> int:
         f'frames ({height}x{width}) in {data_dir}')
 
   untrained = jax.jit(lambda key: train.init_variables(config, key))(jax.random.PRNGKey(args.seed))
-  _, before = score(config, untrained, valid)
+  _, before = watch.score(config, untrained, valid, progress=True)
   print(f'untrained model: AP {100 * before["AP"]:.2f}')
 
   train_dir = os.path.join(args.workdir, 'train')
+  # config.eval (configs/tiny.py) scores the held-out videos during training: the AP curve of
+  # loss.png.
   train.train(config, train_dir, total_steps=steps)
   _, variables = checkpoints.load_for_inference(train_dir)
-  results, metrics = score(config, variables, valid)
+  results, metrics = watch.score(config, variables, valid, progress=True)
   dataset_eval.write_json(os.path.join(args.workdir, 'results.json'), results)
   dataset_eval.write_json(os.path.join(args.workdir, 'metrics.json'),
                        {'untrained': before, 'trained': metrics, 'steps': steps})

@@ -1,15 +1,16 @@
 """`minvis-jax evaluate`: MinVIS on a dataset split -> results JSON (+ metrics when it has GT)."""
 
 import argparse
+import logging
 import os
 import sys
 import time
 
+from minvis_jax import config_lib
 from minvis_jax import dataset_eval
 from minvis_jax import evaluation
 from minvis_jax import infer
-from minvis_jax.data import categories
-from minvis_jax.data import ytvis
+from minvis_jax import watch
 
 
 def main(argv=None) -> int:
@@ -17,7 +18,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog=(argv or ['minvis-jax evaluate'])[0],
                                    description='MinVIS on a dataset split, scored when it has GT.')
   parser.add_argument('--config', default='', help='config file[:arg]; default: the checkpoint\'s')
-  parser.add_argument('--checkpoint', required=True, help='model checkpoint directory')
+  parser.add_argument('--checkpoint', default='', help='model checkpoint directory')
   parser.add_argument('--split', default='', help='dataset split (default: config.data.eval_split)')
   parser.add_argument('--manual_dir', default='', help='dataset folder (default: data.manual_dir)')
   parser.add_argument('--out', default='', help='output directory (default: the checkpoint)')
@@ -25,18 +26,20 @@ def main(argv=None) -> int:
   parser.add_argument('--top_k', type=int, default=None, help='tracks per video (default: config)')
   parser.add_argument('--window', type=int, default=None,
                       help='frames per forward (default: config)')
+  parser.add_argument('--watch', default='', metavar='WORKDIR',
+                      help='evaluate each checkpoint of this training run once, as it appears')
+  parser.add_argument('--timeout', type=float, default=None,
+                      help='--watch: stop after this many seconds without a new checkpoint')
   args = parser.parse_args((argv or [None])[1:])
+  if args.watch:
+    return _watch(args)
+  if not args.checkpoint:
+    parser.error('pass --checkpoint DIR (or --watch WORKDIR)')
 
   t0 = time.time()
   config, variables = infer.load_model(args.checkpoint, args.config)
   split = args.split or config.data.get('eval_split', 'valid')
-  manual_dir = args.manual_dir or config.data.manual_dir
-  if not manual_dir:
-    raise ValueError('no dataset folder: set data.manual_dir in the config or pass --manual_dir')
-  dataset = categories.check(config.data, ytvis.load_split(config.data.dataset, manual_dir, split))
-  if dataset.num_classes != config.model.num_classes:
-    raise ValueError(f'{dataset.json_path}: {dataset.num_classes} categories but the model has '
-                     f'model.num_classes={config.model.num_classes}')
+  dataset = watch.load_dataset(config, split, args.manual_dir, require_annotations=False)
   results = dataset_eval.predict_dataset(config, variables, dataset, args.max_videos, args.top_k,
                                          args.window)
   out = args.out or os.path.abspath(args.checkpoint)
@@ -57,4 +60,32 @@ def main(argv=None) -> int:
   dataset_eval.write_json(os.path.join(out, 'metrics.json'), metrics)
   print(evaluation.format_table(metrics))
   sys.stdout.flush()
+  return 0
+
+
+def _watch(args) -> int:
+  """--watch WORKDIR: a run's checkpoints -> WORKDIR/eval.jsonl, OUT/<step>/, OUT/best.json."""
+  config = (config_lib.load_config(args.config) if args.config
+            else watch.wait_for_config(args.watch, args.timeout))
+  dataset = watch.load_dataset(config, args.split, args.manual_dir)
+  print(f'watching {os.path.abspath(args.watch)}: {config.data.dataset} {dataset.json_path}',
+        flush=True)
+  # The watcher's progress lines on stdout, for this command only (absl keeps the root logger at
+  # WARNING; propagating would print them twice).
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+  level, propagate = watch.log.level, watch.log.propagate
+  watch.log.addHandler(handler)
+  watch.log.setLevel(logging.INFO)
+  watch.log.propagate = False
+  try:
+    added = watch.watch(args.watch, config, dataset, args.out, args.max_videos, args.top_k,
+                        args.window, args.timeout)
+  finally:
+    watch.log.removeHandler(handler)
+    watch.log.setLevel(level)
+    watch.log.propagate = propagate
+  best = watch.best_row(watch.read_eval_rows(os.path.join(args.watch, watch.EVAL_JSONL)))
+  print(f'evaluated {len(added)} checkpoints' + (f'; best AP {100 * best["eval/AP"]:.2f} at step '
+                                                 f'{best["step"]}' if best else ''), flush=True)
   return 0

@@ -310,11 +310,11 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
-  def write(self, step: int, metrics: dict, echo: bool) -> None:
+  def write(self, step: int, metrics: dict, echo: bool, tb_prefix: str = 'train/') -> None:
     if not self.active:
       return
     for k, v in metrics.items():
-      self._tb.add_scalar(f'train/{k}', v, step)
+      self._tb.add_scalar(f'{tb_prefix}{k}', v, step)
     self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
     self._jsonl.flush()
     if echo:
@@ -353,6 +353,18 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def evaluate_state(config, state: TrainState, mesh, dataset) -> dict | None:
+  """MinVIS with the state's variables on `config.eval`'s videos of `dataset`: the metrics on
+  process 0 (None elsewhere). Every process calls it (collectives). The variables are gathered
+  replicated over the training mesh (they may be FSDP-sharded over processes) and handed to the
+  predictor as host arrays, as a checkpoint would be."""
+  from minvis_jax import watch  # noqa: PLC0415
+  variables = jax.jit(lambda s: {'params': s.params, 'frozen': s.frozen},
+                      out_shardings=NamedSharding(mesh, P()))(state)
+  variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
+  return watch.score(config, variables, dataset, config.eval.max_videos)[1]
+
+
 def _compile_everywhere(trainer: Trainer, state: TrainState, batch: dict):
   """Compiles the step, then waits for every process: a peer that reaches the first collective
   more than gloo's 30 s after the others (a slower compile) would otherwise fail the run."""
@@ -379,7 +391,9 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
                      f'{jax.device_count()} devices')
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    checkpoints.save_config(workdir, config)
+    saved = config.copy_and_resolve_references()
+    saved.total_steps = total_steps   # the run's real last step (read by `evaluate --watch`)
+    checkpoints.save_config(workdir, saved)
   trainer = Trainer(config)
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
@@ -388,6 +402,16 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
   else:
     state = trainer.init_state()
   start = int(state.step)
+  eval_every = (config.get('eval') or {}).get('every_steps', 0)
+  eval_data = None
+  if eval_every and total_steps // eval_every > start // eval_every:   # an eval step lies ahead
+    from minvis_jax import watch  # noqa: PLC0415
+    try:   # at the start, not at the first evaluation hours later
+      eval_data = watch.load_dataset(config, config.eval.split)
+    except (FileNotFoundError, ValueError) as e:
+      manager.close()
+      raise type(e)(f'config.eval.every_steps={eval_every}: {e} (set eval.every_steps=0 to train '
+                    'without evaluation)') from None
   if input_fn is None:
     from minvis_jax.data import input_pipeline  # noqa: PLC0415
     def input_fn(start_step):
@@ -425,6 +449,11 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
       stop = preemption.agreed()
       if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
         save_state(manager, state)
+      if eval_data is not None and step % eval_every == 0 and not stop:   # preempted: exit now
+        eval_metrics = evaluate_state(config, state, trainer.mesh, eval_data)
+        if eval_metrics is not None:
+          writer.write(step, watch.eval_scalars(eval_metrics), echo=True, tb_prefix='')
+        tick = time.perf_counter()   # evaluation time is not training throughput
       if stop:
         logging.warning('SIGTERM: saved step %d, exiting', step)
         break

@@ -138,28 +138,39 @@ def overlay_video(path: str, frames: Iterable[np.ndarray], tracks: Sequence[dict
   return write_video(path, frames_with_overlay(), fps)
 
 
+def _read_jsonl(path: str) -> list[dict]:
+  rows = []
+  with open(path) as f:
+    for i, line in enumerate(f):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: line {i + 1} is not JSON ({e})') from None
+  return rows
+
+
 def plot_losses(metrics_jsonl_path: str, png_path: str, keys: Sequence[str] | None = None) -> str:
   """Plots the training curves of a trainer's metrics file (one JSON object per logged step,
-  with 'step' and 'loss') to `png_path`: 'loss' and, when given, `keys` that are present."""
+  with 'step' and 'loss') to `png_path`: 'loss' and, when given, `keys` that are present. Eval AP
+  (lines with 'eval/AP': in-training evaluation in the same file, and the watcher's `eval.jsonl`
+  beside it) is drawn in percent against a second axis on the right."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   if not os.path.isfile(metrics_jsonl_path):
     raise FileNotFoundError(f'{metrics_jsonl_path}: no such metrics file')
-  rows = []
-  with open(metrics_jsonl_path) as f:
-    for i, line in enumerate(f):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{metrics_jsonl_path}: line {i + 1} is not JSON ({e})') from None
-      if 'step' in row and 'loss' in row:
-        rows.append(row)
+  lines = _read_jsonl(metrics_jsonl_path)
+  rows = [r for r in lines if 'step' in r and 'loss' in r]
   if not rows:
     raise ValueError(f'{metrics_jsonl_path}: no line with both "step" and "loss"')
+  watcher = os.path.join(os.path.dirname(os.path.abspath(metrics_jsonl_path)), 'eval.jsonl')
+  if os.path.isfile(watcher):
+    lines += _read_jsonl(watcher)
+  ap = sorted({r['step']: r['eval/AP'] for r in lines
+               if 'step' in r and r.get('eval/AP', -1) >= 0}.items())   # -1: undefined
   names = ['loss'] + [k for k in (keys or ()) if k != 'loss' and any(k in r for r in rows)]
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
   for name in names:
@@ -170,7 +181,15 @@ def plot_losses(metrics_jsonl_path: str, png_path: str, keys: Sequence[str] | No
   if all(r['loss'] > 0 for r in rows):
     ax.set_yscale('log')
   ax.grid(True, alpha=0.3)
-  ax.legend()
+  handles, labels = ax.get_legend_handles_labels()
+  if ap:
+    ax2 = ax.twinx()
+    ax2.plot([s for s, _ in ap], [100 * v for _, v in ap], 'o-', color='tab:red', label='eval AP')
+    ax2.set_ylabel('eval AP (%)')
+    ax2.set_ylim(bottom=0)
+    more = ax2.get_legend_handles_labels()
+    handles, labels = handles + more[0], labels + more[1]
+  ax.legend(handles, labels)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
   fig.savefig(png_path)

@@ -28,6 +28,10 @@ def test_demo_trains_to_well_above_untrained(tmp_path, capsys):
   assert after >= before + 0.1, (before, after)
   assert 'AP50' in out and 'demo finished' in out
   assert (workdir / 'loss.png').stat().st_size > 1000
+  # configs/tiny.py evaluates during training (every 100 steps): the final model's score.
+  lines = (workdir / 'train' / 'metrics.jsonl').read_text().splitlines()
+  evals = [json.loads(line) for line in lines if 'eval/AP' in line]
+  assert [r['step'] for r in evals] == [100] and evals[0]['eval/AP'] == after
   assert any(p.name.startswith('overlay') for p in workdir.iterdir())
   results = json.loads((workdir / 'results.json').read_text())
   assert all(len(r['segmentations']) == 6 for r in results)

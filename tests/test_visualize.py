@@ -132,3 +132,49 @@ def test_overlay_video_from_tracks(tmp_path, monkeypatch):
   np.testing.assert_array_equal(read[2][39, 30], color)
   np.testing.assert_array_equal(read[2][44, 30], [0, 0, 0])
   np.testing.assert_array_equal(read[2][10, 30], [0, 0, 0])
+
+
+def _red_pixels(png):
+  """Pixels of the eval AP curve's colour (matplotlib's tab:red, #d62728)."""
+  with Image.open(png) as im:
+    rgb = np.asarray(im.convert('RGB')).astype(int)
+  return int((np.abs(rgb - [214, 39, 40]).sum(-1) < 30).sum())
+
+
+def test_plot_losses_with_eval_ap(tmp_path):
+  train_rows = [dict(step=s, loss=10.0 / (s + 1)) for s in range(1, 60, 5)]
+  eval_rows = [{'step': 20, 'eval/AP': 0.1, 'eval/AP50': 0.3},
+               {'step': 40, 'eval/AP': 0.35, 'eval/AP50': 0.6},
+               {'step': 60, 'eval/AP': -1.0}]    # undefined: not drawn
+  write = lambda path, rows: path.write_text(''.join(json.dumps(r) + '\n' for r in rows))  # noqa: E731
+
+  # Without eval lines: no second axis, nothing of the AP colour.
+  (tmp_path / 'plain').mkdir()
+  write(tmp_path / 'plain' / 'metrics.jsonl', train_rows)
+  plain = visualize.plot_losses(str(tmp_path / 'plain' / 'metrics.jsonl'),
+                                str(tmp_path / 'plain.png'))
+  assert _red_pixels(plain) == 0
+  # In-training evaluation: eval lines interleaved in metrics.jsonl (they have no 'loss').
+  (tmp_path / 'inside').mkdir()
+  write(tmp_path / 'inside' / 'metrics.jsonl', train_rows[:4] + eval_rows[:1] + train_rows[4:]
+        + eval_rows[1:])
+  inside = visualize.plot_losses(str(tmp_path / 'inside' / 'metrics.jsonl'),
+                                 str(tmp_path / 'inside.png'))
+  assert _red_pixels(inside) > 100
+  # The watcher's eval.jsonl beside metrics.jsonl: the same picture.
+  (tmp_path / 'watched').mkdir()
+  write(tmp_path / 'watched' / 'metrics.jsonl', train_rows)
+  write(tmp_path / 'watched' / 'eval.jsonl', eval_rows)
+  watched = visualize.plot_losses(str(tmp_path / 'watched' / 'metrics.jsonl'),
+                                  str(tmp_path / 'watched.png'))
+  with Image.open(inside) as a, Image.open(watched) as b:
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A different AP curve is a different picture.
+  write(tmp_path / 'watched' / 'eval.jsonl', [dict(r, **{'eval/AP': 0.05}) for r in eval_rows[:2]])
+  other = visualize.plot_losses(str(tmp_path / 'watched' / 'metrics.jsonl'),
+                                str(tmp_path / 'other.png'))
+  with Image.open(inside) as a, Image.open(other) as b:
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+  (tmp_path / 'watched' / 'eval.jsonl').write_text('{"step": 3, "eval/AP": 0.2}\nbroken\n')
+  with pytest.raises(ValueError, match='eval.jsonl: line 2 is not JSON'):
+    visualize.plot_losses(str(tmp_path / 'watched' / 'metrics.jsonl'), str(tmp_path / 'x.png'))

@@ -1,0 +1,271 @@
+"""Evaluating a training run's checkpoints: the scoring shared by in-training evaluation and the
+checkpoint watcher (`minvis-jax evaluate --watch WORKDIR`), which scores each finished checkpoint
+of a run once, while it trains.
+
+The watcher's outputs, beside the trainer's:
+  WORKDIR/eval.jsonl          one line per evaluated step: {'step', 'eval/AP', 'eval/AP50', ...}
+  WORKDIR/tensorboard/eval/   the same scalars, tagged eval/*, at their step
+  OUT/<step>/results.json, metrics.json    (OUT defaults to WORKDIR/eval)
+  OUT/best.json               the line of eval.jsonl with the best AP so far
+"""
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from minvis_jax import checkpoints
+from minvis_jax import dataset_eval
+from minvis_jax import evaluation
+
+log = logging.getLogger(__name__)   # the command layer shows it (absl keeps the root at WARNING)
+
+EVAL_JSONL = 'eval.jsonl'
+BEST_FILE = 'best.json'
+
+
+def score(config, variables, dataset, max_videos: int | None = None, top_k: int | None = None,
+          window: int | None = None, progress: bool = False) -> tuple[list[dict], dict | None]:
+  """(results entries, metrics) of MinVIS with `variables` on the first `max_videos` videos of
+  `dataset` (all when None or 0). Every process calls it; metrics are computed on process 0 only
+  (None elsewhere, and when the split has no annotations)."""
+  max_videos = max_videos or None
+  results = dataset_eval.predict_dataset(config, variables, dataset, max_videos=max_videos,
+                                         top_k=top_k, window=window, progress=progress)
+  if jax.process_index() != 0 or not dataset.has_annotations:
+    return results, None
+  videos = dataset.videos if max_videos is None else dataset.videos[:max_videos]
+  gt = dataset_eval.subset_ground_truth(dataset.json_path, {v.id for v in videos})
+  return results, evaluation.evaluate_dicts(gt, results, gt_name=dataset.json_path)
+
+
+def eval_scalars(metrics: dict) -> dict:
+  """{'eval/AP': ..., 'eval/AP50': ..., ...}: the names evaluations log under (JSON lines and
+  TensorBoard tags), in-training and by the watcher alike."""
+  return {f'eval/{k}': float(v) for k, v in metrics.items()}
+
+
+def load_dataset(config, split: str = '', manual_dir: str = '', require_annotations: bool = True):
+  """The evaluation split of `config` (default `data.eval_split`), checked against the model's
+  classes and the config's category table, and for ground truth (to score it) if required."""
+  from minvis_jax.data import categories  # noqa: PLC0415
+  from minvis_jax.data import ytvis  # noqa: PLC0415
+  split = split or config.data.get('eval_split', 'valid')
+  manual_dir = manual_dir or config.data.manual_dir
+  if not manual_dir:
+    raise ValueError('no dataset folder: set data.manual_dir in the config or pass --manual_dir')
+  dataset = categories.check(config.data, ytvis.load_split(config.data.dataset, manual_dir, split))
+  if dataset.num_classes != config.model.num_classes:
+    raise ValueError(f'{dataset.json_path}: {dataset.num_classes} categories but the model has '
+                     f'model.num_classes={config.model.num_classes}')
+  if require_annotations and not dataset.has_annotations:
+    raise ValueError(f'{dataset.json_path} has no annotations: evaluating checkpoints needs a '
+                     'split with ground truth')
+  return dataset
+
+
+def finished_steps(workdir: str) -> list[int]:
+  """Steps of `workdir/checkpoints` that orbax has finalised (never `<step>.orbax-checkpoint-tmp-*`
+  directories of a save in progress), ascending."""
+  root = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR)
+  try:
+    names = os.listdir(root)
+  except FileNotFoundError:
+    return []
+  steps = []
+  for name in names:
+    path = os.path.join(root, name)
+    try:
+      if name.isdigit() and ocp.path.step.is_path_finalized(path):
+        steps.append(int(name))
+    except (FileNotFoundError, NotADirectoryError):   # deleted (keep-last-N) while we looked
+      continue
+  return sorted(steps)
+
+
+def read_eval_rows(path: str) -> list[dict]:
+  """The lines of an eval.jsonl. An unterminated last line (a watcher killed while writing it) is
+  dropped from the file, so the next append starts on a line of its own."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    text = f.read()
+  if text and not text.endswith('\n'):
+    log.warning('%s: dropping an unfinished last line %r', path, text.rsplit('\n', 1)[-1][:80])
+    text = text[:text.rfind('\n') + 1]
+    with open(path, 'w') as f:
+      f.write(text)
+  rows = []
+  for i, line in enumerate(text.splitlines()):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: line {i + 1} is not JSON ({e})') from None
+    if not isinstance(row, dict) or not isinstance(row.get('step'), int):
+      raise ValueError(f'{path}: line {i + 1} has no integer "step"')
+    rows.append(row)
+  return rows
+
+
+def best_row(rows: list[dict]) -> dict | None:
+  """The row with the highest eval/AP (the earliest step among equals)."""
+  scored = [r for r in rows if 'eval/AP' in r]
+  return max(scored, key=lambda r: (r['eval/AP'], -r['step'])) if scored else None
+
+
+_WAIT, _STOP_FINAL, _STOP_TIMEOUT = -1, -2, -3   # the watcher's actions besides a step
+
+
+def _agree(value: int) -> int:
+  """Process 0's `value` on every process (the watcher's choices must match for collectives)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def _all_ok(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _load_step(step_dir: str, grace_s: float):
+  """The variables of a step directory, or None when the trainer deleted it (keep-last-N) before
+  or while we read it. A read that fails while the directory is still there waits `grace_s` for
+  the deletion to finish (rmtree removes the directory itself last) before it counts as an error."""
+  try:
+    return checkpoints.load_for_inference(step_dir)[1]
+  except Exception:  # noqa: BLE001  (any orbax/tensorstore error of a half-deleted checkpoint)
+    deadline = time.monotonic() + grace_s
+    while os.path.isdir(step_dir) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    if os.path.isdir(step_dir):
+      raise
+    return None
+
+
+class _Log:
+  """Process 0's eval.jsonl, TensorBoard writer and best.json."""
+
+  def __init__(self, workdir: str, out_dir: str):
+    self.active = jax.process_index() == 0
+    self.jsonl_path = os.path.join(workdir, EVAL_JSONL)
+    self.best_path = os.path.join(out_dir, BEST_FILE)
+    self.rows = read_eval_rows(self.jsonl_path) if self.active else []
+    self._tb = None
+    if self.active:
+      from tensorboardX import SummaryWriter  # noqa: PLC0415
+      # A directory of its own: TensorBoard stops reading older event files of a directory once a
+      # newer one appears, so two writers (trainer, watcher) must not share one.
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard', 'eval'))
+
+  def add(self, row: dict) -> None:
+    if not self.active:
+      return
+    with open(self.jsonl_path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+      f.flush()
+      os.fsync(f.fileno())
+    self.rows.append(row)
+    dataset_eval.write_json(self.best_path, best_row(self.rows))
+    for k, v in row.items():
+      if k != 'step':
+        self._tb.add_scalar(k, v, row['step'])
+    self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def wait_for_config(workdir: str, timeout: float | None = None, poll_s: float = 2.0):
+  """The run's config.json (the trainer writes it first thing), waiting up to `timeout` s."""
+  start = time.monotonic()
+  while (config := checkpoints.read_config(workdir)) is None:
+    if timeout is not None and time.monotonic() - start > timeout:
+      raise TimeoutError(f'{os.path.join(workdir, checkpoints.CONFIG_FILE)}: not written within '
+                         f'{timeout:.0f} s; is a training run using this work directory?')
+    time.sleep(poll_s)
+  return config
+
+
+def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | None = None,
+          top_k: int | None = None, window: int | None = None, timeout: float | None = None,
+          poll_s: float = 2.0, grace_s: float = 5.0) -> list[dict]:
+  """Evaluates every finished checkpoint of the run in `workdir` once, oldest first; returns the
+  rows it added to `workdir/eval.jsonl`.
+
+  Steps already in eval.jsonl are skipped (a restarted watcher resumes). A checkpoint deleted
+  before or while it is read is skipped with a log line. Stops once the run's final step
+  (`total_steps` of `workdir/config.json`, re-read as the trainer rewrites it) is done, or after
+  `timeout` seconds without a new checkpoint. `config` gives the model and inference settings
+  (usually the run's config.json). Every process calls it; process 0 decides and writes.
+  """
+  workdir = os.path.abspath(workdir)
+  out_dir = out_dir or os.path.join(workdir, 'eval')
+  if not dataset.has_annotations:
+    raise ValueError(f'{dataset.json_path} has no annotations: evaluating checkpoints needs a '
+                     'split with ground truth')
+  writer = _Log(workdir, out_dir)
+  done = {r['step'] for r in writer.rows}
+  if done:
+    log.info('%s: %d steps already evaluated (last %d)', writer.jsonl_path, len(done), max(done))
+  added = []
+  idle_since = time.monotonic()
+  try:
+    while True:
+      # Process 0 decides (a step to evaluate, wait or stop), so that all processes run the same
+      # collectives: their listings of a changing directory may differ.
+      todo = [s for s in finished_steps(workdir) if s not in done]
+      run_config = checkpoints.read_config(workdir)
+      final = run_config.total_steps if run_config is not None else None
+      if todo:
+        action = todo[0]
+      elif final is not None and done and max(done) >= final:
+        action = _STOP_FINAL
+      elif timeout is not None and time.monotonic() - idle_since > timeout:
+        action = _STOP_TIMEOUT
+      else:
+        action = _WAIT
+      action = _agree(action)
+      if action == _STOP_FINAL:
+        log.info('the run\'s final step %d is done; stopping', final)
+        break
+      if action == _STOP_TIMEOUT:
+        log.info('no new checkpoint in %s for %.0f s; stopping', workdir, timeout)
+        break
+      if action == _WAIT:
+        time.sleep(poll_s)
+        continue
+      step = action
+      done.add(step)
+      step_dir = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR, str(step))
+      variables = _load_step(step_dir, grace_s)
+      if not _all_ok(variables is not None):
+        log.warning('step %d: checkpoint %s was deleted before it could be read; skipped', step,
+                    step_dir)
+      else:
+        start = time.monotonic()
+        results, metrics = score(config, variables, dataset, max_videos, top_k, window)
+        del variables
+        if writer.active:
+          dataset_eval.write_json(os.path.join(out_dir, str(step), 'results.json'), results)
+          dataset_eval.write_json(os.path.join(out_dir, str(step), 'metrics.json'), metrics)
+          row = {'step': step, **eval_scalars(metrics)}
+          writer.add(row)
+          added.append(row)
+          log.info('step %d: AP %.4f AP50 %.4f (%.1f s); best so far: step %d', step,
+                   metrics['AP'], metrics['AP50'], time.monotonic() - start,
+                   best_row(writer.rows)['step'])
+      idle_since = time.monotonic()
+  finally:
+    writer.close()
+  return added
