@@ -9,6 +9,7 @@ One code path for one CPU, fake CPU devices, several processes and TPU pods: a (
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -331,16 +332,38 @@ class MetricWriter:
 # The loop.
 
 
+class _InputInterrupted(Exception):
+  """SIGTERM arrived while the loop was blocked waiting for a batch."""
+
+
 class _Preemption:
-  """Records SIGTERM so the loop can save and exit cleanly between two steps."""
+  """Records SIGTERM so the loop can save and exit cleanly between two steps.
+
+  A loop blocked on its input (a slow or stuck reader) never reaches the check between steps, so
+  while it waits (`interruptible_wait`) the handler raises instead of only recording the request.
+  """
 
   def __init__(self):
     self.requested = False
+    self._waiting = False
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+    if self._waiting:
+      self._waiting = False
+      raise _InputInterrupted()
+
+  @contextlib.contextmanager
+  def interruptible_wait(self):
+    if self.requested:
+      raise _InputInterrupted()
+    self._waiting = True
+    try:
+      yield
+    finally:
+      self._waiting = False
 
   def agreed(self) -> bool:
     """True on every process once any process got SIGTERM."""
@@ -399,11 +422,21 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
     print(f'training {workdir}: steps {start} -> {total_steps}, global batch {config.batch_size} '
           f'({local_batch} per process), mesh {dict(trainer.mesh.shape)}, '
           f'{jax.device_count()} devices', flush=True)
+  saved_step = manager.latest_step()
   try:
     batches = input_fn(start)
     step_fn = None
     while int(state.step) < total_steps:
-      batch = trainer.global_batch(next(batches))
+      try:
+        with preemption.interruptible_wait():
+          local = next(batches)
+      except _InputInterrupted:
+        saved_step = _save_on_input_interrupt(manager, state, saved_step)
+        break
+      except Exception as e:
+        e.add_note(f'(while reading the input batch of step {int(state.step) + 1})')
+        raise
+      batch = trainer.global_batch(local)
       if step_fn is None:
         step_fn = _compile_everywhere(trainer, state, batch)
         tick, tick_step = time.perf_counter(), int(state.step)
@@ -425,6 +458,7 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
       stop = preemption.agreed()
       if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
         save_state(manager, state)
+        saved_step = step
       if stop:
         logging.warning('SIGTERM: saved step %d, exiting', step)
         break
@@ -436,6 +470,25 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
     writer.close()
     preemption.restore()
   return state
+
+
+def _save_on_input_interrupt(manager, state: TrainState, saved_step: int | None) -> int | None:
+  """SIGTERM while waiting for input: saves the state if it is newer than the last checkpoint.
+
+  With several processes the others may be blocked inside a collective of the step, so a save
+  (itself collective) could hang: they exit without it, the last checkpoint stands.
+  """
+  step = int(state.step)
+  if jax.process_count() > 1:
+    logging.warning('SIGTERM while waiting for input at step %d: exiting without saving (several '
+                    'processes); latest checkpoint: %s', step, saved_step)
+    return saved_step
+  if step > 0 and step != saved_step:
+    save_state(manager, state)
+    logging.warning('SIGTERM while waiting for input: saved step %d, exiting', step)
+    return step
+  logging.warning('SIGTERM while waiting for input: nothing new since step %s, exiting', saved_step)
+  return saved_step
 
 
 def fingerprint(tree) -> str:
