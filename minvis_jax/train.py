@@ -270,26 +270,54 @@ class Trainer:
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  """Steps `checkpoints/<step>/{variables,train,checksums}`; orbax writes each step to a
+  `<step>.orbax-checkpoint-tmp-*` directory and renames it when complete, so a run killed during a
+  save leaves only that temporary directory, which restore never considers."""
   options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep,
                                          enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), checkpoints.CHECKPOINT_SUBDIR),
-                               options=options, item_names=('variables', 'train'))
+  handlers = {'variables': ocp.StandardCheckpointHandler(),
+              'train': ocp.StandardCheckpointHandler(),
+              checkpoints.MANIFEST_ITEM: ocp.JsonCheckpointHandler(checkpoints.MANIFEST_FILE)}
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), checkpoints.CHECKPOINT_SUBDIR), options=options,
+      item_handlers=handlers)
+
+
+def _items(state: TrainState) -> dict:
+  return {'variables': {'params': state.params, 'frozen': state.frozen},
+          'train': {'step': state.step, 'opt_state': state.opt_state}}
 
 
 def save_state(manager: ocp.CheckpointManager, state: TrainState) -> None:
+  """Saves asynchronously, with the checksums of every array (computed now, before the next step
+  donates the state's buffers)."""
+  items = _items(state)
   manager.save(int(state.step), args=ocp.args.Composite(
-      variables=ocp.args.StandardSave({'params': state.params, 'frozen': state.frozen}),
-      train=ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state})))
+      variables=ocp.args.StandardSave(items['variables']),
+      train=ocp.args.StandardSave(items['train']),
+      **{checkpoints.MANIFEST_ITEM: ocp.args.JsonSave(checkpoints.manifest(items))}))
 
 
 def restore_state(manager: ocp.CheckpointManager, abstract_state: TrainState,
                   step: int | None = None) -> TrainState:
-  """Restores a checkpoint onto the shardings of `abstract_state` (any mesh)."""
+  """Restores a checkpoint onto the shardings of `abstract_state` (any mesh), verified against its
+  checksums; a corrupt or unreadable step raises CheckpointError naming it and the array."""
   step = manager.latest_step() if step is None else step
-  a = abstract_state
-  restored = manager.restore(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore({'params': a.params, 'frozen': a.frozen}),
-      train=ocp.args.StandardRestore({'step': a.step, 'opt_state': a.opt_state})))
+  step_dir = os.path.join(str(manager.directory), str(step))
+  a = _items(abstract_state)
+  try:
+    with checkpoints.reading(step_dir):
+      restored = manager.restore(step, args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(a['variables']),
+          train=ocp.args.StandardRestore(a['train'])))
+    manifest_file = os.path.join(step_dir, checkpoints.MANIFEST_ITEM, checkpoints.MANIFEST_FILE)
+    expected = checkpoints.read_manifest(manifest_file)
+    for item in ('variables', 'train'):
+      checkpoints.verify(os.path.join(step_dir, item), restored[item],
+                         None if expected is None else expected.get(item, {}), manifest_file)
+  except checkpoints.CheckpointError as e:
+    raise checkpoints.CheckpointError(
+        f'{e}. Move {step_dir} away to resume from the checkpoint before it.') from None
   v, t = restored['variables'], restored['train']
   return TrainState(step=t['step'], params=v['params'], frozen=v['frozen'],
                     opt_state=t['opt_state'])
@@ -392,9 +420,11 @@ def _compile_everywhere(trainer: Trainer, state: TrainState, batch: dict):
 def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
 
-  input_fn(start_step) -> iterator of this process's batches (numpy dicts) for steps start_step, ...;
-  defaults to the frame-level pipeline of `config.data`.
+  input_fn(start_step) -> iterator of this process's batches (numpy dicts) for steps start_step,
+  ...; defaults to the frame-level pipeline of `config.data`. An error of the input ends the run
+  with that error; SIGTERM saves (if anything is new) and returns, also while waiting for input.
   """
+  config_lib.validate(config)
   total_steps = config.total_steps if total_steps is None else total_steps
   local_batch = config.batch_size // jax.process_count()
   if config.batch_size % jax.device_count() and config.mesh.data == -1:
@@ -492,7 +522,8 @@ def _save_on_input_interrupt(manager, state: TrainState, saved_step: int | None)
 
 
 def fingerprint(tree) -> str:
-  """sha256 of this process's copy of replicated arrays: equal across processes iff bitwise equal."""
+  """sha256 of this process's copy of replicated arrays: equal across processes iff bitwise
+  equal."""
   digest = hashlib.sha256()
   for x in jax.tree.leaves(tree):
     digest.update(np.ascontiguousarray(x.addressable_data(0)).tobytes())
