@@ -2,13 +2,20 @@
 while waiting for input, corrupt or truncated checkpoints, unreadable files given to `convert`."""
 
 import concurrent.futures
+import json
+import logging
 import os
+import re
 import signal
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
@@ -141,3 +148,124 @@ def test_sigterm_while_waiting_for_input_saves_and_exits(tmp_path):
   _, variables = checkpoints.load_for_inference(str(tmp_path))
   np.testing.assert_array_equal(variables['params']['decoder']['query_feat'],
                                 np.asarray(state.params['decoder']['query_feat']))
+
+
+# --- 4. Checkpoints: checksums, corruption, truncation, older checkpoints. --------------------
+
+
+def _variables(seed=0):
+  rng = np.random.default_rng(seed)
+  # Random float32 does not compress: zstd stores it raw, so flipped bytes decode without an error.
+  return {'params': {'w': rng.normal(size=(64, 256)).astype(np.float32),
+                     'b': {'bias': rng.normal(size=(7,)).astype(np.float32)}},
+          'frozen': {'mean': np.arange(5, dtype=np.float32)}}
+
+
+def _largest_array_file(directory):
+  files = [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names
+           if os.path.basename(root) == 'd']
+  return max(files, key=os.path.getsize)
+
+
+def _flip_bytes(path):
+  data = bytearray(open(path, 'rb').read())
+  for i in range(len(data) // 2, len(data) // 2 + 8):
+    data[i] ^= 0x5A
+  open(path, 'wb').write(bytes(data))   # same size
+
+
+def test_save_variables_writes_checksums_and_load_verifies_them(tmp_path):
+  path = str(tmp_path / 'ckpt')
+  checkpoints.save_variables(path, _variables())
+  manifest = json.loads(open(os.path.join(path, 'checksums.json')).read())
+  entries = manifest['items']['variables']
+  assert set(entries) == {'params/w', 'params/b/bias', 'frozen/mean'}
+  assert entries['params/w']['shape'] == [64, 256] and entries['params/w']['dtype'] == 'float32'
+  loaded = checkpoints.load_variables(path)
+  np.testing.assert_array_equal(loaded['params']['w'], _variables()['params']['w'])
+  # Same-size corruption inside the orbax array file: an error naming the directory and the array.
+  _flip_bytes(_largest_array_file(path))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=re.escape(path) + r': array params/w does not match its checksum'):
+    checkpoints.load_variables(path)
+  with pytest.raises(checkpoints.CheckpointError, match='params/w does not match'):
+    checkpoints.load_for_inference(path)
+
+
+def test_checksums_do_not_depend_on_the_sharding():
+  x = np.random.default_rng(1).normal(size=(16, 8, 12)).astype(np.float32)
+  want = checkpoints.checksums({'x': x, 'n': np.int32(3)})
+  mesh = jax.make_mesh((4, 2), ('data', 'model'))
+  for spec in (P('data'), P(None, 'data', 'model'), P('model', None, 'data'), P()):
+    sharded = jax.device_put(x, NamedSharding(mesh, spec))
+    assert checkpoints.checksums({'x': sharded, 'n': jnp.int32(3)}) == want, spec
+  # Any changed element, or two swapped elements, changes the checksum.
+  y = x.copy()
+  y[3, 2, 1] = np.nextafter(y[3, 2, 1], np.float32(10))
+  z = x.copy()
+  z[0, 0, 0], z[0, 0, 1] = x[0, 0, 1], x[0, 0, 0]
+  for other in (y, z):
+    assert checkpoints.checksums({'x': other})['x'] != want['x']
+
+
+def test_truncated_array_file_names_checkpoint_and_array(tmp_path):
+  path = str(tmp_path / 'ckpt')
+  checkpoints.save_variables(path, _variables())
+  data = _largest_array_file(path)
+  with open(data, 'r+b') as f:
+    f.truncate(os.path.getsize(data) // 2)
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    checkpoints.load_variables(path)
+  message = str(info.value)
+  assert message.startswith(f'{path}: cannot read array params.w'), message
+  assert message.count('\n') == 0 and len(message) < 500, message   # no TensorStore spec dump
+
+
+def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path, caplog):
+  path = str(tmp_path / 'old')
+  checkpoints.save_variables(path, _variables())
+  os.remove(os.path.join(path, 'checksums.json'))
+  with caplog.at_level(logging.WARNING):
+    loaded = checkpoints.load_variables(path)
+  np.testing.assert_array_equal(loaded['frozen']['mean'], np.arange(5))
+  assert any('without a checksum manifest' in r.getMessage() and path in r.getMessage()
+             for r in caplog.records)
+
+
+def _toy_state(seed=0):
+  v = _variables(seed)
+  return train.TrainState(step=jnp.int32(3), params=v['params'], frozen=v['frozen'],
+                          opt_state={'mu': jax.tree.map(lambda x: x * 0.5, v['params'])})
+
+
+def test_trainer_checkpoints_are_verified_on_resume_and_load_quietly(tmp_path, caplog):
+  c = small_config()
+  manager = train.checkpoint_manager(str(tmp_path), c)
+  state = _toy_state()
+  train.save_state(manager, state)
+  manager.wait_until_finished()
+  step_dir = tmp_path / 'checkpoints' / '3'
+  manifest = json.loads((step_dir / 'checksums' / 'checksums.json').read_text())
+  assert set(manifest['items']) == {'variables', 'train'}
+  assert {'step', 'opt_state/mu/w'} <= set(manifest['items']['train'])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+  restored = train.restore_state(manager, abstract)
+  np.testing.assert_array_equal(np.asarray(restored.opt_state['mu']['w']),
+                                state.opt_state['mu']['w'])
+  # Loading the variables item prints no orbax _CHECKPOINT_METADATA warning.
+  with caplog.at_level(logging.INFO):
+    checkpoints.load_for_inference(str(tmp_path))
+  assert not [r for r in caplog.records if '_CHECKPOINT_METADATA' in r.getMessage()]
+  # Corruption of the optimizer state: resume refuses, naming the step and the array.
+  _flip_bytes(_largest_array_file(step_dir / 'train'))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=re.escape(str(step_dir / 'train')) + r': array opt_state/mu/w does not '
+                     r'match its checksum.*Move .*3 away'):
+    train.restore_state(manager, abstract)
+  # A truncated file of the variables item: named as well.
+  data = _largest_array_file(step_dir / 'variables')
+  with open(data, 'r+b') as f:
+    f.truncate(10)
+  with pytest.raises(checkpoints.CheckpointError, match=re.escape(str(step_dir)) + ': cannot read'):
+    train.restore_state(manager, abstract)
+  manager.close()
