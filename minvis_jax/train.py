@@ -369,11 +369,14 @@ class _Preemption:
 
   A loop blocked on its input (a slow or stuck reader) never reaches the check between steps, so
   while it waits (`interruptible_wait`) the handler raises instead of only recording the request.
+  Only with one process: with several, one that left on its own would leave the others blocked in
+  the next collective, so they all stop together between steps (`agreed`).
   """
 
   def __init__(self):
     self.requested = False
     self._waiting = False
+    self._interruptible = jax.process_count() == 1
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
@@ -385,6 +388,9 @@ class _Preemption:
 
   @contextlib.contextmanager
   def interruptible_wait(self):
+    if not self._interruptible:
+      yield
+      return
     if self.requested:
       raise _InputInterrupted()
     self._waiting = True
@@ -433,14 +439,9 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     checkpoints.save_config(workdir, config)
-  trainer = Trainer(config)
   manager = checkpoint_manager(workdir, config)
-  if manager.latest_step() is not None:
-    state = restore_state(manager, trainer.abstract_state)
-    logging.info('resumed from %s at step %d', workdir, int(state.step))
-  else:
-    state = trainer.init_state()
-  start = int(state.step)
+  saved_step = manager.latest_step()
+  start = saved_step or 0
   if input_fn is None:
     from minvis_jax.data import input_pipeline  # noqa: PLC0415
     def input_fn(start_step):
@@ -448,24 +449,27 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
                                            jax.process_count())
   writer = MetricWriter(workdir, jax.process_index() == 0)
   preemption = _Preemption()
-  if jax.process_index() == 0:
-    print(f'training {workdir}: steps {start} -> {total_steps}, global batch {config.batch_size} '
-          f'({local_batch} per process), mesh {dict(trainer.mesh.shape)}, '
-          f'{jax.device_count()} devices', flush=True)
-  saved_step = manager.latest_step()
   try:
+    # The first batch comes before the model: bad input data fails in seconds, not after the
+    # restore and the compile, and the input threads work meanwhile.
     batches = input_fn(start)
+    pending = [_next_input(batches, preemption, start)] if start < total_steps else []
+    trainer = Trainer(config)
+    if saved_step is not None:
+      state = restore_state(manager, trainer.abstract_state)
+      logging.info('resumed from %s at step %d', workdir, int(state.step))
+    else:
+      state = trainer.init_state()
+    if jax.process_index() == 0:
+      print(f'training {workdir}: steps {start} -> {total_steps}, global batch '
+            f'{config.batch_size} ({local_batch} per process), mesh {dict(trainer.mesh.shape)}, '
+            f'{jax.device_count()} devices', flush=True)
     step_fn = None
     while int(state.step) < total_steps:
-      try:
-        with preemption.interruptible_wait():
-          local = next(batches)
-      except _InputInterrupted:
+      local = pending.pop() if pending else _next_input(batches, preemption, int(state.step))
+      if local is _INTERRUPTED:
         saved_step = _save_on_input_interrupt(manager, state, saved_step)
         break
-      except Exception as e:
-        e.add_note(f'(while reading the input batch of step {int(state.step) + 1})')
-        raise
       batch = trainer.global_batch(local)
       if step_fn is None:
         step_fn = _compile_everywhere(trainer, state, batch)
@@ -502,17 +506,25 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
   return state
 
 
-def _save_on_input_interrupt(manager, state: TrainState, saved_step: int | None) -> int | None:
-  """SIGTERM while waiting for input: saves the state if it is newer than the last checkpoint.
+_INTERRUPTED = object()
 
-  With several processes the others may be blocked inside a collective of the step, so a save
-  (itself collective) could hang: they exit without it, the last checkpoint stands.
-  """
+
+def _next_input(batches, preemption: _Preemption, step: int):
+  """The next local batch; _INTERRUPTED on SIGTERM while waiting; an input error gets a note."""
+  try:
+    with preemption.interruptible_wait():
+      return next(batches)
+  except _InputInterrupted:
+    return _INTERRUPTED
+  except Exception as e:
+    e.add_note(f'(while reading the input batch of step {step + 1})')
+    raise
+
+
+def _save_on_input_interrupt(manager, state: TrainState, saved_step: int | None) -> int | None:
+  """SIGTERM while waiting for input (one process): saves the state if it is newer than the last
+  checkpoint; returns the latest saved step."""
   step = int(state.step)
-  if jax.process_count() > 1:
-    logging.warning('SIGTERM while waiting for input at step %d: exiting without saving (several '
-                    'processes); latest checkpoint: %s', step, saved_step)
-    return saved_step
   if step > 0 and step != saved_step:
     save_state(manager, state)
     logging.warning('SIGTERM while waiting for input: saved step %d, exiting', step)
