@@ -6,10 +6,12 @@ checksum manifest that every load verifies.
 """
 
 import contextlib
+import gc
 import json
 import logging
 import os
 import re
+import sys
 
 import jax
 import numpy as np
@@ -137,6 +139,11 @@ def read_manifest(path: str) -> dict | None:
       data = json.load(f)
     if data.get('format') != _FORMAT or not isinstance(data.get('items'), dict):
       raise ValueError(f'unknown format {data.get("format")!r}')
+    for item, entries in data['items'].items():
+      for name, entry in (entries.items() if isinstance(entries, dict) else [(item, None)]):
+        if not (isinstance(entry, dict) and isinstance(entry.get('shape'), list)
+                and isinstance(entry.get('dtype'), str) and isinstance(entry.get('checksum'), str)):
+          raise ValueError(f'item {item!r}, array {name!r}: expected {{shape, dtype, checksum}}')
     return data['items']
   except (OSError, ValueError, AttributeError) as e:
     raise CheckpointError(f'{path}: unreadable checksum manifest ({e})') from None
@@ -158,6 +165,20 @@ def find_manifest(directory: str) -> tuple[str, dict] | None:
       raise CheckpointError(f'{beside}: no checksums for item {item!r}')
     return beside, items[item]
   return None
+
+
+def check_shapes(directory: str, tree, expected: dict, hint: str = '') -> None:
+  """Raises CheckpointError if the arrays of `tree` (arrays or ShapeDtypeStructs) are not the
+  arrays a manifest's {array path: entry} lists, with the same shapes and dtypes."""
+  got = {_path_name(p): (list(x.shape), str(np.dtype(x.dtype)))
+         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  want = {name: (e['shape'], e['dtype']) for name, e in expected.items()}
+  for name in sorted(set(got) | set(want)):
+    if got.get(name) != want.get(name):
+      saved = 'absent' if name not in want else f'{want[name][1]}{want[name][0]}'
+      wanted = 'absent' if name not in got else f'{got[name][1]}{got[name][0]}'
+      raise CheckpointError(f'{directory}: array {name} is {saved} in the checkpoint but {wanted} '
+                            f'here{hint}')
 
 
 def verify(directory: str, tree, expected: dict | None, manifest_file: str = '') -> None:
@@ -201,6 +222,11 @@ class _DropMissingMetadataWarning(logging.Filter):
     return '_CHECKPOINT_METADATA' not in record.getMessage()
 
 
+def _from_orbax(unraisable) -> bool:
+  code = getattr(unraisable.object, 'cr_code', None)
+  return code is not None and 'orbax' in code.co_filename
+
+
 @contextlib.contextmanager
 def reading(directory: str):
   """Silences orbax's missing-metadata warning; a TensorStore read error (a truncated or missing
@@ -209,6 +235,11 @@ def reading(directory: str):
   loggers = [logging.getLogger('absl'), logging.getLogger()]
   for logger in loggers:
     logger.addFilter(quiet)
+  # After a failed read, orbax's other pending reads are dropped with the failure's traceback, and
+  # each one would print the same dump as an "exception ignored" message.
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if _from_orbax(u) else hook(u)
+  failure = None
   try:
     yield
   except CheckpointError:
@@ -216,14 +247,22 @@ def reading(directory: str):
   except Exception as e:  # noqa: BLE001  (TensorStore raises bare Exception / ValueError)
     text = str(e)
     arrays = re.findall(r"'path': '([^/'][^']*?)/?'", text)
-    first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
-    first = first.split(' See full TensorStore details')[0]
+    root = e
+    while root.__cause__ is not None:   # TensorStore's own message says what is wrong
+      root = root.__cause__
+    first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+    first = first.split(' See full TensorStore details')[0][:300]
     what = f'array {arrays[-1]}' if arrays else 'its arrays'
-    raise CheckpointError(f'{directory}: cannot read {what} (a truncated, missing or corrupt '
-                          f'file?): {first}') from None
+    failure = (f'{directory}: cannot read {what} (a truncated, missing or corrupt file?): '
+               f'{first}')
   finally:
     for logger in loggers:
       logger.removeFilter(quiet)
+    if failure:
+      gc.collect()   # the dropped reads go now, while the hook above keeps them quiet
+    sys.unraisablehook = hook
+  if failure:
+    raise CheckpointError(failure) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,11 +324,15 @@ def read_config(directory: str):
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.exists(path):
     return None
+  from minvis_jax import config_lib  # noqa: PLC0415
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except json.JSONDecodeError as e:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f'{path}: not a valid config JSON ({e})') from None
+  if not isinstance(data, dict):
+    raise ValueError(f'{path}: expected a JSON object (a config), got {type(data).__name__}')
+  return config_lib.validate(ml_collections.ConfigDict(data), source=path)
 
 
 def _latest_step_dir(directory: str) -> str | None:

@@ -305,13 +305,17 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state: TrainState,
   step = manager.latest_step() if step is None else step
   step_dir = os.path.join(str(manager.directory), str(step))
   a = _items(abstract_state)
+  manifest_file = os.path.join(step_dir, checkpoints.MANIFEST_ITEM, checkpoints.MANIFEST_FILE)
+  expected = checkpoints.read_manifest(manifest_file)
+  if expected is not None:   # a resume with another model or optimizer: say so before reading
+    for item in ('variables', 'train'):
+      checkpoints.check_shapes(os.path.join(step_dir, item), a[item], expected.get(item, {}),
+                               ' (config.model / config.optim differ from the run that saved it)')
   try:
     with checkpoints.reading(step_dir):
       restored = manager.restore(step, args=ocp.args.Composite(
           variables=ocp.args.StandardRestore(a['variables']),
           train=ocp.args.StandardRestore(a['train'])))
-    manifest_file = os.path.join(step_dir, checkpoints.MANIFEST_ITEM, checkpoints.MANIFEST_FILE)
-    expected = checkpoints.read_manifest(manifest_file)
     for item in ('variables', 'train'):
       checkpoints.verify(os.path.join(step_dir, item), restored[item],
                          None if expected is None else expected.get(item, {}), manifest_file)

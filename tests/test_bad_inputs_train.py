@@ -269,3 +269,39 @@ def test_trainer_checkpoints_are_verified_on_resume_and_load_quietly(tmp_path, c
   with pytest.raises(checkpoints.CheckpointError, match=re.escape(str(step_dir)) + ': cannot read'):
     train.restore_state(manager, abstract)
   manager.close()
+
+
+def test_resume_with_another_model_and_bad_manifest_or_config_json(tmp_path):
+  c = small_config()
+  manager = train.checkpoint_manager(str(tmp_path), c)
+  state = _toy_state()
+  train.save_state(manager, state)
+  manager.wait_until_finished()
+  step_dir = tmp_path / 'checkpoints' / '3'
+  # Resuming with another model: named before any read, with the shapes on both sides.
+  other = state.replace(params={**state.params, 'w': np.zeros((64, 128), np.float32)})
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), other)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=re.escape(str(step_dir / 'variables')) + r': array params/w is '
+                     r'float32\[64, 256\] in the checkpoint but float32\[64, 128\] here \(config'):
+    train.restore_state(manager, abstract)
+  manager.close()
+  # A manifest whose entries are not {shape, dtype, checksum}.
+  manifest = step_dir / 'checksums' / 'checksums.json'
+  data = json.loads(manifest.read_text())
+  data['items']['variables']['params/w'] = [64, 256]
+  manifest.write_text(json.dumps(data))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=re.escape(str(manifest)) + r": unreadable checksum .*'params/w'"):
+    checkpoints.load_variables(str(step_dir / 'variables'))
+  # config.json of a work directory: JSON that is not a config, or a config with a bad value.
+  config_file = tmp_path / 'config.json'
+  config_file.write_text('[1, 2]')
+  with pytest.raises(ValueError, match=re.escape(str(config_file)) + ': expected a JSON object'):
+    checkpoints.read_config(str(tmp_path))
+  c.data.canvas = (64, 96)
+  bad = json.loads(c.to_json())
+  bad['data']['canvas'] = [64]
+  config_file.write_text(json.dumps(bad))
+  with pytest.raises(ValueError, match=re.escape(str(config_file)) + r': data.canvas=\[64\]'):
+    checkpoints.read_config(str(tmp_path))
