@@ -273,7 +273,9 @@ def save_variables(path: str, variables) -> None:
   """Writes `variables` (a pytree of arrays) to the new directory `path` (atomically), with its
   checksum manifest `path/checksums.json`."""
   path = os.path.abspath(path)
-  variables = jax.tree.map(np.asarray, variables)
+  # In the dtypes JAX gives them back (int64 -> int32 without x64), so the checksums match.
+  variables = jax.tree.map(
+      lambda x: np.asarray(x, jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)), variables)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, variables)
     ckptr.wait_until_finished()

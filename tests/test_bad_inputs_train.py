@@ -183,6 +183,12 @@ def test_save_variables_writes_checksums_and_load_verifies_them(tmp_path):
   assert entries['params/w']['shape'] == [64, 256] and entries['params/w']['dtype'] == 'float32'
   loaded = checkpoints.load_variables(path)
   np.testing.assert_array_equal(loaded['params']['w'], _variables()['params']['w'])
+  # 64-bit leaves come back as JAX gives them (32-bit without x64), and verify.
+  wide = {'params': {'f': np.arange(3.0), 'i': np.arange(4), 'b': np.array([True, False])}}
+  checkpoints.save_variables(str(tmp_path / 'wide'), wide)
+  loaded = checkpoints.load_variables(str(tmp_path / 'wide'))['params']
+  assert (loaded['f'].dtype, loaded['i'].dtype, loaded['b'].dtype) == (np.float32, np.int32, bool)
+  np.testing.assert_array_equal(loaded['i'], np.arange(4))
   # Same-size corruption inside the orbax array file: an error naming the directory and the array.
   _flip_bytes(_largest_array_file(path))
   with pytest.raises(checkpoints.CheckpointError,
