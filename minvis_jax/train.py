@@ -436,6 +436,8 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
   """
   config_lib.validate(config)
   total_steps = config.total_steps if total_steps is None else total_steps
+  if not isinstance(total_steps, int) or total_steps < 0:
+    raise ValueError(f'total_steps={total_steps!r}: expected an integer >= 0')
   local_batch = config.batch_size // jax.process_count()
   if config.batch_size % jax.device_count() and config.mesh.data == -1:
     raise ValueError(f'config.batch_size={config.batch_size} is not a multiple of the '

@@ -311,3 +311,13 @@ def test_resume_with_another_model_and_bad_manifest_or_config_json(tmp_path):
   config_file.write_text(json.dumps(bad))
   with pytest.raises(ValueError, match=re.escape(str(config_file)) + r': data.canvas=\[64\]'):
     checkpoints.read_config(str(tmp_path))
+
+
+def test_train_validates_its_arguments_before_any_work(tmp_path):
+  c = small_config()
+  with pytest.raises(ValueError, match=r'total_steps=-1: expected an integer >= 0'):
+    train.train(c, str(tmp_path / 'a'), total_steps=-1)
+  c.data.canvas = (64, 100)   # set in code, not through --set: train() checks it too
+  with pytest.raises(ValueError, match=r'data.canvas=\(64, 100\)'):
+    train.train(c, str(tmp_path / 'b'))
+  assert not os.path.exists(tmp_path / 'a') and not os.path.exists(tmp_path / 'b')

@@ -158,14 +158,18 @@ def iterate(train_input: TrainInput, start_step: int, workers: int = 4,
         continue
 
   def produce():
+    pool = None
     try:
-      with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        step = start_step
-        while not stop.is_set():
-          put(train_input.batch(step, pool))
-          step += 1
+      pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='minvis-input')
+      step = start_step
+      while not stop.is_set():
+        put(train_input.batch(step, pool))
+        step += 1
     except BaseException as e:  # noqa: BLE001  (re-raised in the consumer)
-      put(e)
+      put(e)   # at once, even if another worker is stuck in a read
+    finally:
+      if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
 
   thread = threading.Thread(target=produce, daemon=True, name='minvis-input')
   thread.start()
