@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -262,6 +263,16 @@ def test_trainer_checkpoints_are_verified_on_resume_and_load_quietly(tmp_path, c
   with caplog.at_level(logging.INFO):
     checkpoints.load_for_inference(str(tmp_path))
   assert not [r for r in caplog.records if '_CHECKPOINT_METADATA' in r.getMessage()]
+  # A step written before the manifest existed resumes, with a warning.
+  shutil.copytree(step_dir, tmp_path / 'saved_step')
+  shutil.rmtree(step_dir / 'checksums')
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    restored = train.restore_state(manager, abstract)
+  assert int(restored.step) == 3
+  assert any('without a checksum manifest' in r.getMessage() for r in caplog.records)
+  shutil.rmtree(step_dir)
+  shutil.copytree(tmp_path / 'saved_step', step_dir)
   # Corruption of the optimizer state: resume refuses, naming the step and the array.
   _flip_bytes(_largest_array_file(step_dir / 'train'))
   with pytest.raises(checkpoints.CheckpointError,
