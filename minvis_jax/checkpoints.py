@@ -109,7 +109,8 @@ def checksums(tree) -> dict:
       multi |= not x.is_fully_addressable
       for shard in x.addressable_shards:
         if shard.replica_id == 0:
-          partial[i] += _block_checksum(np.asarray(shard.data), shard.index, x.shape)
+          partial[i] = (partial[i] + _block_checksum(np.asarray(shard.data), shard.index,
+                                                     x.shape)) & _MASK
     else:
       x = np.asarray(x)
       partial[i] = _block_checksum(x, (slice(None),) * x.ndim, x.shape)
