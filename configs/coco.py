@@ -16,7 +16,7 @@ from minvis_jax import config_lib  # noqa: E402
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, backbone='r50')
+  args = common.parse_arg(arg, 'configs/coco.py', backbone='r50')
   if args['backbone'] == 'r50':
     model = config_lib.mask2former_model(config_lib.resnet_backbone(50), num_classes=80)
   elif args['backbone'] == 'swin_l':

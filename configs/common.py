@@ -98,16 +98,27 @@ ZOO = {
 }
 
 
-def parse_arg(arg, **defaults) -> dict:
-  """'a=1,b=x' -> {'a': '1', 'b': 'x'} over `defaults` (big_vision-style config arguments)."""
+def parse_arg(arg, config: str, **defaults) -> dict:
+  """'a=1,b=x' -> {'a': '1', 'b': 'x'} over `defaults` (big_vision-style config arguments).
+
+  `config` names the config file in errors. A config without `defaults` takes no argument: one
+  given anyway is an error, never silently ignored.
+  """
   out = dict(defaults)
+  seen = set()
   for item in (arg or '').split(','):
     if not item:
       continue
     key, sep, value = item.partition('=')
+    if not defaults:
+      raise ValueError(f'{config} takes no argument, got {arg!r} (change values with --set '
+                       'key=value)')
     if not sep or key not in defaults:
-      raise ValueError(f'config argument {item!r}: expected key=value with key in '
+      raise ValueError(f'{config}: argument {item!r}: expected key=value with key in '
                        f'{sorted(defaults)}')
+    if key in seen:
+      raise ValueError(f'{config}: argument {key!r} given twice in {arg!r}')
+    seen.add(key)
     out[key] = value
   return out
 
@@ -115,8 +126,8 @@ def parse_arg(arg, **defaults) -> dict:
 def zoo_config(dataset: str, backbone: str, fraction: float) -> ml_collections.ConfigDict:
   """A model-zoo row of the original MinVIS: recipe, sizes, classes and initialisation (SPEC 4)."""
   if (dataset, backbone) not in ZOO:
-    raise ValueError(f'no model-zoo row for dataset={dataset!r} backbone={backbone!r}; '
-                     f'choose from {sorted(ZOO)}')
+    raise ValueError(f'configs/minvis.py: no model-zoo row for dataset={dataset!r} '
+                     f'backbone={backbone!r}; choose from {sorted(ZOO)}')
   if backbone == 'r50':
     model = config_lib.mask2former_model(config_lib.resnet_backbone(50), num_queries=100)
   else:

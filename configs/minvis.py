@@ -16,5 +16,10 @@ import common  # noqa: E402
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, dataset='ytvis_2019', backbone='r50', fraction='1.0')
-  return common.zoo_config(args['dataset'], args['backbone'], float(args['fraction']))
+  args = common.parse_arg(arg, 'configs/minvis.py', dataset='ytvis_2019', backbone='r50',
+                          fraction='1.0')
+  fractions = {'1.0': 1.0, '1': 1.0, '0.1': 0.1, '0.05': 0.05, '0.01': 0.01}
+  if args['fraction'] not in fractions:
+    raise ValueError(f"configs/minvis.py: fraction={args['fraction']!r}: expected one of 1.0, "
+                     '0.1, 0.05, 0.01 (another fraction: --set data.annotation_fraction=...)')
+  return common.zoo_config(args['dataset'], args['backbone'], fractions[args['fraction']])

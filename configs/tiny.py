@@ -13,7 +13,7 @@ from minvis_jax import config_lib  # noqa: E402
 
 
 def get_config(arg=None):
-  del arg
+  common.parse_arg(arg, 'configs/tiny.py')   # takes none: refuses one rather than ignore it
   c = common.base_config(config_lib.tiny_model())
   c = common.with_dataset(c, 'synthetic')
   c.data.min_size_train = (128,)

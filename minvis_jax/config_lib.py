@@ -4,6 +4,7 @@ Experiment files in `configs/` compose these; modules never read configs except 
 """
 
 import ml_collections
+import numpy as np
 
 IMAGE_MEAN = (123.675, 116.28, 103.53)
 IMAGE_STD = (58.395, 57.12, 57.375)
@@ -138,7 +139,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
     raise ValueError(f'{path}: a config file must define get_config(arg=None)')
-  return module.get_config(arg or None)
+  return validate(module.get_config(arg or None), source=spec)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
@@ -162,5 +163,102 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
       value = text
     if isinstance(node[leaf], tuple) and isinstance(value, list):
       value = tuple(value)
-    node[leaf] = value
+    try:
+      node[leaf] = value
+    except TypeError as e:   # ConfigDict's type check: a str or float where an int belongs
+      raise ValueError(f'override {item!r}: {e}') from None
+  return validate(config, source='--set ' + ' --set '.join(overrides)) if overrides else config
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of the values that shape the model, the input and the loop: a bad value fails here,
+# naming its key, rather than as a shape error deep inside the model.
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+  return (_is_int(x) or isinstance(x, (float, np.floating))) and np.isfinite(x)
+
+
+def _get(config, key: str):
+  node = config
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+_MISSING = object()
+
+
+def validate(config: ml_collections.ConfigDict, source: str = 'config'
+             ) -> ml_collections.ConfigDict:
+  """Checks the values that shape the model, the input and the loop; returns `config`.
+
+  Keys a config does not have are skipped (partial configs, e.g. of a converted checkpoint).
+  Raises ValueError naming `source`, the key and the value.
+  """
+  def fail(key, value, expected):
+    raise ValueError(f'{source}: {key}={value!r}: expected {expected}')
+
+  def check(key, ok, expected):
+    value = _get(config, key)
+    if value is not _MISSING and not ok(value):
+      fail(key, value, expected)
+    return value
+
+  positive_int = lambda x: _is_int(x) and x >= 1  # noqa: E731
+  divisibility = check('data.size_divisibility', lambda x: positive_int(x) and x % 32 == 0,
+                       'a positive multiple of 32 (the stride of res5)')
+  if divisibility is _MISSING:
+    divisibility = 32
+  check('data.canvas', lambda x: isinstance(x, (tuple, list)) and len(x) == 2 and all(
+      positive_int(v) and v % divisibility == 0 for v in x),
+      f'a pair (height, width) of positive multiples of data.size_divisibility={divisibility}')
+  sizes = lambda x: isinstance(x, (tuple, list)) and len(x) >= 1 and all(  # noqa: E731
+      positive_int(v) for v in x)
+  check('data.min_size_train', sizes, 'a non-empty tuple of positive integers (short sides)')
+  for key in ('data.max_size_train', 'data.min_size_test', 'data.max_size_test',
+              'data.max_instances', 'data.workers', 'model.num_classes', 'model.num_queries',
+              'model.hidden_dim', 'model.mask_dim', 'model.enc_heads', 'model.dec_heads',
+              'model.enc_points', 'model.enc_ffn_dim', 'model.dec_ffn_dim',
+              'model.num_feature_levels', 'loss.num_points', 'batch_size', 'log_every',
+              'checkpoint.every_steps', 'checkpoint.keep', 'inference.window', 'inference.top_k'):
+    check(key, positive_int, 'an integer >= 1')
+  for key in ('model.enc_layers', 'model.dec_layers', 'total_steps', 'optim.warmup_steps'):
+    check(key, lambda x: _is_int(x) and x >= 0, 'an integer >= 0')
+  check('model.num_feature_levels', lambda x: x <= 3, 'at most 3 (res3..res5)')
+  for heads in ('model.enc_heads', 'model.dec_heads'):
+    n, dim = _get(config, heads), _get(config, 'model.hidden_dim')
+    if _MISSING not in (n, dim) and dim % n:
+      fail(heads, n, f'a divisor of model.hidden_dim={dim}')
+  check('model.dtype', lambda x: x in ('float32', 'bfloat16'), "'float32' or 'bfloat16'")
+  check('model.backbone.name', lambda x: x in ('resnet', 'swin'), "'resnet' or 'swin'")
+  check('data.annotation_fraction', lambda x: _is_number(x) and 0 < x <= 1, 'a number in (0, 1]')
+  for key in ('data.mean', 'data.std'):
+    check(key, lambda x: isinstance(x, (tuple, list)) and len(x) == 3 and all(
+        _is_number(v) for v in x), 'three finite numbers (R, G, B)')
+  check('data.std', lambda x: all(v > 0 for v in x), 'positive values')
+  for key in ('data.flip', 'data.crop', 'mesh.fsdp', 'init.reinit_class_head'):
+    check(key, lambda x: isinstance(x, bool), 'True or False')
+  for key in ('optim.lr', 'optim.weight_decay', 'optim.clip_norm', 'optim.backbone_lr_mult',
+              'optim.decay_factor', 'loss.class_weight', 'loss.mask_weight', 'loss.dice_weight',
+              'loss.no_object_weight'):
+    check(key, lambda x: _is_number(x) and x >= 0, 'a finite number >= 0')
+  check('optim.lr', lambda x: x > 0, 'a positive learning rate')
+  for key in ('optim.b1', 'optim.b2', 'loss.importance_sample_ratio'):
+    check(key, lambda x: _is_number(x) and 0 <= x <= 1, 'a number in [0, 1]')
+  check('loss.oversample_ratio', lambda x: _is_number(x) and x >= 1, 'a number >= 1')
+  check('optim.decay_steps', lambda x: isinstance(x, (tuple, list)) and all(
+      _is_int(v) and v >= 1 for v in x), 'a tuple of positive step numbers')
+  check('mesh.model', positive_int, 'an integer >= 1')
+  data = check('mesh.data', lambda x: _is_int(x) and (x == -1 or x >= 1),
+               '-1 (all devices the model axis leaves) or an integer >= 1')
+  batch = _get(config, 'batch_size')
+  if _MISSING not in (data, batch) and data != -1 and batch % data:
+    fail('batch_size', batch, f'a multiple of mesh.data={data}')
   return config

@@ -9,6 +9,7 @@ One code path for one CPU, fake CPU devices, several processes and TPU pods: a (
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -269,26 +270,58 @@ class Trainer:
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  """Steps `checkpoints/<step>/{variables,train,checksums}`; orbax writes each step to a
+  `<step>.orbax-checkpoint-tmp-*` directory and renames it when complete, so a run killed during a
+  save leaves only that temporary directory, which restore never considers."""
   options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep,
                                          enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), checkpoints.CHECKPOINT_SUBDIR),
-                               options=options, item_names=('variables', 'train'))
+  handlers = {'variables': ocp.StandardCheckpointHandler(),
+              'train': ocp.StandardCheckpointHandler(),
+              checkpoints.MANIFEST_ITEM: ocp.JsonCheckpointHandler(checkpoints.MANIFEST_FILE)}
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), checkpoints.CHECKPOINT_SUBDIR), options=options,
+      item_handlers=handlers)
+
+
+def _items(state: TrainState) -> dict:
+  return {'variables': {'params': state.params, 'frozen': state.frozen},
+          'train': {'step': state.step, 'opt_state': state.opt_state}}
 
 
 def save_state(manager: ocp.CheckpointManager, state: TrainState) -> None:
+  """Saves asynchronously, with the checksums of every array (computed now, before the next step
+  donates the state's buffers)."""
+  items = _items(state)
   manager.save(int(state.step), args=ocp.args.Composite(
-      variables=ocp.args.StandardSave({'params': state.params, 'frozen': state.frozen}),
-      train=ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state})))
+      variables=ocp.args.StandardSave(items['variables']),
+      train=ocp.args.StandardSave(items['train']),
+      **{checkpoints.MANIFEST_ITEM: ocp.args.JsonSave(checkpoints.manifest(items))}))
 
 
 def restore_state(manager: ocp.CheckpointManager, abstract_state: TrainState,
                   step: int | None = None) -> TrainState:
-  """Restores a checkpoint onto the shardings of `abstract_state` (any mesh)."""
+  """Restores a checkpoint onto the shardings of `abstract_state` (any mesh), verified against its
+  checksums; a corrupt or unreadable step raises CheckpointError naming it and the array."""
   step = manager.latest_step() if step is None else step
-  a = abstract_state
-  restored = manager.restore(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore({'params': a.params, 'frozen': a.frozen}),
-      train=ocp.args.StandardRestore({'step': a.step, 'opt_state': a.opt_state})))
+  step_dir = os.path.join(str(manager.directory), str(step))
+  a = _items(abstract_state)
+  manifest_file = os.path.join(step_dir, checkpoints.MANIFEST_ITEM, checkpoints.MANIFEST_FILE)
+  expected = checkpoints.read_manifest(manifest_file)
+  if expected is not None:   # a resume with another model or optimizer: say so before reading
+    for item in ('variables', 'train'):
+      checkpoints.check_shapes(os.path.join(step_dir, item), a[item], expected.get(item, {}),
+                               ' (config.model / config.optim differ from the run that saved it)')
+  try:
+    with checkpoints.reading(step_dir):
+      restored = manager.restore(step, args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(a['variables']),
+          train=ocp.args.StandardRestore(a['train'])))
+    for item in ('variables', 'train'):
+      checkpoints.verify(os.path.join(step_dir, item), restored[item],
+                         None if expected is None else expected.get(item, {}), manifest_file)
+  except checkpoints.CheckpointError as e:
+    raise checkpoints.CheckpointError(
+        f'{e}. Move {step_dir} away to resume from the checkpoint before it.') from None
   v, t = restored['variables'], restored['train']
   return TrainState(step=t['step'], params=v['params'], frozen=v['frozen'],
                     opt_state=t['opt_state'])
@@ -331,16 +364,44 @@ class MetricWriter:
 # The loop.
 
 
+class _InputInterrupted(Exception):
+  """SIGTERM arrived while the loop was blocked waiting for a batch."""
+
+
 class _Preemption:
-  """Records SIGTERM so the loop can save and exit cleanly between two steps."""
+  """Records SIGTERM so the loop can save and exit cleanly between two steps.
+
+  A loop blocked on its input (a slow or stuck reader) never reaches the check between steps, so
+  while it waits (`interruptible_wait`) the handler raises instead of only recording the request.
+  Only with one process: with several, one that left on its own would leave the others blocked in
+  the next collective, so they all stop together between steps (`agreed`).
+  """
 
   def __init__(self):
     self.requested = False
+    self._waiting = False
+    self._interruptible = jax.process_count() == 1
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+    if self._waiting:
+      self._waiting = False
+      raise _InputInterrupted()
+
+  @contextlib.contextmanager
+  def interruptible_wait(self):
+    if not self._interruptible:
+      yield
+      return
+    if self.requested:
+      raise _InputInterrupted()
+    self._waiting = True
+    try:
+      yield
+    finally:
+      self._waiting = False
 
   def agreed(self) -> bool:
     """True on every process once any process got SIGTERM."""
@@ -381,10 +442,14 @@ def _compile_everywhere(trainer: Trainer, state: TrainState, batch: dict):
 def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
 
-  input_fn(start_step) -> iterator of this process's batches (numpy dicts) for steps start_step, ...;
-  defaults to the frame-level pipeline of `config.data`.
+  input_fn(start_step) -> iterator of this process's batches (numpy dicts) for steps start_step,
+  ...; defaults to the frame-level pipeline of `config.data`. An error of the input ends the run
+  with that error; SIGTERM saves (if anything is new) and returns, also while waiting for input.
   """
+  config_lib.validate(config)
   total_steps = config.total_steps if total_steps is None else total_steps
+  if not isinstance(total_steps, int) or total_steps < 0:
+    raise ValueError(f'total_steps={total_steps!r}: expected an integer >= 0')
   local_batch = config.batch_size // jax.process_count()
   if config.batch_size % jax.device_count() and config.mesh.data == -1:
     raise ValueError(f'config.batch_size={config.batch_size} is not a multiple of the '
@@ -394,14 +459,9 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
     saved = config.copy_and_resolve_references()
     saved.total_steps = total_steps   # the run's real last step (read by `evaluate --watch`)
     checkpoints.save_config(workdir, saved)
-  trainer = Trainer(config)
   manager = checkpoint_manager(workdir, config)
-  if manager.latest_step() is not None:
-    state = restore_state(manager, trainer.abstract_state)
-    logging.info('resumed from %s at step %d', workdir, int(state.step))
-  else:
-    state = trainer.init_state()
-  start = int(state.step)
+  saved_step = manager.latest_step()
+  start = saved_step or 0
   eval_every = (config.get('eval') or {}).get('every_steps', 0)
   eval_data = None
   if eval_every and total_steps // eval_every > start // eval_every:   # an eval step lies ahead
@@ -419,15 +479,28 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
                                            jax.process_count())
   writer = MetricWriter(workdir, jax.process_index() == 0)
   preemption = _Preemption()
-  if jax.process_index() == 0:
-    print(f'training {workdir}: steps {start} -> {total_steps}, global batch {config.batch_size} '
-          f'({local_batch} per process), mesh {dict(trainer.mesh.shape)}, '
-          f'{jax.device_count()} devices', flush=True)
   try:
+    # The first batch comes before the model: bad input data fails in seconds, not after the
+    # restore and the compile, and the input threads work meanwhile.
     batches = input_fn(start)
+    pending = [_next_input(batches, preemption, start)] if start < total_steps else []
+    trainer = Trainer(config)
+    if saved_step is not None:
+      state = restore_state(manager, trainer.abstract_state)
+      logging.info('resumed from %s at step %d', workdir, int(state.step))
+    else:
+      state = trainer.init_state()
+    if jax.process_index() == 0:
+      print(f'training {workdir}: steps {start} -> {total_steps}, global batch '
+            f'{config.batch_size} ({local_batch} per process), mesh {dict(trainer.mesh.shape)}, '
+            f'{jax.device_count()} devices', flush=True)
     step_fn = None
     while int(state.step) < total_steps:
-      batch = trainer.global_batch(next(batches))
+      local = pending.pop() if pending else _next_input(batches, preemption, int(state.step))
+      if local is _INTERRUPTED:
+        saved_step = _save_on_input_interrupt(manager, state, saved_step)
+        break
+      batch = trainer.global_batch(local)
       if step_fn is None:
         step_fn = _compile_everywhere(trainer, state, batch)
         tick, tick_step = time.perf_counter(), int(state.step)
@@ -449,6 +522,7 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
       stop = preemption.agreed()
       if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
         save_state(manager, state)
+        saved_step = step
       if eval_data is not None and step % eval_every == 0 and not stop:   # preempted: exit now
         eval_metrics = evaluate_state(config, state, trainer.mesh, eval_data)
         if eval_metrics is not None:
@@ -467,8 +541,36 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
   return state
 
 
+_INTERRUPTED = object()
+
+
+def _next_input(batches, preemption: _Preemption, step: int):
+  """The next local batch; _INTERRUPTED on SIGTERM while waiting; an input error gets a note."""
+  try:
+    with preemption.interruptible_wait():
+      return next(batches)
+  except _InputInterrupted:
+    return _INTERRUPTED
+  except Exception as e:
+    e.add_note(f'(while reading the input batch of step {step + 1})')
+    raise
+
+
+def _save_on_input_interrupt(manager, state: TrainState, saved_step: int | None) -> int | None:
+  """SIGTERM while waiting for input (one process): saves the state if it is newer than the last
+  checkpoint; returns the latest saved step."""
+  step = int(state.step)
+  if step > 0 and step != saved_step:
+    save_state(manager, state)
+    logging.warning('SIGTERM while waiting for input: saved step %d, exiting', step)
+    return step
+  logging.warning('SIGTERM while waiting for input: nothing new since step %s, exiting', saved_step)
+  return saved_step
+
+
 def fingerprint(tree) -> str:
-  """sha256 of this process's copy of replicated arrays: equal across processes iff bitwise equal."""
+  """sha256 of this process's copy of replicated arrays: equal across processes iff bitwise
+  equal."""
   digest = hashlib.sha256()
   for x in jax.tree.leaves(tree):
     digest.update(np.ascontiguousarray(x.addressable_data(0)).tobytes())

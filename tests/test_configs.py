@@ -1,6 +1,8 @@
-"""Every experiment config parses, carries the original recipe, and builds its model."""
+"""Every experiment config parses, carries the original recipe, and builds its model; bad config
+arguments and values fail naming the config and the key."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +66,60 @@ def test_load_config_errors(tmp_path):
   bad.write_text('x = 1\n')
   with pytest.raises(ValueError, match='get_config'):
     config_lib.load_config(str(bad))
+
+
+def test_config_arguments_are_checked():
+  # A config that takes no argument refuses one (it used to be ignored), naming the config.
+  with pytest.raises(ValueError, match=r'configs/tiny.py takes no argument, got .batch_size=4'):
+    _load('tiny.py', 'batch_size=4')
+  with pytest.raises(ValueError, match=r"configs/coco.py: argument 'queries=5'"):
+    _load('coco.py', 'queries=5')
+  with pytest.raises(ValueError, match=r"configs/coco.py: backbone must be r50 or swin_l"):
+    _load('coco.py', 'backbone=r101')
+  with pytest.raises(ValueError, match=r"configs/minvis.py: fraction='0.5'"):
+    _load('minvis.py', 'fraction=0.5')
+  with pytest.raises(ValueError, match=r"configs/minvis.py: fraction='abc'"):
+    _load('minvis.py', 'backbone=swin_l,fraction=abc')
+  with pytest.raises(ValueError, match=r"configs/minvis.py: no model-zoo row .*'swin_b'"):
+    _load('minvis.py', 'backbone=swin_b')
+  with pytest.raises(ValueError, match=r"configs/minvis.py: argument 'backbone' given twice"):
+    _load('minvis.py', 'backbone=r50,backbone=swin_l')
+  with pytest.raises(ValueError, match=r"configs/minvis.py: argument 'dataset'"):
+    _load('minvis.py', 'dataset')
+  assert _load('minvis.py', 'fraction=1').data.annotation_fraction == 1.0
+
+
+BAD_OVERRIDES = [
+    'data.canvas=(64,)', 'data.canvas=(64,100)', 'data.canvas=(0,64)', 'data.size_divisibility=16',
+    'data.min_size_train=()', 'data.max_size_train=0', 'model.num_classes=0',
+    'model.num_queries=-1', 'model.enc_heads=5', 'model.num_feature_levels=4',
+    'model.dtype="float16"', 'data.workers=0', 'data.annotation_fraction=0.0',
+    'data.std=(1.0,0.0,1.0)', 'optim.lr=0.0', 'checkpoint.every_steps=0', 'batch_size=0',
+    'data.max_instances=0', 'data.flip=1']
+
+
+@pytest.mark.parametrize('override', BAD_OVERRIDES)
+def test_overrides_are_validated_naming_the_key(override):
+  key = override.partition('=')[0]
+  with pytest.raises(ValueError, match=re.escape(key.rpartition('.')[2]) + r"'?=\S"):
+    config_lib.apply_overrides(_load('tiny.py'), [override])
+  # A batch that the mesh's data axis cannot split names both.
+  with pytest.raises(ValueError, match=r'batch_size=8: expected a multiple of mesh.data=3'):
+    config_lib.apply_overrides(_load('tiny.py'), ['mesh.data=3'])
+
+
+def test_validate_checks_loaded_configs_and_accepts_every_experiment(tmp_path):
+  for name, arg in ALL_CONFIGS:
+    assert config_lib.validate(_load(name, arg)) is not None
+  bad = tmp_path / 'bad_canvas.py'
+  bad.write_text(f'import sys; sys.path.insert(0, {ROOT!r})\nimport tiny\n'
+                 'def get_config(arg=None):\n  c = tiny.get_config()\n  c.data.canvas = (100, 64)\n'
+                 '  return c\n')
+  with pytest.raises(ValueError, match=r'bad_canvas.py: data.canvas=\(100, 64\): expected a pair'):
+    config_lib.load_config(str(bad))
+  # A type the field cannot take names the override.
+  with pytest.raises(ValueError, match=r"override 'batch_size=abc'.*'batch_size'"):
+    config_lib.apply_overrides(_load('tiny.py'), ['batch_size=abc'])
 
 
 # --- Every experiment config builds its input pipeline and trains a step, at tiny shapes. ---------

@@ -191,3 +191,41 @@ def test_evaluate_from_a_converted_minvis_checkpoint(tmp_path, capsys):
   results = json.loads((out / 'results.json').read_text())
   assert len(results) == 2 * 10 and all(len(r['segmentations']) == 3 for r in results)
   assert 'AP50' in capsys.readouterr().out
+
+
+def test_unreadable_checkpoint_files_name_the_file(tmp_path):
+  import pickle
+
+  import torch
+  from safetensors.numpy import save_file
+  state = {'a.weight': np.arange(4096, dtype=np.float32).reshape(64, 64),
+           'b.bias': np.ones(3, np.float32)}
+  good = {}
+  save_file(state, str(tmp_path / 'good.safetensors'))
+  torch.save({'model': {k: torch.from_numpy(v) for k, v in state.items()}}, tmp_path / 'good.pth')
+  torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / 'good.bin')
+  with open(tmp_path / 'good.pkl', 'wb') as f:
+    pickle.dump({'model': state, '__author__': 'test'}, f)
+  for name in ('good.safetensors', 'good.pth', 'good.bin', 'good.pkl'):
+    good[name] = convert.read_state_dict(str(tmp_path / name))
+    assert set(good[name]) == set(state)
+    np.testing.assert_array_equal(good[name]['a.weight'], state['a.weight'])
+  cases = {}
+  for name in good:   # truncated to half
+    data = (tmp_path / name).read_bytes()
+    cases['truncated_' + name] = data[:len(data) // 2]
+  cases['empty.safetensors'] = b''
+  cases['empty.pth'] = b''
+  cases['text.safetensors'] = b'{"not": "a checkpoint"}'
+  cases['text.pth'] = b'hello, this is not a torch file\n'
+  cases['text.pkl'] = b'hello, this is not a pickle\n'
+  cases['list.pkl'] = pickle.dumps([1, 2, 3])
+  cases['strings.pkl'] = pickle.dumps({'model': {'a.weight': 'oops'}})
+  for name, data in cases.items():
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ': ') as info:
+      convert.read_state_dict(str(path))
+    assert len(str(info.value)) < 400 and '\n' not in str(info.value), str(info.value)
+  with pytest.raises(ValueError, match=r"strings.pkl: entry 'a.weight' is not a numeric array"):
+    convert.read_state_dict(str(tmp_path / 'strings.pkl'))

@@ -1,4 +1,4 @@
-"""Trainer: optimizer groups, schedule, sharded step equivalence, NaN stop, checkpoints and resume."""
+"""Trainer: optimizer groups, schedule, sharded step equivalence, NaN stop, checkpoints, resume."""
 
 import json
 import os
@@ -220,7 +220,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   assert any(f.startswith('events') for f in os.listdir(tmp_path / 'tensorboard'))
 
 
-# --- End to end through the command line, on generated videos. -------------------------------------
+# --- End to end through the command line, on generated videos. ----------------------------------
 
 
 @pytest.fixture(scope='module')
@@ -252,34 +252,56 @@ def _fingerprint(log: str) -> str:
   return lines[-1].split()[-1]
 
 
+# Runs `minvis-jax ARGS...` with orbax's final rename of step $KILL_IN_SAVE_OF_STEP replaced by
+# SIGKILL: the process dies inside that save, with every array written to the temporary directory.
+_KILLED_IN_SAVE = """
+import os, signal, sys
+from orbax.checkpoint._src.path import atomicity
+rename = atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize(self):
+  if self.get_final().name == os.environ['KILL_IN_SAVE_OF_STEP']:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await rename(self)
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+from minvis_jax import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
-def test_sigkill_resume_is_bitwise_equal(tmp_path, synthetic_dir):
+def test_sigkill_during_a_save_then_resume_is_bitwise_equal(tmp_path, synthetic_dir):
   steps, every = 7, 3
   full = subprocess.run(_train_cmd(tmp_path / 'full', synthetic_dir, steps,
                                    '--set', f'checkpoint.every_steps={every}'),
                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
   assert full.returncode == 0, full.stderr[-3000:]
 
+  # Killed with SIGKILL inside the save of step 6, after step 3 was saved.
   workdir = tmp_path / 'killed'
-  proc = subprocess.Popen(_train_cmd(workdir, synthetic_dir, steps,
-                                     '--set', f'checkpoint.every_steps={every}'),
-                          cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  finished = workdir / 'checkpoints' / str(every)
-  deadline = time.time() + 600
-  while not finished.is_dir() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert finished.is_dir()
-  killed_at = max(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
-  assert killed_at < steps, 'the run finished before it could be killed'
+  cmd = _train_cmd(workdir, synthetic_dir, steps, '--set', f'checkpoint.every_steps={every}')
+  assert cmd[1:4] == ['-m', 'minvis_jax.cli', 'train']
+  killed = subprocess.run([sys.executable, '-c', _KILLED_IN_SAVE] + cmd[3:], cwd=REPO,
+                          env=dict(_env(), KILL_IN_SAVE_OF_STEP=str(2 * every)),
+                          capture_output=True, text=True, timeout=600)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  entries = os.listdir(workdir / 'checkpoints')
+  assert sorted(d for d in entries if d.isdigit()) == [str(every)], entries
+  partial = [d for d in entries if d.startswith(f'{2 * every}.orbax-checkpoint-tmp')]
+  assert partial, entries   # the interrupted save left its temporary directory ...
+  assert os.listdir(workdir / 'checkpoints' / partial[0] / 'variables')
+  # ... which loading ignores: the last complete checkpoint is step 3.
+  manager = train.checkpoint_manager(str(workdir), small_config())
+  assert manager.latest_step() == every
+  manager.close()
 
   resumed = subprocess.run(_train_cmd(workdir, synthetic_dir, steps,
                                       '--set', f'checkpoint.every_steps={every}'),
                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f'steps {killed_at} -> {steps}' in resumed.stdout
+  assert f'steps {every} -> {steps}' in resumed.stdout
   assert _fingerprint(resumed.stdout) == _fingerprint(full.stdout)
+  saved = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
+  assert saved == [every, 2 * every, steps]
   a = checkpoints.load_for_inference(str(tmp_path / 'full'))[1]
   b = checkpoints.load_for_inference(str(workdir))[1]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -135,31 +135,51 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigD
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """safetensors, torch (.pth/.bin/.pt, optionally under 'model' / 'state_dict') or a detectron2
-  .pkl of numpy arrays -> {name: numpy array}."""
+  .pkl of numpy arrays -> {name: numpy array}.
+
+  A file that is empty, truncated or of another format raises one ValueError naming it.
+  """
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such checkpoint file')
+  if os.path.getsize(path) == 0:
+    raise ValueError(f'{path}: empty file, not a checkpoint')
   if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    return dict(load_file(path))
-  if path.endswith('.pkl'):
-    with open(path, 'rb') as f:
-      data = pickle.load(f, encoding='latin1')
+    kind = 'safetensors'
+  elif path.endswith('.pkl'):
+    kind = 'pickle (detectron2 .pkl)'
   else:
+    kind = 'torch (.pth/.bin/.pt)'
     try:
       import torch
     except ImportError as e:
       raise ImportError(f'{path}: reading torch checkpoints needs torch (pip install torch)') from e
-    data = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    if kind == 'safetensors':
+      from safetensors.numpy import load_file
+      data = dict(load_file(path))
+    elif kind.startswith('pickle'):
+      with open(path, 'rb') as f:
+        data = pickle.load(f, encoding='latin1')
+    else:
+      data = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # noqa: BLE001  (each reader raises its own types)
+    first = (str(e).strip().splitlines() or [''])[0][:200]
+    raise ValueError(f'{path}: cannot read as a {kind} checkpoint (truncated or another format?): '
+                     f'{type(e).__name__}: {first}') from None
   for key in ('model', 'state_dict'):
     if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
       data = data[key]
   if not isinstance(data, Mapping):
-    raise ValueError(f'{path}: expected a mapping of parameter names to arrays')
+    raise ValueError(f'{path}: expected a mapping of parameter names to arrays, got '
+                     f'{type(data).__name__}')
   out = {}
   for k, v in data.items():
     if hasattr(v, 'detach'):
       v = v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-    out[k] = np.asarray(v)
+    v = np.asarray(v) if isinstance(v, (np.ndarray, np.generic, int, float)) else v
+    if not isinstance(k, str) or not isinstance(v, np.ndarray) or v.dtype.kind not in 'biuf':
+      raise ValueError(f'{path}: entry {k!r} is not a numeric array ({type(v).__name__})')
+    out[k] = v
   return out
 
 

@@ -150,34 +150,50 @@ class TrainInput:
 
 def iterate(train_input: TrainInput, start_step: int, workers: int = 4,
             prefetch: int = 2) -> Iterator[dict]:
-  """Batches of steps start_step, start_step + 1, ... built ahead by a background thread."""
+  """Batches of steps start_step, start_step + 1, ... built ahead by a background thread.
+
+  Any error of the producer (a bad record, a dead pool) is raised here, in the consumer, with its
+  traceback: the thread puts it on the queue instead of dying silently behind a blocked `get`.
+  """
+  if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+    raise ValueError(f'data.workers must be an integer >= 1, got {workers!r}')
   out: queue.Queue = queue.Queue(maxsize=prefetch)
   stop = threading.Event()
 
+  def put(item) -> None:
+    while not stop.is_set():
+      try:
+        out.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
   def produce():
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pool = None
+    try:
+      pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='minvis-input')
       step = start_step
       while not stop.is_set():
-        try:
-          item = train_input.batch(step, pool)
-        except Exception as e:  # noqa: BLE001  (re-raised in the consumer)
-          item = e
-        while not stop.is_set():
-          try:
-            out.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if isinstance(item, Exception):
-          return
+        put(train_input.batch(step, pool))
         step += 1
+    except BaseException as e:  # noqa: BLE001  (re-raised in the consumer)
+      put(e)   # at once, even if another worker is stuck in a read
+    finally:
+      if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
 
-  thread = threading.Thread(target=produce, daemon=True)
+  thread = threading.Thread(target=produce, daemon=True, name='minvis-input')
   thread.start()
   try:
     while True:
-      item = out.get()
-      if isinstance(item, Exception):
+      try:
+        item = out.get(timeout=1.0)
+      except queue.Empty:
+        # The thread reports its own errors; this catches one killed without a word.
+        if not thread.is_alive() and out.empty():
+          raise RuntimeError('the input thread exited without producing a batch') from None
+        continue
+      if isinstance(item, BaseException):
         raise item
       yield item
   finally:
