@@ -24,10 +24,14 @@ def main(argv=None) -> int:
   parser.add_argument('--top_k', type=int, default=None, help='tracks per video (default: config)')
   parser.add_argument('--window', type=int, default=None,
                       help='frames per forward (default: config)')
+  parser.add_argument('--tracker', choices=('minvis', 'memory'), default=None,
+                      help='association mode (default: config.inference.tracker)')
   args = parser.parse_args((argv or [None])[1:])
 
   t0 = time.time()
   config, variables = infer.load_model(args.checkpoint, args.config)
+  if args.tracker:
+    config.inference.tracker = args.tracker
   split = args.split or config.data.get('eval_split', 'valid')
   manual_dir = args.manual_dir or config.data.manual_dir
   if not manual_dir:

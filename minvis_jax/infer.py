@@ -49,6 +49,8 @@ def main(argv=None) -> int:
   parser.add_argument('--top_k', type=int, default=None, help='tracks kept (default: config)')
   parser.add_argument('--window', type=int, default=None,
                       help='frames per forward (default: config)')
+  parser.add_argument('--tracker', choices=('minvis', 'memory'), default=None,
+                      help='association mode (default: config.inference.tracker)')
   parser.add_argument('--score_threshold', type=float, default=0.3,
                       help='tracks drawn on the overlay need at least this score')
   parser.add_argument('--fps', type=float, default=10.0, help='frame rate of the overlay video')
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
 
   t0 = time.time()
   config, variables = load_model(args.checkpoint, args.config)
+  if args.tracker:
+    config.inference.tracker = args.tracker
   count, frames = video_io.open_video(args.video)
   first = next(frames, None)
   if first is None:
