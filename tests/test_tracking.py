@@ -207,3 +207,57 @@ def test_hidden_instance_is_reidentified_by_memory_and_switched_by_minvis():
   # B is never lost by either.
   np.testing.assert_array_equal(memory[:, 1], slot_query[:, 1])
   np.testing.assert_array_equal(minvis[:, 1], slot_query[:, 1])
+
+
+class _FakeModel:
+  """Stands in for Mask2Former in VideoPredictor: reads the per-frame outputs from the pixels, so
+  a test can feed chosen embeddings and logits through the real windowed step."""
+
+  def __init__(self, cfg):
+    self.q, self.c, self.k = cfg.num_queries, cfg.hidden_dim, cfg.num_classes
+
+  def apply(self, variables, images):
+    del variables
+    import jax.numpy as jnp
+    t, h, w, _ = images.shape
+    q, c, k = self.q, self.c, self.k
+    flat = images.reshape(t, -1)
+    shift = (jnp.arange(q) - q / 2)[None, :, None, None] * 0.3
+    return {'pred_embds': flat[:, :q * c].reshape(t, q, c),
+            'pred_logits': flat[:, q * c:q * (c + k + 1)].reshape(t, q, k + 1),
+            'pred_masks': images[:, None, ::4, ::4, 2] + shift}
+
+
+def test_video_predictor_uses_the_memory_tracker(monkeypatch):
+  """VideoPredictor(tracker=memory) through its jitted windowed step: windows of 3 equal one window
+  of 10, and the video scores are those of the numpy reference association (not minvis')."""
+  import ml_collections
+  from minvis_jax import predictor
+  monkeypatch.setattr(predictor, 'Mask2Former', _FakeModel)
+  q, c, k, t = 12, 8, 3, 10
+  cfg = ml_collections.ConfigDict(dict(num_queries=q, hidden_dim=c, num_classes=k,
+                                       fake='test_video_predictor_uses_the_memory_tracker'))
+  embds, logits = random_video(t, q, c, k, seed=11)
+  images = np.random.default_rng(0).normal(size=(t, 8, 8, 3)).astype(np.float32)
+  flat = images.reshape(t, -1)
+  flat[:, :q * c] = embds.reshape(t, -1)
+  flat[:, q * c:q * (c + k + 1)] = logits.reshape(t, -1)
+  scores = softmax_max(logits)
+  tracker = tracking.Tracker('memory', 0.6, 0.4)
+
+  def video_scores(perm):
+    mean = np.take_along_axis(logits, perm[..., None], axis=1).mean(0)        # [Q, K+1]
+    p = np.exp(mean - mean.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True))[:, :-1].ravel()
+    top = np.argsort(-p, kind='stable')[:4]
+    return list(top % k), p[top]
+
+  cats, probs = video_scores(memory_loop(embds, scores, 0.6, 0.4))
+  assert not np.allclose(probs, video_scores(scipy_loop(embds))[1], rtol=1e-3)
+  runs = [predictor.VideoPredictor(cfg, {}, window=w, top_k=4, tracker=tracker)(
+      images, (8, 8), (8, 8)) for w in (10, 3)]
+  for tracks in runs:
+    assert [tr['category'] for tr in tracks] == cats
+    np.testing.assert_allclose([tr['score'] for tr in tracks], probs, rtol=1e-5)
+  for a, b in zip(*runs):
+    assert a['segmentations'] == b['segmentations']
