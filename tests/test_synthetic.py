@@ -195,3 +195,15 @@ def test_occlusion_mode_hides_instances_and_crosses_lookalikes(tmp_path):
   # Standard mode is unchanged by the option's existence, and occlusion needs 12 frames.
   with pytest.raises(ValueError, match='at least 12 frames'):
     synthetic.render_video(synthetic.video_rng(0, 'valid', 0), 8, H, W, occlusion=True)
+
+
+def test_cli_occlusion_flag_writes_only_the_requested_split(tmp_path):
+  out = str(tmp_path / 'occ')
+  synthetic.main(['--out', out, '--videos', '0', '--valid_videos', '2', '--frames', '12',
+                  '--height', '48', '--width', '80', '--occlusion'])
+  assert not os.path.exists(os.path.join(out, 'train.json'))
+  data = _read_json(os.path.join(out, 'valid.json'))
+  assert 'occlusion' in data['info']['description'] and len(data['videos']) == 2
+  # Every occlusion video has at least the occluder, the hider and the two look-alikes.
+  assert all(sum(a['video_id'] == v['id'] for a in data['annotations']) >= 4
+             for v in data['videos'])
