@@ -56,7 +56,7 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # tracker: 'minvis' (SPEC 1) or 'memory' (per-track EMA memory; minvis_jax/tracking.py, whose
   # defaults for memory_momentum / memory_min_score were measured with benchmarks/tracking.py).
   c.inference = ml_collections.ConfigDict(dict(window=30, top_k=10, tracker='minvis',
-                                               memory_momentum=0.5, memory_min_score=0.5))
+                                               memory_momentum=0.7, memory_min_score=0.0))
   return c
 
 

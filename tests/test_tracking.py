@@ -163,8 +163,10 @@ def test_memory_without_momentum_or_gate_is_minvis():
 def test_tracker_from_config():
   import ml_collections
   assert tracking.tracker_from_config(ml_collections.ConfigDict()) == tracking.Tracker('minvis')
-  c = ml_collections.ConfigDict(dict(inference=dict(tracker='memory', memory_momentum=0.7)))
-  assert tracking.tracker_from_config(c) == tracking.Tracker('memory', 0.7, 0.5)
+  c = ml_collections.ConfigDict(dict(inference=dict(tracker='memory', memory_momentum=0.8)))
+  assert tracking.tracker_from_config(c) == tracking.Tracker('memory', 0.8, 0.0)
+  c.inference.memory_min_score = 0.4
+  assert tracking.tracker_from_config(c).min_score == 0.4
   c.inference.tracker = 'sort'
   with pytest.raises(ValueError, match="inference.tracker='sort'"):
     tracking.tracker_from_config(c)
