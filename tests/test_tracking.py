@@ -263,3 +263,28 @@ def test_video_predictor_uses_the_memory_tracker(monkeypatch):
     np.testing.assert_allclose([tr['score'] for tr in tracks], probs, rtol=1e-5)
   for a, b in zip(*runs):
     assert a['segmentations'] == b['segmentations']
+
+
+@pytest.mark.slow
+def test_evaluate_command_tracker_flag(tmp_path, monkeypatch):
+  """`minvis-jax evaluate --tracker memory` runs the memory tracker with the config's parameters."""
+  import os
+  from minvis_jax import checkpoints, config_lib, evaluator
+  from minvis_jax.data import synthetic
+  from test_inference import CONFIGS, _random_variables
+  config = config_lib.load_config(os.path.join(CONFIGS, 'tiny.py'))
+  config.inference.memory_min_score = 0.25
+  ckpt = str(tmp_path / 'model')
+  checkpoints.save_variables(ckpt, _random_variables(config.model, seed=1))
+  checkpoints.save_config(ckpt, config)
+  synthetic.generate(str(tmp_path / 'data'), 'valid', 1, 3, 64, 96, seed=0)
+  seen = []
+  real = tracking.track_chunk
+  monkeypatch.setattr(tracking, 'track_chunk',
+                      lambda tracker, *a: seen.append(tracker) or real(tracker, *a))
+  argv = ['evaluate', '--checkpoint', ckpt, '--manual_dir', str(tmp_path / 'data'),
+          '--out', str(tmp_path / 'eval'), '--window', '4']
+  assert evaluator.main(argv + ['--tracker', 'memory']) == 0
+  assert seen and set(seen) == {tracking.Tracker('memory', 0.7, 0.25)}
+  with pytest.raises(SystemExit):  # argparse: not a tracker
+    evaluator.main(argv + ['--tracker', 'sort'])
