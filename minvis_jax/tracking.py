@@ -127,13 +127,15 @@ def associate_memory_chunk(state: TrackState, embds: jnp.ndarray, scores: jnp.nd
   `associate_chunk`, update rule in the module docstring."""
   q = embds.shape[1]
   identity = jnp.arange(q, dtype=jnp.int32)
-  trivial = 1.0 - jnp.eye(q, dtype=jnp.float32)  # the solver's fastest case, for unmatched frames
+  # Frames with nothing to match (padding, or the first valid frame) get the solver's fastest
+  # case instead of an all-equal cost (zero padding, or the zero state), its slowest.
+  trivial = 1.0 - jnp.eye(q, dtype=jnp.float32)
   e = _normalise(embds.astype(jnp.float32))
 
   def frame(carry, inputs):
     memory, started = carry
     x, score, ok = inputs
-    cost = jnp.where(started, 1.0 - memory @ x.T, trivial)          # [Q (tracks), Q (this)]
+    cost = jnp.where(started & ok, 1.0 - memory @ x.T, trivial)     # [Q (tracks), Q (this)]
     _, match = matching.linear_sum_assignment(cost)
     perm = jnp.where(ok & started, match, identity)
     x = x[perm]
