@@ -19,9 +19,10 @@ the other (a scan), where 'minvis' solves all frame pairs of a chunk in one batc
 Defaults (configs/common.py): momentum 0.7, min_score 0.0, the best mean AP over the standard and
 occlusion splits of tuning seed 0 in `benchmarks/tracking.py --sweep` (momentum 0/0.5/0.7/0.9 x
 min_score 0/0.3/0.5/0.7) on the demo's checkpoint. That grid is flat there (occlusion AP 12.5-13.3,
-standard 55.8-56.0): the demo model's association is already near identity and its embeddings
-carry category more than instance (README "Tracking"); the gate (min_score > 0) cost up to 0.75
-occlusion AP at momentum <= 0.5 and nothing at 0.7, so it is off by default.
+standard 55.8-56.0), and flatter still on a 1000-step checkpoint (all within 0.3 AP): these
+models' embeddings identify the query slot rather than the instance, so every association follows
+the slots (README "Tracking"). The gate (min_score > 0) cost up to 0.75 occlusion AP at momentum
+<= 0.5 and nothing at 0.7 on the demo checkpoint, so it is off by default.
 """
 
 from typing import NamedTuple
