@@ -96,7 +96,8 @@ def parse_arg(arg, **defaults) -> dict:
       continue
     key, sep, value = item.partition('=')
     if not sep or key not in defaults:
-      raise ValueError(f'config argument {item!r}: expected key=value with key in {sorted(defaults)}')
+      raise ValueError(f'config argument {item!r}: expected key=value with key in '
+                       f'{sorted(defaults)}')
     out[key] = value
   return out
 

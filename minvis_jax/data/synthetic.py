@@ -242,7 +242,7 @@ def video_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def _annotation(visible: np.ndarray) -> tuple[list, list, list]:
-  """bool [T, H, W] -> per-frame (compressed RLE with str counts | None, area | None, bbox | None)."""
+  """bool [T, H, W] -> per-frame (compressed RLE, str counts | None, area | None, bbox | None)."""
   segs, areas, boxes = [], [], []
   for m in visible:
     if not m.any():
