@@ -30,6 +30,8 @@ def main(argv=None) -> int:
                       help='evaluate each checkpoint of this training run once, as it appears')
   parser.add_argument('--timeout', type=float, default=None,
                       help='--watch: stop after this many seconds without a new checkpoint')
+  parser.add_argument('--tracker', choices=('minvis', 'memory'), default=None,
+                      help='association mode (default: config.inference.tracker)')
   args = parser.parse_args((argv or [None])[1:])
   if args.watch:
     return _watch(args)
@@ -38,6 +40,8 @@ def main(argv=None) -> int:
 
   t0 = time.time()
   config, variables = infer.load_model(args.checkpoint, args.config)
+  if args.tracker:
+    config.inference.tracker = args.tracker
   split = args.split or config.data.get('eval_split', 'valid')
   dataset = watch.load_dataset(config, split, args.manual_dir, require_annotations=False)
   results = dataset_eval.predict_dataset(config, variables, dataset, args.max_videos, args.top_k,
@@ -67,6 +71,8 @@ def _watch(args) -> int:
   """--watch WORKDIR: a run's checkpoints -> WORKDIR/eval.jsonl, OUT/<step>/, OUT/best.json."""
   config = (config_lib.load_config(args.config) if args.config
             else watch.wait_for_config(args.watch, args.timeout))
+  if args.tracker:
+    config.inference.tracker = args.tracker
   dataset = watch.load_dataset(config, args.split, args.manual_dir)
   print(f'watching {os.path.abspath(args.watch)}: {config.data.dataset} {dataset.json_path}',
         flush=True)

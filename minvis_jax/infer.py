@@ -119,6 +119,8 @@ def main(argv=None) -> int:
                       help='tracks kept (default: the config\'s inference.top_k)')
   parser.add_argument('--window', type=int, default=None,
                       help='frames per forward (default: the config\'s inference.window)')
+  parser.add_argument('--tracker', choices=('minvis', 'memory'), default=None,
+                      help='association mode (default: config.inference.tracker)')
   parser.add_argument('--score_threshold', type=float, default=0.3,
                       help='tracks drawn on the overlay need at least this score (all are in '
                       'results.json)')
@@ -129,6 +131,8 @@ def main(argv=None) -> int:
 
   t0 = time.time()
   config, variables = load_model(args.checkpoint, args.config)
+  if args.tracker:
+    config.inference.tracker = args.tracker
   config_lib.apply_overrides(config, args.set)
   ids, names = _category_table(config)
   video = video_io.open_video(args.video)

@@ -35,7 +35,7 @@ def _windows(images: Iterable[np.ndarray], window: int) -> Iterator[tuple[np.nda
 
 
 @functools.lru_cache(maxsize=8)
-def _step_fn(model_config_json: str):
+def _step_fn(model_config_json: str, tracker: tracking.Tracker = tracking.Tracker()):
   """The jitted window step of a model config, shared by every predictor of that model (so a new
   predictor, e.g. per command or per test, reuses the compiled forward of the same shapes)."""
   model = Mask2Former(ml_collections.ConfigDict(json.loads(model_config_json)))
@@ -43,7 +43,8 @@ def _step_fn(model_config_json: str):
   @jax.jit
   def step(variables, state, images, valid):
     out = model.apply(variables, images)
-    state, perm = tracking.associate_chunk(state, out['pred_embds'], valid)
+    state, perm = tracking.track_chunk(tracker, state, out['pred_embds'], out['pred_logits'],
+                                       valid)
     logits = tracking.reorder(out['pred_logits'], perm)           # [W, Q, K+1]
     masks = tracking.reorder(out['pred_masks'], perm)             # [W, Q, H/4, W/4]
     logit_sum = jnp.sum(jnp.where(valid[:, None, None], logits, 0.0), axis=0)
@@ -54,11 +55,12 @@ def _step_fn(model_config_json: str):
 class VideoPredictor:
   """Runs MinVIS on one video at a time with a fixed model and window size."""
 
-  def __init__(self, model_config, variables, window: int = 30, top_k: int = 10):
+  def __init__(self, model_config, variables, window: int = 30, top_k: int = 10,
+               tracker: tracking.Tracker = tracking.Tracker()):
     self.variables = variables
     self.window = window
     self.top_k = top_k
-    self._step = _step_fn(model_config.to_json())
+    self._step = _step_fn(model_config.to_json(), tracker)
     self._init_state = tracking.init_state(model_config.num_queries, model_config.hidden_dim)
 
   def __call__(self, images: Iterable[np.ndarray], valid_size: tuple[int, int],
@@ -132,6 +134,6 @@ def from_config(config, variables, top_k: int | None = None,
                window: int | None = None) -> VideoPredictor:
   inf = config.get('inference', {}) or {}
   return VideoPredictor(config.model, variables, window or inf.get('window', 30),
-                        top_k or inf.get('top_k', 10))
+                        top_k or inf.get('top_k', 10), tracking.tracker_from_config(config))
 
 

@@ -164,3 +164,46 @@ def test_cli_writes_layout_readable_by_load_ytvis(tmp_path):
     image, masks, labels = ytvis.FolderSource(ds).load(n - 1, 3)
     assert image.shape == (48, 80, 3) and masks.shape[1:] == (48, 80)
     assert labels.shape == (masks.shape[0],)
+
+
+def _runs_of_hidden(present):
+  """Lengths of the runs of absent frames that have present frames before and after."""
+  idx = np.flatnonzero(present)
+  return [int(b - a - 1) for a, b in zip(idx[:-1], idx[1:]) if b - a > 1]
+
+
+def test_occlusion_mode_hides_instances_and_crosses_lookalikes(tmp_path):
+  path = synthetic.generate(str(tmp_path), 'valid', 6, 16, H, W, seed=5, occlusion=True)
+  data = _read_json(path)
+  assert 'occlusion' in data['info']['description']
+  for vid in range(1, 7):
+    anns = [a for a in data['annotations'] if a['video_id'] == vid]
+    gaps = [_runs_of_hidden(np.array([s is not None for s in a['segmentations']])) for a in anns]
+    # Some instance is fully hidden (null in the JSON) for >= 3 frames and seen before and after.
+    assert max(max(g, default=0) for g in gaps) >= 3, (vid, gaps)
+  for i in range(6):
+    sim = synthetic.render_video(synthetic.video_rng(5, 'valid', i), 16, H, W, occlusion=True)
+    vis, amo, cats = sim['visible'], sim['amodal'], sim['categories']
+    assert not (vis & ~amo).any() and (vis.sum(0) <= 1).all()
+    # The hider (1) is fully covered by the occluder (0) for 3, 5 or 7 frames in a row.
+    behind = amo[1].any((1, 2)) & ~(amo[1] & ~amo[0]).any((1, 2))
+    assert max(_runs_of_hidden(~behind), default=0) >= 3
+    # The look-alikes (2, 3): same category, overlapping at their crossing.
+    assert cats[2] == cats[3] and (amo[2] & amo[3]).any()
+    if len(cats) == 5:  # the re-entering object is fully outside the frame for >= 3 frames
+      assert max(_runs_of_hidden(amo[4].any((1, 2))), default=0) >= 3
+  # Standard mode is unchanged by the option's existence, and occlusion needs 12 frames.
+  with pytest.raises(ValueError, match='at least 12 frames'):
+    synthetic.render_video(synthetic.video_rng(0, 'valid', 0), 8, H, W, occlusion=True)
+
+
+def test_cli_occlusion_flag_writes_only_the_requested_split(tmp_path):
+  out = str(tmp_path / 'occ')
+  synthetic.main(['--out', out, '--videos', '0', '--valid_videos', '2', '--frames', '12',
+                  '--height', '48', '--width', '80', '--occlusion'])
+  assert not os.path.exists(os.path.join(out, 'train.json'))
+  data = _read_json(os.path.join(out, 'valid.json'))
+  assert 'occlusion' in data['info']['description'] and len(data['videos']) == 2
+  # Every occlusion video has at least the occluder, the hider and the two look-alikes.
+  assert all(sum(a['video_id'] == v['id'] for a in data['annotations']) >= 4
+             for v in data['videos'])

@@ -1,6 +1,7 @@
 """MinVIS association against a scipy loop, known permutations, and chunked streaming."""
 
 import numpy as np
+import pytest
 from scipy.optimize import linear_sum_assignment
 
 from minvis_jax import tracking
@@ -74,3 +75,216 @@ def test_invalid_frames_anywhere_are_skipped():
   perm = np.asarray(tracking.associate(embds, valid))
   np.testing.assert_array_equal(perm[valid], scipy_loop(embds[valid]))
   np.testing.assert_array_equal(perm[~valid], np.broadcast_to(np.arange(20), (6, 20)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 'memory' association.
+
+
+def memory_loop(embds, scores, momentum, min_score, valid=None):
+  """The 'memory' update rule (tracking.py's docstring) in numpy + scipy, frame by frame."""
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  t, q, _ = embds.shape
+  valid = np.ones(t, bool) if valid is None else valid
+  memory, perms = None, []
+  for e, s, ok in zip(unit(embds.astype(np.float64)), scores, valid):
+    if not ok:
+      perms.append(np.arange(q))
+      continue
+    if memory is None:
+      perm = np.arange(q)
+      memory = e.copy()
+    else:
+      _, perm = linear_sum_assignment(1 - memory @ e.T)
+      mixed = unit(momentum * memory + (1 - momentum) * e[perm])
+      memory = np.where((s[perm] >= min_score)[:, None], mixed, memory)
+    perms.append(perm)
+  return np.stack(perms)
+
+
+def softmax_max(logits):
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return (p / p.sum(-1, keepdims=True))[..., :-1].max(-1)
+
+
+def random_video(t, q, c, k, seed):
+  rng = np.random.default_rng(seed)
+  embds, _ = drifting_video(t, q, c, seed, noise=0.8)
+  logits = rng.normal(size=(t, q, k + 1)).astype(np.float32) * 2
+  return embds, logits
+
+
+def run_memory(embds, logits, valid, momentum, min_score, window=None):
+  t, q, c = embds.shape
+  tracker = tracking.Tracker('memory', momentum, min_score)
+  state = tracking.init_state(q, c)
+  window = window or t
+  parts = []
+  for start in range(0, t, window):
+    chunk = slice(start, start + window)
+    e, lg, ok = embds[chunk], logits[chunk], valid[chunk]
+    pad = window - len(e)  # the last window padded with invalid frames, as the predictor does
+    e = np.concatenate([e, np.zeros((pad,) + e.shape[1:], e.dtype)])
+    lg = np.concatenate([lg, np.zeros((pad,) + lg.shape[1:], lg.dtype)])
+    ok = np.concatenate([ok, np.zeros(pad, bool)])
+    state, perm = tracking.track_chunk(tracker, state, e, lg, ok)
+    parts.append(np.asarray(perm)[:window - pad])
+  return np.concatenate(parts)
+
+
+def test_memory_equals_numpy_reference_whole_and_chunked():
+  for seed, (momentum, min_score) in enumerate([(0.5, 0.3), (0.8, 0.0), (0.9, 0.6)]):
+    embds, logits = random_video(18, 12, 8, 4, seed)
+    valid = np.ones(18, bool)
+    valid[[0, 7, 8]] = False
+    scores = softmax_max(logits)
+    ref = memory_loop(embds, scores, momentum, min_score, valid)
+    assert 0.2 < (scores >= min_score).mean() <= 1.0 or min_score == 0  # the gate does something
+    for window in (None, 1, 5):
+      got = run_memory(embds, logits, valid, momentum, min_score, window)
+      np.testing.assert_array_equal(got, ref, err_msg=f'seed {seed} window {window}')
+    # The memory is not the last frame: the result differs from 'minvis' on these inputs.
+    assert (ref != scipy_loop_with_valid(embds, valid)).any()
+
+
+def scipy_loop_with_valid(embds, valid):
+  perm = np.broadcast_to(np.arange(embds.shape[1]), embds.shape[:2]).copy()
+  perm[valid] = scipy_loop(embds[valid])
+  return perm
+
+
+def test_memory_without_momentum_or_gate_is_minvis():
+  embds, logits = random_video(14, 16, 8, 3, seed=7)
+  valid = np.ones(14, bool)
+  got = run_memory(embds, logits, valid, 0.0, 0.0, window=4)
+  np.testing.assert_array_equal(got, scipy_loop(embds))
+
+
+def test_tracker_from_config():
+  import ml_collections
+  assert tracking.tracker_from_config(ml_collections.ConfigDict()) == tracking.Tracker('minvis')
+  c = ml_collections.ConfigDict(dict(inference=dict(tracker='memory', memory_momentum=0.8)))
+  assert tracking.tracker_from_config(c) == tracking.Tracker('memory', 0.8, 0.0)
+  c.inference.memory_min_score = 0.4
+  assert tracking.tracker_from_config(c).min_score == 0.4
+  c.inference.tracker = 'sort'
+  with pytest.raises(ValueError, match="inference.tracker='sort'"):
+    tracking.tracker_from_config(c)
+
+
+def test_hidden_instance_is_reidentified_by_memory_and_switched_by_minvis():
+  """Object A (slot 0), object B (slot 1) and background queries over 9 frames; A is hidden in
+  frames 3-5 (3 frames).
+
+  While A is hidden a background query x fills A's track; after A returns, x stays as a background
+  query (taking the place of n1). 'minvis' matches to the last frame, so x keeps A's track and A
+  comes back under n1's track: a switch. 'memory' never wrote x into A's memory (x is below
+  min_score) and re-identifies A. Query slots move between frames (np.roll), as they may in a model.
+  """
+  a, b, n1, n2, x = np.eye(6)[:5]
+  frames, scores = [], []
+  for t in range(9):
+    slots = [a, b, n1, n2] if t < 3 else [x, b, n1, n2] if t < 6 else [a, b, x, n2]
+    fg = [0.9 if t < 3 or t >= 6 else 0.05, 0.9, 0.05, 0.05]
+    order = np.roll(np.arange(4), t)
+    frames.append(np.stack(slots)[order] + 0.01 * np.random.default_rng(t).normal(size=(4, 6)))
+    scores.append(np.array(fg)[order])
+  embds = np.stack(frames).astype(np.float32)
+  scores = np.stack(scores)
+  # One class + background with these foreground probabilities.
+  logits = np.log(np.stack([scores, 1 - scores], -1)).astype(np.float32)
+  slot_query = np.stack([np.argsort(np.roll(np.arange(4), t)) for t in range(9)])  # [T, slot]
+  a_query = slot_query[:, 0]                # A's query in the frames where it is visible
+  visible = np.r_[0:3, 6:9]
+
+  memory = run_memory(embds, logits, np.ones(9, bool), 0.5, 0.5)
+  minvis = np.asarray(tracking.associate(embds))
+  np.testing.assert_array_equal(memory, memory_loop(embds, scores, 0.5, 0.5))
+  np.testing.assert_array_equal(minvis, scipy_loop(embds))
+  # Track 0 starts as A in both modes (frame 0 is the identity, A is query 0).
+  np.testing.assert_array_equal(memory[visible, 0], a_query[visible])      # re-identified
+  np.testing.assert_array_equal(minvis[:3, 0], a_query[:3])
+  assert (minvis[6:, 0] != a_query[6:]).all()                               # switched ...
+  np.testing.assert_array_equal(minvis[6:, 2], a_query[6:])                # ... to n1's track
+  # B is never lost by either.
+  np.testing.assert_array_equal(memory[:, 1], slot_query[:, 1])
+  np.testing.assert_array_equal(minvis[:, 1], slot_query[:, 1])
+
+
+class _FakeModel:
+  """Stands in for Mask2Former in VideoPredictor: reads the per-frame outputs from the pixels, so
+  a test can feed chosen embeddings and logits through the real windowed step."""
+
+  def __init__(self, cfg):
+    self.q, self.c, self.k = cfg.num_queries, cfg.hidden_dim, cfg.num_classes
+
+  def apply(self, variables, images):
+    del variables
+    import jax.numpy as jnp
+    t, h, w, _ = images.shape
+    q, c, k = self.q, self.c, self.k
+    flat = images.reshape(t, -1)
+    shift = (jnp.arange(q) - q / 2)[None, :, None, None] * 0.3
+    return {'pred_embds': flat[:, :q * c].reshape(t, q, c),
+            'pred_logits': flat[:, q * c:q * (c + k + 1)].reshape(t, q, k + 1),
+            'pred_masks': images[:, None, ::4, ::4, 2] + shift}
+
+
+def test_video_predictor_uses_the_memory_tracker(monkeypatch):
+  """VideoPredictor(tracker=memory) through its jitted windowed step: windows of 3 equal one window
+  of 10, and the video scores are those of the numpy reference association (not minvis')."""
+  import ml_collections
+  from minvis_jax import predictor
+  monkeypatch.setattr(predictor, 'Mask2Former', _FakeModel)
+  q, c, k, t = 12, 8, 3, 10
+  cfg = ml_collections.ConfigDict(dict(num_queries=q, hidden_dim=c, num_classes=k,
+                                       fake='test_video_predictor_uses_the_memory_tracker'))
+  embds, logits = random_video(t, q, c, k, seed=11)
+  images = np.random.default_rng(0).normal(size=(t, 8, 8, 3)).astype(np.float32)
+  flat = images.reshape(t, -1)
+  flat[:, :q * c] = embds.reshape(t, -1)
+  flat[:, q * c:q * (c + k + 1)] = logits.reshape(t, -1)
+  scores = softmax_max(logits)
+  tracker = tracking.Tracker('memory', 0.6, 0.4)
+
+  def video_scores(perm):
+    mean = np.take_along_axis(logits, perm[..., None], axis=1).mean(0)        # [Q, K+1]
+    p = np.exp(mean - mean.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True))[:, :-1].ravel()
+    top = np.argsort(-p, kind='stable')[:4]
+    return list(top % k), p[top]
+
+  cats, probs = video_scores(memory_loop(embds, scores, 0.6, 0.4))
+  assert not np.allclose(probs, video_scores(scipy_loop(embds))[1], rtol=1e-3)
+  runs = [predictor.VideoPredictor(cfg, {}, window=w, top_k=4, tracker=tracker)(
+      images, (8, 8), (8, 8)) for w in (10, 3)]
+  for tracks in runs:
+    assert [tr['category'] for tr in tracks] == cats
+    np.testing.assert_allclose([tr['score'] for tr in tracks], probs, rtol=1e-5)
+  for a, b in zip(*runs):
+    assert a['segmentations'] == b['segmentations']
+
+
+@pytest.mark.slow
+def test_evaluate_command_tracker_flag(tmp_path, monkeypatch):
+  """`minvis-jax evaluate --tracker memory` runs the memory tracker with the config's parameters."""
+  import os
+  from minvis_jax import checkpoints, config_lib, evaluator
+  from minvis_jax.data import synthetic
+  from test_inference import CONFIGS, _random_variables
+  config = config_lib.load_config(os.path.join(CONFIGS, 'tiny.py'))
+  config.inference.memory_min_score = 0.25
+  ckpt = str(tmp_path / 'model')
+  checkpoints.save_variables(ckpt, _random_variables(config.model, seed=1))
+  checkpoints.save_config(ckpt, config)
+  synthetic.generate(str(tmp_path / 'data'), 'valid', 1, 3, 64, 96, seed=0)
+  seen = []
+  real = tracking.track_chunk
+  monkeypatch.setattr(tracking, 'track_chunk',
+                      lambda tracker, *a: seen.append(tracker) or real(tracker, *a))
+  argv = ['evaluate', '--checkpoint', ckpt, '--manual_dir', str(tmp_path / 'data'),
+          '--out', str(tmp_path / 'eval'), '--window', '4']
+  assert evaluator.main(argv + ['--tracker', 'memory']) == 0
+  assert seen and set(seen) == {tracking.Tracker('memory', 0.7, 0.25)}
+  with pytest.raises(SystemExit):  # argparse: not a tracker
+    evaluator.main(argv + ['--tracker', 'sort'])

@@ -2,6 +2,7 @@
 in the exact YouTube-VIS 2019 layout: OUT/<split>/JPEGImages/<video>/<t>.jpg and OUT/<split>.json.
 
   python -m minvis_jax.data.synthetic --out DIR --videos 40 --frames 12 --valid_videos 8
+  python -m minvis_jax.data.synthetic --out DIR --videos 0 --frames 24 --valid_videos 30 --occlusion
 """
 
 import argparse
@@ -61,18 +62,27 @@ def _point(rng: np.random.Generator, where: str, side: int, s: float, h: int, w:
 
 
 def render_video(rng: np.random.Generator, num_frames: int, height: int, width: int,
-                 num_instances: int | None = None) -> dict:
-  """Simulates one video.
+                 num_instances: int | None = None, occlusion: bool = False) -> dict:
+  """Simulates one video (`occlusion`: the occlusion-heavy scenes of `_occlusion_scene`).
 
   Returns dict(frames uint8 [T, H, W, 3], visible bool [N, T, H, W] (after occlusion, front shape
   wins), amodal bool [N, T, H, W] (whole shape, clipped to the frame), categories int [N] (1..4),
   depth int [N] (0 = front)). Instances invisible in every frame are kept here (callers drop them).
   """
   t_count, h, w = num_frames, height, width
+  if occlusion:
+    cats, tracks = _occlusion_scene(rng, t_count, h, w)
+  else:
+    cats, tracks = _standard_scene(rng, t_count, h, w, num_instances)
+  return _render(rng, cats, tracks, t_count, h, w)
+
+
+def _standard_scene(rng, t_count, h, w, num_instances):
+  """Instances that move linearly between two points (inside, or just outside a side: enter, leave,
+  cross) and grow or shrink. -> (categories [N] 0-based, [(path, angle0, spin, colors)]) where
+  path(t) -> (cx, cy, s) is the centre and half size at frame t."""
   n = int(rng.integers(1, 5)) if num_instances is None else num_instances
   cats = rng.integers(0, len(CATEGORIES), size=n)
-  ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
-
   tracks = []
   for i in range(n):
     s0 = rng.uniform(0.12, 0.3) * min(h, w)
@@ -88,8 +98,114 @@ def render_video(rng: np.random.Generator, num_frames: int, height: int, width: 
     angle0 = rng.uniform(0, 2 * np.pi) if cats[i] != 2 else rng.uniform(-0.3, 0.3)
     spin = rng.uniform(-0.15, 0.15)
     colors = np.clip(_COLORS[cats[i]] * rng.uniform(0.85, 1.15, size=(2, 3)), 0, 255)
-    tracks.append((start, end, s0, s1, angle0, spin, colors))
 
+    def path(t, start=start, end=end, s0=s0, s1=s1):
+      (x0, y0), (x1, y1) = start, end
+      a = t / max(t_count - 1, 1)
+      return x0 + a * (x1 - x0), y0 + a * (y1 - y0), s0 * (s1 / s0) ** a
+    tracks.append((path, angle0, spin, colors))
+  return cats, tracks
+
+
+def _waypoints(times, points, size):
+  """Piecewise-linear path through (time, (x, y)) waypoints, constant half size."""
+  times = np.asarray(times, np.float64)
+  xs, ys = np.asarray(points, np.float64).T
+  return lambda t: (float(np.interp(t, times, xs)), float(np.interp(t, times, ys)), size)
+
+
+# Radius of a circle around the centre that contains every shape (unit = half size; the largest
+# extent is a rotated square's corner, 0.85 * sqrt(2)): a shape is fully hidden when this circle is.
+_EXTENT = 1.3
+# Radius of the largest centred circle inside a disc / square occluder (unit = its half size).
+_INNER = (1.0, 0.85)
+
+
+def _occlusion_scene(rng, t_count, h, w):
+  """Occlusion-heavy scene (`--occlusion`), same return as `_standard_scene`. Depth order:
+
+  0. an occluder: a large disc or square drifting slowly near the centre, in front of everything;
+  1. a hider that passes straight behind it and is fully hidden for at least 2k+1 consecutive
+     frames (k = 1, 2) in the middle of the video;
+  2., 3. two look-alikes: the same category, colours and size within a few percent, whose straight
+     paths cross at the same point at the same frame (the back one is hidden there for a frame or
+     two);
+  4. with probability 1/2, an object that leaves the frame through one side, stays out for 3-6
+     frames and comes back in through the same side.
+  """
+  if t_count < 12:
+    raise ValueError(f'occlusion videos need at least 12 frames, got {t_count}')
+  m = min(h, w)
+  last = t_count - 1
+
+  def colors_of(cat, spread):
+    return np.clip(_COLORS[cat] * rng.uniform(1 - spread, 1 + spread, size=(2, 3)), 0, 255)
+
+  def angle_of(cat):
+    return rng.uniform(0, 2 * np.pi) if cat != 2 else rng.uniform(-0.3, 0.3)
+
+  cats, tracks = [], []
+  # 0. The occluder, sized so that the hider (1) moving at `speed` relative to it is fully hidden
+  # while |t - mid| <= k, i.e. for 2k + 1 frames: its extent circle must fit in the occluder's inner
+  # circle for a distance of reach = (k + 0.5) * speed either side of the centre.
+  occ_cat = int(rng.integers(0, 2))
+  small = rng.uniform(0.1, 0.13) * m
+  speed = rng.uniform(0.035, 0.05) * m
+  k = int(rng.integers(1, 3))
+  big = ((k + 0.5) * speed + _EXTENT * small) / _INNER[occ_cat]
+  o0 = np.array([rng.uniform(0.35, 0.65) * w, rng.uniform(0.4, 0.6) * h])
+  o1 = o0 + rng.uniform(-0.05, 0.05, size=2) * m
+  cats.append(occ_cat)
+  tracks.append((_waypoints([0, last], [o0, o1], big), angle_of(occ_cat),
+                 rng.uniform(-0.05, 0.05), colors_of(occ_cat, 0.15)))
+  occluder_at = lambda t: o0 + t / last * (o1 - o0)  # noqa: E731
+
+  # 1. The hider: straight behind the occluder, mostly horizontally.
+  cat = int(rng.integers(0, len(CATEGORIES)))
+  mid = int(rng.integers(t_count // 3, 2 * t_count // 3 + 1))
+  heading = rng.uniform(-0.5, 0.5) + np.pi * rng.integers(0, 2)
+  step = speed * np.array([np.cos(heading), np.sin(heading)])
+  cats.append(cat)
+  tracks.append((_waypoints([0, last], [occluder_at(0) - mid * step,
+                                        occluder_at(last) + (last - mid) * step], small),
+                 angle_of(cat), rng.uniform(-0.15, 0.15), colors_of(cat, 0.15)))
+
+  # 2., 3. Look-alikes crossing at `meet` at frame `cross` (opposite-ish directions).
+  cat = int(rng.integers(0, len(CATEGORIES)))
+  size = rng.uniform(0.13, 0.2) * m
+  base = _COLORS[cat] * rng.uniform(0.9, 1.1, size=(2, 3))
+  cross = int(rng.integers(t_count // 3, 2 * t_count // 3 + 1))
+  meet = np.array([rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h])
+  heading = rng.uniform(0, 2 * np.pi)
+  angle, spin = angle_of(cat), rng.uniform(-0.1, 0.1)
+  for turn in (0.0, np.pi + rng.uniform(-0.7, 0.7)):
+    v = rng.uniform(0.025, 0.045) * w * np.array([np.cos(heading + turn), np.sin(heading + turn)])
+    cats.append(cat)
+    tracks.append((_waypoints([0, last], [meet - cross * v, meet + (last - cross) * v],
+                              size * rng.uniform(0.95, 1.05)),
+                   angle + rng.uniform(-0.2, 0.2), spin,
+                   np.clip(base * rng.uniform(0.97, 1.03, size=(2, 3)), 0, 255)))
+
+  # 4. Leaves and re-enters through one side: outside (fully) from frame `out` to `back`.
+  if rng.uniform() < 0.5:
+    cat = int(rng.integers(0, len(CATEGORIES)))
+    size = rng.uniform(0.12, 0.2) * m
+    side = int(rng.integers(0, 4))
+    out = int(rng.integers(t_count // 4, t_count // 2 + 1))
+    back = out + int(rng.integers(2, 6))          # 3-6 frames out
+    exit_at, enter_at = _point(rng, 'out', side, size, h, w), _point(rng, 'out', side, size, h, w)
+    cats.append(cat)
+    tracks.append((_waypoints([0, out, back, last],
+                              [_point(rng, 'inside', 0, size, h, w), exit_at, enter_at,
+                               _point(rng, 'inside', 0, size, h, w)], size),
+                   angle_of(cat), rng.uniform(-0.15, 0.15), colors_of(cat, 0.15)))
+  return np.asarray(cats), tracks
+
+
+def _render(rng, cats, tracks, t_count, h, w) -> dict:
+  """Draws the background and the instances (index order = depth order) frame by frame."""
+  n = len(cats)
+  ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
   # Mildly noisy, low-saturation background with a gradient, different for every video.
   grey = rng.uniform(80, 170)
   tint = rng.uniform(-15, 15, size=3)
@@ -101,12 +217,11 @@ def render_video(rng: np.random.Generator, num_frames: int, height: int, width: 
   visible = np.zeros((n, t_count, h, w), bool)
   amodal = np.zeros((n, t_count, h, w), bool)
   for t in range(t_count):
-    a = t / max(t_count - 1, 1)
     img = bg + rng.normal(0, 3, size=(h, w, 3))
     occupied = np.zeros((h, w), bool)
     for i in range(n):  # index order = depth order: instance 0 is in front
-      (x0, y0), (x1, y1), s0, s1, angle0, spin, colors = tracks[i]
-      cx, cy, s = x0 + a * (x1 - x0), y0 + a * (y1 - y0), s0 * (s1 / s0) ** a
+      path, angle0, spin, colors = tracks[i]
+      cx, cy, s = path(t)
       c, sn = np.cos(angle0 + spin * t), np.sin(angle0 + spin * t)
       dx, dy = (xs - cx) / s, (ys - cy) / s
       u, v = c * dx + sn * dy, -sn * dx + c * dy
@@ -127,7 +242,7 @@ def video_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def _annotation(visible: np.ndarray) -> tuple[list, list, list]:
-  """bool [T, H, W] -> per-frame (compressed RLE with str counts | None, area | None, bbox | None)."""
+  """bool [T, H, W] -> per-frame (compressed RLE, str counts | None, area | None, bbox | None)."""
   segs, areas, boxes = [], [], []
   for m in visible:
     if not m.any():
@@ -141,15 +256,18 @@ def _annotation(visible: np.ndarray) -> tuple[list, list, list]:
 
 
 def generate(out_dir: str, split: str, num_videos: int, num_frames: int, height: int = 128,
-             width: int = 224, seed: int = 0) -> str:
-  """Writes `num_videos` videos of `num_frames` frames; returns the path of OUT/<split>.json."""
+             width: int = 224, seed: int = 0, occlusion: bool = False) -> str:
+  """Writes `num_videos` videos of `num_frames` frames; returns the path of OUT/<split>.json.
+
+  occlusion: occlusion-heavy scenes (`_occlusion_scene`); hidden frames are null in the JSON.
+  """
   if num_videos < 1 or num_frames < 1:
     raise ValueError(f'need at least one video and one frame, got {num_videos} x {num_frames}')
   videos, annotations = [], []
   for i in range(num_videos):
     rng = video_rng(seed, split, i)
     while True:
-      sim = render_video(rng, num_frames, height, width)
+      sim = render_video(rng, num_frames, height, width, occlusion=occlusion)
       keep = [k for k in range(len(sim['categories'])) if sim['visible'][k].any()]
       if keep:
         break
@@ -171,7 +289,8 @@ def generate(out_dir: str, split: str, num_videos: int, num_frames: int, height:
                           'width': width, 'height': height, 'length': num_frames,
                           'segmentations': segs, 'areas': areas, 'bboxes': boxes})
   data = {
-      'info': {'description': f'minvis-jax synthetic VIS ({split}, seed {seed})'},
+      'info': {'description': f'minvis-jax synthetic VIS ({split}, seed {seed}'
+                       f'{", occlusion" if occlusion else ""})'},
       'licenses': [],
       'videos': videos,
       'annotations': annotations,
@@ -188,16 +307,21 @@ def generate(out_dir: str, split: str, num_videos: int, num_frames: int, height:
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--out', required=True, help='dataset root (manual_dir)')
-  p.add_argument('--videos', type=int, required=True, help='training videos')
+  p.add_argument('--videos', type=int, required=True, help='training videos (0: none)')
   p.add_argument('--frames', type=int, required=True, help='frames per video')
   p.add_argument('--valid_videos', type=int, default=0, help='validation videos (with GT)')
   p.add_argument('--height', type=int, default=128)
   p.add_argument('--width', type=int, default=224)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--occlusion', action='store_true',
+                 help='occlusion-heavy scenes: objects hidden behind an occluder or out of frame '
+                      'for several frames, and look-alikes crossing paths (>= 12 frames)')
   args = p.parse_args(argv)
-  splits = [('train', args.videos)] + ([('valid', args.valid_videos)] if args.valid_videos else [])
-  for split, n in splits:
-    path = generate(args.out, split, n, args.frames, args.height, args.width, args.seed)
+  for split, n in (('train', args.videos), ('valid', args.valid_videos)):
+    if not n:
+      continue
+    path = generate(args.out, split, n, args.frames, args.height, args.width, args.seed,
+                    args.occlusion)
     print(f'wrote {n} videos x {args.frames} frames: {path}')
 
 
