@@ -5,6 +5,8 @@ import os
 import sys
 import time
 
+import jax
+
 from minvis_jax import dataset_eval
 from minvis_jax import evaluation
 from minvis_jax import infer
@@ -22,11 +24,20 @@ def main(argv=None) -> int:
   parser.add_argument('--out', default='', help='output directory (default: the checkpoint)')
   parser.add_argument('--max_videos', type=int, default=None, help='only the first N videos')
   parser.add_argument('--top_k', type=int, default=None, help='tracks per video (default: config)')
-  parser.add_argument('--window', type=int, default=None,
-                      help='frames per forward (default: config)')
+  parser.add_argument('--window', type=_window, default=None,
+                      help='frames per device per forward, or auto (default: config)')
+  parser.add_argument('--distributed', action='store_true',
+                      help='jax.distributed.initialize(): every process of a pod, SLURM job or '
+                           'launch/local_evaluate.sh evaluates its share of the videos')
+  parser.add_argument('--coordinator', default=None, help='host:port for --distributed')
+  parser.add_argument('--num_processes', type=int, default=None)
+  parser.add_argument('--process_id', type=int, default=None)
   args = parser.parse_args((argv or [None])[1:])
 
   t0 = time.time()
+  if args.distributed:
+    from minvis_jax import train  # noqa: PLC0415  (its jax.distributed set-up, shared)
+    train.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   config, variables = infer.load_model(args.checkpoint, args.config)
   split = args.split or config.data.get('eval_split', 'valid')
   manual_dir = args.manual_dir or config.data.manual_dir
@@ -38,12 +49,16 @@ def main(argv=None) -> int:
                      f'model.num_classes={config.model.num_classes}')
   results = dataset_eval.predict_dataset(config, variables, dataset, args.max_videos, args.top_k,
                                          args.window)
+  if jax.process_index() != 0:
+    return 0  # process 0 writes and prints for all
+  n_frames = sum(len(v.frame_paths) for v in dataset.videos[:args.max_videos])
   out = args.out or os.path.abspath(args.checkpoint)
   results_path = os.path.join(out, 'results.json')
   dataset_eval.write_json(results_path, results)
   n = len(dataset.videos if args.max_videos is None else dataset.videos[:args.max_videos])
-  print(f'{config.data.dataset} {split}: {n} videos, {len(results)} tracks in '
-        f'{time.time() - t0:.1f} s; wrote {results_path}')
+  print(f'{config.data.dataset} {split}: {n} videos ({n_frames} frames), {len(results)} tracks '
+        f'in {time.time() - t0:.1f} s on {jax.device_count()} devices of {jax.process_count()} '
+        f'processes; wrote {results_path}')
   if not dataset.has_annotations:
     print(f'{dataset.json_path} has no annotations: submit {results_path} to the evaluation server')
     return 0
@@ -57,3 +72,7 @@ def main(argv=None) -> int:
   print(evaluation.format_table(metrics))
   sys.stdout.flush()
   return 0
+
+
+def _window(value: str) -> int | str:
+  return value if value == 'auto' else int(value)
