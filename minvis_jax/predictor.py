@@ -14,6 +14,8 @@ RLE bytes are small (a few KB a frame for all queries, against 2.9 MB of float16
 
 import functools
 import json
+import os
+import tempfile
 from typing import Iterable, Iterator
 
 import jax
@@ -95,6 +97,38 @@ def _encode(bits: np.ndarray, out_size) -> tuple[bytes, np.ndarray]:
   return b''.join(counts), np.cumsum([len(c) for c in counts])
 
 
+class _RleStore:
+  """Every query's RLE counts of every frame, in an anonymous temporary file: the host keeps only
+  offsets (~0.4 KB a frame at Q=100). An RLE is small for a trained model's masks, but the noisy
+  masks of an untrained one take ~10 KB each (1 MB a frame at Q=100, 360x640)."""
+
+  def __init__(self):
+    self._file = tempfile.TemporaryFile()
+    self._starts, self._ends, self._size = [], [], 0
+
+  def add(self, counts: bytes, ends: np.ndarray) -> None:
+    self._file.write(counts)
+    self._starts.append(self._size)
+    self._ends.append(ends.astype(np.int32))
+    self._size += len(counts)
+
+  def __len__(self) -> int:
+    return len(self._starts)
+
+  def track(self, query: int) -> list[bytes]:
+    """The RLE counts of `query` in every frame."""
+    self._file.flush()
+    fd = self._file.fileno()
+    out = []
+    for start, ends in zip(self._starts, self._ends):
+      lo = int(ends[query - 1]) if query else 0
+      out.append(os.pread(fd, int(ends[query]) - lo, start + lo))
+    return out
+
+  def close(self) -> None:
+    self._file.close()
+
+
 # Device bytes of one frame in the R50 forward per input pixel (measured peak ~1.1 KB at 384x640,
 # benchmarks/long_video.py), with headroom; used by the 'auto' window on accelerators.
 _BYTES_PER_PIXEL = 2048
@@ -167,29 +201,36 @@ class VideoPredictor:
     step = _step_fn(self._model_json, self.mesh, padded_size, valid_size, out_size)
     frames = jax.sharding.NamedSharding(self.mesh, P('frames'))
 
-    state, logit_sum, rles, pending = self._init_state, None, [], None
-    for batch, valid in _windows(_chain(first, images), window):
-      state, s, bits = step(self.variables, state, jax.device_put(batch, frames),
-                            jnp.asarray(valid))
-      logit_sum = s if logit_sum is None else logit_sum + s
-      # Encode the previous window on the host while the device runs this one.
-      if pending is not None:
-        rles.extend(_encode(b, out_size) for b in np.asarray(pending[0])[pending[1]])
-      pending = bits, valid
-    rles.extend(_encode(b, out_size) for b in np.asarray(pending[0])[pending[1]])
+    state, logit_sum, pending, store = self._init_state, None, None, _RleStore()
+    try:
+      for batch, valid in _windows(_chain(first, images), window):
+        state, s, bits = step(self.variables, state, jax.device_put(batch, frames),
+                              jnp.asarray(valid))
+        logit_sum = s if logit_sum is None else logit_sum + s
+        # Encode the previous window on the host while the device runs this one.
+        if pending is not None:
+          _store_window(store, *pending, out_size)
+        pending = bits, valid
+      _store_window(store, *pending, out_size)
 
-    probs = jax.nn.softmax(logit_sum / len(rles), axis=-1)[:, :-1]    # [Q, K]
-    num_classes = probs.shape[1]
-    k = min(self.top_k, probs.size)
-    scores, flat = jax.lax.top_k(probs.reshape(-1), k)
-    flat = np.asarray(flat)
-    size = list(out_size)
-    tracks = []
-    for c, score, q in zip(flat % num_classes, np.asarray(scores), flat // num_classes):
-      segs = [{'size': size, 'counts': counts[(ends[q - 1] if q else 0):ends[q]].decode()}
-              for counts, ends in rles]
-      tracks.append({'category': int(c), 'score': float(score), 'segmentations': segs})
-    return tracks
+      probs = jax.nn.softmax(logit_sum / len(store), axis=-1)[:, :-1]    # [Q, K]
+      num_classes = probs.shape[1]
+      k = min(self.top_k, probs.size)
+      scores, flat = jax.lax.top_k(probs.reshape(-1), k)
+      flat = np.asarray(flat)
+      size = list(out_size)
+      tracks = []
+      for c, score, q in zip(flat % num_classes, np.asarray(scores), flat // num_classes):
+        segs = [{'size': size, 'counts': counts.decode()} for counts in store.track(int(q))]
+        tracks.append({'category': int(c), 'score': float(score), 'segmentations': segs})
+      return tracks
+    finally:
+      store.close()
+
+
+def _store_window(store: _RleStore, bits: jax.Array, valid: np.ndarray, out_size) -> None:
+  for b in np.asarray(bits)[valid]:
+    store.add(*_encode(b, out_size))
 
 
 def _chain(first, rest):
