@@ -5,11 +5,14 @@ window of frames (the last one padded and marked invalid, so one compiled shape 
 video): the forward sharded over the local devices along the frame axis, the exact sequential
 association, and, for every query, the SPEC 1 mask (resize, crop, resize, threshold) computed on
 device and sent to the host as packed bits. The host run-length encodes every query's mask of every
-frame and keeps only those RLE bytes; the top-k tracks are known after the last frame, and their
-RLEs are picked then. Why this and not a second pass over the frames for the top-k queries: the
-forward dominates (R50 at 360x640 on CPU: ~1 s a frame against ~0.1 s for the masks and RLEs of all
-100 queries, see benchmarks/long_video.py), so a second pass would nearly double the time, and the
-RLE bytes are small (a few KB a frame for all queries, against 2.9 MB of float16 logits).
+frame into an anonymous temporary file and keeps only offsets; the top-k tracks are known after the
+last frame and read their RLEs back then.
+
+Why not a second pass over the frames for the top-k queries: the forward dominates. R50 at 360x640
+on CPU (benchmarks/long_video.py) spends ~3% of its time on the masks and RLEs of all 100 queries,
+so a second forward pass would nearly double the time. Why a file and not RLE bytes in memory: an
+untrained model's noisy masks take ~11 KB of RLE each (~1.1 MB a frame at Q=100), which would grow
+the host memory by over a GB per 1,000 frames; a trained model's are far smaller.
 """
 
 import functools
@@ -129,9 +132,10 @@ class _RleStore:
     self._file.close()
 
 
-# Device bytes of one frame in the R50 forward per input pixel (measured peak ~1.1 KB at 384x640,
-# benchmarks/long_video.py), with headroom; used by the 'auto' window on accelerators.
-_BYTES_PER_PIXEL = 2048
+# Device bytes of one frame in the R50 forward per input pixel: an upper bound from the CPU peak
+# RSS with one 384x640 frame per forward (1.5 GiB with the runtime and weights, see
+# benchmarks/long_video.py); used by the 'auto' window on accelerators.
+_BYTES_PER_PIXEL = 4096
 
 
 def auto_window(padded_size: tuple[int, int], devices) -> int:
@@ -163,9 +167,11 @@ class VideoPredictor:
   """Runs MinVIS on one video at a time with a fixed model, window size and local devices.
 
   window: frames per device per forward, or 'auto'; a window of the video is `window` times the
-    number of devices, split along the frame axis. XLA's convolutions round differently at
-    different batch sizes (by an ulp, which can flip a mask pixel at the threshold), so a fixed
-    per-device batch makes the results the same for every number of devices.
+    number of devices, split along the frame axis. A per-device batch rather than a total one:
+    XLA's convolutions round differently at different batch sizes (by an ulp, enough to flip a
+    mask pixel whose logit is within rounding of 0), so the same per-device batch on any number
+    of devices gives the same tracks and scores (1e-7) and the same masks but for rare isolated
+    pixels (the partitioned program is compiled a little differently; measured: 1 pixel in ~10^6).
   devices: the devices a window is sharded over (default: all local devices).
   """
 
