@@ -6,6 +6,7 @@ memory (None on CPU, where the device memory is the host's), frames/s after comp
 bytes kept per frame and the share of the time spent on the host encoding masks; last line RESULT.
 
   python benchmarks/long_video.py [--frames 300,1200] [--window auto]
+  python benchmarks/long_video.py --eval_fps   # evaluation frames/s on 1 and 8 fake CPU devices
 """
 
 import argparse
@@ -68,12 +69,61 @@ def _child(num_frames: int, window) -> dict:
           'top10_rle_bytes_per_frame': rle_bytes / num_frames}
 
 
+def _eval_fps() -> dict:
+  """`predict_dataset` frames/s of the tiny model (configs/tiny.py) on 8 generated 128x224 videos
+  of 16 frames, on 1 and on 8 CPU devices (window 'auto': a frame per device), after a
+  compiling run."""
+  import tempfile  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+  from test_inference import _random_variables  # noqa: PLC0415
+
+  from minvis_jax import config_lib  # noqa: PLC0415
+  from minvis_jax import dataset_eval  # noqa: PLC0415
+  from minvis_jax.data import synthetic  # noqa: PLC0415
+  from minvis_jax.data import ytvis  # noqa: PLC0415
+
+  config = config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..',
+                                               'configs', 'tiny.py'))
+  variables = _random_variables(config.model)
+  out = {}
+  with tempfile.TemporaryDirectory() as data:
+    synthetic.generate(data, 'valid', num_videos=8, num_frames=16, height=128, width=224)
+    dataset = ytvis.load_split('synthetic', data, 'valid')
+    frames = sum(len(v.frame_paths) for v in dataset.videos)
+    for n in (1, 8):
+      run = lambda: dataset_eval.predict_dataset(config, variables, dataset, progress=False,  # noqa
+                                                 devices=jax.devices()[:n])
+      run()
+      start = time.perf_counter()
+      run()
+      out[n] = frames / (time.perf_counter() - start)
+  return out
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--frames', default='300,1200', help='comma-separated video lengths')
   parser.add_argument('--window', default='auto', help='frames per device per forward, or auto')
   parser.add_argument('--child', type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--eval_fps', action='store_true',
+                      help='instead: evaluation frames/s on 1 and 8 fake CPU devices')
+  parser.add_argument('--eval_fps_child', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.eval_fps_child:
+    print('CHILD ' + json.dumps(_eval_fps()))
+    return
+  if args.eval_fps:
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    out = subprocess.run([sys.executable, __file__, '--eval_fps_child'], env=env,
+                         capture_output=True, text=True, check=True)
+    fps = json.loads([x for x in out.stdout.splitlines() if x.startswith('CHILD ')][-1][6:])
+    print(f'tiny model, 128 frames of 128x224: {fps["1"]:.1f} frames/s on 1 CPU device, '
+          f'{fps["8"]:.1f} on 8 (one host: the fake devices share its cores)')
+    print('RESULT ' + json.dumps({'name': 'evaluate_fps_tiny_cpu_devices',
+                                  'frames_per_s': {k: round(v, 2) for k, v in fps.items()}}))
+    return
   window = args.window if args.window == 'auto' else int(args.window)
   if args.child is not None:
     print('CHILD ' + json.dumps(_child(args.child, window)))

@@ -53,7 +53,8 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # Initialisation: an orbax checkpoint written by `python -m minvis_jax.convert`.
   c.init = ml_collections.ConfigDict(dict(checkpoint='', reinit_class_head=True))
 
-  c.inference = ml_collections.ConfigDict(dict(window=30, top_k=10))
+  # window: frames per device per forward; 'auto' sizes it from the device (1 a device on CPU).
+  c.inference = ml_collections.ConfigDict(dict(window='auto', top_k=10))
   return c
 
 

@@ -54,7 +54,6 @@ def setup(tmp_path_factory):
   (data / 'valid.json').write_text(json.dumps(gt))
 
   config = config_lib.load_config(os.path.join(REPO, 'configs', 'tiny.py'))
-  config.inference.window = 1
   config.inference.top_k = 4
   variables = _random_variables(config.model, seed=2)
   ckpt = str(root / 'model')
