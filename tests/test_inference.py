@@ -195,9 +195,10 @@ def test_2000_frames_with_flat_device_and_host_memory(monkeypatch):
   assert len(live) == 20
   # Device memory after the first windows stays the same however many frames have passed.
   assert max(live[2:]) - min(live[2:]) == 0, live
-  # Host memory over 1,800 frames grows by the RLE offsets only (< 0.6 KB a frame); the dense
-  # float16 logits the predictor used to keep were 20 queries x 16 x 16 x 2 B = 10 KB a frame.
-  assert host[-1] - host[2] < 1800 * 600, host
+  # Host memory over the last 1,300+ frames grows by the RLE offsets only (< 0.6 KB a frame; the
+  # minima skip transient buffers); the dense float16 logits the predictor used to keep were
+  # 20 queries x 16 x 16 x 2 B = 10 KB a frame.
+  assert min(host[-5:]) - min(host[2:7]) < 1300 * 600, host
 
 
 # ------------------------------------------------------------------------------------------------
