@@ -58,9 +58,10 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # Initialisation: an orbax checkpoint written by `python -m minvis_jax.convert`.
   c.init = ml_collections.ConfigDict(dict(checkpoint='', reinit_class_head=True))
 
+  # window: frames per device per forward; 'auto' sizes it from the device (1 a device on CPU).
   # tracker: 'minvis' (SPEC 1) or 'memory' (per-track EMA memory; minvis_jax/tracking.py, whose
   # defaults for memory_momentum / memory_min_score were measured with benchmarks/tracking.py).
-  c.inference = ml_collections.ConfigDict(dict(window=30, top_k=10, tracker='minvis',
+  c.inference = ml_collections.ConfigDict(dict(window='auto', top_k=10, tracker='minvis',
                                                memory_momentum=0.7, memory_min_score=0.0))
   # Evaluation inside `train` on the training mesh, logged as eval/* at its step (metrics.jsonl,
   # TensorBoard). Off by default: `minvis-jax evaluate --watch WORKDIR` does it beside the run.

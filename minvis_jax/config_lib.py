@@ -227,8 +227,15 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config'
               'model.hidden_dim', 'model.mask_dim', 'model.enc_heads', 'model.dec_heads',
               'model.enc_points', 'model.enc_ffn_dim', 'model.dec_ffn_dim',
               'model.num_feature_levels', 'loss.num_points', 'batch_size', 'log_every',
-              'checkpoint.every_steps', 'checkpoint.keep', 'inference.window', 'inference.top_k'):
+              'checkpoint.every_steps', 'checkpoint.keep', 'inference.top_k'):
     check(key, positive_int, 'an integer >= 1')
+  check('inference.window', lambda x: x == 'auto' or positive_int(x), "an integer >= 1 or 'auto'")
+  check('inference.tracker', lambda x: x in ('minvis', 'memory'), "'minvis' or 'memory'")
+  check('inference.memory_momentum', lambda x: _is_number(x) and 0 <= x < 1, 'a number in [0, 1)')
+  check('inference.memory_min_score', lambda x: _is_number(x) and 0 <= x <= 1,
+        'a number in [0, 1]')
+  for key in ('eval.every_steps', 'eval.max_videos'):
+    check(key, lambda x: _is_int(x) and x >= 0, 'an integer >= 0')
   for key in ('model.enc_layers', 'model.dec_layers', 'total_steps', 'optim.warmup_steps'):
     check(key, lambda x: _is_int(x) and x >= 0, 'an integer >= 0')
   check('model.num_feature_levels', lambda x: x <= 3, 'at most 3 (res3..res5)')

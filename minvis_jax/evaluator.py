@@ -6,10 +6,13 @@ import os
 import sys
 import time
 
+import jax
+
 from minvis_jax import config_lib
 from minvis_jax import dataset_eval
 from minvis_jax import evaluation
 from minvis_jax import infer
+from minvis_jax import predictor
 from minvis_jax import watch
 
 
@@ -24,8 +27,14 @@ def main(argv=None) -> int:
   parser.add_argument('--out', default='', help='output directory (default: the checkpoint)')
   parser.add_argument('--max_videos', type=int, default=None, help='only the first N videos')
   parser.add_argument('--top_k', type=int, default=None, help='tracks per video (default: config)')
-  parser.add_argument('--window', type=int, default=None,
-                      help='frames per forward (default: config)')
+  parser.add_argument('--window', type=predictor.parse_window, default=None,
+                      help='frames per device per forward, or auto (default: config)')
+  parser.add_argument('--distributed', action='store_true',
+                      help='jax.distributed.initialize(): every process of a pod, SLURM job or '
+                           'launch/local_evaluate.sh evaluates its share of the videos')
+  parser.add_argument('--coordinator', default=None, help='host:port for --distributed')
+  parser.add_argument('--num_processes', type=int, default=None)
+  parser.add_argument('--process_id', type=int, default=None)
   parser.add_argument('--watch', default='', metavar='WORKDIR',
                       help='evaluate each checkpoint of this training run once, as it appears')
   parser.add_argument('--timeout', type=float, default=None,
@@ -33,12 +42,14 @@ def main(argv=None) -> int:
   parser.add_argument('--tracker', choices=('minvis', 'memory'), default=None,
                       help='association mode (default: config.inference.tracker)')
   args = parser.parse_args((argv or [None])[1:])
+  if not (args.checkpoint or args.watch):
+    parser.error('pass --checkpoint DIR (or --watch WORKDIR)')
+  t0 = time.time()
+  if args.distributed:
+    from minvis_jax import train  # noqa: PLC0415  (its jax.distributed set-up, shared)
+    train.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   if args.watch:
     return _watch(args)
-  if not args.checkpoint:
-    parser.error('pass --checkpoint DIR (or --watch WORKDIR)')
-
-  t0 = time.time()
   config, variables = infer.load_model(args.checkpoint, args.config)
   if args.tracker:
     config.inference.tracker = args.tracker
@@ -46,12 +57,16 @@ def main(argv=None) -> int:
   dataset = watch.load_dataset(config, split, args.manual_dir, require_annotations=False)
   results = dataset_eval.predict_dataset(config, variables, dataset, args.max_videos, args.top_k,
                                          args.window)
+  if jax.process_index() != 0:
+    return 0  # process 0 writes and prints for all
+  n_frames = sum(len(v.frame_paths) for v in dataset.videos[:args.max_videos])
   out = args.out or os.path.abspath(args.checkpoint)
   results_path = os.path.join(out, 'results.json')
   dataset_eval.write_json(results_path, results)
   n = len(dataset.videos if args.max_videos is None else dataset.videos[:args.max_videos])
-  print(f'{config.data.dataset} {split}: {n} videos, {len(results)} tracks in '
-        f'{time.time() - t0:.1f} s; wrote {results_path}')
+  print(f'{config.data.dataset} {split}: {n} videos ({n_frames} frames), {len(results)} tracks '
+        f'in {time.time() - t0:.1f} s on {jax.device_count()} devices of {jax.process_count()} '
+        f'processes; wrote {results_path}')
   if not dataset.has_annotations:
     print(f'{dataset.json_path} has no annotations: submit {results_path} to the evaluation server')
     return 0
@@ -95,3 +110,5 @@ def _watch(args) -> int:
   print(f'evaluated {len(added)} checkpoints' + (f'; best AP {100 * best["eval/AP"]:.2f} at step '
                                                  f'{best["step"]}' if best else ''), flush=True)
   return 0
+
+

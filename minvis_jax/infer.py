@@ -117,8 +117,9 @@ def main(argv=None) -> int:
                       '(repeatable)')
   parser.add_argument('--top_k', type=int, default=None,
                       help='tracks kept (default: the config\'s inference.top_k)')
-  parser.add_argument('--window', type=int, default=None,
-                      help='frames per forward (default: the config\'s inference.window)')
+  parser.add_argument('--window', type=predictor_lib.parse_window, default=None,
+                      help='frames per device per forward, or auto (default: the config\'s '
+                           'inference.window)')
   parser.add_argument('--tracker', choices=('minvis', 'memory'), default=None,
                       help='association mode (default: config.inference.tracker)')
   parser.add_argument('--score_threshold', type=float, default=0.3,

@@ -1,15 +1,28 @@
 """MinVIS video inference (SPEC 1): per-frame forward in windows, online association, video results.
 
-Device memory is flat in the number of frames: one jitted forward over `window` frames at a time
-(the last window padded and marked invalid, so one compiled shape serves the whole video). The host
-keeps, per frame, the reordered stride-4 mask logits as float16 (top-k is only known at the end).
+Memory is flat in the number of frames, on the device and on the host. One jitted step runs a
+window of frames (the last one padded and marked invalid, so one compiled shape serves the whole
+video): the forward sharded over the local devices along the frame axis, the exact sequential
+association, and, for every query, the SPEC 1 mask (resize, crop, resize, threshold) computed on
+device and sent to the host as packed bits. The host run-length encodes every query's mask of every
+frame into an anonymous temporary file and keeps only offsets; the top-k tracks are known after the
+last frame and read their RLEs back then.
+
+Why not a second pass over the frames for the top-k queries: the forward dominates. R50 at 360x640
+on CPU (benchmarks/long_video.py) spends ~3% of its time on the masks and RLEs of all 100 queries,
+so a second forward pass would nearly double the time. Why a file and not RLE bytes in memory: an
+untrained model's noisy masks take ~11 KB of RLE each (~1.1 MB a frame at Q=100), which would grow
+the host memory by over a GB per 1,000 frames; a trained model's are far smaller.
 """
 
 import functools
 import json
+import os
+import tempfile
 from typing import Iterable, Iterator
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -18,6 +31,8 @@ from pycocotools import mask as mask_utils
 from minvis_jax import tracking
 from minvis_jax.data import transforms
 from minvis_jax.models import Mask2Former
+
+P = jax.sharding.PartitionSpec
 
 
 def _windows(images: Iterable[np.ndarray], window: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -34,33 +49,146 @@ def _windows(images: Iterable[np.ndarray], window: int) -> Iterator[tuple[np.nda
     yield np.stack(batch + pad), np.arange(window) < n
 
 
-@functools.lru_cache(maxsize=8)
-def _step_fn(model_config_json: str, tracker: tracking.Tracker = tracking.Tracker()):
-  """The jitted window step of a model config, shared by every predictor of that model (so a new
-  predictor, e.g. per command or per test, reuses the compiled forward of the same shapes)."""
+def _binary_masks(m: jnp.ndarray, padded_size, valid_size, out_size) -> jnp.ndarray:
+  """Mask logits [Q, Hp/4, Wp/4] -> bool [Q, H, W]: to the padded input size, crop the valid
+  image, to the original size (bilinear, no antialias), threshold at logit > 0 (SPEC 1)."""
+  (hp, wp), (h, w) = padded_size, valid_size
+  # float16 first: the logits the earlier host-side implementation kept, so results are unchanged.
+  m = m.astype(jnp.float16).astype(jnp.float32)
+  m = jax.image.resize(m, (m.shape[0], hp, wp), 'bilinear', antialias=False)[:, :h, :w]
+  return jax.image.resize(m, (m.shape[0], *out_size), 'bilinear', antialias=False) > 0
+
+
+@functools.lru_cache(maxsize=16)
+def _step_fn(model_config_json: str, mesh: jax.sharding.Mesh, padded_size, valid_size, out_size,
+             tracker: tracking.Tracker):
+  """The jitted window step of a model config, mesh, frame geometry and tracker, shared by every
+  predictor (so a new predictor, e.g. per video, command or test, reuses the compiled step)."""
   model = Mask2Former(ml_collections.ConfigDict(json.loads(model_config_json)))
+  frames = P('frames')
+
+  def forward(variables, images):    # on each device: its own frames
+    return model.apply(variables, images)
+
+  def masks_to_bits(masks, perm):    # on each device: its own frames, one frame at a time
+    def one(args):
+      m, p = args
+      binary = _binary_masks(m[p], padded_size, valid_size, out_size)     # [Q, H, W]
+      # Column-major pixels (pycocotools' order), 8 to a byte: 1/32 of the float32 masks.
+      return jnp.packbits(binary.transpose(0, 2, 1).reshape(binary.shape[0], -1), axis=-1)
+    return jax.lax.map(one, (masks, perm))
 
   @jax.jit
   def step(variables, state, images, valid):
-    out = model.apply(variables, images)
+    out = jax.shard_map(forward, mesh=mesh, in_specs=(P(), frames), out_specs=frames)(
+        variables, images)
+    # The association is sequential over frames: it runs on the gathered embeddings [W, Q, C].
     state, perm = tracking.track_chunk(tracker, state, out['pred_embds'], out['pred_logits'],
                                        valid)
     logits = tracking.reorder(out['pred_logits'], perm)           # [W, Q, K+1]
-    masks = tracking.reorder(out['pred_masks'], perm)             # [W, Q, H/4, W/4]
     logit_sum = jnp.sum(jnp.where(valid[:, None, None], logits, 0.0), axis=0)
-    return state, logit_sum, masks.astype(jnp.float16)
+    bits = jax.shard_map(masks_to_bits, mesh=mesh, in_specs=(frames, frames), out_specs=frames)(
+        out['pred_masks'], perm)                                  # [W, Q, ceil(H*W/8)] uint8
+    return state, logit_sum, bits
   return step
 
 
-class VideoPredictor:
-  """Runs MinVIS on one video at a time with a fixed model and window size."""
+def _encode(bits: np.ndarray, out_size) -> tuple[bytes, np.ndarray]:
+  """Packed masks [Q, ceil(H*W/8)] of one frame -> (RLE counts of all Q joined, end offsets [Q])."""
+  h, w = out_size
+  masks = np.unpackbits(bits, axis=-1, count=h * w).reshape(-1, w, h)
+  rles = mask_utils.encode(masks.transpose(2, 1, 0))   # [H, W, Q] Fortran order, no copy
+  counts = [r['counts'] for r in rles]
+  return b''.join(counts), np.cumsum([len(c) for c in counts])
 
-  def __init__(self, model_config, variables, window: int = 30, top_k: int = 10,
-               tracker: tracking.Tracker = tracking.Tracker()):
-    self.variables = variables
-    self.window = window
+
+class _RleStore:
+  """Every query's RLE counts of every frame, in an anonymous temporary file: the host keeps only
+  offsets (~0.4 KB a frame at Q=100). An RLE is small for a trained model's masks, but the noisy
+  masks of an untrained one take ~10 KB each (1 MB a frame at Q=100, 360x640)."""
+
+  def __init__(self):
+    self._file = tempfile.TemporaryFile()
+    self._starts, self._ends, self._size = [], [], 0
+
+  def add(self, counts: bytes, ends: np.ndarray) -> None:
+    self._file.write(counts)
+    self._starts.append(self._size)
+    self._ends.append(ends.astype(np.int32))
+    self._size += len(counts)
+
+  def __len__(self) -> int:
+    return len(self._starts)
+
+  def track(self, query: int) -> list[bytes]:
+    """The RLE counts of `query` in every frame."""
+    self._file.flush()
+    fd = self._file.fileno()
+    out = []
+    for start, ends in zip(self._starts, self._ends):
+      lo = int(ends[query - 1]) if query else 0
+      out.append(os.pread(fd, int(ends[query]) - lo, start + lo))
+    return out
+
+  def close(self) -> None:
+    self._file.close()
+
+
+# Device bytes of one frame in the R50 forward per input pixel: an upper bound from the CPU peak
+# RSS with one 384x640 frame per forward (1.5 GiB with the runtime and weights, see
+# benchmarks/long_video.py); used by the 'auto' window on accelerators.
+_BYTES_PER_PIXEL = 4096
+
+
+def auto_window(padded_size: tuple[int, int], devices) -> int:
+  """Frames per window from the device memory and frame size: one frame per device on CPU (host
+  memory is shared and batching gains little there); elsewhere what half of the free memory of the
+  smallest device holds, at most 16 frames per device."""
+  n = len(devices)
+  if devices[0].platform == 'cpu':
+    return n
+  free = []
+  for d in devices:
+    stats = d.memory_stats() or {}
+    free.append(stats.get('bytes_limit', 0) - stats.get('bytes_in_use', 0))
+  per_device = int(0.5 * min(free) // (_BYTES_PER_PIXEL * padded_size[0] * padded_size[1]))
+  return n * min(max(per_device, 1), 16)
+
+
+def local_replica(tree, mesh: jax.sharding.Mesh):
+  """`tree` replicated over `mesh` (local devices); arrays sharded over other processes (e.g. an
+  FSDP training state) are first gathered from them."""
+  def put(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, P()))
+  return jax.tree.map(put, tree)
+
+
+class VideoPredictor:
+  """Runs MinVIS on one video at a time with a fixed model, window size and local devices.
+
+  window: frames per device per forward, or 'auto'; a window of the video is `window` times the
+    number of devices, split along the frame axis. A per-device batch rather than a total one:
+    XLA's convolutions round differently at different batch sizes (by an ulp, enough to flip a
+    mask pixel whose logit is within rounding of 0), so the same per-device batch on any number
+    of devices gives the same tracks and scores (1e-7) and the same masks but for rare isolated
+    pixels (the partitioned program is compiled a little differently; measured: 1 pixel in ~10^6).
+  devices: the devices a window is sharded over (default: all local devices).
+  tracker: the association (`tracking.Tracker`; default 'minvis', SPEC 1).
+  """
+
+  def __init__(self, model_config, variables, window: int | str = 30, top_k: int = 10,
+               devices=None, tracker: tracking.Tracker = tracking.Tracker()):
+    devices = list(devices or jax.local_devices())
+    self.mesh = jax.sharding.Mesh(np.array(devices), ('frames',))
+    self.variables = local_replica(variables, self.mesh)
+    if window != 'auto' and (not isinstance(window, int) or window < 1):
+      raise ValueError(f'inference.window: expected a positive int or \'auto\', got {window!r}')
+    self.window = window if window == 'auto' else window * len(devices)
     self.top_k = top_k
-    self._step = _step_fn(model_config.to_json(), tracker)
+    self.tracker = tracker
+    self._model_json = model_config.to_json()
     self._init_state = tracking.init_state(model_config.num_queries, model_config.hidden_dim)
 
   def __call__(self, images: Iterable[np.ndarray], valid_size: tuple[int, int],
@@ -71,44 +199,62 @@ class VideoPredictor:
     Returns the top-k tracks:
     {'category': 0-based class, 'score', 'segmentations': [RLE per frame]}.
     """
-    state = self._init_state
-    logit_sum, frames, padded_size = None, [], None
-    for batch, valid in _windows(images, self.window):
-      padded_size = batch.shape[1:3]
-      state, s, masks = self._step(self.variables, state, jnp.asarray(batch), jnp.asarray(valid))
-      logit_sum = s if logit_sum is None else logit_sum + s
-      frames.extend(np.asarray(masks)[valid])
-    if not frames:
+    images = iter(images)
+    first = next(images, None)
+    if first is None:
       raise ValueError('a video needs at least one frame')
-    probs = jax.nn.softmax(logit_sum / len(frames), axis=-1)[:, :-1]    # [Q, K]
-    num_classes = probs.shape[1]
-    k = min(self.top_k, probs.size)
-    scores, flat = jax.lax.top_k(probs.reshape(-1), k)
-    queries = np.asarray(flat) // num_classes
-    resize = _mask_resizer(tuple(padded_size), tuple(valid_size), tuple(out_size))
-    segs = [[] for _ in range(k)]
-    for frame in frames:
-      binary = np.asarray(resize(jnp.asarray(frame[queries], jnp.float32)))   # [k, H, W] bool
-      rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
-      for i, r in enumerate(rles):
-        segs[i].append({'size': r['size'], 'counts': r['counts'].decode()})
-    return [{'category': int(c), 'score': float(s), 'segmentations': seg}
-            for c, s, seg in zip(np.asarray(flat) % num_classes, np.asarray(scores), segs)]
+    padded_size = tuple(np.shape(first)[:2])
+    valid_size, out_size = tuple(valid_size), tuple(out_size)
+    window = self.window
+    if window == 'auto':
+      window = auto_window(padded_size, list(self.mesh.devices.flat))
+    step = _step_fn(self._model_json, self.mesh, padded_size, valid_size, out_size, self.tracker)
+    frames = jax.sharding.NamedSharding(self.mesh, P('frames'))
+
+    state, logit_sum, pending, store = self._init_state, None, None, _RleStore()
+    try:
+      for batch, valid in _windows(_chain(first, images), window):
+        state, s, bits = step(self.variables, state, jax.device_put(batch, frames),
+                              jnp.asarray(valid))
+        logit_sum = s if logit_sum is None else logit_sum + s
+        # Encode the previous window on the host while the device runs this one.
+        if pending is not None:
+          _store_window(store, *pending, out_size)
+        pending = bits, valid
+      _store_window(store, *pending, out_size)
+
+      probs = jax.nn.softmax(logit_sum / len(store), axis=-1)[:, :-1]    # [Q, K]
+      num_classes = probs.shape[1]
+      k = min(self.top_k, probs.size)
+      scores, flat = jax.lax.top_k(probs.reshape(-1), k)
+      flat = np.asarray(flat)
+      size = list(out_size)
+      tracks = []
+      for c, score, q in zip(flat % num_classes, np.asarray(scores), flat // num_classes):
+        segs = [{'size': size, 'counts': counts.decode()} for counts in store.track(int(q))]
+        tracks.append({'category': int(c), 'score': float(score), 'segmentations': segs})
+      return tracks
+    finally:
+      store.close()
 
 
-@functools.lru_cache(maxsize=16)  # one compiled resize per frame geometry, shared by all videos
-def _mask_resizer(padded_size, valid_size, out_size):
-  """Mask logits [k, Hp/4, Wp/4] -> bool [k, H, W]: to the padded input size, crop the valid
-  image, to the original size (bilinear, no antialias), threshold at logit > 0 (SPEC 1)."""
-  hp, wp = padded_size
-  h, w = valid_size
-  oh, ow = out_size
+def _store_window(store: _RleStore, bits: jax.Array, valid: np.ndarray, out_size) -> None:
+  for b in np.asarray(bits)[valid]:
+    store.add(*_encode(b, out_size))
 
-  @jax.jit
-  def resize(m):
-    m = jax.image.resize(m, (m.shape[0], hp, wp), 'bilinear', antialias=False)[:, :h, :w]
-    return jax.image.resize(m, (m.shape[0], oh, ow), 'bilinear', antialias=False) > 0
-  return resize
+
+def _chain(first, rest):
+  yield first
+  yield from rest
+
+
+def parse_window(value: str) -> int | str:
+  """A `--window` flag: 'auto' or a positive frame count per device."""
+  if value == 'auto':
+    return value
+  if not value.isdigit() or int(value) < 1:
+    raise ValueError(f"window={value!r}: expected a positive integer or 'auto'")
+  return int(value)
 
 
 def results_for_video(tracks: list[dict], video_id, category_ids: list[int]) -> list[dict]:
@@ -130,10 +276,9 @@ def valid_size(height: int, width: int, data_config) -> tuple[int, int]:
                                  data_config.max_size_test)
 
 
-def from_config(config, variables, top_k: int | None = None,
-               window: int | None = None) -> VideoPredictor:
+def from_config(config, variables, top_k: int | None = None, window: int | str | None = None,
+                devices=None) -> VideoPredictor:
   inf = config.get('inference', {}) or {}
   return VideoPredictor(config.model, variables, window or inf.get('window', 30),
-                        top_k or inf.get('top_k', 10), tracking.tracker_from_config(config))
-
-
+                        top_k or inf.get('top_k', 10), devices,
+                        tracking.tracker_from_config(config))
