@@ -142,6 +142,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return validate(module.get_config(arg or None), source=spec)
 
 
+# Fields that take a count or 'auto' (ConfigDict would lock them to the type of the default).
+_INT_OR_AUTO = ('inference.window',)
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
   """Applies 'a.b=value' strings (command-line --set) in place; values parse as Python literals."""
   import ast
@@ -164,7 +168,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
     if isinstance(node[leaf], tuple) and isinstance(value, list):
       value = tuple(value)
     try:
-      node[leaf] = value
+      if key in _INT_OR_AUTO:
+        with node.ignore_type():
+          node[leaf] = value
+      else:
+        node[leaf] = value
     except TypeError as e:   # ConfigDict's type check: a str or float where an int belongs
       raise ValueError(f'override {item!r}: {e}') from None
   return validate(config, source='--set ' + ' --set '.join(overrides)) if overrides else config
