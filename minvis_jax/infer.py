@@ -85,15 +85,18 @@ def _category_table(config) -> tuple[list[int], list[str]]:
   return ids, names
 
 
-def count_processed(frames, bar, window: int):
-  """Passes `frames` through, advancing `bar` by a window once the predictor has finished it.
+def count_processed(frames, bar, predictor: predictor_lib.VideoPredictor):
+  """Passes the model's input `frames` [Hp, Wp, 3] through, advancing `bar` by a window once the
+  predictor has finished it.
 
   The predictor pulls the first frame of window k + 1 only after window k's masks are on the host,
   so that pull marks window k as processed; the last window is counted by the caller. Until the
   first window is done (it includes compiling the forward) the bar says 'compiling'.
   """
   bar.set_postfix_str('compiling', refresh=True)
+  window = None
   for i, frame in enumerate(frames):
+    window = window or predictor.frames_per_window(frame.shape[:2])
     if i and i % window == 0:
       if i == window:
         bar.set_postfix_str('', refresh=False)
@@ -148,8 +151,7 @@ def main(argv=None) -> int:
   with tqdm(total=video.num_frames, unit='frame', desc='infer', dynamic_ncols=True, miniters=1,
             mininterval=0) as bar:
     tracks = predictor(
-        predictor_lib.preprocess(count_processed(frames, bar, predictor.window), config.data),
-        valid, size)
+        count_processed(predictor_lib.preprocess(frames, config.data), bar, predictor), valid, size)
     num_frames = len(tracks[0]['segmentations']) if tracks else 0
     bar.set_postfix_str('', refresh=False)
     bar.update(num_frames - bar.n)

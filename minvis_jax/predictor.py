@@ -191,6 +191,12 @@ class VideoPredictor:
     self._model_json = model_config.to_json()
     self._init_state = tracking.init_state(model_config.num_queries, model_config.hidden_dim)
 
+  def frames_per_window(self, padded_size: tuple[int, int]) -> int:
+    """Frames of one forward (all devices) for inputs of `padded_size` [Hp, Wp]."""
+    if self.window == 'auto':
+      return auto_window(tuple(padded_size), list(self.mesh.devices.flat))
+    return self.window
+
   def __call__(self, images: Iterable[np.ndarray], valid_size: tuple[int, int],
                out_size: tuple[int, int]) -> list[dict]:
     """images: iterable of normalised, zero-padded frames [Hp, Wp, 3]; valid_size (h, w) of the
@@ -205,9 +211,7 @@ class VideoPredictor:
       raise ValueError('a video needs at least one frame')
     padded_size = tuple(np.shape(first)[:2])
     valid_size, out_size = tuple(valid_size), tuple(out_size)
-    window = self.window
-    if window == 'auto':
-      window = auto_window(padded_size, list(self.mesh.devices.flat))
+    window = self.frames_per_window(padded_size)
     step = _step_fn(self._model_json, self.mesh, padded_size, valid_size, out_size, self.tracker)
     frames = jax.sharding.NamedSharding(self.mesh, P('frames'))
 
