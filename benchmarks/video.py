@@ -166,8 +166,8 @@ def main(argv=None):
       fn()
       times[name].append(time.perf_counter() - start)
   t_ours, t_ref = float(np.median(times['ours'])), float(np.median(times['original']))
-  same = sum(a['category_id'] == b['category_id'] for a, b in
-             zip(sorted(mine, key=lambda r: -r['score']), sorted(theirs, key=lambda r: -r['score'])))
+  by_score = lambda results: sorted(results, key=lambda r: -r['score'])
+  same = sum(a['category_id'] == b['category_id'] for a, b in zip(by_score(mine), by_score(theirs)))
   print(f'{args.frames} frames {args.height}x{args.width} -> short side {args.short}, '
         f'window {args.window}, top {args.top_k}')
   print(f'ours {t_ours:.2f} s ({args.frames / t_ours:.2f} frames/s, {jax.default_backend()}), '

@@ -146,7 +146,8 @@ class MSDeformAttn(nn.Module):
   @nn.compact
   def __call__(self, query: jnp.ndarray, reference: jnp.ndarray, value_in: jnp.ndarray,
                spatial_shapes: Sequence[tuple[int, int]]) -> jnp.ndarray:
-    """query [B, S, C], reference [S, 2] (x, y in [0, 1]), value_in [B, sum(H*W), C] -> [B, S, C]."""
+    """query [B, S, C], reference [S, 2] (x, y in [0, 1]), value_in [B, sum(H*W), C]
+    -> [B, S, C]."""
     b, s, _ = query.shape
     m, l, p, d = self.heads, self.levels, self.points, self.dim // self.heads
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
