@@ -8,13 +8,14 @@ import hf_reference as ref  # noqa: E402
 
 
 def converted(model: str = 'r50', seed: int = 0):
-  """'r50' (the full R50 model) or 'tiny' (dry runs) -> (HF model, our model config, variables)."""
+  """'r50' (the full R50 model) or 'tiny' (dry runs: tiny ResNet, one encoder layer, two decoder
+  layers, 1024 loss points) -> (HF model, our model config, the same weights as our variables)."""
   if model == 'r50':
     return ref.converted_r50(seed)
   if model != 'tiny':
     raise ValueError(f'model {model!r}: expected r50 or tiny')
   from minvis_jax import convert  # noqa: PLC0415
-  hf_cfg = ref.hf_config('resnet_tiny')
+  hf_cfg = ref.hf_config('resnet_tiny', encoder_layers=1, decoder_layers=2, train_num_points=1024)
   hf = ref.hf_model(hf_cfg, seed)
   model_config = convert.model_config_from_hf(hf_cfg.to_dict())
   return hf, model_config, convert.params_from_hf(ref.state_dict_numpy(hf), model_config)
