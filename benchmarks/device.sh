@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # JAX and PyTorch share the GPU in one process: JAX must not grab 75% of its memory up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export HF_HUB_OFFLINE=1  # nothing is downloaded; fail rather than try
 DRY_RUN=0
 case "${1:-}" in
   --dry-run) DRY_RUN=1; export JAX_PLATFORMS=cpu ;;
