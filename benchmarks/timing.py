@@ -21,14 +21,34 @@ def median_time(fn, repeats: int = 10, warmup: int = 2) -> float:
   return statistics.median(times)
 
 
-def result_line(name: str, ours_s: float, ref_s: float) -> str:
+def result_line(name: str, ours_s: float, ref_s: float, **extra) -> str:
   return 'RESULT ' + json.dumps({'name': name, 'ours_s': round(ours_s, 5),
-                                 'ref_s': round(ref_s, 5), 'ratio': round(ours_s / ref_s, 3)})
+                                 'ref_s': round(ref_s, 5), 'ratio': round(ours_s / ref_s, 3),
+                                 **extra})
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-  """Measured FLOP/s of a jitted f32 [n, n] @ [n, n] on the default device."""
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+def matmul_peak_flops(n: int = 2048, repeats: int = 10, dtype='float32') -> float:
+  """Measured FLOP/s of a jitted [n, n] @ [n, n] in `dtype` on the default device (n = 8192 on
+  accelerators, where 2048 is too small to reach the peak)."""
+  if jax.default_backend() != 'cpu':
+    n = max(n, 8192)
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
   mm = jax.jit(lambda x: x @ x)
   seconds = median_time(lambda: jax.block_until_ready(mm(a)), repeats)
   return 2 * n ** 3 / seconds
+
+
+# Nominal dense peaks (FLOP/s; float32 = TF32 tensor cores, which XLA uses for float32 dots on
+# these GPUs by default) from NVIDIA's data sheets, by a substring of `device_kind`.
+_NOMINAL_PEAKS = (('H200', {'bfloat16': 989e12, 'float32': 495e12}),
+                  ('H100 PCIe', {'bfloat16': 756e12, 'float32': 378e12}),
+                  ('H100', {'bfloat16': 989e12, 'float32': 495e12}),
+                  ('A100', {'bfloat16': 312e12, 'float32': 156e12}))
+
+
+def nominal_peak_flops(device, dtype: str = 'float32') -> float | None:
+  """The data-sheet peak of a known accelerator, else None (CPUs: use `matmul_peak_flops`)."""
+  for key, peaks in _NOMINAL_PEAKS:
+    if key in getattr(device, 'device_kind', ''):
+      return peaks[dtype]
+  return None

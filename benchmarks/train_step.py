@@ -6,7 +6,12 @@ backward, clipping, AdamW update); HF's is forward with labels + `loss.backward(
 Also reports our step's FLOP utilisation: XLA's cost analysis of the compiled step over the measured
 peak of a jitted f32 matmul on the same machine.
 
-  python benchmarks/train_step.py [--repeats 5]
+  python benchmarks/train_step.py [--repeats 5] [--dtype bfloat16] [--torch_device cuda]
+
+`--dtype bfloat16` computes in bfloat16 (parameters float32) on our side and under torch.autocast on
+HF's; the peak is then a bfloat16 matmul's. On a GPU the utilisation is also given against the
+device's nominal dense peak where the device is known. `--model tiny --size 64` is the dry run of
+benchmarks/device.sh.
 """
 
 import argparse
@@ -18,48 +23,58 @@ import jax
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-import hf_reference as ref  # noqa: E402
-
-from timing import matmul_peak_flops, median_time, result_line  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference_models import converted  # noqa: E402
+from timing import matmul_peak_flops, median_time, nominal_peak_flops, result_line  # noqa: E402
 
 from minvis_jax import config_lib  # noqa: E402
 from minvis_jax import train  # noqa: E402
 
-B, N, SIZE = 2, 25, 384
+B, N = 2, 25
 NUM_REAL = (7, 12)
 
 
-def make_batch(rng, num_classes: int) -> dict:
-  masks = np.zeros((B, N, SIZE, SIZE), np.uint8)
+def make_batch(rng, num_classes: int, size: int, slots: int = N) -> dict:
+  """`slots` target slots per image (at least the real instances; the tiny model has 12 queries)."""
+  masks = np.zeros((B, slots, size, size), np.uint8)
+  box = max(size // 3, 8)
   for b in range(B):
     for n in range(NUM_REAL[b]):
-      y, x = rng.integers(0, SIZE - 128, 2)
-      masks[b, n, y:y + rng.integers(24, 128), x:x + rng.integers(24, 128)] = 1
-  return {'image': rng.integers(0, 256, (B, SIZE, SIZE, 3), dtype=np.uint8),
-          'image_size': np.full((B, 2), SIZE, np.int32),
-          'labels': rng.integers(0, num_classes, (B, N)).astype(np.int32),
+      y, x = rng.integers(0, size - box, 2)
+      masks[b, n, y:y + rng.integers(box // 5, box), x:x + rng.integers(box // 5, box)] = 1
+  return {'image': rng.integers(0, 256, (B, size, size, 3), dtype=np.uint8),
+          'image_size': np.full((B, 2), size, np.int32),
+          'labels': rng.integers(0, num_classes, (B, slots)).astype(np.int32),
           'masks': masks,
-          'valid': np.arange(N)[None] < np.asarray(NUM_REAL)[:, None]}
+          'valid': np.arange(slots)[None] < np.asarray(NUM_REAL)[:, None]}
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--size', type=int, default=384)
+  parser.add_argument('--model', default='r50', choices=['r50', 'tiny'])
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--torch_device', default='cpu', help="'cuda' to time HF on the GPU")
-  args = parser.parse_args()
+  parser.add_argument('--points', type=int, default=0, help='criterion points (0: the config)')
+  args = parser.parse_args(argv)
   torch.set_num_threads(len(os.sched_getaffinity(0)))
-  model, model_config, variables = ref.converted_r50()
+  model, model_config, variables = converted(args.model)
+  model_config.dtype = args.dtype
+  size = args.size
 
   config = config_lib.load_config(os.path.join(os.path.dirname(__file__), '..', 'configs',
                                                'minvis.py'))
   config.model = model_config
-  config.data.canvas = (SIZE, SIZE)
-  config.data.max_instances = N
+  config.data.canvas = (size, size)
+  slots = min(N, model_config.num_queries)
+  config.data.max_instances = slots
   config.batch_size = B
   config.mesh.data = 1
   config.init.checkpoint = ''   # weights set below / random: no pretrained files needed
-  batch = make_batch(np.random.default_rng(0), model_config.num_classes)
+  if args.points:
+    config.loss.num_points = args.points
+  batch = make_batch(np.random.default_rng(0), model_config.num_classes, size, slots)
 
   trainer = train.Trainer(config, mesh=train.make_mesh(config.mesh, jax.devices()[:1]))
   state = trainer.init_state()
@@ -96,20 +111,30 @@ def main():
 
   def hf_step():
     model.zero_grad(set_to_none=True)
-    out = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == 'bfloat16'):
+      out = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
     out.loss.backward()
     if device.type == 'cuda':
       torch.cuda.synchronize()
   theirs = median_time(hf_step, args.repeats)
 
-  peak = matmul_peak_flops()
+  peak = matmul_peak_flops(dtype=args.dtype)
   utilisation = flops / ours / peak
-  print(f'ours: jitted train step {ours:.3f} s (compile {compile_s:.0f} s), '
+  print(f'ours: jitted train step {ours:.3f} s (compile {compile_s:.0f} s, {args.dtype}), '
         f'{flops / 1e9:.1f} GFLOP -> {flops / ours / 1e9:.1f} GFLOP/s')
   print(f'HF PyTorch forward+loss+backward {theirs:.3f} s ({device}, torch threads '
         f'{torch.get_num_threads()})')
-  print(f'matmul peak {peak / 1e9:.0f} GFLOP/s -> FLOP utilisation {100 * utilisation:.1f}%')
-  print(result_line(f'train_step_r50_{SIZE}_b{B}_{jax.default_backend()}', ours, theirs))
+  print(f'{args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s (measured) -> FLOP utilisation '
+        f'{100 * utilisation:.1f}%')
+  nominal = nominal_peak_flops(jax.devices()[0], args.dtype)
+  if nominal:
+    print(f'{jax.devices()[0].device_kind} nominal dense {args.dtype} peak {nominal / 1e12:.0f} '
+          f'TFLOP/s -> model FLOP utilisation {100 * flops / ours / nominal:.2f}%')
+  suffix = '' if args.dtype == 'float32' else f'_{args.dtype}'
+  print(result_line(f'train_step_{args.model}_{size}_b{B}_{jax.default_backend()}{suffix}', ours,
+                    theirs, utilisation=round(utilisation, 4),
+                    **({'mfu_nominal': round(flops / ours / nominal, 4)} if nominal else {})))
+  return ours, theirs
 
 
 if __name__ == '__main__':

@@ -1,0 +1,196 @@
+"""Deformable-attention sampling per level: forward and forward+backward times, interleaved A/B.
+
+Shapes of the R50 pixel decoder at 384x384 (levels 12x12, 24x24, 48x48; S = 3024 queries, 8 heads,
+4 points, 32 channels). Candidates, each timed in turn in every round (medians over rounds):
+  ours                  `deform_attn.sample_level`: four narrow gathers per point, autodiff backward
+  padded_wide_backward  narrow gathers from a once-padded map, one wide-row scatter backward
+  wide                  one gather of a 4x-wide row (each position's 2x2 neighbourhood side by side)
+  dense                 a dense bilinear-weight matrix [S, H*W] (tent functions) times the value
+
+  python benchmarks/deform_attn.py [--batch 2] [--rounds 5] [--levels 12 24 48]
+"""
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minvis_jax.models import deform_attn
+
+
+def bilinear_corners(height: int, width: int, loc: jnp.ndarray,
+                     weight: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """loc [..., 2], weight [...] -> (base [...] int32 index of the top-left corner in the value map
+  padded to [(H+2)*(W+2)], corner weights [..., 4] (top-left, top-right, bottom-left,
+  bottom-right) times `weight`, zero for corners outside the map)."""
+  x = loc[..., 0] * width - 0.5
+  y = loc[..., 1] * height - 0.5
+  x0 = jnp.floor(x)
+  y0 = jnp.floor(y)
+  fx = x - x0
+  fy = y - y0
+  wts = []
+  for dy, wy in ((0, 1 - fy), (1, fy)):
+    for dx, wx in ((0, 1 - fx), (1, fx)):
+      xi = x0 + dx
+      yi = y0 + dy
+      # A point far outside is clipped onto the border, so mask its corners (the padding alone
+      # zeroes only corners one step outside).
+      inside = (xi >= 0) & (xi <= width - 1) & (yi >= 0) & (yi <= height - 1)
+      wts.append(jnp.where(inside, wx * wy, 0.0) * weight)
+  base = (jnp.clip(y0, -1, height - 1) + 1) * (width + 2) + jnp.clip(x0, -1, width - 1) + 1
+  return base.astype(jnp.int32), jnp.stack(wts, axis=-1)
+
+
+def _corner_offsets(width: int) -> jnp.ndarray:
+  return jnp.array([0, 1, width + 2, width + 3], jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def sample_padded(table: jnp.ndarray, width: int, base: jnp.ndarray,
+                  wts: jnp.ndarray) -> jnp.ndarray:
+  """table [B, M, (H+2)*(W+2), D] (zero-padded value map), base [B, M, S, P],
+  wts [B, M, S, P, 4] -> [B, M, S, D] = sum over points and corners of wts * table[corner]."""
+  return _sample_padded_fwd(table, width, base, wts)[0]
+
+
+def _flat_base(base, rows):
+  """[B, M, S, P] per-map indices -> flat indices into the [B*M*rows] stacked maps."""
+  b, m = base.shape[:2]
+  return (base + (jnp.arange(b * m, dtype=jnp.int32) * rows).reshape(b, m, 1, 1)).reshape(-1)
+
+
+def _sample_padded_fwd(table, width, base, wts):
+  b, m, rows, d = table.shape
+  s, p = base.shape[2:]
+  idx = (_flat_base(base, rows)[:, None] + _corner_offsets(width)).reshape(-1)
+  gathered = table.reshape(b * m * rows, d).at[idx].get(mode='promise_in_bounds')
+  gathered = gathered.reshape(b, m, s, p * 4, d)
+  out = jnp.einsum('bmskd,bmsk->bmsd', gathered, wts.reshape(b, m, s, p * 4).astype(table.dtype))
+  return out, (gathered, base, wts, rows)
+
+
+def _sample_padded_bwd(width, residuals, ct):
+  gathered, base, wts, rows = residuals
+  b, m, s, p = base.shape
+  d = ct.shape[-1]
+  # One wide row [4*D] per point: its four corners' weighted cotangents side by side.
+  wide_rows = (wts.astype(ct.dtype)[..., None] * ct[:, :, :, None, None, :]).reshape(
+      b * m * s * p, 4 * d)
+  wide = jnp.zeros((b * m * rows, 4 * d), ct.dtype).at[_flat_base(base, rows)].add(
+      wide_rows, mode='promise_in_bounds').reshape(b, m, rows, 4 * d)
+  # Corner c of the point at base n is table row n + offset[c]: shift its block there.
+  blocks = [wide[..., :d]]
+  for c, off in enumerate((1, width + 2, width + 3), start=1):
+    blocks.append(jnp.pad(wide[:, :, :rows - off, c * d:(c + 1) * d],
+                          ((0, 0), (0, 0), (off, 0), (0, 0))))
+  dtable = blocks[0] + blocks[1] + blocks[2] + blocks[3]
+  dwts = jnp.einsum('bmskd,bmsd->bmsk', gathered, ct).reshape(wts.shape).astype(wts.dtype)
+  return dtable, None, dwts
+
+
+sample_padded.defvjp(_sample_padded_fwd, _sample_padded_bwd)
+
+
+def sample_padded_wide_backward(value: jnp.ndarray, height: int, width: int, loc: jnp.ndarray,
+                 weight: jnp.ndarray) -> jnp.ndarray:
+  """Lead measured and dropped: narrow gathers from a once-padded map (one base index per point),
+  custom backward scattering one 4x-wide row per point (XLA:CPU scatters cost per index)."""
+  b, m, _, d = value.shape
+  table = jnp.pad(value.reshape(b, m, height, width, d),
+                  ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+  table = table.reshape(b, m, (height + 2) * (width + 2), d)
+  base, wts = bilinear_corners(height, width, loc, weight)
+  return sample_padded(table, width, base, wts)
+
+
+def sample_wide(value, height, width, loc, weight):
+  """Lead measured and dropped: a wide value table [(H+1)*(W+1), 4*D], one gather per point."""
+  b, m, _, d = value.shape
+  v = jnp.pad(value.reshape(b, m, height, width, d), ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+  v4 = jnp.concatenate([v[:, :, :-1, :-1], v[:, :, :-1, 1:], v[:, :, 1:, :-1], v[:, :, 1:, 1:]],
+                       axis=-1).reshape(b, m, (height + 1) * (width + 1), 4 * d)
+  base, wts = bilinear_corners(height, width, loc, weight)
+  base = base - base // (width + 2)      # padded [(H+2)*(W+2)] index -> [(H+1)*(W+1)] index
+  s, p = weight.shape[2:]
+  g = jnp.take_along_axis(v4, base.reshape(b, m, s * p, 1), axis=2).reshape(b, m, s, p * 4, d)
+  return jnp.einsum('bmskd,bmsk->bmsd', g, wts.reshape(b, m, s, p * 4))
+
+
+def sample_dense(value, height, width, loc, weight):
+  """Lead measured and dropped: bilinear weights as tent functions, a dense [S, H*W] matrix."""
+  x = loc[..., 0] * width - 0.5
+  y = loc[..., 1] * height - 0.5
+  wx = jax.nn.relu(1 - jnp.abs(x[..., None] - jnp.arange(width, dtype=x.dtype)))
+  wy = jax.nn.relu(1 - jnp.abs(y[..., None] - jnp.arange(height, dtype=y.dtype)))
+  a = jnp.sum((wy * weight[..., None])[..., :, None] * wx[..., None, :], axis=3)
+  b, m, s = a.shape[:3]
+  return jnp.einsum('bmsn,bmnd->bmsd', a.reshape(b, m, s, height * width), value)
+
+
+CANDIDATES = {'ours': deform_attn.sample_level, 'padded_wide_backward': sample_padded_wide_backward,
+              'wide': sample_wide, 'dense': sample_dense}
+
+
+def _time(fn, calls: int = 3) -> float:
+  best = float('inf')
+  for _ in range(calls):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--batch', type=int, default=2)
+  parser.add_argument('--queries', type=int, default=3024)
+  parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--levels', type=int, nargs='+', default=[12, 24, 48])
+  parser.add_argument('--candidates', nargs='+', default=list(CANDIDATES))
+  args = parser.parse_args(argv)
+  b, m, s, p, d = args.batch, 8, args.queries, 4, 32
+  rng = np.random.default_rng(0)
+  loc = jnp.asarray(rng.uniform(-0.05, 1.05, (b, m, s, p, 2)), jnp.float32)
+  weight = jnp.asarray(rng.uniform(0, 1, (b, m, s, p)), jnp.float32)
+  ct = jnp.asarray(rng.normal(size=(b, m, s, d)), jnp.float32)
+  for side in args.levels:
+    value = jnp.asarray(rng.normal(size=(b, m, side * side, d)), jnp.float32)
+    fns = {}
+    for name in args.candidates:
+      f = _at_level(CANDIDATES[name], side)
+      fwd = jax.jit(f)
+      both = jax.jit(lambda v, l, w, c, f=f: jax.vjp(f, v, l, w)[1](c))
+      fns[name] = (fwd, both)
+    # Each candidate computes the same values and gradients (largest abs difference to ours).
+    first = [fns[args.candidates[0]][0](value, loc, weight),
+             *fns[args.candidates[0]][1](value, loc, weight, ct)]
+    for name, (fwd, both) in fns.items():
+      diff = [float(jnp.max(jnp.abs(a - b))) for a, b in
+              zip([fwd(value, loc, weight), *both(value, loc, weight, ct)], first)]
+      print(f'{side}x{side} {name}: max |difference| out, d_value, d_loc, d_weight: '
+            + ' '.join(f'{x:.1e}' for x in diff), flush=True)
+    times = {name: ([], []) for name in fns}
+    for _ in range(args.rounds):
+      for name, (fwd, both) in fns.items():
+        times[name][0].append(_time(lambda: jax.block_until_ready(fwd(value, loc, weight))))
+        times[name][1].append(
+            _time(lambda: jax.block_until_ready(both(value, loc, weight, ct))))
+    for name, (tf, tb) in times.items():
+      row = {'level': f'{side}x{side}', 'candidate': name,
+             'forward_ms': round(1e3 * statistics.median(tf), 1),
+             'forward_backward_ms': round(1e3 * statistics.median(tb), 1)}
+      print('LEVEL ' + json.dumps(row), flush=True)
+
+
+def _at_level(f, side):
+  return lambda v, l, w: f(v, side, side, l, w)
+
+
+if __name__ == '__main__':
+  main()
