@@ -104,6 +104,14 @@ def count_processed(frames, bar, predictor: predictor_lib.VideoPredictor):
     yield frame
 
 
+def _window_text(predictor: predictor_lib.VideoPredictor) -> str:
+  n = predictor.mesh.devices.size
+  if predictor.window == 'auto':
+    return f'auto over {n} device{"s" * (n > 1)}'
+  per_device = predictor.window // n
+  return f'{per_device} frame{"s" * (per_device > 1)} per device x {n} device{"s" * (n > 1)}'
+
+
 def main(argv=None) -> int:
   """`minvis-jax infer`: one video -> OUT/results.json and OUT/overlay.mp4 (or .gif)."""
   parser = argparse.ArgumentParser(prog=(argv or ['minvis-jax infer'])[0],
@@ -174,8 +182,8 @@ def main(argv=None) -> int:
   rate = f' at {video.fps:g} fps' if video.fps else ''
   print(f'{args.video}: {num_frames} frames of {size[0]}x{size[1]}{rate}, run at {valid[0]}x'
         f'{valid[1]} (data.min_size_test={config.data.min_size_test}, max_size_test='
-        f'{config.data.max_size_test}), window {predictor.window}, top {predictor.top_k} (from '
-        f'{source}): {len(tracks)} tracks ({shown} with score >= {args.score_threshold}) in '
+        f'{config.data.max_size_test}), window {_window_text(predictor)}, top {predictor.top_k} '
+        f'(from {source}): {len(tracks)} tracks ({shown} with score >= {args.score_threshold}) in '
         f'{time.time() - t0:.1f} s')
   for track in tracks:
     print(f'  {names[track["category"]]:>16}  score {track["score"]:.3f}')

@@ -166,7 +166,7 @@ def test_convert_hf_folder_without_a_config(hf_folder, tmp_path, capsys):
   assert (config.data.dataset, config.model.num_classes) == ('ovis', 25)
   assert tuple(config.data.category_names) == categories.table('ovis')[1]
   assert (config.data.min_size_test, config.inference.window, config.inference.top_k) == (
-      360, 30, 10)
+      360, 'auto', 10)
   expected = _flat(convert.params_from_hf(ref.state_dict_numpy(model), config.model))
   restored = _flat(variables)
   assert sorted(restored) == sorted(expected)
@@ -245,35 +245,40 @@ def test_infer_overlay_at_source_fps_with_progress_and_no_warnings(hf_folder, tm
   folder, _, _ = hf_folder
   ckpt = str(tmp_path / 'ckpt')
   assert cli.main(['convert', '--source', 'hf', '--input', folder, '--output', ckpt]) == 0
-  video = _write_video(str(tmp_path / 'clip.mp4'), _frames(7), fps=25)
+  # A window is --window frames on each local device (8 fake CPU devices in the tests): one frame
+  # each, so the bar moves by n frames, over three windows.
+  n = jax.local_device_count()
+  t = 2 * n + 1
+  small = SMALL[:-1] + ['1']
+  video = _write_video(str(tmp_path / 'clip.mp4'), _frames(t), fps=25)
   out = tmp_path / 'out'
   capsys.readouterr()
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
     assert cli.main(['infer', '--checkpoint', ckpt, '--video', video, '--out', str(out),
-                     '--top_k', '4'] + SMALL) == 0
+                     '--top_k', '4'] + small) == 0
   assert not [w for w in caught if 'fork' in str(w.message)], [str(w.message) for w in caught]
   printed = capsys.readouterr()
   # The progress bar: a total from the container, 'compiling' first, then processed frames.
   bar = printed.err.replace('\r', '\n')
-  assert '0/7' in bar and 'compiling' in bar and '3/7' in bar and '6/7' in bar and '7/7' in bar
-  assert bar.index('compiling') < bar.index('3/7')
+  assert all(f'{k}/{t}' in bar for k in (0, n, 2 * n, t)) and 'compiling' in bar
+  assert bar.index('compiling') < bar.index(f'{n}/{t}')
   assert 'os.fork' not in printed.err and 'Traceback' not in printed.err
   # The summary says what the config fixed.
-  assert ('clip.mp4: 7 frames of 64x96 at 25 fps, run at 64x96 (data.min_size_test=64, '
-          'max_size_test=96), window 3, top 4') in printed.out
-  assert _overlay_fps_and_frames(str(out / 'overlay.mp4')) == (25.0, 7)
+  assert (f'clip.mp4: {t} frames of 64x96 at 25 fps, run at 64x96 (data.min_size_test=64, '
+          f'max_size_test=96), window 1 frame per device x {n} devices, top 4') in printed.out
+  assert _overlay_fps_and_frames(str(out / 'overlay.mp4')) == (25.0, t)
   results = json.loads((out / 'results.json').read_text())
   ovis_ids, ovis_names = categories.table('ovis')
   assert len(results) == 4 and {r['category_id'] for r in results} <= set(ovis_ids)
-  assert all(len(r['segmentations']) == 7 for r in results)
+  assert all(len(r['segmentations']) == t for r in results)
   names = dict(zip(ovis_ids, ovis_names))
   for r in results:   # the printed class names are the OVIS names of the results' ids
     assert f'{names[r["category_id"]]:>16}  score {r["score"]:.3f}' in printed.out
   # --fps overrides the source's rate.
   assert cli.main(['infer', '--checkpoint', ckpt, '--video', video, '--out', str(tmp_path / 'o2'),
-                   '--fps', '5'] + SMALL) == 0
-  assert _overlay_fps_and_frames(str(tmp_path / 'o2' / 'overlay.mp4')) == (5.0, 7)
+                   '--fps', '5'] + small) == 0
+  assert _overlay_fps_and_frames(str(tmp_path / 'o2' / 'overlay.mp4')) == (5.0, t)
 
 
 # --- Acceptance: a wheel installed outside the checkout. -----------------------------------------

@@ -127,8 +127,11 @@ def test_eight_devices_equal_one_device_and_fsdp():
   assert np.isfinite(loss1)
   for loss, params in others:
     np.testing.assert_allclose(loss, loss1, rtol=1e-5)
+    # Adam divides by sqrt(v): a parameter whose gradient is near 0 moves by lr-sized steps whose
+    # size depends on the summation order of the gradient, which differs with the sharding (and
+    # with the host CPU's vector width): 1.4e-5 on one bias element on this session's host.
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params1)):
-      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+      np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5)
 
 
 def test_non_finite_loss_stops_before_a_bad_save(tmp_path, monkeypatch):
