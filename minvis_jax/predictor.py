@@ -172,8 +172,7 @@ class VideoPredictor:
     number of devices, split along the frame axis. A per-device batch rather than a total one:
     XLA's convolutions round differently at different batch sizes (by an ulp, enough to flip a
     mask pixel whose logit is within rounding of 0), so the same per-device batch on any number
-    of devices gives the same tracks and scores (1e-7) and the same masks but for rare isolated
-    pixels (the partitioned program is compiled a little differently; measured: 1 pixel in ~10^6).
+    of devices gives the same tracks, scores and masks, bit for bit (tests/test_sharded_eval.py).
   devices: the devices a window is sharded over (default: all local devices).
   tracker: the association (`tracking.Tracker`; default 'minvis', SPEC 1).
   """
