@@ -2,10 +2,14 @@
 
 Shapes of the R50 pixel decoder at 384x384 (levels 12x12, 24x24, 48x48; S = 3024 queries, 8 heads,
 4 points, 32 channels). Candidates, each timed in turn in every round (medians over rounds):
-  ours                  `deform_attn.sample_level`: four narrow gathers per point, autodiff backward
+  ours                  `deform_attn.sample_level`: a sum of row gathers forward; under autodiff
+                        the rows gathered into one array (custom_vjp)
+  four_gathers          the form before issue 14: rows gathered into one array, forward too
   padded_wide_backward  narrow gathers from a once-padded map, one wide-row scatter backward
   wide                  one gather of a 4x-wide row (each position's 2x2 neighbourhood side by side)
   dense                 a dense bilinear-weight matrix [S, H*W] (tent functions) times the value
+  custom_backward       ours forward, a hand-written backward: the weights' gradient as a sum over
+                        channels of scalar gathers from the transposed table, one flat scatter-add
 
   python benchmarks/deform_attn.py [--batch 2] [--rounds 5] [--levels 12 24 48]
 """
@@ -133,8 +137,61 @@ def sample_dense(value, height, width, loc, weight):
   return jnp.einsum('bmsn,bmnd->bmsd', a.reshape(b, m, s, height * width), value)
 
 
-CANDIDATES = {'ours': deform_attn.sample_level, 'padded_wide_backward': sample_padded_wide_backward,
-              'wide': sample_wide, 'dense': sample_dense}
+def _level_terms(height, width, loc, weight):
+  """Head-major loc [B, M, S, P, 2], weight [B, M, S, P] -> `bilinear_terms` [B, S, M, P*4]."""
+  return deform_attn.bilinear_terms([(height, width)], loc.transpose(0, 2, 1, 3, 4)[:, :, :, None],
+                                    weight.transpose(0, 2, 1, 3)[:, :, :, None])
+
+
+def sample_four_gathers(value, height, width, loc, weight):
+  """The form before issue 14 (and ours under autodiff): the rows gathered, then a reduction."""
+  b, m, s, p = weight.shape
+  pos, wts = _level_terms(height, width, loc, weight)
+  idx = pos.transpose(0, 2, 1, 3).reshape(b, m, s * p * 4, 1)
+  rows = jnp.take_along_axis(value, idx, axis=2).reshape(b, m, s, p * 4, -1)
+  return jnp.einsum('bmskd,bmsk->bmsd', rows, wts.transpose(0, 2, 1, 3))
+
+
+@jax.custom_vjp
+def _rows_sum(table, rows, wts):
+  """table [R, D], rows [Q, K], wts [Q, K] -> [Q, D]: the sum of weighted row gathers."""
+  out = 0.
+  for k in range(rows.shape[-1]):
+    out = out + wts[:, k, None] * table.at[rows[:, k]].get(mode='promise_in_bounds')
+  return out
+
+
+def _rows_sum_bwd(residuals, ct):
+  table, rows, wts = residuals
+  d = table.shape[-1]
+  # Scalar gathers from each channel's row of the transposed table (fast alone: ~25 ms for all
+  # three levels; in the full graph XLA emits 32 unfused gathers and the step slows down).
+  table_t, ct_t = table.T, ct.T
+  d_wts = 0.
+  for c in range(d):
+    d_wts = d_wts + ct_t[c][:, None] * table_t[c].at[rows].get(mode='promise_in_bounds')
+  d_table = jnp.zeros_like(table).at[rows.reshape(-1)].add(
+      (wts[..., None] * ct[:, None, :]).reshape(-1, d), mode='promise_in_bounds')
+  return d_table, None, d_wts
+
+
+_rows_sum.defvjp(lambda t, r, w: (_rows_sum(t, r, w), (t, r, w)), _rows_sum_bwd)
+
+
+def sample_custom_backward(value, height, width, loc, weight):
+  """Lead measured and dropped: ours forward with a hand-written backward (see _rows_sum_bwd)."""
+  b, m, n, d = value.shape
+  s, p = weight.shape[2:]
+  pos, wts = _level_terms(height, width, loc, weight)
+  rows = pos.transpose(0, 2, 1, 3) + (jnp.arange(b * m, dtype=jnp.int32) * n).reshape(b, m, 1, 1)
+  out = _rows_sum(value.reshape(b * m * n, d), rows.reshape(-1, p * 4),
+                  wts.transpose(0, 2, 1, 3).reshape(-1, p * 4))
+  return out.reshape(b, m, s, d)
+
+
+CANDIDATES = {'ours': deform_attn.sample_level, 'four_gathers': sample_four_gathers,
+              'padded_wide_backward': sample_padded_wide_backward, 'wide': sample_wide,
+              'dense': sample_dense, 'custom_backward': sample_custom_backward}
 
 
 def _time(fn, calls: int = 3) -> float:

@@ -36,7 +36,8 @@ def _sample_points_last(masks: jax.Array, coords: jax.Array) -> jax.Array:
     inside = (xi >= 0) & (xi <= width - 1) & (yi >= 0) & (yi <= height - 1)
     index = (jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1)).astype(jnp.int32)
     # Gather first, cast after: converting whole uint8 target masks to float costs more than the gather.
-    values = jnp.take(flat, index, axis=0).astype(jnp.float32)
+    # The index is clipped: no bounds handling (jnp.take's default masks every gathered element).
+    values = flat.at[index].get(mode='promise_in_bounds').astype(jnp.float32)
     out = out + jnp.where(inside, weight, 0.0)[:, None] * values
   return out
 
