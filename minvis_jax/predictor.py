@@ -2,17 +2,18 @@
 
 Memory is flat in the number of frames, on the device and on the host. One jitted step runs a
 window of frames (the last one padded and marked invalid, so one compiled shape serves the whole
-video): the forward sharded over the local devices along the frame axis, the exact sequential
-association, and, for every query, the SPEC 1 mask (resize, crop, resize, threshold) computed on
-device and sent to the host as packed bits. The host run-length encodes every query's mask of every
-frame into an anonymous temporary file and keeps only offsets; the top-k tracks are known after the
-last frame and read their RLEs back then.
+video): the forward sharded over the local devices along the frame axis and the exact sequential
+association. Every query's float16 mask logits at the model's resolution [Q, Hp/4, Wp/4] go to an
+anonymous temporary file, not to memory; once the last frame has set the scores, a second jitted
+step computes the SPEC 1 masks (resize, crop, resize, threshold) of the top-k queries only, window
+by window, and the host run-length encodes them.
 
-Why not a second pass over the frames for the top-k queries: the forward dominates. R50 at 360x640
-on CPU (benchmarks/long_video.py) spends ~3% of its time on the masks and RLEs of all 100 queries,
-so a second forward pass would nearly double the time. Why a file and not RLE bytes in memory: an
-untrained model's noisy masks take ~11 KB of RLE each (~1.1 MB a frame at Q=100), which would grow
-the host memory by over a GB per 1,000 frames; a trained model's are far smaller.
+Why not the masks of every query as they come (RLEs kept in a file, the top-k read back at the
+end; measured): at a 720p original size, resizing and encoding all 100 queries took ~0.6 s a frame
+on the 2-core CPU, a third of the R50 time (benchmarks/video.py); the top 10 take a tenth of it.
+Why not a second forward pass for the top-k: the forward dominates, it would nearly double the time.
+The file holds Q x Hp/4 x Wp/4 x 2 bytes a frame (2.7 MB for R50 at 360x640, 3.2 GB for 1,200
+frames; on `$TMPDIR`), written sequentially and read back for k queries.
 """
 
 import functools
@@ -60,23 +61,17 @@ def _binary_masks(m: jnp.ndarray, padded_size, valid_size, out_size) -> jnp.ndar
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(model_config_json: str, mesh: jax.sharding.Mesh, padded_size, valid_size, out_size,
-             tracker: tracking.Tracker):
-  """The jitted window step of a model config, mesh, frame geometry and tracker, shared by every
-  predictor (so a new predictor, e.g. per video, command or test, reuses the compiled step)."""
+def _step_fn(model_config_json: str, mesh: jax.sharding.Mesh, tracker: tracking.Tracker):
+  """The jitted window step of a model config, mesh and tracker, shared by every predictor (so a
+  new predictor, e.g. per video, command or test, reuses the compiled step)."""
   model = Mask2Former(ml_collections.ConfigDict(json.loads(model_config_json)))
   frames = P('frames')
 
   def forward(variables, images):    # on each device: its own frames
     return model.apply(variables, images)
 
-  def masks_to_bits(masks, perm):    # on each device: its own frames, one frame at a time
-    def one(args):
-      m, p = args
-      binary = _binary_masks(m[p], padded_size, valid_size, out_size)     # [Q, H, W]
-      # Column-major pixels (pycocotools' order), 8 to a byte: 1/32 of the float32 masks.
-      return jnp.packbits(binary.transpose(0, 2, 1).reshape(binary.shape[0], -1), axis=-1)
-    return jax.lax.map(one, (masks, perm))
+  def reorder_masks(masks, perm):    # on each device: its own frames, in track order
+    return tracking.reorder(masks, perm).astype(jnp.float16)
 
   @jax.jit
   def step(variables, state, images, valid):
@@ -87,47 +82,58 @@ def _step_fn(model_config_json: str, mesh: jax.sharding.Mesh, padded_size, valid
                                        valid)
     logits = tracking.reorder(out['pred_logits'], perm)           # [W, Q, K+1]
     logit_sum = jnp.sum(jnp.where(valid[:, None, None], logits, 0.0), axis=0)
-    bits = jax.shard_map(masks_to_bits, mesh=mesh, in_specs=(frames, frames), out_specs=frames)(
-        out['pred_masks'], perm)                                  # [W, Q, ceil(H*W/8)] uint8
-    return state, logit_sum, bits
+    masks = jax.shard_map(reorder_masks, mesh=mesh, in_specs=(frames, frames), out_specs=frames)(
+        out['pred_masks'], perm)                                  # [W, Q, Hp/4, Wp/4] float16
+    return state, logit_sum, masks
   return step
 
 
-def _encode(bits: np.ndarray, out_size) -> tuple[bytes, np.ndarray]:
-  """Packed masks [Q, ceil(H*W/8)] of one frame -> (RLE counts of all Q joined, end offsets [Q])."""
+@functools.lru_cache(maxsize=16)
+def _masks_fn(mesh: jax.sharding.Mesh, padded_size, valid_size, out_size):
+  """Jitted: float16 logits [W, k, Hp/4, Wp/4] -> SPEC 1 masks packed 8 pixels to a byte, column
+  major (pycocotools' order) [W, k, ceil(H*W/8)] uint8, sharded over the frames."""
+  def to_bits(masks):                # on each device: its own frames, one frame at a time
+    def one(m):
+      binary = _binary_masks(m, padded_size, valid_size, out_size)        # [k, H, W]
+      return jnp.packbits(binary.transpose(0, 2, 1).reshape(binary.shape[0], -1), axis=-1)
+    return jax.lax.map(one, masks)
+  frames = P('frames')
+  return jax.jit(jax.shard_map(to_bits, mesh=mesh, in_specs=frames, out_specs=frames))
+
+
+def _encode(bits: np.ndarray, out_size) -> list[bytes]:
+  """Packed masks [k, ceil(H*W/8)] of one frame -> the RLE counts of each."""
   h, w = out_size
   masks = np.unpackbits(bits, axis=-1, count=h * w).reshape(-1, w, h)
-  rles = mask_utils.encode(masks.transpose(2, 1, 0))   # [H, W, Q] Fortran order, no copy
-  counts = [r['counts'] for r in rles]
-  return b''.join(counts), np.cumsum([len(c) for c in counts])
+  rles = mask_utils.encode(masks.transpose(2, 1, 0))   # [H, W, k] Fortran order, no copy
+  return [r['counts'] for r in rles]
 
 
-class _RleStore:
-  """Every query's RLE counts of every frame, in an anonymous temporary file: the host keeps only
-  offsets (~0.4 KB a frame at Q=100). An RLE is small for a trained model's masks, but the noisy
-  masks of an untrained one take ~10 KB each (1 MB a frame at Q=100, 360x640)."""
+class _LogitStore:
+  """Every frame's float16 mask logits [Q, h, w] in an anonymous temporary file: the host keeps
+  nothing per frame (issue 13: dense logits in memory grew by ~3 MB a frame)."""
 
   def __init__(self):
     self._file = tempfile.TemporaryFile()
-    self._starts, self._ends, self._size = [], [], 0
+    self.shape, self.frames = None, 0
 
-  def add(self, counts: bytes, ends: np.ndarray) -> None:
-    self._file.write(counts)
-    self._starts.append(self._size)
-    self._ends.append(ends.astype(np.int32))
-    self._size += len(counts)
+  def add(self, masks: np.ndarray) -> None:
+    """masks: float16 [Q, h, w] of the next frame."""
+    if self.shape is None:
+      self.shape = masks.shape
+    self._file.write(np.ascontiguousarray(masks, np.float16).tobytes())
+    self.frames += 1
 
-  def __len__(self) -> int:
-    return len(self._starts)
-
-  def track(self, query: int) -> list[bytes]:
-    """The RLE counts of `query` in every frame."""
+  def read(self, frame: int, queries) -> np.ndarray:
+    """float16 [len(queries), h, w]: the logits of `queries` in `frame`."""
     self._file.flush()
+    q, h, w = self.shape
+    size = h * w * 2
     fd = self._file.fileno()
-    out = []
-    for start, ends in zip(self._starts, self._ends):
-      lo = int(ends[query - 1]) if query else 0
-      out.append(os.pread(fd, int(ends[query]) - lo, start + lo))
+    out = np.empty((len(queries), h, w), np.float16)
+    for i, query in enumerate(queries):
+      out[i] = np.frombuffer(os.pread(fd, size, (frame * q + int(query)) * size),
+                             np.float16).reshape(h, w)
     return out
 
   def close(self) -> None:
@@ -211,39 +217,64 @@ class VideoPredictor:
     padded_size = tuple(np.shape(first)[:2])
     valid_size, out_size = tuple(valid_size), tuple(out_size)
     window = self.frames_per_window(padded_size)
-    step = _step_fn(self._model_json, self.mesh, padded_size, valid_size, out_size, self.tracker)
+    step = _step_fn(self._model_json, self.mesh, self.tracker)
     frames = jax.sharding.NamedSharding(self.mesh, P('frames'))
 
-    state, logit_sum, pending, store = self._init_state, None, None, _RleStore()
+    state, logit_sum, pending, store = self._init_state, None, None, _LogitStore()
     try:
       for batch, valid in _windows(_chain(first, images), window):
-        state, s, bits = step(self.variables, state, jax.device_put(batch, frames),
-                              jnp.asarray(valid))
+        state, s, masks = step(self.variables, state, jax.device_put(batch, frames),
+                               jnp.asarray(valid))
         logit_sum = s if logit_sum is None else logit_sum + s
-        # Encode the previous window on the host while the device runs this one.
+        # Write the previous window on the host while the device runs this one.
         if pending is not None:
-          _store_window(store, *pending, out_size)
-        pending = bits, valid
-      _store_window(store, *pending, out_size)
+          _store_window(store, *pending)
+        pending = masks, valid
+      _store_window(store, *pending)
 
-      probs = jax.nn.softmax(logit_sum / len(store), axis=-1)[:, :-1]    # [Q, K]
+      probs = jax.nn.softmax(logit_sum / store.frames, axis=-1)[:, :-1]    # [Q, K]
       num_classes = probs.shape[1]
       k = min(self.top_k, probs.size)
       scores, flat = jax.lax.top_k(probs.reshape(-1), k)
       flat = np.asarray(flat)
-      size = list(out_size)
-      tracks = []
-      for c, score, q in zip(flat % num_classes, np.asarray(scores), flat // num_classes):
-        segs = [{'size': size, 'counts': counts.decode()} for counts in store.track(int(q))]
-        tracks.append({'category': int(c), 'score': float(score), 'segmentations': segs})
-      return tracks
+      queries = flat // num_classes
+      segs = self._top_k_masks(store, queries, window, padded_size, valid_size, out_size)
+      return [{'category': int(c), 'score': float(score), 'segmentations': seg}
+              for c, score, seg in zip(flat % num_classes, np.asarray(scores), segs)]
     finally:
       store.close()
 
+  def _top_k_masks(self, store, queries, window, padded_size, valid_size, out_size):
+    """The RLEs of `queries` in every frame of `store`: [len(queries)][frames] dicts."""
+    to_bits = _masks_fn(self.mesh, padded_size, valid_size, out_size)
+    frames = jax.sharding.NamedSharding(self.mesh, P('frames'))
+    size = list(out_size)
+    segs = [[] for _ in queries]
+    pending = None
+    for start in range(0, store.frames, window):
+      n = min(window, store.frames - start)
+      batch = np.zeros((window, len(queries), *store.shape[1:]), np.float16)
+      for i in range(n):
+        batch[i] = store.read(start + i, queries)
+      bits = to_bits(jax.device_put(batch, frames))
+      # Encode the previous window on the host while the device runs this one.
+      if pending is not None:
+        _encode_window(segs, *pending, size)
+      pending = bits, n
+    if pending is not None:
+      _encode_window(segs, *pending, size)
+    return segs
 
-def _store_window(store: _RleStore, bits: jax.Array, valid: np.ndarray, out_size) -> None:
-  for b in np.asarray(bits)[valid]:
-    store.add(*_encode(b, out_size))
+
+def _store_window(store: _LogitStore, masks: jax.Array, valid: np.ndarray) -> None:
+  for m in np.asarray(masks)[valid]:
+    store.add(m)
+
+
+def _encode_window(segs: list[list[dict]], bits: jax.Array, n: int, size: list[int]) -> None:
+  for frame_bits in np.asarray(bits)[:n]:
+    for track, counts in zip(segs, _encode(frame_bits, size)):
+      track.append({'size': size, 'counts': counts.decode()})
 
 
 def _chain(first, rest):
