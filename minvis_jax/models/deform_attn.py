@@ -76,7 +76,8 @@ def _sample_gathered(value, spatial_shapes, loc, attn):
     pos, wts = bilinear_terms([(height, width)], loc[:, :, :, level], attn[:, :, :, level])
     s, k = pos.shape[1], pos.shape[3]
     idx = pos.transpose(0, 2, 1, 3).reshape(b, m, s * k, 1)
-    rows = jnp.take_along_axis(value[:, :, start:start + height * width], idx, axis=2)
+    rows = jnp.take_along_axis(value[:, :, start:start + height * width], idx, axis=2,
+                               mode='promise_in_bounds')
     out = out + jnp.einsum('bmskd,bmsk->bmsd', rows.reshape(b, m, s, k, d),
                            wts.transpose(0, 2, 1, 3).astype(value.dtype))
     start += height * width
