@@ -159,6 +159,47 @@ def test_scores_and_masks_match_a_direct_computation():
   np.testing.assert_array_equal(mask_utils.decode(tracks[0]['segmentations'][0]), up)
 
 
+@pytest.mark.parametrize('padded,valid,out', [
+    ((384, 640), (360, 640), (720, 1280)),   # YouTube-VIS 720p: x4 then x2
+    ((288, 640), (272, 640), (272, 640)),    # test size = original size
+    ((384, 512), (360, 480), (480, 640)),    # non-integer scale
+    ((96, 160), (90, 150), (61, 77)),        # downsampling, odd sizes
+])
+def test_mask_logits_equal_torch_interpolate_twice(padded, valid, out):
+  """The composed per-axis products equal SPEC 1's resize, crop, resize as the original code does
+  it (torch interpolate, bilinear, align_corners=False), values and thresholded masks."""
+  torch = pytest.importorskip('torch')
+  low = (padded[0] // 4, padded[1] // 4)
+  rng = np.random.default_rng(sum(out))
+  m = rng.normal(size=(3, low[0] // 6 + 2, low[1] // 6 + 2)).astype(np.float32) * 8
+  m = np.asarray(jax.image.resize(m, (3, *low), 'cubic')).astype(np.float16)  # smooth, like masks
+  got = np.asarray(predictor._mask_logits_t(jnp.asarray(m), padded, valid, out))
+  up = torch.nn.functional.interpolate(torch.from_numpy(m.astype(np.float32))[None], size=padded,
+                                       mode='bilinear', align_corners=False)
+  want = torch.nn.functional.interpolate(up[:, :, :valid[0], :valid[1]], size=out,
+                                         mode='bilinear', align_corners=False)[0].numpy()
+  assert got.shape == (3, out[1], out[0])
+  np.testing.assert_allclose(got.transpose(0, 2, 1), want, rtol=0, atol=1e-4)
+  near_zero = np.abs(want) < 1e-4
+  assert np.all(((got.transpose(0, 2, 1) > 0) == (want > 0)) | near_zero)
+
+
+def test_full_temporary_disk_is_a_clear_error(monkeypatch):
+  import errno
+
+  class FullDisk:
+    def write(self, data):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+
+    def close(self):
+      pass
+
+  cfg, variables, images = _setup(t=2)
+  monkeypatch.setattr(predictor.tempfile, 'TemporaryFile', FullDisk)
+  with pytest.raises(OSError, match=r'frame 0 .*No space left on device.*MiB .*TMPDIR'):
+    predictor.VideoPredictor(cfg, variables, window=2)(images, (56, 96), (56, 96))
+
+
 def test_results_for_video_uses_dataset_category_ids():
   tracks = [{'category': 1, 'score': 0.5, 'segmentations': [None]}]
   res = predictor.results_for_video(tracks, 'v7', [10, 20, 30])
