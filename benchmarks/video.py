@@ -10,7 +10,7 @@ the same test transform) and end with the top-k tracks as per-frame RLEs at the 
             classes, bilinear resize to the padded size, crop, resize to the frame size, > 0) and
             pycocotools RLEs of every mask, as the YouTube-VIS evaluator writes them.
 
-  python benchmarks/video.py [--frames 30] [--repeats 2] [--torch_device cuda]
+  python benchmarks/video.py [--frames 30] [--window auto] [--repeats 2] [--torch_device cuda]
 """
 
 import argparse
@@ -134,7 +134,8 @@ def main(argv=None):
   parser.add_argument('--height', type=int, default=720)
   parser.add_argument('--width', type=int, default=1280)
   parser.add_argument('--short', type=int, default=360, help='test short side (YouTube-VIS)')
-  parser.add_argument('--window', type=int, default=5)
+  parser.add_argument('--window', type=predictor.parse_window, default='auto',
+                      help="frames per device per forward, or 'auto' (the predictor's default: 1 on CPU)")
   parser.add_argument('--top_k', type=int, default=10)
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--torch_device', default='cpu', help="'cuda' to run HF on the GPU")
@@ -168,8 +169,10 @@ def main(argv=None):
   t_ours, t_ref = float(np.median(times['ours'])), float(np.median(times['original']))
   by_score = lambda results: sorted(results, key=lambda r: -r['score'])
   same = sum(a['category_id'] == b['category_id'] for a, b in zip(by_score(mine), by_score(theirs)))
+  window = video_predictor.frames_per_window(
+      np.shape(next(predictor.preprocess(frames[:1], data)))[:2])
   print(f'{args.frames} frames {args.height}x{args.width} -> short side {args.short}, '
-        f'window {args.window}, top {args.top_k}')
+        f'window {args.window} ({window} frame{"s" * (window != 1)} a forward), top {args.top_k}')
   print(f'ours {t_ours:.2f} s ({args.frames / t_ours:.2f} frames/s, {jax.default_backend()}), '
         f'original {t_ref:.2f} s ({args.frames / t_ref:.2f} frames/s, torch {device}); '
         f'runs: ours {["%.2f" % t for t in times["ours"]]}, '
