@@ -330,11 +330,13 @@ def test_infer_on_frame_folder(tiny_checkpoint, tmp_path, capsys):
   assert infer.main(['minvis-jax infer', '--checkpoint', ckpt, '--video', folder,
                                '--out', str(out), '--top_k', '3', '--score_threshold', '0']) == 0
   results = _check_results(out / 'results.json', 5, (64, 96), 3)
-  # The same tracks as the predictor run directly on the test-time input (SPEC 1 geometry).
+  # The same tracks as the predictor run directly on the test-time input (SPEC 1 geometry), at
+  # infer's per-device batch ('auto': one frame a device on CPU): XLA:CPU's GroupNorm reductions
+  # round differently for another batch size (~1e-6), which can flip a pixel at the threshold.
   inputs = [transforms.test_frame(f, 128, 224, config.data.mean, config.data.std)[0]
             for f in frames]
   assert inputs[0].shape == (128, 192, 3)
-  direct = predictor.VideoPredictor(config.model, variables, 4, 3, jax.devices()[:1])(
+  direct = predictor.VideoPredictor(config.model, variables, 1, 3, jax.devices()[:1])(
       inputs, (128, 192), (64, 96))
   assert_same_tracks(results, predictor.results_for_video(direct, 1, [1, 2, 3, 4]))
   # A results file the evaluator accepts for a 5-frame 64x96 video.
