@@ -354,12 +354,15 @@ def test_import_errors_name_the_key(tiny_resnet, tiny_swin):
     convert.backbone_from_hf(bad, cfg)
 
 
-@pytest.mark.parametrize('k,stride,size', [(1, 1, 9), (1, 2, 9), (3, 1, 8), (3, 2, 9), (7, 2, 10)])
-def test_conv2d_and_its_gradients_equal_xla_conv(k, stride, size):
+# 1x1 with more input than output channels too: its kernel gradient transposes the other operand.
+@pytest.mark.parametrize('k,stride,size,cin,cout', [
+    (1, 1, 9, 5, 6), (1, 2, 9, 5, 6), (1, 1, 9, 7, 3), (1, 2, 9, 7, 3), (3, 1, 8, 5, 6),
+    (3, 2, 9, 5, 6), (7, 2, 10, 5, 6)])
+def test_conv2d_and_its_gradients_equal_xla_conv(k, stride, size, cin, cout):
   from minvis_jax.models.conv import conv2d
   rng = np.random.default_rng(k * 10 + stride)
-  x = jnp.asarray(rng.normal(size=(2, size, size + 1, 5)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, size, size + 1, cin)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
   pad = k // 2
 
   def xla(x, kernel):

@@ -2,7 +2,9 @@
 
 XLA:CPU computes the kernel gradient of a convolution as another convolution (batch and feature dims
 swapped), which is very slow on CPU: for a 1x1 conv on [2, 96, 96, 256] it took 10x the forward. So:
-1x1 convs are plain matmuls (forward and both gradients are GEMMs), and larger kernels keep XLA's
+1x1 convs are plain matmuls (forward and both gradients are GEMMs; the kernel gradient transposes
+the narrower operand, materialised first: R50 backbone forward+backward 1.70 -> 1.27 s at 384x384,
+batch 2), and larger kernels keep XLA's
 convolution for the forward and the input gradient but get their kernel gradient as one GEMM per
 kernel tap (sum over pixels of shifted input x output gradient). Same numbers as
 `lax.conv_general_dilated` up to float rounding. Only measured on CPU: on GPU/TPU these forms are
@@ -51,10 +53,41 @@ def _conv_kxk_bwd(stride, pad, res, dy):
 _conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
 
 
+@jax.custom_vjp
+def _pointwise(x, kernel):
+  """x [..., Cin] @ kernel [Cin, Cout]: a 1x1 convolution."""
+  return jnp.einsum('...c,cd->...d', x, kernel)
+
+
+def _pointwise_fwd(x, kernel):
+  return _pointwise(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(res, dy):
+  x, kernel = res
+  cin, cout = kernel.shape
+  dx = jnp.einsum('...d,cd->...c', dy, kernel)
+  # The kernel gradient contracts over pixels, so one operand is transposed (channels first) for
+  # the GEMM. Left to XLA, it transposed the wider one with the elementwise gradient (ReLU mask, BN
+  # scale) fused in, recomputed at a strided read per element: ~80 ms for [2, 96, 96, 256], twice
+  # per block. Transposing the narrower one, materialised first, is a plain copy.
+  x2, dy2 = x.reshape(-1, cin), dy.reshape(-1, cout)
+  if cin <= cout:
+    dkernel = jnp.dot(jax.lax.optimization_barrier(x2).T, dy2,
+                      preferred_element_type=jnp.float32)
+  else:
+    dkernel = jnp.dot(jax.lax.optimization_barrier(dy2).T, x2,
+                      preferred_element_type=jnp.float32).T
+  return dx, dkernel.astype(kernel.dtype)
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0) -> jax.Array:
   """x [B, H, W, Cin], kernel [k, k, Cin, Cout], symmetric zero padding -> [B, H', W', Cout]."""
   if kernel.shape[0] == kernel.shape[1] == 1 and pad == 0:
-    return jnp.einsum('bhwc,cd->bhwd', x[:, ::stride, ::stride], kernel[0, 0])
+    return _pointwise(x[:, ::stride, ::stride], kernel[0, 0])
   return _conv_kxk(x, kernel, stride, pad)
 
 
