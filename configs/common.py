@@ -27,6 +27,9 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       flip=True,
       crop=False,
       max_instances=25,            # padded instances per frame
+      # Each step's target slots are cut to the batch's largest instance count rounded up to this
+      # (the loss costs per slot; one compile per distinct count); 0: always max_instances.
+      slot_multiple=4,
       min_size_test=360,
       max_size_test=1333,
       size_divisibility=32,

@@ -211,6 +211,12 @@ def test_zero_instances_and_padding():
   for name, value in base.items():
     np.testing.assert_allclose(float(padded_metrics[name]), float(value), rtol=1e-6, err_msg=name)
   np.testing.assert_allclose(float(padded_loss), float(base_loss), rtol=1e-6)
+  # ... and the gradients too: what lets the trainer cut the unused slots of a batch.
+  grad = jax.jit(jax.grad(lambda o, t: criterion.set_criterion(o, t, key, loss_config)[0]))
+  base_grads, padded_grads = grad(outputs, targets), grad(outputs, padded)
+  for a, b in zip(jax.tree.leaves(padded_grads), jax.tree.leaves(base_grads)):
+    assert np.abs(np.asarray(b)).max() > 0
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_gradients_are_finite():

@@ -101,6 +101,40 @@ def test_learning_rate_schedule():
                              [0.25, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
 
 
+def test_slot_count():
+  valid = np.zeros((3, 8), bool)
+  assert train.used_slots(valid) == 0
+  valid[1, 2] = valid[2, 4] = True   # holes are kept: only trailing unused slots go
+  assert train.used_slots(valid) == 5
+  assert [train.slot_count(u, 8, 4) for u in (0, 1, 4, 5, 8)] == [4, 4, 4, 8, 8]
+  assert [train.slot_count(u, 7, 4) for u in (0, 5, 7)] == [4, 7, 7]
+  assert [train.slot_count(u, 25, 1) for u in (0, 3, 25)] == [1, 3, 25]
+
+
+def test_trimmed_target_slots_give_the_same_step():
+  """A batch whose images use 3 of 8 slots runs on 4 slots (slot_multiple 2) and updates the
+  parameters as the untrimmed step does."""
+  c = small_config()
+  c.data.max_instances = 8
+  batch = random_batch(c, seed=3)
+  batch['valid'][:, 3:] = False
+  batch['valid'][0, 2] = True
+  results = []
+  for multiple in (0, 2):
+    c.data.slot_multiple = multiple
+    trainer = train.Trainer(c, mesh=train.make_mesh(c.mesh, jax.devices()[:1]))
+    global_batch = trainer.global_batch(batch)
+    assert global_batch['masks'].shape[1] == (8 if multiple == 0 else 4)
+    state, metrics = trainer.step(trainer.init_state(), global_batch)
+    results.append((jax.device_get(metrics), jax.device_get(state.params)))
+  (metrics0, params0), (metrics1, params1) = results
+  assert metrics0['num_masks'] == metrics1['num_masks'] == batch['valid'].sum()
+  for name in ('loss', 'loss_ce', 'loss_mask', 'loss_dice', 'grad_norm'):
+    np.testing.assert_allclose(metrics1[name], metrics0[name], rtol=1e-5, err_msg=name)
+  for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params0)):
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5)   # see the 8-device test on Adam
+
+
 def test_fsdp_spec_shards_largest_divisible_dimension():
   assert train._fsdp_spec((3, 3, 64, 256), 8) == jax.sharding.PartitionSpec(None, None, None,
                                                                              'data')
