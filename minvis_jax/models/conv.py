@@ -4,10 +4,9 @@ XLA:CPU computes the kernel gradient of a convolution as another convolution (ba
 swapped), which is very slow on CPU: for a 1x1 conv on [2, 96, 96, 256] it took 10x the forward. So:
 1x1 convs are plain matmuls (forward and both gradients are GEMMs; the kernel gradient transposes
 the narrower operand, materialised first: R50 backbone forward+backward 1.70 -> 1.27 s at 384x384,
-batch 2), and larger kernels keep XLA's
-convolution for the forward and the input gradient but get their kernel gradient as one GEMM per
-kernel tap (sum over pixels of shifted input x output gradient; 3x3 on [2, 96, 96, 256]: 218 ms ->
-161 ms, XLA's own 515 ms). Same numbers as
+batch 2), and larger kernels keep XLA's convolution for the forward and the input gradient but get
+their kernel gradient as one GEMM per kernel tap (sum over pixels of shifted input x output
+gradient; 3x3 on [2, 96, 96, 256]: 218 -> 161 ms, XLA's own 515 ms). Same numbers as
 `lax.conv_general_dilated` up to float rounding. Only measured on CPU: on GPU/TPU these forms are
 still GEMMs, but not yet timed against XLA's own convolution gradients there.
 """
