@@ -15,6 +15,7 @@ from transformers.models.mask2former import modeling_mask2former
 
 from timing import median_time, result_line
 
+from minvis_jax import host_memory  # noqa: E402
 from minvis_jax import config_lib
 from minvis_jax import criterion
 
@@ -67,4 +68,6 @@ def main():
 
 
 if __name__ == '__main__':
+  # Keep freed memory mapped on CPU (minvis_jax/host_memory.py); PyTorch in this process too.
+  host_memory.reexec_keeping_freed_memory()
   main()

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minvis_jax import host_memory
 from minvis_jax.models import deform_attn
 
 
@@ -250,4 +251,6 @@ def _at_level(f, side):
 
 
 if __name__ == '__main__':
+  # Keep freed memory mapped on CPU (minvis_jax/host_memory.py).
+  host_memory.reexec_keeping_freed_memory()
   main()

@@ -23,11 +23,16 @@ case "${1:-}" in
   *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
 esac
 export DRY_RUN
-exec python - <<'PY'
+# python -c (not stdin) so that the program can re-execute itself with glibc's malloc tunables on
+# CPU (the dry run; see minvis_jax/host_memory.py).
+PROGRAM=$(cat <<'PY'
 import os
 import sys
 import time
 
+from minvis_jax import host_memory
+
+host_memory.reexec_keeping_freed_memory()
 sys.path.insert(0, 'benchmarks')
 import jax  # noqa: E402
 import torch  # noqa: E402
@@ -66,3 +71,5 @@ for dtype in ('float32', 'bfloat16'):
 video.main(vid + ['--torch_device', dev])
 print(f'device.sh: done in {time.perf_counter() - start:.0f} s', flush=True)
 PY
+)
+exec python -c "$PROGRAM"

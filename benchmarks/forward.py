@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_models import converted  # noqa: E402
 from timing import median_time, result_line  # noqa: E402
 
+from minvis_jax import host_memory  # noqa: E402
 from minvis_jax.models import Mask2Former  # noqa: E402
 
 
@@ -58,4 +59,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  # Keep freed memory mapped on CPU (minvis_jax/host_memory.py); PyTorch in this process too.
+  host_memory.reexec_keeping_freed_memory()
   main()

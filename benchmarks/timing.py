@@ -21,6 +21,21 @@ def median_time(fn, repeats: int = 10, warmup: int = 2) -> float:
   return statistics.median(times)
 
 
+def median_times(fns, repeats: int = 10, warmup: int = 2) -> list[float]:
+  """`median_time` of several functions, called in turns (a, b, a, b, ...) so that the load of a
+  shared machine, which drifts over minutes, weighs on each of them alike."""
+  for _ in range(warmup):
+    for fn in fns:
+      fn()
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, fn_times in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      fn_times.append(time.perf_counter() - start)
+  return [statistics.median(t) for t in times]
+
+
 def result_line(name: str, ours_s: float, ref_s: float, **extra) -> str:
   return 'RESULT ' + json.dumps({'name': name, 'ours_s': round(ours_s, 5),
                                  'ref_s': round(ref_s, 5), 'ratio': round(ours_s / ref_s, 3),

@@ -15,6 +15,8 @@ print one line and exit with status 2; add `--debug` to any command to see the t
 import importlib
 import sys
 
+from minvis_jax import host_memory
+
 # subcommand -> (module, function taking argv)
 _COMMANDS = {
     'demo': ('minvis_jax.demo', 'main'),
@@ -53,6 +55,8 @@ def run(prog: str, main_fn, argv) -> int:
 
 
 def main(argv=None) -> int:
+  if argv is None:  # a process of its own (not a call from Python): see host_memory
+    host_memory.reexec_keeping_freed_memory()
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ('-h', '--help') or argv[0] not in _COMMANDS:
     print(__doc__)
