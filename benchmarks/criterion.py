@@ -15,7 +15,7 @@ from transformers.models.mask2former import modeling_mask2former
 
 from timing import median_time, result_line
 
-from minvis_jax import host_memory  # noqa: E402
+from minvis_jax import host_memory
 from minvis_jax import config_lib
 from minvis_jax import criterion
 

@@ -11,19 +11,12 @@ import numpy as np
 
 def median_time(fn, repeats: int = 10, warmup: int = 2) -> float:
   """Median wall time of fn() over `repeats` calls after `warmup` calls (compilation, caches)."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return median_times([fn], repeats, warmup)[0]
 
 
 def median_times(fns, repeats: int = 10, warmup: int = 2) -> list[float]:
-  """`median_time` of several functions, called in turns (a, b, a, b, ...) so that the load of a
-  shared machine, which drifts over minutes, weighs on each of them alike."""
+  """Median wall times of several functions after `warmup` rounds, called in turns (a, b, a, b, ...)
+  so that the load of a shared machine, which drifts over minutes, weighs on each of them alike."""
   for _ in range(warmup):
     for fn in fns:
       fn()
