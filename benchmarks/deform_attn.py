@@ -140,8 +140,10 @@ def sample_dense(value, height, width, loc, weight):
 
 def _level_terms(height, width, loc, weight):
   """Head-major loc [B, M, S, P, 2], weight [B, M, S, P] -> `bilinear_terms` [B, S, M, P*4]."""
-  return deform_attn.bilinear_terms([(height, width)], loc.transpose(0, 2, 1, 3, 4)[:, :, :, None],
-                                    weight.transpose(0, 2, 1, 3)[:, :, :, None])
+  pos, wts = deform_attn.bilinear_terms([(height, width)],
+                                        loc.transpose(0, 2, 1, 3, 4)[:, :, :, None],
+                                        weight.transpose(0, 2, 1, 3)[:, :, :, None])
+  return pos[0], wts[0]
 
 
 def sample_four_gathers(value, height, width, loc, weight):

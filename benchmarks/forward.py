@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_models import converted  # noqa: E402
-from timing import median_time, result_line  # noqa: E402
+from timing import median_times, result_line  # noqa: E402
 
 from minvis_jax import host_memory  # noqa: E402
 from minvis_jax.models import Mask2Former  # noqa: E402
@@ -41,7 +41,6 @@ def main(argv=None):
   xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
   apply = jax.jit(Mask2Former(model_config).apply)
   xj = jax.device_put(x)
-  ours = median_time(lambda: jax.block_until_ready(apply(variables, xj)), args.repeats)
 
   def torch_forward():
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16,
@@ -49,7 +48,9 @@ def main(argv=None):
       model(pixel_values=xt)
     if device.type == 'cuda':
       torch.cuda.synchronize()
-  theirs = median_time(torch_forward, args.repeats)
+  # In turns (ours, HF, ours, ...), so that drifting load on a shared machine weighs on both alike.
+  ours, theirs = median_times([lambda: jax.block_until_ready(apply(variables, xj)), torch_forward],
+                              args.repeats)
   print(f'jax {ours:.3f} s ({jax.default_backend()})  torch {theirs:.3f} s ({device}) '
         f'(median of {args.repeats}, {args.dtype}, {len(os.sched_getaffinity(0))} threads)')
   suffix = '' if args.dtype == 'float32' else f'_{args.dtype}'

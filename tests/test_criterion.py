@@ -264,6 +264,16 @@ def test_top_k_indices_equals_lax_top_k(kind):
                                   np.sort(ref_values, -1))
 
 
+@pytest.mark.parametrize('count', [1, 127, 128, 129, 37632])
+def test_prefix_count_equals_cumsum(count):
+  rng = np.random.default_rng(count)
+  for density in (0.0, 0.3, 1.0):
+    mask = rng.random(count) < density
+    ours = np.asarray(jax.jit(criterion._prefix_count)(mask))
+    assert ours.dtype == np.int32
+    np.testing.assert_array_equal(ours, np.cumsum(mask))
+
+
 def test_more_slots_than_queries_is_an_error():
   outputs, targets = _problem(seed=10)
   with pytest.raises(ValueError, match='num_queries'):

@@ -3,7 +3,8 @@
 Every sampling point reads its four bilinear corners from one [B*N*M, D] table of all levels and
 heads. The forward sums the L*P*4 weighted row gathers of a query as separate terms, which XLA:CPU
 fuses into one loop vectorised over D: ~6x faster than gathering the rows into a [.., P*4, D]
-array per level and reducing it (benchmarks/deform_attn.py). Under differentiation the rows are
+array per level and reducing it (benchmarks/deform_attn.py). The sum runs as a loop over levels so
+that the output projection's [B, S, M*D] view is not fused into it (3x slower, see below). Under differentiation the rows are
 gathered into that array instead (custom_vjp): autodiff of it (the rows kept for the weights'
 gradient, one scatter-add for the value's) was the fastest backward measured; see the
 benchmark's docstring for the leads that lost.
@@ -22,14 +23,15 @@ def bilinear_terms(spatial_shapes: Sequence[tuple[int, int]], loc: jnp.ndarray,
   """Corners of every sampling point; zero padding, align_corners=False.
 
   loc: [B, S, M, L, P, 2] normalised (x, y) in [0, 1]; attn: [B, S, M, L, P]. Returns pos, int32
-  [B, S, M, K] (K = L*P*4) positions in the levels' concatenated [N = sum H*W] maps, and wts,
-  [B, S, M, K] attention times bilinear weights (zero for corners outside the map).
+  [L, B, S, M, P*4] positions in the levels' concatenated [N = sum H*W] maps, and wts,
+  [L, B, S, M, P*4] attention times bilinear weights (zero for corners outside the map).
   """
-  pos, wts = [], []
+  pos_levels, wts_levels = [], []
   start = 0
   for lvl, (height, width) in enumerate(spatial_shapes):
     x = loc[:, :, :, lvl, :, 0] * width - 0.5                                     # [B, S, M, P]
     y = loc[:, :, :, lvl, :, 1] * height - 0.5
+    pos, wts = [], []
     x0 = jnp.floor(x)
     y0 = jnp.floor(y)
     fx = x - x0
@@ -43,8 +45,9 @@ def bilinear_terms(spatial_shapes: Sequence[tuple[int, int]], loc: jnp.ndarray,
         pos.append(flat.astype(jnp.int32))
         wts.append(jnp.where(inside, wx * wy, 0.0) * attn[:, :, :, lvl])
     start += height * width
-  terms = lambda xs: jnp.stack(xs, -1).reshape(*xs[0].shape[:3], -1)  # noqa: E731
-  return terms(pos), terms(wts)
+    pos_levels.append(jnp.stack(pos, -1).reshape(*x.shape[:3], -1))
+    wts_levels.append(jnp.stack(wts, -1).reshape(*x.shape[:3], -1))
+  return jnp.stack(pos_levels), jnp.stack(wts_levels)
 
 
 def _table_rows(pos, b, n, m):
@@ -62,10 +65,20 @@ def _sample_summed(value, spatial_shapes, loc, attn):
   pos, wts = jax.lax.optimization_barrier((pos, wts))
   rows = _table_rows(pos, b, n, m)   # the value as it is, no transpose
   table = value.reshape(b * n * m, d)
-  wts = wts.astype(value.dtype)
-  out = 0.
-  for k in range(rows.shape[-1]):
-    out = out + wts[..., k, None] * table.at[rows[..., k]].get(mode='promise_in_bounds')
+
+  def add_level(out, level):
+    level_rows, level_wts = level
+    for k in range(level_rows.shape[-1]):
+      out = out + level_wts[..., k, None] * table.at[level_rows[..., k]].get(
+          mode='promise_in_bounds')
+    return out, None
+
+  # A loop over levels, not one expression: XLA would otherwise fuse the caller's [B, S, M*D]
+  # reshape into the sum, whose loop over M*D then recomputes every row index per channel and
+  # cannot vectorise the 32-float row reads (R50 encoder layer: 11-14 ms -> ~4 ms a layer).
+  # zeros_like keeps the value's varying axes under shard_map (the carry's type must match).
+  out, _ = jax.lax.scan(add_level, jnp.zeros_like(value, shape=(b, pos.shape[2], m, d)),
+                        (rows, wts.astype(value.dtype)))
   return out
 
 
@@ -83,6 +96,7 @@ def _sample_gathered(value, spatial_shapes, loc, attn):
   for lvl, (height, width) in enumerate(spatial_shapes):
     level = slice(lvl, lvl + 1)
     pos, wts = bilinear_terms([(height, width)], loc[:, :, :, level], attn[:, :, :, level])
+    pos, wts = pos[0], wts[0]
     rows = table.at[_table_rows(pos + start, b, n, m)].get(mode='promise_in_bounds')
     out = out + jnp.einsum('bsmkd,bsmk->bsmd', rows, wts.astype(value.dtype))
     start += height * width
