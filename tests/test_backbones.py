@@ -378,3 +378,24 @@ def test_conv2d_and_its_gradients_equal_xla_conv(k, stride, size, cin, cout):
            for f in (lambda a, b: conv2d(a, b, stride, pad), xla)]
   for g_ours, g_ref in zip(*grads):
     np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('cin,cout', [(5, 7), (7, 3)])
+def test_dense_equals_flax_dense_with_gradients(cin, cout):
+  import flax.linen as nn
+
+  from minvis_jax.models.conv import Dense
+  rng = np.random.default_rng(cin)
+  x = jnp.asarray(rng.normal(size=(2, 11, cin)), jnp.float32)
+  ours, ref = Dense(cout), nn.Dense(cout)
+  variables = ref.init(jax.random.PRNGKey(0), x)
+  # Same variables (names, shapes) as nn.Dense, so checkpoints and converters are unchanged.
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(0), x)) == jax.tree.map(
+      jnp.shape, variables)
+  variables = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(size=v.shape), v.dtype), variables)
+  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), rtol=1e-6, atol=1e-6)
+  w = jnp.asarray(rng.normal(size=(2, 11, cout)), jnp.float32)
+  grads = [jax.grad(lambda v, a, m=m: jnp.sum(m.apply(v, a) * w), argnums=(0, 1))(variables, x)
+           for m in (ours, ref)]
+  for g_ours, g_ref in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)

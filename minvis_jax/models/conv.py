@@ -9,6 +9,10 @@ their kernel gradient as one GEMM per kernel tap (sum over pixels of shifted inp
 gradient; 3x3 on [2, 96, 96, 256]: 218 -> 161 ms, XLA's own 515 ms). Same numbers as
 `lax.conv_general_dilated` up to float rounding. Only measured on CPU: on GPU/TPU these forms are
 still GEMMs, but not yet timed against XLA's own convolution gradients there.
+
+`Dense` is `nn.Dense` through the same 1x1 GEMMs: in the pixel decoder's token layers ([2, 3024,
+C] at 384x384) its gradients took 2.10 s of forward+backward against 2.28 with `nn.Dense`
+(identical gradients); the R50 train step 4.47 vs 4.58 s in one process.
 """
 
 import functools
@@ -94,6 +98,25 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0) -> ja
   if kernel.shape[0] == kernel.shape[1] == 1 and pad == 0:
     return _pointwise(x[:, ::stride, ::stride], kernel[0, 0])
   return _conv_kxk(x, kernel, stride, pad)
+
+
+class Dense(nn.Module):
+  """`nn.Dense` (same variables 'kernel' [Cin, Cout] and 'bias', same initialisers) computed with
+  the 1x1 convolution's GEMMs, whose kernel gradient transposes the narrower operand."""
+  features: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[..., Cin] -> [..., features]."""
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                        jnp.float32)
+    y = _pointwise(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class Conv(nn.Module):

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from minvis_jax.models.conv import Dense
+
 
 def bilinear_terms(spatial_shapes: Sequence[tuple[int, int]], loc: jnp.ndarray,
                    attn: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -157,7 +159,7 @@ class MSDeformAttn(nn.Module):
     -> [B, S, C]."""
     b, s, _ = query.shape
     m, l, p, d = self.heads, self.levels, self.points, self.dim // self.heads
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)  # noqa: E731
+    dense = lambda n, name: Dense(n, dtype=self.dtype, name=name)  # noqa: E731
     value = dense(self.dim, 'value_proj')(value_in).reshape(b, -1, m, d)
     offsets = dense(m * l * p * 2, 'sampling_offsets')(query).reshape(b, s, m, l, p, 2)
     logits = dense(m * l * p, 'attention_weights')(query).reshape(b, s, m, l * p)

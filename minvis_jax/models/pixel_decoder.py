@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from minvis_jax.models.conv import Conv
+from minvis_jax.models.conv import Dense
 from minvis_jax.models.deform_attn import MSDeformAttn
 from minvis_jax.models.position import sine_position_embedding
 
@@ -41,8 +42,8 @@ class EncoderLayer(nn.Module):
     attn = MSDeformAttn(self.dim, self.heads, self.levels, self.points, self.dtype,
                         name='self_attn')(h + pos, reference, h, spatial_shapes)
     h = ln('self_attn_norm')(h + attn)
-    y = nn.Dense(self.ffn_dim, dtype=self.dtype, name='fc1')(h)
-    y = nn.Dense(self.dim, dtype=self.dtype, name='fc2')(nn.relu(y))
+    y = Dense(self.ffn_dim, dtype=self.dtype, name='fc1')(h)
+    y = Dense(self.dim, dtype=self.dtype, name='fc2')(nn.relu(y))
     return ln('final_norm')(h + y)
 
 
