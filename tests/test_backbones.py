@@ -393,7 +393,8 @@ def test_dense_equals_flax_dense_with_gradients(cin, cout):
   assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(0), x)) == jax.tree.map(
       jnp.shape, variables)
   variables = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(size=v.shape), v.dtype), variables)
-  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-6, atol=1e-6)
   w = jnp.asarray(rng.normal(size=(2, 11, cout)), jnp.float32)
   grads = [jax.grad(lambda v, a, m=m: jnp.sum(m.apply(v, a) * w), argnums=(0, 1))(variables, x)
            for m in (ours, ref)]

@@ -3,11 +3,11 @@
 Every sampling point reads its four bilinear corners from one [B*N*M, D] table of all levels and
 heads. The forward sums the L*P*4 weighted row gathers of a query as separate terms, which XLA:CPU
 fuses into one loop vectorised over D: ~6x faster than gathering the rows into a [.., P*4, D]
-array per level and reducing it (benchmarks/deform_attn.py). The sum runs as a loop over levels so
-that the output projection's [B, S, M*D] view is not fused into it (3x slower, see below). Under differentiation the rows are
-gathered into that array instead (custom_vjp): autodiff of it (the rows kept for the weights'
-gradient, one scatter-add for the value's) was the fastest backward measured; see the
-benchmark's docstring for the leads that lost.
+array per level and reducing it (benchmarks/deform_attn.py). The sum runs as a loop over levels,
+so that the output projection's [B, S, M*D] view is not fused into it (see `_sample_summed`).
+Under differentiation the rows are gathered into that array instead (custom_vjp): autodiff of it
+(the rows kept for the weights' gradient, one scatter-add for the value's) was the fastest
+backward measured; see the benchmark's docstring for the leads that lost.
 """
 
 import functools
@@ -77,7 +77,7 @@ def _sample_summed(value, spatial_shapes, loc, attn):
 
   # A loop over levels, not one expression: XLA would otherwise fuse the caller's [B, S, M*D]
   # reshape into the sum, whose loop over M*D then recomputes every row index per channel and
-  # cannot vectorise the 32-float row reads (R50 encoder layer: 11-14 ms -> ~4 ms a layer).
+  # cannot vectorise the 32-float row reads (the sum in an R50 encoder layer: 10-14 -> ~2 ms).
   # zeros_like keeps the value's varying axes under shard_map (the carry's type must match).
   out, _ = jax.lax.scan(add_level, jnp.zeros_like(value, shape=(b, pos.shape[2], m, d)),
                         (rows, wts.astype(value.dtype)))
