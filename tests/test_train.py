@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,23 @@ def test_fsdp_spec_shards_largest_divisible_dimension():
   assert train._fsdp_spec((3, 3, 64, 256), 8) == jax.sharding.PartitionSpec(None, None, None,
                                                                              'data')
   assert train._fsdp_spec((7, 9), 8) == jax.sharding.PartitionSpec()
+
+
+def test_data_parallel_step_moves_no_activations_between_devices():
+  """With the batch sharded and the parameters replicated, the model's forward and backward are
+  local to each device: the only collectives are the gradient reductions (and the criterion's small
+  index arrays). A gather from a table flattened over the batch (the deformable sampling once did)
+  makes XLA all-gather every device's activations instead."""
+  assert jax.device_count() == 8
+  c = small_config()
+  c.mesh.data = 8
+  trainer = train.Trainer(c, mesh=train.make_mesh(c.mesh, jax.devices()))
+  hlo = trainer.step.lower(trainer.abstract_state, trainer.global_batch(random_batch(c))).compile()
+  moves = [line for line in hlo.as_text().splitlines()
+           if re.search(r' (all-gather|all-to-all|collective-permute)(-start)?\(', line)
+           and 'Mask2Former' in line]
+  assert not moves, moves[:3]
+  assert 'all-reduce' in hlo.as_text()   # the gradients are reduced (the check sees the HLO)
 
 
 @pytest.mark.slow
