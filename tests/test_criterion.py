@@ -181,6 +181,35 @@ def test_point_sample_equals_torch_grid_sample():
   np.testing.assert_allclose(ours, ref, atol=1e-6)
 
 
+def test_matched_and_target_sampling_equal_point_sample_per_slot():
+  """The loss samples every slot's matched prediction (from channels-last rows) and target at the
+  slot's own points by flat per-image gathers: the same values, and gradients, as point_sample of
+  each slot's mask on its own."""
+  rng = np.random.default_rng(5)
+  b, q, n, h, w, p = 2, 6, 3, 5, 7, 40
+  pred = jnp.asarray(rng.normal(size=(b, q, h, w)).astype(np.float32))
+  targets = jnp.asarray((rng.random((b, n, 2 * h, 2 * w)) > 0.5).astype(np.uint8))
+  src = jnp.asarray(np.stack([rng.permutation(q)[:n] for _ in range(b)]).astype(np.int32))
+  coords = jnp.asarray(rng.uniform(-0.1, 1.1, size=(b, n, p, 2)).astype(np.float32))
+  ct = jnp.asarray(rng.normal(size=(b, n, p)).astype(np.float32))
+
+  def ours(pred):
+    return criterion._sample_matched(criterion.channels_last(pred), (h, w), src, coords)
+
+  def reference(pred):
+    return jnp.stack([jnp.stack([criterion.point_sample(pred[i, src[i, j]][None], coords[i, j])[0]
+                                 for j in range(n)]) for i in range(b)])
+
+  np.testing.assert_allclose(ours(pred), reference(pred), atol=1e-6)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * ct))(pred)
+  np.testing.assert_allclose(grad(ours), grad(reference), atol=1e-6)
+  assert float(jnp.abs(grad(ours)).sum()) > 0
+  expected = np.stack([np.stack([np.asarray(criterion.point_sample(targets[i, j][None],
+                                                                   coords[i, j]))[0]
+                                 for j in range(n)]) for i in range(b)])
+  np.testing.assert_allclose(criterion._sample_targets(targets, coords), expected, atol=1e-6)
+
+
 def test_zero_instances_and_padding():
   loss_config = _loss_config(64)
   key = jax.random.key(3)

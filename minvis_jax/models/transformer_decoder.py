@@ -94,14 +94,16 @@ class TransformerDecoder(nn.Module):
       for i, layer in enumerate(mask_mlp):
         e = layer(e)
         e = nn.relu(e) if i < len(mask_mlp) - 1 else e
-      masks = jnp.einsum('bqc,bhwc->bqhw', e, mask_features)
+      # Channels last, [B, h, w, Q]: the layout the resize below and the criterion's point
+      # sampling read; the [B, Q, h, w] output is its transpose, which XLA cancels against theirs.
+      masks = jnp.einsum('bqc,bhwc->bhwq', e, mask_features).astype(jnp.float32)
       # Attention mask for the next layer: True = attend where sigmoid >= 0.5; a query blocked
       # everywhere attends everywhere.
-      small = resize_bilinear(masks.transpose(0, 2, 3, 1).astype(jnp.float32), *target_size)
+      small = resize_bilinear(masks, *target_size)
       attend = (small >= 0.0).reshape(b, -1, self.num_queries).transpose(0, 2, 1)
       attend = attend | ~jnp.any(attend, axis=-1, keepdims=True)
       pred = {'pred_logits': class_embed(z).astype(jnp.float32),
-              'pred_masks': masks.astype(jnp.float32)}
+              'pred_masks': masks.transpose(0, 3, 1, 2)}
       return pred, jax.lax.stop_gradient(attend), z
 
     x = jnp.broadcast_to(query_feat.astype(self.dtype), (b, self.num_queries, self.dim))
