@@ -4,11 +4,12 @@ XLA:CPU computes the kernel gradient of a convolution as another convolution (ba
 swapped), which is very slow on CPU: for a 1x1 conv on [2, 96, 96, 256] it took 10x the forward. So:
 1x1 convs are plain matmuls (forward and both gradients are GEMMs; the kernel gradient transposes
 the narrower operand, materialised first: R50 backbone forward+backward 1.70 -> 1.27 s at 384x384,
-batch 2), and larger kernels keep XLA's convolution for the forward and the input gradient but get
-their kernel gradient as one GEMM per kernel tap (sum over pixels of shifted input x output
-gradient; 3x3 on [2, 96, 96, 256]: 218 -> 161 ms, XLA's own 515 ms). Same numbers as
-`lax.conv_general_dilated` up to float rounding. Only measured on CPU: on GPU/TPU these forms are
-still GEMMs, but not yet timed against XLA's own convolution gradients there.
+batch 2), with both barriers placed so that XLA cannot fold the transposes back into the dot
+(which then left YNNPACK for XLA's generic GEMM at two thirds of the speed). Larger kernels keep
+XLA's convolutions for all three, its kernel gradient one image at a time for large maps on CPU
+(3x3 on [2, 96, 96, 256]: 622 ms batched, 295 per image, 342 as the one-GEMM-per-tap sum used
+before; on one core). Same numbers as `lax.conv_general_dilated` up to float rounding. Only
+measured on CPU.
 
 `Dense` is `nn.Dense` through the same 1x1 GEMMs: in the pixel decoder's token layers ([2, 3024,
 C] at 384x384) its gradients took 2.10 s of forward+backward against 2.28 with `nn.Dense`
@@ -16,6 +17,7 @@ C] at 384x384) its gradients took 2.10 s of forward+backward against 2.28 with `
 """
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -39,23 +41,23 @@ def _conv_kxk_fwd(x, kernel, stride, pad):
 
 def _conv_kxk_bwd(stride, pad, res, dy):
   x, kernel = res
-  # Both materialised first: fused into the transposes and tap slices below, their producers (the
-  # FPN's upsample-and-add, a norm's gradient) were recomputed at strided reads, once per tap
-  # (~0.5 s of the pixel decoder's output conv in the train step).
+  # Both materialised first: fused into the gradient convolutions, their producers (the FPN's
+  # upsample-and-add, a norm's gradient) were recomputed at every read (~0.5 s of the pixel
+  # decoder's output conv in the train step).
   x, dy = jax.lax.optimization_barrier((x, dy))
   _, input_vjp = jax.vjp(lambda a: _xla_conv(a, kernel, stride, pad), x)
   (dx,) = input_vjp(dy)
-  kh, kw, cin, cout = kernel.shape
-  h, w = dy.shape[1:3]
-  # Each tap's GEMM contracts over pixels: the output gradient is transposed (channels first) once
-  # and multiplies each tap's shifted input slice, channels last as it is.
-  dy_t = jax.lax.optimization_barrier(dy.reshape(-1, cout).T)                       # [Cout, BHW]
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  taps = [jnp.dot(dy_t, xp[:, i:i + stride * (h - 1) + 1:stride,
-                           j:j + stride * (w - 1) + 1:stride].reshape(-1, cin),
-                  preferred_element_type=jnp.float32)                               # [Cout, Cin]
-          for i in range(kh) for j in range(kw)]
-  dkernel = jnp.stack(taps).transpose(0, 2, 1).reshape(kernel.shape).astype(kernel.dtype)
+
+  def kernel_grad(xb, dyb):
+    return jax.vjp(lambda k: _xla_conv(xb, k, stride, pad), kernel)[1](dyb)[0]
+
+  # XLA:CPU's kernel gradient of a large map is twice as slow for a batch of 2 as for two single
+  # images (3x3, [2, 96, 96, 256]: 622 ms against 2 x 148 on one core), so large maps go one image
+  # at a time; small maps stay batched.
+  if jax.default_backend() == 'cpu' and dy.shape[0] > 1 and math.prod(dy.shape[1:]) >= 1 << 21:
+    dkernel = sum(kernel_grad(x[b:b + 1], dy[b:b + 1]) for b in range(dy.shape[0]))
+  else:
+    dkernel = kernel_grad(x, dy)
   return dx, dkernel
 
 
@@ -79,14 +81,17 @@ def _pointwise_bwd(res, dy):
   # The kernel gradient contracts over pixels, so one operand is transposed (channels first) for
   # the GEMM. Left to XLA, it transposed the wider one with the elementwise gradient (ReLU mask, BN
   # scale) fused in, recomputed at a strided read per element: ~80 ms for [2, 96, 96, 256], twice
-  # per block. Transposing the narrower one, materialised first, is a plain copy.
+  # per block. Transposing the narrower one, materialised first, is a plain copy. The barriers sit
+  # after the transposes (and on the product before its own transpose): otherwise XLA folds them
+  # into the dot's dimension numbers, and a dot contracting over its operands' leading dimension
+  # runs on XLA:CPU's generic GEMM instead of YNNPACK's (fc2 of the pixel decoder's encoder,
+  # [6048, 1024] x [6048, 256]: 29 -> 20 ms).
   x2, dy2 = x.reshape(-1, cin), dy.reshape(-1, cout)
   if cin <= cout:
-    dkernel = jnp.dot(jax.lax.optimization_barrier(x2).T, dy2,
-                      preferred_element_type=jnp.float32)
+    dkernel = jnp.dot(jax.lax.optimization_barrier(x2.T), dy2, preferred_element_type=jnp.float32)
   else:
-    dkernel = jnp.dot(jax.lax.optimization_barrier(dy2).T, x2,
-                      preferred_element_type=jnp.float32).T
+    dkernel = jax.lax.optimization_barrier(
+        jnp.dot(jax.lax.optimization_barrier(dy2.T), x2, preferred_element_type=jnp.float32)).T
   return dx, dkernel.astype(kernel.dtype)
 
 
@@ -139,3 +144,51 @@ class Conv(nn.Module):
       bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
+
+
+def _pool_taps(x: jax.Array):
+  """The 9 strided taps [B, Ho, Wo, C] of a 3x3, stride-2 window over x padded by 1 with -inf."""
+  h, w = x.shape[1:3]
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return [xp[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2] for i in range(3) for j in range(3)]
+
+
+def _max_pool_fwd(x):
+  taps = _pool_taps(x)
+  best, which = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+  for t, tap in enumerate(taps[1:], 1):
+    # Strictly greater: ties go to the first tap in window order, as torch's and XLA's own pools.
+    larger = tap > best
+    best = jnp.where(larger, tap, best)
+    which = jnp.where(larger, jnp.int8(t), which)
+  return best, (which, x.shape)
+
+
+def _max_pool_bwd(res, dy):
+  which, shape = res
+  h, w = shape[1:3]
+  ho, wo = dy.shape[1:3]
+  zero = jnp.zeros((), dy.dtype)
+  dx = 0
+  for t in range(9):
+    i, j = divmod(t, 3)
+    # The tap's gradient back at its input positions: stride 2 by interior padding.
+    dx = dx + jax.lax.pad(jnp.where(which == t, dy, zero), zero,
+                          ((0, 0, 0), (i, h + 2 - i - (2 * ho - 1), 1),
+                           (j, w + 2 - j - (2 * wo - 1), 1), (0, 0, 0)))
+  return (dx[:, 1:h + 1, 1:w + 1],)
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """`nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))`, the ResNet stem's pool:
+  x [B, H, W, C] -> [B, (H - 1) // 2 + 1, (W - 1) // 2 + 1, C], same values and gradients (ties to
+  the first maximum in window order). Its gradient keeps the winning tap (int8) from the forward
+  and spreads the output gradient back by 9 strided pads; XLA:CPU's own max-pool gradient (a
+  reduce-window carrying four index arrays, then a scatter) took ~90 ms of a single-core train step
+  at 384x384, batch 2."""
+  return _max_pool_fwd(x)[0]
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)

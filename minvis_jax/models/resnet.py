@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from minvis_jax.models.conv import conv2d
+from minvis_jax.models.conv import conv2d, max_pool_3x3_s2
 
 BN_EPS = 1e-5
 
@@ -76,7 +76,7 @@ class ResNet(nn.Module):
     """images [B, H, W, 3] -> {'res2': [B, H/4, W/4, c2], ..., 'res5': [B, H/32, W/32, c5]}."""
     del train  # Frozen BN and no dropout: train and eval compute the same thing.
     x = ConvBN(self.stem_width, 7, 2, dtype=self.dtype, name='stem')(images)
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool_3x3_s2(x)
     outputs = {}
     for i, (depth, width) in enumerate(zip(self.depths, self.widths)):
       stage = i + 2

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from minvis_jax.models.conv import Dense
 from minvis_jax.models.pixel_decoder import resize_bilinear
 from minvis_jax.models.position import sine_position_embedding
 
@@ -20,7 +21,7 @@ class Attention(nn.Module):
   def __call__(self, q, k, v, mask=None):
     """q [B, Lq, C], k/v [B, Lk, C], mask [B, Lq, Lk] bool or None -> [B, Lq, C]."""
     d = self.dim // self.heads
-    split = lambda x, name: nn.Dense(self.dim, dtype=self.dtype, name=name)(x).reshape(
+    split = lambda x, name: Dense(self.dim, dtype=self.dtype, name=name)(x).reshape(
         x.shape[0], x.shape[1], self.heads, d)
     q, k, v = split(q, 'q_proj'), split(k, 'k_proj'), split(v, 'v_proj')
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * (d ** -0.5)
@@ -28,7 +29,7 @@ class Attention(nn.Module):
       logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(q.shape[0], q.shape[1], self.dim)
-    return nn.Dense(self.dim, dtype=self.dtype, name='out_proj')(out)
+    return Dense(self.dim, dtype=self.dtype, name='out_proj')(out)
 
 
 class DecoderLayer(nn.Module):
@@ -47,8 +48,8 @@ class DecoderLayer(nn.Module):
     y = Attention(self.dim, self.heads, self.dtype, name='self_attn')(
         x + query_pos, x + query_pos, x)
     x = ln('self_attn_norm')(x + y)
-    y = nn.Dense(self.ffn_dim, dtype=self.dtype, name='fc1')(x)
-    y = nn.Dense(self.dim, dtype=self.dtype, name='fc2')(nn.relu(y))
+    y = Dense(self.ffn_dim, dtype=self.dtype, name='fc1')(x)
+    y = Dense(self.dim, dtype=self.dtype, name='fc2')(nn.relu(y))
     return ln('final_norm')(x + y)
 
 
