@@ -6,7 +6,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-import hf_reference as ref  # noqa: E402
+from support import hf_reference as ref  # noqa: E402
 
 
 def converted(model: str = 'r50', seed: int = 0):

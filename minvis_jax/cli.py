@@ -1,34 +1,77 @@
-"""The `minvis-jax` command: one subcommand per job, each implemented in its own module.
+"""The `minvis-jax` command: every flag of every subcommand is defined here, once.
 
   minvis-jax demo      [flags]   offline end-to-end run on generated videos (the main job)
-  minvis-jax convert   --source hf --input HF_MODEL_DIR --output ckpt
+  minvis-jax convert   --source hf --input HF_MODEL_DIR --out ckpt
   minvis-jax infer     --checkpoint ckpt --video clip.mp4 --out out
   minvis-jax train     --config minvis:dataset=ovis --workdir DIR
-  minvis-jax evaluate  --checkpoint DIR [--config minvis] [--manual_dir DATA]
+  minvis-jax evaluate  --checkpoint DIR [--config minvis] [--set data.manual_dir=DATA]
 
 `--config` takes a shipped config by name (`minvis`, `coco`, `tiny`), with an argument after a
-colon (`minvis:dataset=ytvis_2021,backbone=swin_l`), or the path of your own config file.
-`minvis-jax CMD --help` lists a command's flags. User errors (a missing file, a wrong checkpoint)
-print one line and exit with status 2; add `--debug` to any command to see the traceback.
+colon (`minvis:dataset=ytvis_2021,backbone=swin_l`), or the path of your own config file; `--set
+KEY=VALUE` overrides one field (repeatable). `minvis-jax CMD --help` lists a command's flags. User
+errors (a missing file, a wrong checkpoint) print one line and exit with status 2; add `--debug` to
+any command to see the traceback.
 """
 
+import argparse
 import importlib
+import os
 import sys
 
-from minvis_jax import host_memory
+import jax
 
-# subcommand -> (module, function taking argv)
-_COMMANDS = {
-    'demo': ('minvis_jax.demo', 'main'),
-    'train': ('minvis_jax.train', 'main'),
-    'evaluate': ('minvis_jax.evaluator', 'main'),
-    'infer': ('minvis_jax.infer', 'main'),
-    'convert': ('minvis_jax.convert', 'main'),
-}
+from minvis_jax import host_memory
 
 # What a command raises for bad input (a path, a file's content, a flag value): the message names
 # the file and field, so the traceback is noise. Anything else (a bug) keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+# --- flag groups shared by several commands ---------------------------------------------------
+
+def add_config_flags(parser: argparse.ArgumentParser, required: bool = False,
+                     default_help: str = '') -> None:
+  """--config NAME[:ARG]|FILE and --set KEY=VALUE (repeatable)."""
+  parser.add_argument('--config', required=required, default='',
+                      help='config name[:arg] or file, e.g. tiny or minvis:dataset=ovis'
+                      + (f'; default: {default_help}' if default_help else ''))
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='override a config field, e.g. --set batch_size=16 (repeatable)')
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+  """--distributed and its explicit values (TPU pods and SLURM detect them)."""
+  parser.add_argument('--distributed', action='store_true',
+                      help='jax.distributed.initialize(): one process per host of a TPU pod, '
+                      'SLURM job or local launcher (launch/)')
+  parser.add_argument('--coordinator', default=None, help='host:port for --distributed')
+  parser.add_argument('--num_processes', type=int, default=None, help='for --distributed')
+  parser.add_argument('--process_id', type=int, default=None, help='for --distributed')
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+  """jax.distributed with auto-detection (TPU, SLURM) or the explicit flag values."""
+  if not args.distributed:
+    return
+  if 'cpu' in os.environ.get('JAX_PLATFORMS', ''):
+    # Many back-to-back CPU collectives under async dispatch can deadlock in gloo.
+    jax.config.update('jax_cpu_enable_async_dispatch', False)
+  jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+# --- commands ---------------------------------------------------------------------------------
+# Each command: (one-line help, flags(parser), run(args) -> exit status). A command whose parser
+# still lives in its own module is listed in _LEGACY (module with main(argv)) until it moves here.
+
+_LEGACY = {
+    'demo': 'minvis_jax.demo',
+    'train': 'minvis_jax.train',
+    'evaluate': 'minvis_jax.evaluator',
+    'infer': 'minvis_jax.infer',
+    'convert': 'minvis_jax.convert',
+}
+
+COMMANDS: dict = {}
 
 
 def run(prog: str, main_fn, argv) -> int:
@@ -54,19 +97,38 @@ def run(prog: str, main_fn, argv) -> int:
     return 130
 
 
+def make_parser(name: str) -> argparse.ArgumentParser:
+  """The parser of command `name` (used by main and by docs/cli.md's generator)."""
+  help_text, flags, _ = COMMANDS[name]
+  parser = argparse.ArgumentParser(prog=f'minvis-jax {name}', description=help_text,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  flags(parser)
+  return parser
+
+
+def _command_main(name: str):
+  def main(argv):
+    args = make_parser(name).parse_args(argv[1:])
+    return COMMANDS[name][2](args)
+  return main
+
+
 def main(argv=None) -> int:
   if argv is None:  # a process of its own (not a call from Python): see host_memory
     host_memory.reexec_keeping_freed_memory()
   argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or argv[0] in ('-h', '--help') or argv[0] not in _COMMANDS:
+  names = list(COMMANDS) + [n for n in _LEGACY if n not in COMMANDS]
+  if not argv or argv[0] in ('-h', '--help') or argv[0] not in names:
     print(__doc__)
     if argv and argv[0] not in ('-h', '--help'):
-      print(f'unknown subcommand {argv[0]!r}; choose one of {", ".join(_COMMANDS)}')
+      print(f'unknown subcommand {argv[0]!r}; choose one of {", ".join(names)}')
       return 2
     return 0
-  module, fn = _COMMANDS[argv[0]]
+  name = argv[0]
   # Each subcommand gets 'minvis-jax <cmd>' as its program name, absl-style.
-  return run(f'minvis-jax {argv[0]}', getattr(importlib.import_module(module), fn), argv[1:])
+  if name in COMMANDS:
+    return run(f'minvis-jax {name}', _command_main(name), argv[1:])
+  return run(f'minvis-jax {name}', importlib.import_module(_LEGACY[name]).main, argv[1:])
 
 
 if __name__ == '__main__':

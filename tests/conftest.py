@@ -10,3 +10,46 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'minvis_jax_test_jit_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '2')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+import pytest  # noqa: E402  (after the environment above: jax reads it on import)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def synthetic_split(tmp_path_factory):
+  """Factory: synthetic_split(split, num_videos, num_frames, height=64, width=96, seed=1,
+  occlusion=False) -> the dataset root holding SPLIT.json and SPLIT/JPEGImages. Generated once per
+  distinct argument set in the session; several splits share a root when `root` names it."""
+  from minvis_jax.data import synthetic  # noqa: PLC0415  (jax only after the environment is set)
+  made = {}
+
+  def make(split: str, num_videos: int, num_frames: int, height: int = 64, width: int = 96,
+           seed: int = 1, occlusion: bool = False, root: str | None = None) -> str:
+    key = (split, num_videos, num_frames, height, width, seed, occlusion, root)
+    if key not in made:
+      out = root or str(tmp_path_factory.mktemp(f'synthetic_{split}'))
+      synthetic.generate(out, split, num_videos=num_videos, num_frames=num_frames, height=height,
+                         width=width, seed=seed, occlusion=occlusion)
+      made[key] = out
+    return made[key]
+
+  return make
+
+
+@pytest.fixture
+def tiny_config():
+  """The tiny config at 64x96 with one encoder and decoder layer, 8 queries and 256 points: the
+  cheapest real model, loss and train step (a fresh copy per test)."""
+  from minvis_jax import config_lib  # noqa: PLC0415
+  c = config_lib.load_config('tiny')
+  c.data.canvas = (64, 96)
+  c.data.min_size_train = (64,)
+  c.data.max_size_train = 96
+  c.data.max_instances = 4
+  c.loss.num_points = 256
+  c.batch_size = 8
+  c.model.update(dict(enc_layers=1, dec_layers=1, num_queries=8))
+  c.mesh.data = 1
+  c.eval.every_steps = 0
+  return c

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import layouts
+from support import layouts
 from minvis_jax import config_lib
 from minvis_jax.data import categories
 from minvis_jax.data import input_pipeline

@@ -126,7 +126,7 @@ def test_validate_checks_loaded_configs_and_accepts_every_experiment(tmp_path):
 
 import numpy as np  # noqa: E402
 
-import layouts  # noqa: E402
+from support import layouts  # noqa: E402
 from minvis_jax import train  # noqa: E402
 from minvis_jax.data import input_pipeline  # noqa: E402
 from minvis_jax.data import synthetic  # noqa: E402

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-import hf_reference as ref
+from support import hf_reference as ref
 from minvis_jax import checkpoints
 from minvis_jax import convert
 from minvis_jax.models import Mask2Former

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import setuptools
 
-import hf_reference as ref
+from support import hf_reference as ref
 from minvis_jax import checkpoints
 from minvis_jax import cli
 from minvis_jax import config_lib

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import hf_reference as ref
+from support import hf_reference as ref
 from minvis_jax import config_lib
 from minvis_jax import convert
 from minvis_jax.models import Mask2Former

@@ -13,7 +13,7 @@ from PIL import Image
 
 from minvis_jax.data import synthetic, tfds_builders, ytvis
 
-import layouts
+from support import layouts
 
 H, W, T = 40, 56, 4
 
