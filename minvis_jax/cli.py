@@ -59,6 +59,37 @@ def initialize_distributed(args: argparse.Namespace) -> None:
   jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
+def add_shorthand(parser: argparse.ArgumentParser, flag: str, key: str, help: str,
+                  **kwargs) -> None:
+  """`flag VALUE` as shorthand for `--set key=VALUE` (see `overrides`)."""
+  dest = flag.lstrip('-')
+  parser.add_argument(flag, dest=dest, default=None, help=f'{help} (shorthand for --set {key}=...)',
+                      **kwargs)
+  parser.set_defaults(shorthands=tuple(parser.get_default('shorthands') or ()) + ((dest, key),))
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+  """The command's config overrides as KEY=VALUE strings: --set items, then the shorthand flags
+  that were given (a later item wins)."""
+  items = list(getattr(args, 'set', []))
+  for dest, key in getattr(args, 'shorthands', ()):
+    value = getattr(args, dest)
+    if value is not None:
+      items.append(f'{key}={value}')
+  return items
+
+
+# Flags that were renamed or removed: command -> {old flag: what to use now}. Passing one is a
+# one-line error naming the replacement (docs/cli.md "Changes" lists them).
+RENAMED_FLAGS: dict[str, dict[str, str]] = {}
+
+
+def _check_renamed(name: str, argv: list[str]) -> None:
+  for old, new in RENAMED_FLAGS.get(name, {}).items():
+    if any(a == old or a.startswith(old + '=') for a in argv):
+      raise ValueError(f'{old} was renamed: use {new}')
+
+
 # --- commands ---------------------------------------------------------------------------------
 # Each command: (one-line help, flags(parser), run(args) -> exit status). A command whose parser
 # still lives in its own module is listed in _LEGACY (module with main(argv)) until it moves here.
@@ -108,6 +139,7 @@ def make_parser(name: str) -> argparse.ArgumentParser:
 
 def _command_main(name: str):
   def main(argv):
+    _check_renamed(name, argv[1:])
     args = make_parser(name).parse_args(argv[1:])
     return COMMANDS[name][2](args)
   return main

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
 from minvis_jax import criterion
+from minvis_jax import metrics_writer
 from minvis_jax.models import Mask2Former
 
 
@@ -359,39 +360,6 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state: TrainState,
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging.
-
-
-class MetricWriter:
-  """Process 0 writes metrics to stdout, `metrics.jsonl` and TensorBoard; others stay quiet."""
-
-  def __init__(self, workdir: str, active: bool):
-    self.active = active
-    self._tb = None
-    self._jsonl = None
-    if active:
-      from tensorboardX import SummaryWriter  # noqa: PLC0415  (heavy import, process 0 only)
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-
-  def write(self, step: int, metrics: dict, echo: bool, tb_prefix: str = 'train/') -> None:
-    if not self.active:
-      return
-    for k, v in metrics.items():
-      self._tb.add_scalar(f'{tb_prefix}{k}', v, step)
-    self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
-    self._jsonl.flush()
-    if echo:
-      print(f'step {step:6d} | ' + ' '.join(
-          f'{k} {v:.4g}' for k, v in metrics.items()), flush=True)
-
-  def close(self):
-    if self.active:
-      self._tb.close()
-      self._jsonl.close()
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -511,7 +479,9 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
     def input_fn(start_step):
       return input_pipeline.train_iterator(config, start_step, jax.process_index(),
                                            jax.process_count())
-  writer = MetricWriter(workdir, jax.process_index() == 0)
+  writer = metrics_writer.MetricWriter(os.path.join(workdir, 'metrics.jsonl'),
+                                       os.path.join(workdir, 'tensorboard'),
+                                       jax.process_index() == 0)
   preemption = _Preemption()
   try:
     # The first batch comes before the model: bad input data fails in seconds, not after the
@@ -553,7 +523,8 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
       rate = (step - tick_step) / max(now - tick, 1e-9)
       tick, tick_step = now, step
       metrics.update(steps_per_s=rate, images_per_s=rate * config.batch_size)
-      writer.write(step, metrics, echo=step % config.log_every == 0 or step == total_steps)
+      writer.write(step, metrics, echo=step % config.log_every == 0 or step == total_steps,
+                   tb_prefix='train/')
       stop = preemption.agreed()
       if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
         save_state(manager, state)
