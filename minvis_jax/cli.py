@@ -15,12 +15,15 @@ any command to see the traceback.
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
 import jax
 
+from minvis_jax import config_lib
 from minvis_jax import host_memory
+from minvis_jax import train
 
 # What a command raises for bad input (a path, a file's content, a flag value): the message names
 # the file and field, so the traceback is noise. Anything else (a bug) keeps its traceback.
@@ -96,13 +99,34 @@ def _check_renamed(name: str, argv: list[str]) -> None:
 
 _LEGACY = {
     'demo': 'minvis_jax.demo',
-    'train': 'minvis_jax.train',
     'evaluate': 'minvis_jax.evaluator',
     'infer': 'minvis_jax.infer',
     'convert': 'minvis_jax.convert',
 }
 
 COMMANDS: dict = {}
+
+
+# --- train ---
+
+def _train_flags(parser: argparse.ArgumentParser) -> None:
+  add_config_flags(parser, required=True)
+  parser.add_argument('--workdir', required=True,
+                      help='checkpoints, config.json, metrics and logs; resumes if present')
+  add_shorthand(parser, '--total_steps', 'total_steps', 'training steps', type=int)
+  add_distributed_flags(parser)
+
+
+def _train(args: argparse.Namespace) -> int:
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
+  initialize_distributed(args)
+  config = config_lib.load_config(args.config)
+  config_lib.apply_overrides(config, overrides(args))
+  train.train(config, args.workdir)
+  return 0
+
+
+COMMANDS['train'] = ('Train Mask2Former on frames for MinVIS.', _train_flags, _train)
 
 
 def run(prog: str, main_fn, argv) -> int:

@@ -8,10 +8,11 @@ import time
 
 import jax
 
+from minvis_jax import checkpoints
+from minvis_jax import cli
 from minvis_jax import config_lib
 from minvis_jax import dataset_eval
 from minvis_jax import evaluation
-from minvis_jax import infer
 from minvis_jax import predictor
 from minvis_jax import watch
 
@@ -45,12 +46,10 @@ def main(argv=None) -> int:
   if not (args.checkpoint or args.watch):
     parser.error('pass --checkpoint DIR (or --watch WORKDIR)')
   t0 = time.time()
-  if args.distributed:
-    from minvis_jax import train  # noqa: PLC0415  (its jax.distributed set-up, shared)
-    train.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  cli.initialize_distributed(args)
   if args.watch:
     return _watch(args)
-  config, variables = infer.load_model(args.checkpoint, args.config)
+  config, variables = checkpoints.load_model(args.checkpoint, args.config)
   if args.tracker:
     config.inference.tracker = args.tracker
   split = args.split or config.data.get('eval_split', 'valid')

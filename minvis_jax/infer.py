@@ -32,47 +32,6 @@ examples:
   minvis-jax infer --checkpoint ckpt --video clip.mp4 --out out --set data.min_size_test=480
 """
 
-_WEIGHT_FILES = {'.safetensors': 'hf', '.bin': 'hf', '.pkl': 'detectron2', '.pth': 'detectron2',
-                 '.pt': 'detectron2'}
-_HF_FOLDER = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json')
-
-
-def check_checkpoint_kind(path: str) -> None:
-  """A clear error when `path` is not a minvis-jax checkpoint but, e.g., weights to convert."""
-  convert = 'convert it first: minvis-jax convert --source {} --input {} --output CKPT'
-  if os.path.isfile(path):
-    ext = os.path.splitext(path)[1].lower()
-    if ext in _WEIGHT_FILES:
-      raise ValueError(f'{path}: a {ext} weights file, not a minvis-jax checkpoint directory; '
-                       + convert.format(_WEIGHT_FILES[ext], path))
-    raise ValueError(f'{path}: a file, not a minvis-jax checkpoint directory')
-  if not os.path.isdir(path):
-    return  # load_for_inference names the missing path
-  if any(os.path.isfile(os.path.join(path, f)) for f in _HF_FOLDER):
-    raise ValueError(f'{path}: an HF model folder, not a minvis-jax checkpoint; '
-                     + convert.format('hf', path))
-  markers = ('_METADATA', checkpoints.CHECKPOINT_SUBDIR, 'variables')
-  if not any(os.path.exists(os.path.join(path, m)) for m in markers):
-    raise ValueError(f'{path}: not a minvis-jax checkpoint (no orbax _METADATA, no checkpoints/ '
-                     f'of a training work directory); write one with minvis-jax convert or train')
-
-
-def load_model(checkpoint: str, config_spec: str):
-  """(config, variables): the checkpoint's own config unless `config_spec` is given."""
-  check_checkpoint_kind(checkpoint)
-  config, variables = checkpoints.load_for_inference(checkpoint)
-  if config_spec:
-    own, config = config, config_lib.load_config(config_spec)
-    if own is not None and 'model' in own and 'model' in config:
-      from minvis_jax import convert  # noqa: PLC0415
-      convert.check_architecture(own.model, config.model, config_spec,
-                                 f'{checkpoint}/{checkpoints.CONFIG_FILE}')
-  if config is None:
-    raise ValueError(f'{os.path.abspath(checkpoint)}: the checkpoint has no config.json; '
-                     f'pass --config')
-  return config, variables
-
-
 def _category_table(config) -> tuple[list[int], list[str]]:
   """(dataset category id, name) of class index 0..K-1: the config's if it has them, else 1..K."""
   k = config.model.num_classes
@@ -142,7 +101,7 @@ def main(argv=None) -> int:
   args = parser.parse_args((argv or [None])[1:])
 
   t0 = time.time()
-  config, variables = load_model(args.checkpoint, args.config)
+  config, variables = checkpoints.load_model(args.checkpoint, args.config)
   if args.tracker:
     config.inference.tracker = args.tracker
   config_lib.apply_overrides(config, args.set)

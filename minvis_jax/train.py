@@ -1,25 +1,22 @@
-"""Frame-level Mask2Former training (SPEC 3, 4): optimizer, sharded train step, loop, checkpoints.
+"""Frame-level Mask2Former training (docs/method.md §3, §4): optimizer, sharded train step, loop.
 
-  minvis-jax train --config configs/tiny.py --workdir /tmp/tiny [--distributed]
-
-One code path for one CPU, fake CPU devices, several processes and TPU pods: a ('data', 'model')
-`Mesh` from the config, `jax.jit` with shardings, batches assembled from each process's shard with
+One code path for one CPU, fake CPU devices, several processes and TPU pods: a ('data',) `Mesh`
+from the config (parameters replicated, or FSDP-sharded over 'data' with `config.mesh.fsdp`),
+`jax.jit` with shardings, batches assembled from each process's shard with
 `jax.make_array_from_process_local_data`. The work directory holds `config.json`, orbax checkpoints
-(`checkpoints/<step>/{variables,train}`), `metrics.jsonl` and TensorBoard event files.
+(checkpoints.py: `checkpoints/<step>/{variables,train,checksums}`), `metrics.jsonl` (a row per
+log step) and TensorBoard event files. `minvis-jax train` (cli.py) runs `train`.
 """
 
-import argparse
-import contextlib
 import hashlib
-import json
 import logging
 import os
-import signal
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -32,6 +29,9 @@ from minvis_jax import checkpoints
 from minvis_jax import config_lib
 from minvis_jax import criterion
 from minvis_jax import metrics_writer
+from minvis_jax import preemption as preemption_lib
+from minvis_jax import watch
+from minvis_jax.data import input_pipeline
 from minvis_jax.models import Mask2Former
 
 
@@ -44,11 +44,11 @@ class TrainState:
 
 
 class NonFiniteLossError(RuntimeError):
-  pass
+  """A step's loss or gradient norm was not finite (the run stops before saving anything after)."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer (SPEC 4).
+# Optimizer (docs/method.md §4).
 
 
 def _path_names(path) -> tuple[str, ...]:
@@ -97,19 +97,18 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-  """A ('data', 'model') mesh over all devices; data = -1 takes what the model axis leaves."""
-  model = mesh_config.model
+  """A ('data',) mesh over `devices` (default: all, or the first `mesh_config.data` of them;
+  data = -1 takes all). Parameters are replicated over it or, with `mesh_config.fsdp`, sharded."""
   if devices is None:
     devices = jax.devices()
     if mesh_config.data != -1:   # an explicit size may use a leading subset of the devices
-      devices = devices[:mesh_config.data * model]
+      devices = devices[:mesh_config.data]
   devices = list(devices)
-  data = mesh_config.data if mesh_config.data != -1 else len(devices) // model
-  if data * model != len(devices):
-    raise ValueError(f'config.mesh: data={mesh_config.data} x model={model} does not cover '
-                     f'{len(devices)} devices')
-  return jax.make_mesh((data, model), ('data', 'model'), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  data = mesh_config.data if mesh_config.data != -1 else len(devices)
+  if data != len(devices):
+    raise ValueError(f'config.mesh: data={mesh_config.data} does not cover {len(devices)} devices')
+  return jax.make_mesh((data,), ('data',), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _fsdp_spec(shape, data_size: int) -> P:
@@ -214,8 +213,8 @@ def make_train_step(config):
                            opt_state=opt_state)
 
     # A non-finite loss or gradient leaves the state as it was: the loop then stops with an error,
-    # and no checkpoint can hold the poisoned parameters. (A cond, not a select over every leaf:
-    # ~50 ms less a step for R50 on CPU.)
+    # and no checkpoint can hold the poisoned parameters. (A cond, not a select over every leaf,
+    # which would copy every parameter each step.)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = jax.lax.cond(finite, update, lambda: state)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
@@ -272,7 +271,6 @@ class Trainer:
     if multiple and 'valid' in local:
       used = used_slots(local['valid'])
       if jax.process_count() > 1:   # every process must build the same global shape
-        from jax.experimental import multihost_utils  # noqa: PLC0415
         used = int(np.max(multihost_utils.process_allgather(np.array([used], np.int32))))
       slots = slot_count(used, local['valid'].shape[1], multiple)
       local.update({k: local[k][:, :slots] for k in ('labels', 'masks', 'valid')})
@@ -298,119 +296,7 @@ def slot_count(used: int, max_slots: int, multiple: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: orbax CheckpointManager, two items so evaluation can read the variables alone.
-
-
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  """Steps `checkpoints/<step>/{variables,train,checksums}`; orbax writes each step to a
-  `<step>.orbax-checkpoint-tmp-*` directory and renames it when complete, so a run killed during a
-  save leaves only that temporary directory, which restore never considers."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep,
-                                         enable_async_checkpointing=True, create=True)
-  handlers = {'variables': ocp.StandardCheckpointHandler(),
-              'train': ocp.StandardCheckpointHandler(),
-              checkpoints.MANIFEST_ITEM: ocp.JsonCheckpointHandler(checkpoints.MANIFEST_FILE)}
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), checkpoints.CHECKPOINT_SUBDIR), options=options,
-      item_handlers=handlers)
-
-
-def _items(state: TrainState) -> dict:
-  return {'variables': {'params': state.params, 'frozen': state.frozen},
-          'train': {'step': state.step, 'opt_state': state.opt_state}}
-
-
-def save_state(manager: ocp.CheckpointManager, state: TrainState) -> None:
-  """Saves asynchronously, with the checksums of every array (computed now, before the next step
-  donates the state's buffers)."""
-  items = _items(state)
-  manager.save(int(state.step), args=ocp.args.Composite(
-      variables=ocp.args.StandardSave(items['variables']),
-      train=ocp.args.StandardSave(items['train']),
-      **{checkpoints.MANIFEST_ITEM: ocp.args.JsonSave(checkpoints.manifest(items))}))
-
-
-def restore_state(manager: ocp.CheckpointManager, abstract_state: TrainState,
-                  step: int | None = None) -> TrainState:
-  """Restores a checkpoint onto the shardings of `abstract_state` (any mesh), verified against its
-  checksums; a corrupt or unreadable step raises CheckpointError naming it and the array."""
-  step = manager.latest_step() if step is None else step
-  step_dir = os.path.join(str(manager.directory), str(step))
-  a = _items(abstract_state)
-  manifest_file = os.path.join(step_dir, checkpoints.MANIFEST_ITEM, checkpoints.MANIFEST_FILE)
-  expected = checkpoints.read_manifest(manifest_file)
-  if expected is not None:   # a resume with another model or optimizer: say so before reading
-    for item in ('variables', 'train'):
-      checkpoints.check_shapes(os.path.join(step_dir, item), a[item], expected.get(item, {}),
-                               ' (config.model / config.optim differ from the run that saved it)')
-  try:
-    with checkpoints.reading(step_dir):
-      restored = manager.restore(step, args=ocp.args.Composite(
-          variables=ocp.args.StandardRestore(a['variables']),
-          train=ocp.args.StandardRestore(a['train'])))
-    for item in ('variables', 'train'):
-      checkpoints.verify(os.path.join(step_dir, item), restored[item],
-                         None if expected is None else expected.get(item, {}), manifest_file)
-  except checkpoints.CheckpointError as e:
-    raise checkpoints.CheckpointError(
-        f'{e}. Move {step_dir} away to resume from the checkpoint before it.') from None
-  v, t = restored['variables'], restored['train']
-  return TrainState(step=t['step'], params=v['params'], frozen=v['frozen'],
-                    opt_state=t['opt_state'])
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop.
-
-
-class _InputInterrupted(Exception):
-  """SIGTERM arrived while the loop was blocked waiting for a batch."""
-
-
-class _Preemption:
-  """Records SIGTERM so the loop can save and exit cleanly between two steps.
-
-  A loop blocked on its input (a slow or stuck reader) never reaches the check between steps, so
-  while it waits (`interruptible_wait`) the handler raises instead of only recording the request.
-  Only with one process: with several, one that left on its own would leave the others blocked in
-  the next collective, so they all stop together between steps (`agreed`).
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._waiting = False
-    self._interruptible = jax.process_count() == 1
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-    if self._waiting:
-      self._waiting = False
-      raise _InputInterrupted()
-
-  @contextlib.contextmanager
-  def interruptible_wait(self):
-    if not self._interruptible:
-      yield
-      return
-    if self.requested:
-      raise _InputInterrupted()
-    self._waiting = True
-    try:
-      yield
-    finally:
-      self._waiting = False
-
-  def agreed(self) -> bool:
-    """True on every process once any process got SIGTERM."""
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
 
 
 def evaluate_state(config, state: TrainState, mesh, dataset) -> dict | None:
@@ -418,7 +304,6 @@ def evaluate_state(config, state: TrainState, mesh, dataset) -> dict | None:
   process 0 (None elsewhere). Every process calls it (collectives). The variables are gathered
   replicated over the training mesh (they may be FSDP-sharded over processes) and handed to the
   predictor as host arrays, as a checkpoint would be."""
-  from minvis_jax import watch  # noqa: PLC0415
   variables = jax.jit(lambda s: {'params': s.params, 'frozen': s.frozen},
                       out_shardings=NamedSharding(mesh, P()))(state)
   variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
@@ -427,118 +312,116 @@ def evaluate_state(config, state: TrainState, mesh, dataset) -> dict | None:
 
 def _compile_everywhere(trainer: Trainer, state: TrainState, batch: dict):
   """Compiles the step, then waits for every process: a peer that reaches the first collective
-  more than gloo's 30 s after the others (a slower compile) would otherwise fail the run."""
+  more than gloo's 30 s after the others (a slower compile) would otherwise fail the run. They
+  wait at the coordination service's barrier: a device collective would hit that timeout itself."""
   start = time.perf_counter()
   compiled = trainer.step.lower(state, batch).compile()
   slots = batch['valid'].shape[1]
   if jax.process_count() > 1:
-    from jax._src import distributed  # noqa: PLC0415  (the coordination-service barrier)
-    distributed.global_state.client.wait_at_barrier(f'minvis_train_step_compiled_{slots}',
-                                                    3_600_000)
+    ocp.multihost.get_barrier_sync_fn()(key=f'minvis_train_step_compiled_{slots}',
+                                        timeout_ms=3_600_000)
   if jax.process_index() == 0:
     print(f'compiled the train step for {slots} target slots in '
           f'{time.perf_counter() - start:.0f} s', flush=True)
   return compiled
 
 
-def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -> TrainState:
+@jax.jit
+def _note_non_finite(record: dict, metrics: dict, step: jax.Array) -> dict:
+  """`record` {'step', 'loss', 'grad_norm'} (step -1: none yet) keeps the first step whose loss or
+  gradient norm is not finite; on the device, so the loop needs no host sync per step."""
+  bad = ~(jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm']))
+  first = bad & (record['step'] < 0)
+  new = {'step': jnp.asarray(step, jnp.int32), 'loss': metrics['loss'],
+         'grad_norm': metrics['grad_norm']}
+  return jax.tree.map(lambda n, o: jnp.where(first, n, o), new, record)
+
+
+def _raise_if_non_finite(record: dict, workdir: str, saved_step: int | None) -> None:
+  """NonFiniteLossError if a step since the start had a non-finite loss: called before every save,
+  so no checkpoint holds a state after it (the step itself left the state unchanged)."""
+  record = jax.device_get(record)
+  if record['step'] < 0:
+    return
+  step = int(record['step'])
+  raise NonFiniteLossError(
+      f'non-finite loss {float(record["loss"])} (grad norm {float(record["grad_norm"])}) at step '
+      f'{step + 1}; the update was not applied and nothing after step {step} was saved (latest '
+      f'checkpoint in {workdir}: {saved_step}). Lower config.optim.lr or check the input data.')
+
+
+def _check_arguments(config: ml_collections.ConfigDict, total_steps: int | None) -> int:
+  """The run's last step; ValueError for a bad config or step count (before any work)."""
+  config_lib.validate(config)
+  total_steps = config.total_steps if total_steps is None else total_steps
+  if not isinstance(total_steps, int) or total_steps < 0:
+    raise ValueError(f'total_steps={total_steps!r}: expected an integer >= 0')
+  if config.batch_size % jax.device_count() and config.mesh.data == -1:
+    raise ValueError(f'config.batch_size={config.batch_size} is not a multiple of the '
+                     f'{jax.device_count()} devices')
+  return total_steps
+
+
+def _eval_dataset(config: ml_collections.ConfigDict, start: int, total_steps: int):
+  """The split evaluated during training, loaded now (not at the first evaluation hours later);
+  None when no evaluation step lies in (start, total_steps]."""
+  eval_every = (config.get('eval') or {}).get('every_steps', 0)
+  if not eval_every or total_steps // eval_every <= start // eval_every:
+    return None
+  try:
+    return watch.load_dataset(config, config.eval.split)
+  except (FileNotFoundError, ValueError) as e:
+    raise type(e)(f'config.eval.every_steps={eval_every}: {e} (set eval.every_steps=0 to train '
+                  'without evaluation)') from None
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          input_fn: Callable[[int], Iterator[dict]] | None = None,
+          total_steps: int | None = None) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
 
   input_fn(start_step) -> iterator of this process's batches (numpy dicts) for steps start_step,
   ...; defaults to the frame-level pipeline of `config.data`. An error of the input ends the run
   with that error; SIGTERM saves (if anything is new) and returns, also while waiting for input.
   """
-  config_lib.validate(config)
-  total_steps = config.total_steps if total_steps is None else total_steps
-  if not isinstance(total_steps, int) or total_steps < 0:
-    raise ValueError(f'total_steps={total_steps!r}: expected an integer >= 0')
-  local_batch = config.batch_size // jax.process_count()
-  if config.batch_size % jax.device_count() and config.mesh.data == -1:
-    raise ValueError(f'config.batch_size={config.batch_size} is not a multiple of the '
-                     f'{jax.device_count()} devices')
+  total_steps = _check_arguments(config, total_steps)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     saved = config.copy_and_resolve_references()
     saved.total_steps = total_steps   # the run's real last step (read by `evaluate --watch`)
     checkpoints.save_config(workdir, saved)
-  manager = checkpoint_manager(workdir, config)
-  saved_step = manager.latest_step()
+  saved_step = (checkpoints.finished_steps(workdir) or [None])[-1]
   start = saved_step or 0
-  eval_every = (config.get('eval') or {}).get('every_steps', 0)
-  eval_data = None
-  if eval_every and total_steps // eval_every > start // eval_every:   # an eval step lies ahead
-    from minvis_jax import watch  # noqa: PLC0415
-    try:   # at the start, not at the first evaluation hours later
-      eval_data = watch.load_dataset(config, config.eval.split)
-    except (FileNotFoundError, ValueError) as e:
-      manager.close()
-      raise type(e)(f'config.eval.every_steps={eval_every}: {e} (set eval.every_steps=0 to train '
-                    'without evaluation)') from None
+  eval_data = _eval_dataset(config, start, total_steps)
   if input_fn is None:
-    from minvis_jax.data import input_pipeline  # noqa: PLC0415
     def input_fn(start_step):
       return input_pipeline.train_iterator(config, start_step, jax.process_index(),
                                            jax.process_count())
+  manager = checkpoints.checkpoint_manager(workdir, config.checkpoint.keep)
   writer = metrics_writer.MetricWriter(os.path.join(workdir, 'metrics.jsonl'),
                                        os.path.join(workdir, 'tensorboard'),
                                        jax.process_index() == 0)
-  preemption = _Preemption()
+  preemption = preemption_lib.Preemption()
   try:
     # The first batch comes before the model: bad input data fails in seconds, not after the
     # restore and the compile, and the input threads work meanwhile.
     batches = input_fn(start)
-    pending = [_next_input(batches, preemption, start)] if start < total_steps else []
+    pending = [] if start >= total_steps else [
+        preemption_lib.next_input(batches, preemption, start)]
     trainer = Trainer(config)
     if saved_step is not None:
-      state = restore_state(manager, trainer.abstract_state)
-      logging.info('resumed from %s at step %d', workdir, int(state.step))
+      state = checkpoints.restore_state(manager, trainer.abstract_state, saved_step)
+      logging.info('resumed from %s at step %d', workdir, start)
     else:
       state = trainer.init_state()
     if jax.process_index() == 0:
       print(f'training {workdir}: steps {start} -> {total_steps}, global batch '
-            f'{config.batch_size} ({local_batch} per process), mesh {dict(trainer.mesh.shape)}, '
-            f'{jax.device_count()} devices', flush=True)
-    step_fns = {}   # target slot count -> compiled step
-    while int(state.step) < total_steps:
-      local = pending.pop() if pending else _next_input(batches, preemption, int(state.step))
-      if local is _INTERRUPTED:
-        saved_step = _save_on_input_interrupt(manager, state, saved_step)
-        break
-      batch = trainer.global_batch(local)
-      slots = batch['valid'].shape[1]
-      if slots not in step_fns:   # the first step, or a new target slot count
-        step_fns[slots] = _compile_everywhere(trainer, state, batch)
-        tick, tick_step = time.perf_counter(), int(state.step)
-      state, metrics = step_fns[slots](state, batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      step = int(state.step)
-      if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):
-        # Stop before this state can reach a checkpoint.
-        raise NonFiniteLossError(
-            f'non-finite loss {metrics["loss"]} (grad norm {metrics["grad_norm"]}) at step '
-            f'{step + 1}; the update was not applied and nothing after step {step} was saved '
-            f'(latest checkpoint in {workdir}: {manager.latest_step()}). Lower config.optim.lr or '
-            'check the input data.')
-      now = time.perf_counter()
-      rate = (step - tick_step) / max(now - tick, 1e-9)
-      tick, tick_step = now, step
-      metrics.update(steps_per_s=rate, images_per_s=rate * config.batch_size)
-      writer.write(step, metrics, echo=step % config.log_every == 0 or step == total_steps,
-                   tb_prefix='train/')
-      stop = preemption.agreed()
-      if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
-        save_state(manager, state)
-        saved_step = step
-      if eval_data is not None and step % eval_every == 0 and not stop:   # preempted: exit now
-        eval_metrics = evaluate_state(config, state, trainer.mesh, eval_data)
-        if eval_metrics is not None:
-          writer.write(step, watch.eval_scalars(eval_metrics), echo=True, tb_prefix='')
-        tick = time.perf_counter()   # evaluation time is not training throughput
-      if stop:
-        logging.warning('SIGTERM: saved step %d, exiting', step)
-        break
-    print(f'process {jax.process_index()}: finished at step {int(state.step)}, parameter '
-          f'fingerprint {fingerprint(state.params)}', flush=True)
+            f'{config.batch_size} ({config.batch_size // jax.process_count()} per process), mesh '
+            f'{dict(trainer.mesh.shape)}, {jax.device_count()} devices', flush=True)
+    state, step = _loop(config, workdir, trainer, state, start, total_steps, batches, pending,
+                        manager, writer, preemption, eval_data)
+    print(f'process {jax.process_index()}: finished at step {step}, parameter fingerprint '
+          f'{fingerprint(state.params)}', flush=True)
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -547,68 +430,71 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
   return state
 
 
-_INTERRUPTED = object()
+def _loop(config, workdir, trainer, state, step, total_steps, batches, pending, manager, writer,
+          preemption: preemption_lib.Preemption, eval_data) -> tuple[TrainState, int]:
+  """Steps from `step` to `total_steps` (or SIGTERM): (final state, its step). The step is a host
+  integer; metrics stay on the device and are fetched on log steps only (`config.log_every`, the
+  last step, a stop), with the rates over the interval since the previous row. A non-finite step
+  is noted on the device and raised before the next save or log row."""
+  saved_step = step if step else None
+  eval_every = (config.get('eval') or {}).get('every_steps', 0)
+  step_fns = {}   # target slot count -> compiled step
+  non_finite = {'step': np.int32(-1), 'loss': np.float32(0), 'grad_norm': np.float32(0)}
+  while step < total_steps:
+    local = pending.pop() if pending else preemption_lib.next_input(batches, preemption, step)
+    if local is preemption_lib.INTERRUPTED:
+      if step != saved_step:
+        _raise_if_non_finite(non_finite, workdir, saved_step)
+      _save_on_input_interrupt(manager, state, step, saved_step)
+      break
+    batch = trainer.global_batch(local)
+    slots = batch['valid'].shape[1]
+    if slots not in step_fns:   # the first step, or a new target slot count
+      step_fns[slots] = _compile_everywhere(trainer, state, batch)
+      tick, tick_step = time.perf_counter(), step
+    state, metrics = step_fns[slots](state, batch)
+    non_finite = _note_non_finite(non_finite, metrics, step)
+    step += 1
+    stop = preemption.agreed()
+    save = step % config.checkpoint.every_steps == 0 or step == total_steps or stop
+    log = step % config.log_every == 0 or step == total_steps or stop
+    if save or log:   # before this state can be saved or its metrics logged
+      _raise_if_non_finite(non_finite, workdir, saved_step)
+    if log:
+      row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.perf_counter()
+      rate = (step - tick_step) / max(now - tick, 1e-9)
+      tick, tick_step = now, step
+      row.update(steps_per_s=rate, images_per_s=rate * config.batch_size)
+      writer.write(step, row, echo=True, tb_prefix='train/')
+    if save:
+      checkpoints.save_state(manager, state, step)
+      saved_step = step
+    if eval_data is not None and step % eval_every == 0 and not stop:   # preempted: exit now
+      eval_metrics = evaluate_state(config, state, trainer.mesh, eval_data)
+      if eval_metrics is not None:
+        writer.write(step, watch.eval_scalars(eval_metrics), echo=True, tb_prefix='')
+      tick, tick_step = time.perf_counter(), step   # evaluation time is not training throughput
+    if stop:
+      logging.warning('SIGTERM: saved step %d, exiting', step)
+      break
+  return state, step
 
 
-def _next_input(batches, preemption: _Preemption, step: int):
-  """The next local batch; _INTERRUPTED on SIGTERM while waiting; an input error gets a note."""
-  try:
-    with preemption.interruptible_wait():
-      return next(batches)
-  except _InputInterrupted:
-    return _INTERRUPTED
-  except Exception as e:
-    e.add_note(f'(while reading the input batch of step {step + 1})')
-    raise
-
-
-def _save_on_input_interrupt(manager, state: TrainState, saved_step: int | None) -> int | None:
-  """SIGTERM while waiting for input (one process): saves the state if it is newer than the last
-  checkpoint; returns the latest saved step."""
-  step = int(state.step)
+def _save_on_input_interrupt(manager, state: TrainState, step: int, saved_step: int | None) -> None:
+  """SIGTERM while waiting for input (one process): saves the state of `step` if it is newer than
+  the last checkpoint."""
   if step > 0 and step != saved_step:
-    save_state(manager, state)
+    checkpoints.save_state(manager, state, step)
     logging.warning('SIGTERM while waiting for input: saved step %d, exiting', step)
-    return step
-  logging.warning('SIGTERM while waiting for input: nothing new since step %s, exiting', saved_step)
-  return saved_step
+  else:
+    logging.warning('SIGTERM while waiting for input: nothing new since step %s, exiting',
+                    saved_step)
 
 
 def fingerprint(tree) -> str:
-  """sha256 of this process's copy of replicated arrays: equal across processes iff bitwise
-  equal."""
+  """sha256 of this process's copy of replicated arrays: equal across processes iff equal."""
   digest = hashlib.sha256()
   for x in jax.tree.leaves(tree):
     digest.update(np.ascontiguousarray(x.addressable_data(0)).tobytes())
   return digest.hexdigest()[:16]
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog=(argv or ['minvis-jax train'])[0],
-                                   description='Train Mask2Former on frames for MinVIS.')
-  parser.add_argument('--config', required=True, help='config name[:arg] or file, e.g. tiny')
-  parser.add_argument('--workdir', required=True, help='checkpoints, logs; resumes if present')
-  parser.add_argument('--total_steps', type=int, default=None, help='override config.total_steps')
-  parser.add_argument('--distributed', action='store_true',
-                      help='jax.distributed.initialize() (TPU pods, SLURM, local processes)')
-  parser.add_argument('--coordinator', default=None, help='host:port for --distributed')
-  parser.add_argument('--num_processes', type=int, default=None)
-  parser.add_argument('--process_id', type=int, default=None)
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='override a config value, e.g. --set batch_size=16 (repeatable)')
-  args = parser.parse_args((argv or [None])[1:])
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
-  if args.distributed:
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-  config = config_lib.load_config(args.config)
-  config_lib.apply_overrides(config, args.set)
-  train(config, args.workdir, total_steps=args.total_steps)
-  return 0
-
-
-def initialize_distributed(coordinator=None, num_processes=None, process_id=None) -> None:
-  """jax.distributed with auto-detection (TPU, SLURM) or explicit values (local processes)."""
-  if 'cpu' in os.environ.get('JAX_PLATFORMS', ''):
-    # Many back-to-back CPU collectives under async dispatch can deadlock in gloo (SPEC 7).
-    jax.config.update('jax_cpu_enable_async_dispatch', False)
-  jax.distributed.initialize(coordinator, num_processes, process_id)

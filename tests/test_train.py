@@ -1,4 +1,5 @@
-"""Trainer: optimizer groups, schedule, sharded step equivalence, NaN stop, checkpoints, resume."""
+"""Trainer: optimizer groups, schedule, sharded step equivalence, NaN stop, checkpoints, resume,
+input errors and SIGTERM while waiting for input, argument checks."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -14,27 +16,12 @@ import numpy as np
 import pytest
 
 from minvis_jax import checkpoints
-from minvis_jax import config_lib
 from minvis_jax import train
+from minvis_jax.data import input_pipeline
 from minvis_jax.data import synthetic
+from support import bad_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_config():
-  """The tiny config at 64x96 with few points: the cheapest real train step."""
-  c = config_lib.load_config(os.path.join(REPO, 'configs', 'tiny.py'))
-  c.data.canvas = (64, 96)
-  c.data.min_size_train = (64,)
-  c.data.max_size_train = 96
-  c.data.max_instances = 4
-  c.loss.num_points = 256
-  c.batch_size = 8
-  # Fewer layers than tiny (same code paths): compiles in a fraction of the time.
-  c.model.update(dict(enc_layers=1, dec_layers=1, num_queries=8))
-  c.mesh.data = 1
-  c.eval.every_steps = 0   # tiny evaluates for the demo; these runs have no valid split
-  return c
 
 
 def random_batch(c, seed=0):
@@ -61,8 +48,8 @@ def test_decay_mask_and_groups():
   assert groups['decoder']['query_feat'] == 'head'
 
 
-def test_optimizer_matches_hand_computed_adamw():
-  c = small_config().optim
+def test_optimizer_matches_hand_computed_adamw(tiny_config):
+  c = tiny_config.optim
   c.lr, c.weight_decay, c.backbone_lr_mult, c.clip_norm = 0.5, 0.1, 0.1, 0.0
   c.warmup_steps, c.decay_steps = 0, ()
   params = {'backbone': {'kernel': jnp.array([2.0]), 'bias': jnp.array([2.0])},
@@ -79,8 +66,8 @@ def test_optimizer_matches_hand_computed_adamw():
       np.testing.assert_allclose(updates[group][name], [value], rtol=1e-5)
 
 
-def test_clipping_is_global_over_all_parameters():
-  c = small_config().optim
+def test_clipping_is_global_over_all_parameters(tiny_config):
+  c = tiny_config.optim
   c.lr, c.weight_decay, c.clip_norm = 1.0, 0.0, 1e-8
   c.backbone_lr_mult, c.warmup_steps, c.decay_steps = 1.0, 0, ()
   params = {'backbone': {'kernel': jnp.zeros(1)}, 'head': {'kernel': jnp.zeros(1)}}
@@ -94,8 +81,8 @@ def test_clipping_is_global_over_all_parameters():
     np.testing.assert_allclose(updates[name]['kernel'], [-g / (g + 1e-8)], rtol=1e-4)
 
 
-def test_learning_rate_schedule():
-  c = small_config().optim
+def test_learning_rate_schedule(tiny_config):
+  c = tiny_config.optim
   c.lr, c.warmup_steps, c.decay_steps, c.decay_factor = 1.0, 4, (10, 20), 0.1
   lr = train.learning_rate_schedule(c)
   np.testing.assert_allclose([lr(s) for s in (0, 3, 9, 10, 19, 20, 25)],
@@ -112,10 +99,10 @@ def test_slot_count():
   assert [train.slot_count(u, 25, 1) for u in (0, 3, 25)] == [1, 3, 25]
 
 
-def test_trimmed_target_slots_give_the_same_step():
+def test_trimmed_target_slots_give_the_same_step(tiny_config):
   """A batch whose images use 3 of 8 slots runs on 4 slots (slot_multiple 2) and updates the
   parameters as the untrimmed step does."""
-  c = small_config()
+  c = tiny_config
   c.data.max_instances = 8
   batch = random_batch(c, seed=3)
   batch['valid'][:, 3:] = False
@@ -142,13 +129,13 @@ def test_fsdp_spec_shards_largest_divisible_dimension():
   assert train._fsdp_spec((7, 9), 8) == jax.sharding.PartitionSpec()
 
 
-def test_data_parallel_step_moves_no_activations_between_devices():
+def test_data_parallel_step_moves_no_activations_between_devices(tiny_config):
   """With the batch sharded and the parameters replicated, the model's forward and backward are
   local to each device: the only collectives are the gradient reductions (and the criterion's small
   index arrays). A gather from a table flattened over the batch (the deformable sampling once did)
   makes XLA all-gather every device's activations instead."""
   assert jax.device_count() == 8
-  c = small_config()
+  c = tiny_config
   c.mesh.data = 8
   trainer = train.Trainer(c, mesh=train.make_mesh(c.mesh, jax.devices()))
   hlo = trainer.step.lower(trainer.abstract_state, trainer.global_batch(random_batch(c))).compile()
@@ -160,9 +147,9 @@ def test_data_parallel_step_moves_no_activations_between_devices():
 
 
 @pytest.mark.slow
-def test_eight_devices_equal_one_device_and_fsdp():
+def test_eight_devices_equal_one_device_and_fsdp(tiny_config):
   assert jax.device_count() == 8
-  c = small_config()
+  c = tiny_config
   batch = random_batch(c)
   results = []
   for devices, fsdp in ((jax.devices()[:1], False), (jax.devices(), False), (jax.devices(), True)):
@@ -186,8 +173,8 @@ def test_eight_devices_equal_one_device_and_fsdp():
       np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5)
 
 
-def test_non_finite_loss_stops_before_a_bad_save(tmp_path, monkeypatch):
-  c = small_config()
+def test_non_finite_loss_stops_before_a_bad_save(tmp_path, monkeypatch, tiny_config):
+  c = tiny_config
   c.checkpoint.every_steps = 1
   real = train.criterion.set_criterion
 
@@ -212,8 +199,8 @@ def test_non_finite_loss_stops_before_a_bad_save(tmp_path, monkeypatch):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
-def test_init_checkpoint_is_placed_with_state_shardings(tmp_path):
-  c = small_config()
+def test_init_checkpoint_is_placed_with_state_shardings(tmp_path, tiny_config):
+  c = tiny_config
   c.mesh.fsdp = True
   coco = c.copy_and_resolve_references()
   coco.model.num_classes += 3   # pretrained on another label set: its class head is dropped
@@ -251,15 +238,16 @@ def _without_init(c):
   return c
 
 
-def test_checkpoint_restores_onto_another_mesh(tmp_path):
-  c = small_config()
+def test_checkpoint_restores_onto_another_mesh(tmp_path, tiny_config):
+  c = tiny_config
   c.checkpoint.every_steps = 2
+  c.log_every = 1   # a metrics row for each step
   batches = lambda start: (random_batch(c, s) for s in range(start, 100))  # noqa: E731
   state = train.train(c, str(tmp_path), input_fn=batches, total_steps=2)
-  manager = train.checkpoint_manager(str(tmp_path), c)
+  manager = checkpoints.checkpoint_manager(str(tmp_path), c.checkpoint.keep)
   c.mesh.fsdp, c.mesh.data = True, 4
   other = train.Trainer(c, mesh=train.make_mesh(c.mesh, jax.devices()[:4]))
-  restored = train.restore_state(manager, other.abstract_state)
+  restored = checkpoints.restore_state(manager, other.abstract_state)
   manager.close()
   assert int(restored.step) == 2
   assert len(restored.params['decoder']['query_feat'].sharding.device_set) == 4
@@ -274,6 +262,72 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   assert {'loss', 'loss_ce', 'loss_mask', 'loss_dice', 'lr', 'steps_per_s',
           'images_per_s'} <= set(lines[0])
   assert any(f.startswith('events') for f in os.listdir(tmp_path / 'tensorboard'))
+
+
+@pytest.mark.timeout(120)
+def test_input_error_ends_the_training_run(tmp_path, tiny_config):
+  c = tiny_config
+  source = bad_inputs.FakeSource(bad_inputs.first_loads_raise(0))
+
+  def input_fn(start):
+    return input_pipeline.iterate(input_pipeline.TrainInput(c, source), start, workers=2)
+  with pytest.raises(ValueError, match='videos.json: video') as info:
+    train.train(c, str(tmp_path), input_fn=input_fn, total_steps=3)
+  assert 'input batch of step 1' in ''.join(getattr(info.value, '__notes__', []))
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_while_waiting_for_input_saves_and_exits(tmp_path, tiny_config):
+  c = tiny_config
+  c.checkpoint.every_steps = 1000
+  release = threading.Event()
+  loads = [0]
+  lock = threading.Lock()
+
+  def hook(video, frame):
+    del video, frame
+    with lock:
+      loads[0] += 1
+      stuck = loads[0] > 2 * c.batch_size
+    # From the third batch on the reader never returns (a dead NFS mount); on old code the test
+    # fails after 60 s instead of hanging.
+    if stuck and not release.wait(60):
+      raise TimeoutError('SIGTERM did not interrupt the wait for input')
+
+  train_input = input_pipeline.TrainInput(c, bad_inputs.FakeSource(hook))
+
+  def input_fn(start):
+    inner = input_pipeline.iterate(train_input, start, workers=2, prefetch=1)
+    for i, batch in enumerate(inner):
+      yield batch
+      if i == 1:   # the loop asks for the third batch: it blocks, and SIGTERM comes meanwhile
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+  handler = signal.getsignal(signal.SIGTERM)
+  try:
+    start = time.perf_counter()
+    state = train.train(c, str(tmp_path), input_fn=input_fn, total_steps=1000)
+    elapsed = time.perf_counter() - start
+  finally:
+    release.set()
+  assert int(state.step) == 2
+  saved = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  assert saved == [2]
+  assert elapsed < 200
+  assert signal.getsignal(signal.SIGTERM) is handler
+  _, variables = checkpoints.load_for_inference(str(tmp_path))
+  np.testing.assert_array_equal(variables['params']['decoder']['query_feat'],
+                                np.asarray(state.params['decoder']['query_feat']))
+
+
+def test_train_validates_its_arguments_before_any_work(tmp_path, tiny_config):
+  c = tiny_config
+  with pytest.raises(ValueError, match=r'total_steps=-1: expected an integer >= 0'):
+    train.train(c, str(tmp_path / 'a'), total_steps=-1)
+  c.data.canvas = (64, 100)   # set in code, not through --set: train() checks it too
+  with pytest.raises(ValueError, match=r'data.canvas=\(64, 100\)'):
+    train.train(c, str(tmp_path / 'b'))
+  assert not os.path.exists(tmp_path / 'a') and not os.path.exists(tmp_path / 'b')
 
 
 # --- End to end through the command line, on generated videos. ----------------------------------
@@ -346,9 +400,10 @@ def test_sigkill_during_a_save_then_resume_is_bitwise_equal(tmp_path, synthetic_
   assert partial, entries   # the interrupted save left its temporary directory ...
   assert os.listdir(workdir / 'checkpoints' / partial[0] / 'variables')
   # ... which loading ignores: the last complete checkpoint is step 3.
-  manager = train.checkpoint_manager(str(workdir), small_config())
+  manager = checkpoints.checkpoint_manager(str(workdir), 2)
   assert manager.latest_step() == every
   manager.close()
+  assert checkpoints.finished_steps(str(workdir)) == [every]
 
   resumed = subprocess.run(_train_cmd(workdir, synthetic_dir, steps,
                                       '--set', f'checkpoint.every_steps={every}'),
@@ -368,7 +423,8 @@ def test_sigkill_during_a_save_then_resume_is_bitwise_equal(tmp_path, synthetic_
 def test_sigterm_saves_and_exits(tmp_path, synthetic_dir):
   workdir = tmp_path / 'preempted'
   proc = subprocess.Popen(_train_cmd(workdir, synthetic_dir, 1000,
-                                     '--set', 'checkpoint.every_steps=1000'),
+                                     '--set', 'checkpoint.every_steps=1000',
+                                     '--set', 'log_every=1'),
                           cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
   metrics = workdir / 'metrics.jsonl'
@@ -390,7 +446,7 @@ def test_two_processes_with_local_launcher(tmp_path, synthetic_dir):
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   logs = [(workdir / 'logs' / f'process_{i}.log').read_text() for i in range(2)]
   assert result.returncode == 0, result.stderr + logs[0][-3000:] + logs[1][-3000:]
-  assert 'mesh {\'data\': 8, \'model\': 1}, 8 devices' in logs[0]
+  assert 'mesh {\'data\': 8}, 8 devices' in logs[0]
   assert _fingerprint(logs[0]) == _fingerprint(logs[1])
   assert 'finished at step 3' in logs[1]
   _, variables = checkpoints.load_for_inference(str(workdir))
