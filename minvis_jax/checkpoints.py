@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from minvis_jax import checksums
 from minvis_jax import config_lib
+from minvis_jax import metrics_writer
 
 CheckpointError = checksums.CheckpointError
 
@@ -94,8 +95,8 @@ def save_variables(path: str, variables) -> None:
     ckptr.wait_until_finished()
   # Written after orbax's rename: a crash in between leaves a complete checkpoint that loads with
   # a warning (no manifest), never a manifest without its checkpoint.
-  _write_json_atomically(os.path.join(path, checksums.MANIFEST_FILE),
-                         checksums.manifest({'variables': variables}), indent=1)
+  metrics_writer.write_json(os.path.join(path, checksums.MANIFEST_FILE),
+                            checksums.manifest({'variables': variables}), indent=1)
 
 
 def load_variables(path: str):
@@ -117,25 +118,15 @@ def load_variables(path: str):
   return variables
 
 
-def _write_json_atomically(path: str, data, indent: int | None = None, text: str | None = None):
-  """`data` as JSON (or `text` as is) to `path`: the old file or the whole new one, on disk."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(json.dumps(data, indent=indent) if text is None else text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Trainer work directories.
 
 
 def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
-  """Writes `config` as `directory/config.json`, atomically (fsync, then rename)."""
-  os.makedirs(directory, exist_ok=True)
-  _write_json_atomically(os.path.join(directory, CONFIG_FILE), None,
-                         text=config.to_json(indent=2))
+  """Writes `config` as `directory/config.json`, atomically (fsync, then rename). The text is
+  `config.to_json(indent=2)`'s (ConfigDict's encoder turns tuples and the like into JSON)."""
+  metrics_writer.write_json(os.path.join(directory, CONFIG_FILE), json.loads(config.to_json()),
+                            indent=2)
 
 
 def read_config(directory: str) -> ml_collections.ConfigDict | None:

@@ -184,6 +184,7 @@ def _random_batches(c):
 def test_eval_in_train_equals_evaluate_of_the_checkpoint(tmp_path, data_dir):
   c = small_config(data_dir)   # one device: test_train's compiled step (persistent cache)
   c.checkpoint.every_steps = 2
+  c.log_every = 1   # a metrics row for each step
   c.eval.update(every_steps=2, split='valid', max_videos=1)
   workdir = tmp_path / 'run'
   state = train.train(c, str(workdir), input_fn=_random_batches(c), total_steps=4)
