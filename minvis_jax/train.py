@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
 from minvis_jax import criterion
+from minvis_jax import evaluate
 from minvis_jax import metrics_writer
 from minvis_jax.models import Mask2Former
 
@@ -418,11 +419,10 @@ def evaluate_state(config, state: TrainState, mesh, dataset) -> dict | None:
   process 0 (None elsewhere). Every process calls it (collectives). The variables are gathered
   replicated over the training mesh (they may be FSDP-sharded over processes) and handed to the
   predictor as host arrays, as a checkpoint would be."""
-  from minvis_jax import watch  # noqa: PLC0415
   variables = jax.jit(lambda s: {'params': s.params, 'frozen': s.frozen},
                       out_shardings=NamedSharding(mesh, P()))(state)
   variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
-  return watch.score(config, variables, dataset, config.eval.max_videos)[1]
+  return evaluate.score(config, variables, dataset, config.eval.max_videos)[1]
 
 
 def _compile_everywhere(trainer: Trainer, state: TrainState, batch: dict):
@@ -467,9 +467,8 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
   eval_every = (config.get('eval') or {}).get('every_steps', 0)
   eval_data = None
   if eval_every and total_steps // eval_every > start // eval_every:   # an eval step lies ahead
-    from minvis_jax import watch  # noqa: PLC0415
     try:   # at the start, not at the first evaluation hours later
-      eval_data = watch.load_dataset(config, config.eval.split)
+      eval_data = evaluate.load_dataset(config, config.eval.split)
     except (FileNotFoundError, ValueError) as e:
       manager.close()
       raise type(e)(f'config.eval.every_steps={eval_every}: {e} (set eval.every_steps=0 to train '
@@ -532,7 +531,7 @@ def train(config, workdir: str, input_fn=None, total_steps: int | None = None) -
       if eval_data is not None and step % eval_every == 0 and not stop:   # preempted: exit now
         eval_metrics = evaluate_state(config, state, trainer.mesh, eval_data)
         if eval_metrics is not None:
-          writer.write(step, watch.eval_scalars(eval_metrics), echo=True, tb_prefix='')
+          writer.write(step, evaluate.eval_scalars(eval_metrics), echo=True, tb_prefix='')
         tick = time.perf_counter()   # evaluation time is not training throughput
       if stop:
         logging.warning('SIGTERM: saved step %d, exiting', step)
