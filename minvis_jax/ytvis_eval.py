@@ -369,9 +369,9 @@ def evaluate_dicts(gt: dict, results: list, *, gt_name: str = 'ground truth',
 
   def ious_of(d_sel, g_sel):
     return cocoeval.track_ious(dts, gts, d_sel, g_sel, masks.rles, frame_areas, d_total, g_total,
-                       frame_base)
+                               frame_base)
   matched, to_ignored = cocoeval.match_tracks(dts, gts, truth.crowd, kept, rank, g_local,
-                                                 g_ignore, ious_of)
+                                              g_ignore, ious_of)
   ignored = to_ignored | (~matched & d_out[:, :, None])
   precision, recall = cocoeval.accumulate(dts, d_score, kept, rank, matched & ~ignored,
                                          ~matched & ~ignored, gts, g_ignore, len(truth.cat_ids))
