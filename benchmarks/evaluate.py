@@ -6,11 +6,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-from test_evaluation import _cocoeval, _random_case  # noqa: E402
+from test_ytvis_eval import _cocoeval, _random_case  # noqa: E402
 
 from timing import result_line  # noqa: E402
 
-from minvis_jax.evaluation import evaluate_dicts  # noqa: E402
+from minvis_jax.ytvis_eval import evaluate_dicts  # noqa: E402
 
 
 def dataset(n_videos):

@@ -80,7 +80,7 @@ def _eval_fps() -> dict:
   from test_inference import _random_variables  # noqa: PLC0415
 
   from minvis_jax import config_lib  # noqa: PLC0415
-  from minvis_jax import dataset_eval  # noqa: PLC0415
+  from minvis_jax import evaluate  # noqa: PLC0415
   from minvis_jax.data import synthetic  # noqa: PLC0415
   from minvis_jax.data import ytvis  # noqa: PLC0415
 
@@ -93,7 +93,7 @@ def _eval_fps() -> dict:
     dataset = ytvis.load_split('synthetic', data, 'valid')
     frames = sum(len(v.frame_paths) for v in dataset.videos)
     for n in (1, 8):
-      run = lambda: dataset_eval.predict_dataset(config, variables, dataset, progress=False,  # noqa
+      run = lambda: evaluate.predict_dataset(config, variables, dataset, progress=False,  # noqa
                                                  devices=jax.devices()[:n])
       run()
       start = time.perf_counter()

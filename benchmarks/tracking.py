@@ -37,10 +37,10 @@ from pycocotools import mask as mask_utils
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
 from minvis_jax import demo
-from minvis_jax import evaluation
 from minvis_jax import predictor as predictor_lib
 from minvis_jax import tracking
 from minvis_jax import train
+from minvis_jax import ytvis_eval
 from minvis_jax.data import synthetic
 from minvis_jax.data import ytvis
 from minvis_jax.models import Mask2Former
@@ -150,7 +150,7 @@ def score(gt: dict, dataset, outputs: list[dict], tracker, top_k: int) -> dict:
   for video, out in zip(dataset.videos, outputs):
     results.extend(predictor_lib.results_for_video(tracks_from_outputs(out, tracker, top_k),
                                                    video.id, dataset.category_ids))
-  m = evaluation.evaluate_dicts(gt, results, gt_name=dataset.json_path)
+  m = ytvis_eval.evaluate_dicts(gt, results, gt_name=dataset.json_path)
   return {'AP': 100 * m['AP'], 'AP50': 100 * m['AP50'], 'AR10': 100 * m['AR10'],
           'switches': id_switches(gt, results) / len(dataset.videos)}
 

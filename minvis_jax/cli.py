@@ -14,6 +14,7 @@ any command to see the traceback.
 """
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -21,9 +22,12 @@ import sys
 
 import jax
 
+from minvis_jax import checkpoints
 from minvis_jax import config_lib
+from minvis_jax import evaluate
 from minvis_jax import host_memory
 from minvis_jax import train
+from minvis_jax import watch
 
 # What a command raises for bad input (a path, a file's content, a flag value): the message names
 # the file and field, so the traceback is noise. Anything else (a bug) keeps its traceback.
@@ -99,7 +103,6 @@ def _check_renamed(name: str, argv: list[str]) -> None:
 
 _LEGACY = {
     'demo': 'minvis_jax.demo',
-    'evaluate': 'minvis_jax.evaluator',
     'infer': 'minvis_jax.infer',
     'convert': 'minvis_jax.convert',
 }
@@ -127,6 +130,78 @@ def _train(args: argparse.Namespace) -> int:
 
 
 COMMANDS['train'] = ('Train Mask2Former on frames for MinVIS.', _train_flags, _train)
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+
+RENAMED_FLAGS['evaluate'] = {'--tracker': '--set inference.tracker=memory|minvis'}
+
+
+def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--checkpoint', default='', help='model checkpoint directory')
+  parser.add_argument('--watch', default='', metavar='WORKDIR',
+                      help='instead: evaluate each checkpoint of this training run once, as it '
+                      'appears (config: the run\'s config.json unless --config)')
+  parser.add_argument('--timeout', type=float, default=None,
+                      help='--watch: stop after this many seconds without a new checkpoint')
+  parser.add_argument('--out', default='',
+                      help='output directory (default: the checkpoint; --watch: WORKDIR/eval)')
+  add_config_flags(parser, default_help="the checkpoint's config.json")
+  add_shorthand(parser, '--split', 'data.eval_split', 'dataset split')
+  add_shorthand(parser, '--manual_dir', 'data.manual_dir', 'dataset folder')
+  add_shorthand(parser, '--max_videos', 'eval.max_videos', 'only the first N videos (0: all)',
+                type=int)
+  add_shorthand(parser, '--top_k', 'inference.top_k', 'tracks per video', type=int)
+  add_shorthand(parser, '--window', 'inference.window',
+                'frames per device per forward, or auto')
+  add_distributed_flags(parser)
+
+
+@contextlib.contextmanager
+def _progress_on_stdout(logger: logging.Logger):
+  """`logger`'s INFO lines on stdout, with their time, while the block runs (absl keeps the root
+  logger at WARNING; propagating would print them twice)."""
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+  level, propagate = logger.level, logger.propagate
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  try:
+    yield
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+def _split_and_max_videos(config) -> tuple[str, int]:
+  """data.eval_split and eval.max_videos ('' and 0 where a checkpoint's config has no such key)."""
+  return config.data.get('eval_split', ''), (config.get('eval', None) or {}).get('max_videos', 0)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+  if args.watch and args.checkpoint:
+    raise ValueError('pass either --checkpoint DIR or --watch WORKDIR, not both')
+  if not (args.checkpoint or args.watch):
+    raise ValueError('pass --checkpoint DIR (or --watch WORKDIR)')
+  initialize_distributed(args)
+  if args.watch:
+    config = (config_lib.load_config(args.config) if args.config
+              else watch.wait_for_config(args.watch, args.timeout))
+    config_lib.apply_overrides(config, overrides(args))
+    with _progress_on_stdout(logging.getLogger('minvis_jax')):
+      return watch.run(config, args.watch, args.out, *_split_and_max_videos(config),
+                       timeout=args.timeout)
+  config, variables = checkpoints.load_model(args.checkpoint, args.config)
+  config_lib.apply_overrides(config, overrides(args))
+  return evaluate.run(config, variables, args.checkpoint, args.out,
+                      *_split_and_max_videos(config))
+
+
+COMMANDS['evaluate'] = ('MinVIS on a dataset split -> OUT/results.json, scored (OUT/metrics.json) '
+                        'when it has ground truth; or --watch a training run\'s checkpoints.',
+                        _evaluate_flags, _evaluate)
 
 
 def run(prog: str, main_fn, argv) -> int:

@@ -19,11 +19,11 @@ import jax
 
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
-from minvis_jax import evaluation
-from minvis_jax import dataset_eval
+from minvis_jax import evaluate
+from minvis_jax import metrics_writer
 from minvis_jax import train
 from minvis_jax import visualize
-from minvis_jax import watch
+from minvis_jax import ytvis_eval
 from minvis_jax.data import synthetic
 from minvis_jax.data import ytvis
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         f'frames ({height}x{width}) in {data_dir}')
 
   untrained = jax.jit(lambda key: train.init_variables(config, key))(jax.random.PRNGKey(args.seed))
-  _, before = watch.score(config, untrained, valid, progress=True)
+  _, before = evaluate.score(config, untrained, valid, progress=True)
   print(f'untrained model: AP {100 * before["AP"]:.2f}')
 
   train_dir = os.path.join(args.workdir, 'train')
@@ -83,16 +83,16 @@ def main(argv=None) -> int:
   # loss.png.
   train.train(config, train_dir, total_steps=steps)
   _, variables = checkpoints.load_for_inference(train_dir)
-  results, metrics = watch.score(config, variables, valid, progress=True)
-  dataset_eval.write_json(os.path.join(args.workdir, 'results.json'), results)
-  dataset_eval.write_json(os.path.join(args.workdir, 'metrics.json'),
+  results, metrics = evaluate.score(config, variables, valid, progress=True)
+  metrics_writer.write_json(os.path.join(args.workdir, 'results.json'), results)
+  metrics_writer.write_json(os.path.join(args.workdir, 'metrics.json'),
                        {'untrained': before, 'trained': metrics, 'steps': steps})
   overlay = write_overlay(os.path.join(args.workdir, 'overlay.mp4'), valid, results)
   curve = visualize.plot_losses(os.path.join(train_dir, 'metrics.jsonl'),
                                 os.path.join(args.workdir, 'loss.png'))
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   print(f'\nheld-out videos after {steps} steps (untrained AP {100 * before["AP"]:.2f}):')
-  print(evaluation.format_table(metrics))
+  print(ytvis_eval.format_table(metrics))
   print(f'\nwrote {overlay}, {curve}, {os.path.join(args.workdir, "metrics.json")}')
   print(f'demo finished in {time.time() - t0:.0f} s, peak memory {peak_gib:.2f} GiB')
   return 0

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
-from minvis_jax import dataset_eval
+from minvis_jax import metrics_writer
 from minvis_jax import predictor as predictor_lib
 from minvis_jax import video_io
 from minvis_jax import visualize
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     bar.update(num_frames - bar.n)
   results = predictor_lib.results_for_video(tracks, 1, ids)
   results_path = os.path.join(args.out, 'results.json')
-  dataset_eval.write_json(results_path, results)
+  metrics_writer.write_json(results_path, results)
 
   # Second pass over the video: the masks of a track are only known once it has ended.
   fps = args.fps or video.fps or 10.0

@@ -28,9 +28,9 @@ from jax.sharding import PartitionSpec as P
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
 from minvis_jax import criterion
+from minvis_jax import evaluate
 from minvis_jax import metrics_writer
 from minvis_jax import preemption as preemption_lib
-from minvis_jax import watch
 from minvis_jax.data import input_pipeline
 from minvis_jax.models import Mask2Former
 
@@ -307,7 +307,7 @@ def evaluate_state(config, state: TrainState, mesh, dataset) -> dict | None:
   variables = jax.jit(lambda s: {'params': s.params, 'frozen': s.frozen},
                       out_shardings=NamedSharding(mesh, P()))(state)
   variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
-  return watch.score(config, variables, dataset, config.eval.max_videos)[1]
+  return evaluate.score(config, variables, dataset, config.eval.max_videos)[1]
 
 
 def _compile_everywhere(trainer: Trainer, state: TrainState, batch: dict):
@@ -369,7 +369,7 @@ def _eval_dataset(config: ml_collections.ConfigDict, start: int, total_steps: in
   if not eval_every or total_steps // eval_every <= start // eval_every:
     return None
   try:
-    return watch.load_dataset(config, config.eval.split)
+    return evaluate.load_dataset(config, config.eval.split)
   except (FileNotFoundError, ValueError) as e:
     raise type(e)(f'config.eval.every_steps={eval_every}: {e} (set eval.every_steps=0 to train '
                   'without evaluation)') from None
@@ -473,7 +473,7 @@ def _loop(config, workdir, trainer, state, step, total_steps, batches, pending, 
     if eval_data is not None and step % eval_every == 0 and not stop:   # preempted: exit now
       eval_metrics = evaluate_state(config, state, trainer.mesh, eval_data)
       if eval_metrics is not None:
-        writer.write(step, watch.eval_scalars(eval_metrics), echo=True, tb_prefix='')
+        writer.write(step, evaluate.eval_scalars(eval_metrics), echo=True, tb_prefix='')
       tick, tick_step = time.perf_counter(), step   # evaluation time is not training throughput
     if stop:
       logging.warning('SIGTERM: saved step %d, exiting', step)

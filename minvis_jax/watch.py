@@ -1,6 +1,5 @@
-"""Evaluating a training run's checkpoints: the scoring shared by in-training evaluation and the
-checkpoint watcher (`minvis-jax evaluate --watch WORKDIR`), which scores each finished checkpoint
-of a run once, while it trains.
+"""The checkpoint watcher (`minvis-jax evaluate --watch WORKDIR`): scores each finished checkpoint
+of a training run once, while it trains, with `evaluate.score`.
 
 The watcher's outputs, beside the trainer's:
   WORKDIR/eval.jsonl          one line per evaluated step: {'step', 'eval/AP', 'eval/AP50', ...}
@@ -15,76 +14,17 @@ import os
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
-import orbax.checkpoint as ocp
 
 from minvis_jax import checkpoints
-from minvis_jax import dataset_eval
-from minvis_jax import evaluation
+from minvis_jax import evaluate
+from minvis_jax import metrics_writer
 
 log = logging.getLogger(__name__)   # the command layer shows it (absl keeps the root at WARNING)
 
 EVAL_JSONL = 'eval.jsonl'
 BEST_FILE = 'best.json'
-
-
-def score(config, variables, dataset, max_videos: int | None = None, top_k: int | None = None,
-          window: int | None = None, progress: bool = False) -> tuple[list[dict], dict | None]:
-  """(results entries, metrics) of MinVIS with `variables` on the first `max_videos` videos of
-  `dataset` (all when None or 0). Every process calls it; metrics are computed on process 0 only
-  (None elsewhere, and when the split has no annotations)."""
-  max_videos = max_videos or None
-  results = dataset_eval.predict_dataset(config, variables, dataset, max_videos=max_videos,
-                                         top_k=top_k, window=window, progress=progress)
-  if jax.process_index() != 0 or not dataset.has_annotations:
-    return results, None
-  videos = dataset.videos if max_videos is None else dataset.videos[:max_videos]
-  gt = dataset_eval.subset_ground_truth(dataset.json_path, {v.id for v in videos})
-  return results, evaluation.evaluate_dicts(gt, results, gt_name=dataset.json_path)
-
-
-def eval_scalars(metrics: dict) -> dict:
-  """{'eval/AP': ..., 'eval/AP50': ..., ...}: the names evaluations log under (JSON lines and
-  TensorBoard tags), in-training and by the watcher alike."""
-  return {f'eval/{k}': float(v) for k, v in metrics.items()}
-
-
-def load_dataset(config, split: str = '', manual_dir: str = '', require_annotations: bool = True):
-  """The evaluation split of `config` (default `data.eval_split`), checked against the model's
-  classes and the config's category table, and for ground truth (to score it) if required."""
-  from minvis_jax.data import categories  # noqa: PLC0415
-  from minvis_jax.data import ytvis  # noqa: PLC0415
-  split = split or config.data.get('eval_split', 'valid')
-  manual_dir = manual_dir or config.data.manual_dir
-  if not manual_dir:
-    raise ValueError('no dataset folder: set data.manual_dir in the config or pass --manual_dir')
-  dataset = categories.check(config.data, ytvis.load_split(config.data.dataset, manual_dir, split))
-  if dataset.num_classes != config.model.num_classes:
-    raise ValueError(f'{dataset.json_path}: {dataset.num_classes} categories but the model has '
-                     f'model.num_classes={config.model.num_classes}')
-  if require_annotations and not dataset.has_annotations:
-    raise ValueError(f'{dataset.json_path} has no annotations: evaluating checkpoints needs a '
-                     'split with ground truth')
-  return dataset
-
-
-def finished_steps(workdir: str) -> list[int]:
-  """Steps of `workdir/checkpoints` that orbax has finalised (never `<step>.orbax-checkpoint-tmp-*`
-  directories of a save in progress), ascending."""
-  root = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR)
-  try:
-    names = os.listdir(root)
-  except FileNotFoundError:
-    return []
-  steps = []
-  for name in names:
-    path = os.path.join(root, name)
-    try:
-      if name.isdigit() and ocp.path.step.is_path_finalized(path):
-        steps.append(int(name))
-    except (FileNotFoundError, NotADirectoryError):   # deleted (keep-last-N) while we looked
-      continue
-  return sorted(steps)
 
 
 def read_eval_rows(path: str) -> list[dict]:
@@ -126,14 +66,12 @@ def _agree(value: int) -> int:
   """Process 0's `value` on every process (the watcher's choices must match for collectives)."""
   if jax.process_count() == 1:
     return value
-  from jax.experimental import multihost_utils  # noqa: PLC0415
   return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
 def _all_ok(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils  # noqa: PLC0415
   return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
@@ -152,40 +90,6 @@ def _load_step(step_dir: str, grace_s: float):
     return None
 
 
-class _Log:
-  """Process 0's eval.jsonl, TensorBoard writer and best.json."""
-
-  def __init__(self, workdir: str, out_dir: str):
-    self.active = jax.process_index() == 0
-    self.jsonl_path = os.path.join(workdir, EVAL_JSONL)
-    self.best_path = os.path.join(out_dir, BEST_FILE)
-    self.rows = read_eval_rows(self.jsonl_path) if self.active else []
-    self._tb = None
-    if self.active:
-      from tensorboardX import SummaryWriter  # noqa: PLC0415
-      # A directory of its own: TensorBoard stops reading older event files of a directory once a
-      # newer one appears, so two writers (trainer, watcher) must not share one.
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard', 'eval'))
-
-  def add(self, row: dict) -> None:
-    if not self.active:
-      return
-    with open(self.jsonl_path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
-      f.flush()
-      os.fsync(f.fileno())
-    self.rows.append(row)
-    dataset_eval.write_json(self.best_path, best_row(self.rows))
-    for k, v in row.items():
-      if k != 'step':
-        self._tb.add_scalar(k, v, row['step'])
-    self._tb.flush()
-
-  def close(self):
-    if self._tb is not None:
-      self._tb.close()
-
-
 def wait_for_config(workdir: str, timeout: float | None = None, poll_s: float = 2.0):
   """The run's config.json (the trainer writes it first thing), waiting up to `timeout` s."""
   start = time.monotonic()
@@ -195,6 +99,22 @@ def wait_for_config(workdir: str, timeout: float | None = None, poll_s: float = 
                          f'{timeout:.0f} s; is a training run using this work directory?')
     time.sleep(poll_s)
   return config
+
+
+def _next_action(workdir: str, done: set, timeout: float | None,
+                 idle_since: float) -> tuple[int, int | None]:
+  """(this process's choice: the oldest finished step not in `done`, _STOP_FINAL, _STOP_TIMEOUT or
+  _WAIT; the run's final step as its config.json says now, None before it is written)."""
+  todo = [s for s in checkpoints.finished_steps(workdir) if s not in done]
+  run_config = checkpoints.read_config(workdir)
+  final = run_config.total_steps if run_config is not None else None
+  if todo:
+    return todo[0], final
+  if final is not None and done and max(done) >= final:
+    return _STOP_FINAL, final
+  if timeout is not None and time.monotonic() - idle_since > timeout:
+    return _STOP_TIMEOUT, final
+  return _WAIT, final
 
 
 def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | None = None,
@@ -214,27 +134,22 @@ def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | No
   if not dataset.has_annotations:
     raise ValueError(f'{dataset.json_path} has no annotations: evaluating checkpoints needs a '
                      'split with ground truth')
-  writer = _Log(workdir, out_dir)
-  done = {r['step'] for r in writer.rows}
+  active = jax.process_index() == 0
+  jsonl_path, best_path = os.path.join(workdir, EVAL_JSONL), os.path.join(out_dir, BEST_FILE)
+  rows = read_eval_rows(jsonl_path) if active else []
+  done = {r['step'] for r in rows}
   if done:
-    log.info('%s: %d steps already evaluated (last %d)', writer.jsonl_path, len(done), max(done))
+    log.info('%s: %d steps already evaluated (last %d)', jsonl_path, len(done), max(done))
+  # Rows fsynced: another process (a training run's plots, a restarted watcher) reads them.
+  writer = metrics_writer.MetricWriter(jsonl_path, os.path.join(workdir, 'tensorboard', 'eval'),
+                                       active, fsync=True)
   added = []
   idle_since = time.monotonic()
   try:
     while True:
       # Process 0 decides (a step to evaluate, wait or stop), so that all processes run the same
       # collectives: their listings of a changing directory may differ.
-      todo = [s for s in finished_steps(workdir) if s not in done]
-      run_config = checkpoints.read_config(workdir)
-      final = run_config.total_steps if run_config is not None else None
-      if todo:
-        action = todo[0]
-      elif final is not None and done and max(done) >= final:
-        action = _STOP_FINAL
-      elif timeout is not None and time.monotonic() - idle_since > timeout:
-        action = _STOP_TIMEOUT
-      else:
-        action = _WAIT
+      action, final = _next_action(workdir, done, timeout, idle_since)
       action = _agree(action)
       if action == _STOP_FINAL:
         log.info('the run\'s final step %d is done; stopping', final)
@@ -254,18 +169,35 @@ def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | No
                     step_dir)
       else:
         start = time.monotonic()
-        results, metrics = score(config, variables, dataset, max_videos, top_k, window)
+        results, metrics = evaluate.score(config, variables, dataset, max_videos, top_k, window)
         del variables
-        if writer.active:
-          dataset_eval.write_json(os.path.join(out_dir, str(step), 'results.json'), results)
-          dataset_eval.write_json(os.path.join(out_dir, str(step), 'metrics.json'), metrics)
-          row = {'step': step, **eval_scalars(metrics)}
-          writer.add(row)
+        if active:
+          metrics_writer.write_json(os.path.join(out_dir, str(step), 'results.json'), results)
+          metrics_writer.write_json(os.path.join(out_dir, str(step), 'metrics.json'), metrics)
+          scalars = evaluate.eval_scalars(metrics)
+          writer.write(step, scalars)
+          row = {'step': step, **scalars}
+          rows.append(row)
+          metrics_writer.write_json(best_path, best_row(rows))
           added.append(row)
           log.info('step %d: AP %.4f AP50 %.4f (%.1f s); best so far: step %d', step,
                    metrics['AP'], metrics['AP50'], time.monotonic() - start,
-                   best_row(writer.rows)['step'])
+                   best_row(rows)['step'])
       idle_since = time.monotonic()
   finally:
     writer.close()
   return added
+
+
+def run(config, workdir: str, out: str = '', split: str = '', max_videos: int = 0,
+        timeout: float | None = None) -> int:
+  """The `evaluate --watch WORKDIR` command: `watch` on the split `split` (default
+  `data.eval_split`, which needs ground truth), then the best step so far."""
+  dataset = evaluate.load_dataset(config, split)
+  print(f'watching {os.path.abspath(workdir)}: {config.data.dataset} {dataset.json_path}',
+        flush=True)
+  added = watch(workdir, config, dataset, out, max_videos or None, timeout=timeout)
+  best = best_row(read_eval_rows(os.path.join(workdir, EVAL_JSONL)))
+  print(f'evaluated {len(added)} checkpoints' + (f'; best AP {100 * best["eval/AP"]:.2f} at step '
+                                                 f'{best["step"]}' if best else ''), flush=True)
+  return 0

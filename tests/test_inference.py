@@ -13,8 +13,8 @@ import pytest
 from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 
+from minvis_jax import cli
 from minvis_jax import config_lib
-from minvis_jax import evaluator
 from minvis_jax import infer
 from minvis_jax import predictor
 from minvis_jax import tracking
@@ -250,7 +250,7 @@ from PIL import Image  # noqa: E402
 from minvis_jax import checkpoints  # noqa: E402
 from minvis_jax import visualize  # noqa: E402
 from minvis_jax.data import transforms  # noqa: E402
-from minvis_jax.evaluation import evaluate  # noqa: E402
+from minvis_jax.ytvis_eval import evaluate  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
@@ -412,7 +412,7 @@ def test_evaluate_on_generated_videos(tiny_checkpoint, tmp_path, capsys):
   data = tmp_path / 'data'
   synthetic.generate(str(data), 'valid', num_videos=2, num_frames=3, height=64, width=96, seed=0)
   out = tmp_path / 'eval'
-  assert evaluator.main(['minvis-jax evaluate',
+  assert cli.main(['evaluate',
                                   '--config', os.path.join(CONFIGS, 'tiny.py'),
                                   '--checkpoint', ckpt, '--manual_dir', str(data),
                                   '--out', str(out), '--top_k', '5', '--window', '1']) == 0
@@ -428,7 +428,7 @@ def test_evaluate_on_generated_videos(tiny_checkpoint, tmp_path, capsys):
   printed = capsys.readouterr().out
   assert 'AP50' in printed and 'results.json' in printed
   # Default output: the checkpoint directory's config and location; only the first video.
-  assert evaluator.main(['evaluate', '--checkpoint', ckpt, '--manual_dir', str(data),
+  assert cli.main(['evaluate', '--checkpoint', ckpt, '--manual_dir', str(data),
                                   '--max_videos', '1', '--out', str(tmp_path / 'one')]) == 0
   one = json.load(open(tmp_path / 'one' / 'results.json'))
   assert {r['video_id'] for r in one} == {gt['videos'][0]['id']} and len(one) == 10

@@ -267,9 +267,9 @@ def test_video_predictor_uses_the_memory_tracker(monkeypatch):
 
 @pytest.mark.slow
 def test_evaluate_command_tracker_flag(tmp_path, monkeypatch):
-  """`minvis-jax evaluate --tracker memory` runs the memory tracker with the config's parameters."""
+  """`minvis-jax evaluate --set inference.tracker=memory` runs the memory tracker with the config's parameters."""
   import os
-  from minvis_jax import checkpoints, config_lib, evaluator
+  from minvis_jax import checkpoints, cli, config_lib
   from minvis_jax.data import synthetic
   from test_inference import CONFIGS, _random_variables
   config = config_lib.load_config(os.path.join(CONFIGS, 'tiny.py'))
@@ -284,7 +284,9 @@ def test_evaluate_command_tracker_flag(tmp_path, monkeypatch):
                       lambda tracker, *a: seen.append(tracker) or real(tracker, *a))
   argv = ['evaluate', '--checkpoint', ckpt, '--manual_dir', str(tmp_path / 'data'),
           '--out', str(tmp_path / 'eval'), '--window', '4']
-  assert evaluator.main(argv + ['--tracker', 'memory']) == 0
+  assert cli.main(argv + ['--set', 'inference.tracker=memory']) == 0
   assert seen and set(seen) == {tracking.Tracker('memory', 0.7, 0.25)}
-  with pytest.raises(SystemExit):  # argparse: not a tracker
-    evaluator.main(argv + ['--tracker', 'sort'])
+  with pytest.raises(ValueError, match='inference.tracker'):  # not a tracker
+    cli.main(argv + ['--set', 'inference.tracker=sort', '--debug'])
+  with pytest.raises(ValueError, match='--tracker was renamed: use --set inference.tracker='):
+    cli.main(argv + ['--tracker', 'memory', '--debug'])

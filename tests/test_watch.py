@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from minvis_jax import checkpoints
+from minvis_jax import cli
 from minvis_jax import config_lib
-from minvis_jax import evaluation
-from minvis_jax import evaluator
+from minvis_jax import evaluate
 from minvis_jax import train
 from minvis_jax import watch
+from minvis_jax import ytvis_eval
 from minvis_jax.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,7 +87,7 @@ def test_watch_skips_unfinished_and_deleted_checkpoints_and_resumes(tmp_path, da
   _save_step(workdir, 6, scaled(6))
   tmp = os.path.join(workdir, 'checkpoints', '4.orbax-checkpoint-tmp-1700000000')
   os.makedirs(os.path.join(tmp, 'variables'))     # a save in progress
-  assert watch.finished_steps(workdir) == [2, 6]
+  assert checkpoints.finished_steps(workdir) == [2, 6]
 
   real_load = checkpoints.load_for_inference
   loads = []
@@ -97,7 +98,7 @@ def test_watch_skips_unfinished_and_deleted_checkpoints_and_resumes(tmp_path, da
       shutil.rmtree(path)
     return real_load(path)
   monkeypatch.setattr(checkpoints, 'load_for_inference', load)
-  dataset = watch.load_dataset(config)
+  dataset = evaluate.load_dataset(config)
   caplog.set_level('INFO')
   added = watch.watch(workdir, config, dataset, poll_s=0.05, grace_s=0.2)
   assert loads == ['2', '6']
@@ -107,7 +108,7 @@ def test_watch_skips_unfinished_and_deleted_checkpoints_and_resumes(tmp_path, da
   out = tmp_path / 'run' / 'eval'
   metrics = json.loads((out / '2' / 'metrics.json').read_text())
   # The per-step files agree with each other and with the evaluator run on them.
-  assert metrics == evaluation.evaluate(dataset.json_path, str(out / '2' / 'results.json'))
+  assert metrics == ytvis_eval.evaluate(dataset.json_path, str(out / '2' / 'results.json'))
   assert added[0] == {'step': 2, **{f'eval/{k}': v for k, v in metrics.items()}}
   assert _rows(tmp_path / 'run' / 'eval.jsonl') == added
   assert json.loads((out / 'best.json').read_text()) == added[0]
@@ -117,8 +118,8 @@ def test_watch_skips_unfinished_and_deleted_checkpoints_and_resumes(tmp_path, da
   config.total_steps = 10
   checkpoints.save_config(workdir, config)
   _save_step(workdir, 8, scaled(8))
-  real_steps = watch.finished_steps
-  monkeypatch.setattr(watch, 'finished_steps', lambda d: sorted(real_steps(d) + [7]))
+  real_steps = checkpoints.finished_steps
+  monkeypatch.setattr(checkpoints, 'finished_steps', lambda d: sorted(real_steps(d) + [7]))
   loads.clear()
   added = watch.watch(workdir, config, dataset, poll_s=0.05, grace_s=0.2, timeout=0.5)
   assert loads == ['7', '8'] and [r['step'] for r in added] == [8]
@@ -156,12 +157,13 @@ def test_eval_rows_file_and_best(tmp_path):
 
 
 def test_evaluate_command_arguments(tmp_path, capsys):
-  with pytest.raises(SystemExit):
-    evaluator.main(['evaluate'])
+  assert cli.main(['evaluate']) == 2
   assert 'pass --checkpoint DIR (or --watch WORKDIR)' in capsys.readouterr().err
+  assert cli.main(['evaluate', '--watch', str(tmp_path), '--checkpoint', str(tmp_path)]) == 2
+  assert 'either --checkpoint DIR or --watch WORKDIR, not both' in capsys.readouterr().err
   start = time.monotonic()
   with pytest.raises(TimeoutError, match='config.json: not written within 0 s'):
-    evaluator.main(['evaluate', '--watch', str(tmp_path), '--timeout', '0.1'])
+    cli.main(['evaluate', '--watch', str(tmp_path), '--timeout', '0.1', '--debug'])
   assert time.monotonic() - start < 10
 
 
@@ -195,7 +197,7 @@ def test_eval_in_train_equals_evaluate_of_the_checkpoint(tmp_path, data_dir):
   assert all('loss' not in r for r in evals)
   # A one-shot `evaluate` of the step-4 checkpoint scores the same.
   out = tmp_path / 'one'
-  assert evaluator.main(['evaluate', '--checkpoint', str(workdir / 'checkpoints' / '4'),
+  assert cli.main(['evaluate', '--checkpoint', str(workdir / 'checkpoints' / '4'),
                          '--max_videos', '1', '--out', str(out)]) == 0
   metrics = json.loads((out / 'metrics.json').read_text())
   assert evals[1] == {'step': 4, **{f'eval/{k}': v for k, v in metrics.items()}}
@@ -210,7 +212,7 @@ def test_eval_in_train_equals_evaluate_of_the_checkpoint(tmp_path, data_dir):
   fsdp = train.Trainer(c)
   sharded = jax.device_put(state, fsdp.state_sharding)
   assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded.params))
-  dataset = watch.load_dataset(c, 'valid')
+  dataset = evaluate.load_dataset(c, 'valid')
   assert train.evaluate_state(c, sharded, fsdp.mesh, dataset) == metrics
 
 
@@ -308,7 +310,7 @@ def test_eval_in_train_with_two_processes(tmp_path, data_dir):
   evals = [r for r in _rows(workdir / 'metrics.jsonl') if 'eval/AP' in r]
   assert [r['step'] for r in evals] == [3]
   out = tmp_path / 'one'
-  assert evaluator.main(['evaluate', '--checkpoint', str(workdir / 'checkpoints' / '3'),
+  assert cli.main(['evaluate', '--checkpoint', str(workdir / 'checkpoints' / '3'),
                          '--max_videos', '1', '--out', str(out)]) == 0
   metrics = json.loads((out / 'metrics.json').read_text())
   assert evals[0] == pytest.approx({'step': 3, **{f'eval/{k}': v for k, v in metrics.items()}},

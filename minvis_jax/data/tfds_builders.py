@@ -168,7 +168,7 @@ def builder_name(dataset: str) -> str:
   names = {b.name: b.name for b in BUILDERS.values()}
   if dataset in names:
     return dataset
-  return BUILDERS[ytvis._canonical(dataset)].name
+  return BUILDERS[ytvis.canonical_dataset(dataset)].name
 
 
 def build(dataset: str, manual_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:

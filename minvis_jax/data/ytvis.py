@@ -6,15 +6,15 @@ decoded per frame on demand through pycocotools, so a reader never holds a decod
 
 import dataclasses
 import io
-import json
 import logging
-import math
 import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from minvis_jax.data import rle
 
 _log = logging.getLogger(__name__)
 
@@ -64,31 +64,17 @@ class VisDataset:
 
 
 def _load_json(path: str) -> dict:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: annotation file not found')
-  try:
-    with open(path, 'rb') as f:
-      data = json.loads(f.read())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{path}: malformed JSON ({e})') from None
+  data = rle.load_json(path, 'annotation')
   if not isinstance(data, dict):
     raise ValueError(f'{path}: malformed annotation file: top level is {type(data).__name__}, '
                      'expected an object')
   return data
 
 
-def _field(obj: dict, key: str, where: str):
-  if not isinstance(obj, dict):
-    raise ValueError(f'{where}: expected an object, got {type(obj).__name__}')
-  if key not in obj:
-    raise ValueError(f'{where}: missing field {key!r}')
-  return obj[key]
-
-
 def _int_field(obj: dict, key: str, where: str, minimum: int | None = None) -> int:
   """An integer field (not a bool, a float or a string), at least `minimum` if given."""
-  x = _field(obj, key, where)
-  if not is_int(x):
+  x = rle.field(obj, key, where)
+  if not rle.is_int(x):
     raise ValueError(f'{where}: {key!r} must be an integer, got {x!r}')
   if minimum is not None and x < minimum:
     raise ValueError(f'{where}: {key!r} must be at least {minimum}, got {x}')
@@ -103,7 +89,7 @@ def _crowd(obj: dict, where: str) -> bool:
 
 
 def _list_field(obj: dict, key: str, where: str) -> list:
-  x = _field(obj, key, where)
+  x = rle.field(obj, key, where)
   if not isinstance(x, list):
     raise ValueError(f'{where}: {key!r} must be a list, got {type(x).__name__}')
   return x
@@ -111,7 +97,7 @@ def _list_field(obj: dict, key: str, where: str) -> list:
 
 def _categories(data: dict, path: str) -> tuple[tuple[int, ...], tuple[str, ...], dict[int, int]]:
   """(sorted dataset ids, their names, dataset id -> contiguous index)."""
-  cats = _field(data, 'categories', path)
+  cats = rle.field(data, 'categories', path)
   if not isinstance(cats, list) or not cats:
     raise ValueError(f'{path}: "categories" must be a non-empty list')
   by_id = {}
@@ -124,30 +110,9 @@ def _categories(data: dict, path: str) -> tuple[tuple[int, ...], tuple[str, ...]
   return ids, tuple(by_id[i] for i in ids), {cid: i for i, cid in enumerate(ids)}
 
 
-def _is_coordinate(x) -> bool:
-  return (isinstance(x, (int, float, np.integer, np.floating))
-          and not isinstance(x, (bool, np.bool_)) and math.isfinite(x))
-
-
-def check_polygons(seg: list, height: int, width: int, where: str) -> None:
-  """A polygon segmentation must be a list of lists of finite numbers near the frame (pycocotools
-  rasterises a far-away point into an allocation that can exhaust the memory)."""
-  for p in seg:
-    if not isinstance(p, (list, tuple)):
-      raise ValueError(f'{where}: a polygon segmentation must be a list of coordinate lists, '
-                       f'got an element {str(p)[:80]}')
-    if not all(map(_is_coordinate, p)):
-      bad = next(x for x in p if not _is_coordinate(x))
-      raise ValueError(f'{where}: polygon coordinates must be finite numbers, got {bad!r}')
-    for x, y in zip(p[0::2], p[1::2]):
-      if not (-width <= x <= 2 * width and -height <= y <= 2 * height):
-        raise ValueError(f'{where}: polygon point ({x}, {y}) lies far outside the '
-                         f'{height}x{width} frame')
-
-
 def _valid_polygons(seg: list, height: int, width: int, where: str) -> list | None:
   """Keeps the polygons of >= 3 points as detectron2 does; None when none is left."""
-  check_polygons(seg, height, width, where)
+  rle.check_polygons(seg, height, width, where)
   polys = [list(map(float, p)) for p in seg if len(p) % 2 == 0 and len(p) >= 6]
   if len(polys) != len(seg):
     _log.warning('%s: skipped %d degenerate polygon(s)', where, len(seg) - len(polys))
@@ -165,10 +130,10 @@ def _clean_segmentation(seg: Any, height: int, width: int, where: str):
   if isinstance(seg, dict):
     if 'counts' not in seg or 'size' not in seg:
       raise ValueError(f'{where}: an RLE segmentation needs "counts" and "size"')
-    check_rle_size(seg['size'], height, width, where)
+    rle.check_rle_size(seg['size'], height, width, where)
     counts = seg['counts']
     if isinstance(counts, list):
-      return uncompressed_rle(seg, height, width, where)
+      return rle.uncompressed_rle(seg, height, width, where)
     if not isinstance(counts, (str, bytes)):
       raise ValueError(f'{where}: RLE counts must be a string or a list, got '
                        f'{type(counts).__name__}')
@@ -191,7 +156,7 @@ class _CompressedRles:
     return seg
 
   def check(self) -> None:
-    check_rle_counts(self.counts, self.sizes, lambda i: self.where[i])
+    rle.check_rle_counts(self.counts, self.sizes, lambda i: self.where[i])
 
 
 def _annotations(data: dict, path: str) -> list | None:
@@ -220,7 +185,7 @@ def load_ytvis(json_path: str, image_root: str) -> VisDataset:
     where = f'{json_path}: video {vid}'
     if vid in videos:
       raise ValueError(f'{json_path}: videos[{j}]: duplicate video id {vid}')
-    files = _field(rv, 'file_names', where)
+    files = rle.field(rv, 'file_names', where)
     if not isinstance(files, list) or not files:
       raise ValueError(f'{where}: video has no frames ("file_names" is empty)')
     if not all(isinstance(f, str) and f for f in files):
@@ -229,7 +194,7 @@ def load_ytvis(json_path: str, image_root: str) -> VisDataset:
     name = os.path.dirname(files[0]) or str(vid)
     where = f'{json_path}: video {vid} ({name!r})'
     h, w = _int_field(rv, 'height', where, 1), _int_field(rv, 'width', where, 1)
-    check_frame_pixels(h, w, where)
+    rle.check_frame_pixels(h, w, where)
     if 'length' in rv and _int_field(rv, 'length', where) != len(files):
       raise ValueError(f'{where}: "length" is {rv["length"]} but "file_names" lists '
                        f'{len(files)} frames')
@@ -250,7 +215,7 @@ def load_ytvis(json_path: str, image_root: str) -> VisDataset:
     cid = _int_field(ann, 'category_id', where)
     if cid not in cat_index:
       raise ValueError(f'{where}: unknown category id {cid} (known: {list(category_ids)})')
-    segs = _field(ann, 'segmentations', where)
+    segs = rle.field(ann, 'segmentations', where)
     if not isinstance(segs, list) or len(segs) != len(paths):
       n = len(segs) if isinstance(segs, list) else type(segs).__name__
       raise ValueError(f'{where}: {n} segmentations for a video of {len(paths)} frames')
@@ -282,12 +247,12 @@ def load_coco(json_path: str, image_root: str) -> VisDataset:
     where = f'{json_path}: image {iid}'
     if iid in videos:
       raise ValueError(f'{json_path}: images[{j}]: duplicate image id {iid}')
-    fname = _field(im, 'file_name', where)
+    fname = rle.field(im, 'file_name', where)
     if not isinstance(fname, str) or not fname:
       raise ValueError(f'{where}: "file_name" must be a non-empty string, got {fname!r}')
     where = f'{json_path}: image {iid} ({fname!r})'
     h, w = _int_field(im, 'height', where, 1), _int_field(im, 'width', where, 1)
-    check_frame_pixels(h, w, where)
+    rle.check_frame_pixels(h, w, where)
     videos[iid] = (os.path.splitext(fname)[0], h, w, (os.path.join(image_root, fname),))
 
   raw_anns = _annotations(data, json_path)
@@ -323,181 +288,13 @@ def load_coco(json_path: str, image_root: str) -> VisDataset:
 
 
 # ------------------------------------------------------------------------------------------------
-# RLE validation. pycocotools trusts an RLE: counts that do not add up to height x width make its
-# IoU loop forever and its decode return uninitialised memory, so every RLE a user file supplies is
-# checked here before pycocotools sees it.
-#
-# Compressed counts (pycocotools' string format): each run length is 5-bit groups, least
-# significant first, as characters chr(48 + g) with g in 0..63; bit 0x20 of g = another group
-# follows, bit 0x10 of a run's last group = negative (two's complement). Run m > 2 is stored as the
-# difference to run m - 2.
-
-_RLE_BATCH = 1 << 16  # characters
-_RLE_MAX_GROUPS = 6  # 30 bits; pycocotools reads a 7th group through an overflowing int shift
-
-
-def bad_compressed_counts(counts: list, pixels: np.ndarray) -> np.ndarray:
-  """Compressed counts (str or bytes) [N], pixels of their frames (h * w) [N] -> bool [N]: True
-  where pycocotools would not read a mask of exactly that many pixels.
-
-  Many RLEs at once, in a few passes over their runs (the evaluator checks every RLE of a dataset);
-  in batches of about _RLE_BATCH characters, whose arrays stay in cache."""
-  strs = [c if isinstance(c, str) else c.decode('latin-1') for c in counts]  # bytes map 1:1
-  ends = np.cumsum(np.fromiter(map(len, strs), np.int64, len(strs)))
-  cuts = np.unique(np.searchsorted(ends, np.arange(0, ends[-1] if len(ends) else 0, _RLE_BATCH),
-                                   'right'))
-  bounds = np.r_[0, cuts[cuts > 0], len(strs)].tolist()
-  return np.concatenate([np.zeros(0, bool)] + [_bad_counts(strs[a:b], pixels[a:b])
-                                               for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
-
-
-def _bad_counts(strs: list, pixels: np.ndarray) -> np.ndarray:
-  n = len(strs)
-  bad = np.zeros(n, bool)
-  joined = ''.join(strs)
-  if not joined.isascii():
-    bad[:] = [not s.isascii() for s in strs]
-    strs = [s if s.isascii() else '' for s in strs]
-    joined = ''.join(strs)
-  lengths = np.fromiter(map(len, strs), np.int64, n)
-  ends = np.cumsum(lengths)  # [N] one past each string's last character
-  bad |= lengths == 0  # no run: covers no pixel
-  full = np.flatnonzero(lengths)  # [F]
-  if not len(full):
-    return bad
-  g = np.frombuffer(joined.encode('ascii'), np.uint8) - np.uint8(48)  # bad characters wrap > 63
-  if (g > 63).any():
-    bad[np.searchsorted(ends, np.flatnonzero(g > 63), 'right')] = True
-    g &= np.uint8(63)
-  stop = g < 32  # the last group of a run
-  last = ends[full] - 1
-  bad[full[~stop[last]]] = True  # the string ends inside a run
-  stop[last] = True  # so that no run spans two strings
-  more = np.flatnonzero(~stop)  # [C] groups that are not the last of their run (few)
-  # [F] runs of each string: its characters less its groups that are not the last.
-  runs = lengths[full] - np.diff(np.searchsorted(more, ends[full]), prepend=0)
-  first = np.cumsum(runs) - runs  # [F] index of each string's first run
-  # Run values: the last group sign-extended from its bit 0x10 ((g ^ 16) - 16 in int8), plus the
-  # lower groups of the runs of more than one group.
-  x = ((g[stop] & np.uint8(31)) ^ np.uint8(16)) + np.uint8(240)
-  x = x.view(np.int8).astype(np.int64)  # [R]
-  if len(more):
-    run = more - np.arange(len(more))  # [C] its run: characters before it less groups not last
-    multi, head, lower = np.unique(run, return_index=True, return_counts=True)
-    start = more[head]  # the run's first character
-    bad[np.searchsorted(ends, start[lower >= _RLE_MAX_GROUPS], 'right')] = True
-    shift = 5 * np.minimum(lower, _RLE_MAX_GROUPS - 1)
-    x[multi] <<= shift
-    position = np.minimum(more - np.repeat(start, lower), _RLE_MAX_GROUPS - 1)
-    np.add.at(x, run, (g[more] & np.uint8(31)).astype(np.int64) << 5 * position)
-  # Run m > 2 is stored as the difference to run m - 2: the runs of a string at even and at odd
-  # global index are two running sums (run 0 stands alone: zeroed in them).
-  bad[full[x[first] < 0]] = True
-  total = x[first]
-  x[first] = 0
-  for parity in (0, 1):
-    sums = np.cumsum(x[parity::2])
-    seg_start = (first + 1 - parity) // 2  # [F] each string's runs in this chain
-    seg_end = (first + runs + 1 - parity) // 2
-    some = np.flatnonzero(seg_end > seg_start)
-    if not len(some):
-      continue
-    start, count = seg_start[some], (seg_end - seg_start)[some]
-    before = np.where(start > 0, sums[np.maximum(start - 1, 0)], 0)
-    # Run lengths are sums - before: the smallest must not be negative.
-    bad[full[some[np.minimum.reduceat(sums, start) < before]]] = True
-    total[some] += np.add.reduceat(sums, start) - count * before
-  bad[full] |= total != pixels[full]
-  return bad
-
-
-def compressed_counts_problem(counts, pixels: int) -> str:
-  """Why compressed counts (str or bytes) are not an RLE of `pixels` pixels, one run at a time."""
-  s = counts if isinstance(counts, str) else counts.decode('latin-1')
-  runs, x, k = [], 0, 0
-  for i, ch in enumerate(s):
-    g = ord(ch) - 48
-    if not 0 <= g <= 63:
-      return f'character {ch!r} at position {i} of the counts is not in the RLE alphabet'
-    x |= (g & 31) << (5 * k)
-    k += 1
-    if g & 32:
-      if k == _RLE_MAX_GROUPS:
-        return f'run {len(runs)} of the counts is longer than {_RLE_MAX_GROUPS} characters'
-      continue
-    if g & 16:
-      x -= 1 << (5 * k)
-    if len(runs) > 2:
-      x += runs[-2]
-    if x < 0:
-      return f'run {len(runs)} has a negative length ({x})'
-    runs.append(x)
-    x, k = 0, 0
-  if k:
-    return 'the counts string ends inside a run (truncated)'
-  return f'the runs cover {sum(runs)} pixels, the frame has {pixels}'
-
-
-def check_rle_counts(counts: list, sizes: list, where) -> None:
-  """Raises ValueError unless compressed counts[i] (str or bytes) is an RLE of a sizes[i] = (h, w)
-  frame; where(i) -> the file / record / frame named in the message."""
-  if not counts:
-    return
-  sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
-  bad = np.flatnonzero(bad_compressed_counts(counts, sizes[:, 0] * sizes[:, 1]))
-  if len(bad):
-    i = int(bad[0])
-    h, w = sizes[i].tolist()
-    raise ValueError(f'{where(i)}: malformed RLE: {compressed_counts_problem(counts[i], h * w)} '
-                     f'({h}x{w})')
-
-
-# pycocotools counts pixels in 32-bit integers.
-MAX_FRAME_PIXELS = 2 ** 31 - 1
-
-
-def check_frame_pixels(height: int, width: int, where: str) -> None:
-  if height * width > MAX_FRAME_PIXELS:
-    raise ValueError(f'{where}: a {height}x{width} frame is larger than the {MAX_FRAME_PIXELS} '
-                     'pixels pycocotools can count')
-
-
-def is_int(x) -> bool:
-  """An integer of JSON or numpy, not a bool."""
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def check_rle_size(size, height: int, width: int, where: str) -> None:
-  """An RLE's `size` must be [height, width] (two ints)."""
-  if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(is_int, size))):
-    raise ValueError(f'{where}: RLE "size" must be [height, width] (two integers), got {size!r}')
-  if [int(s) for s in size] != [height, width]:
-    raise ValueError(f'{where}: mask size {[int(s) for s in size]} does not match the frame size '
-                     f'{[height, width]}')
-
-
-def uncompressed_rle(seg: dict, height: int, width: int, where: str) -> dict:
-  """An RLE with a list of run lengths -> the compressed RLE pycocotools reads, checked."""
-  counts = seg['counts']
-  if not all(map(is_int, counts)):
-    bad = next(c for c in counts if not is_int(c))
-    raise ValueError(f'{where}: uncompressed RLE counts must be integers, got {bad!r}')
-  if counts and min(counts) < 0:
-    raise ValueError(f'{where}: uncompressed RLE has a negative run length ({min(counts)})')
-  if sum(counts) != height * width:
-    raise ValueError(f'{where}: uncompressed RLE covers {sum(counts)} pixels, expected '
-                     f'{height * width} ({height}x{width})')
-  return mask_utils.frPyObjects({'size': [height, width], 'counts': [int(c) for c in counts]},
-                                height, width)
-
-
-# ------------------------------------------------------------------------------------------------
 # Standard layouts.
 
 DATASETS = ('synthetic', 'ytvis_2019', 'ytvis_2021', 'ytvis_2022', 'ovis', 'coco')
 
 
-def _canonical(dataset: str) -> str:
+def canonical_dataset(dataset: str) -> str:
+  """The name in DATASETS of a dataset name or alias (ytvis2019, youtube_vis_2021, coco2017...)."""
   name = dataset.lower().replace('-', '_')
   name = {'ytvis2019': 'ytvis_2019', 'ytvis2021': 'ytvis_2021', 'ytvis2022': 'ytvis_2022',
           'youtube_vis_2019': 'ytvis_2019', 'youtube_vis_2021': 'ytvis_2021',
@@ -514,7 +311,7 @@ def split_paths(dataset: str, manual_dir: str, split: str) -> tuple[str, str]:
   <split>/JPEGImages; ovis: annotations/annotations_<split>.json, <split>;
   coco: annotations/instances_<split>2017.json, <split>2017 ('train' / 'val').
   """
-  name = _canonical(dataset)
+  name = canonical_dataset(dataset)
   root = os.path.abspath(manual_dir)
   if name in ('synthetic', 'ytvis_2019'):
     return os.path.join(root, f'{split}.json'), os.path.join(root, split, 'JPEGImages')
@@ -530,7 +327,7 @@ def split_paths(dataset: str, manual_dir: str, split: str) -> tuple[str, str]:
 def load_split(dataset: str, manual_dir: str, split: str) -> VisDataset:
   """Reads a split of a dataset from its standard layout under manual_dir."""
   json_path, image_root = split_paths(dataset, manual_dir, split)
-  if _canonical(dataset) == 'coco':
+  if canonical_dataset(dataset) == 'coco':
     return load_coco(json_path, image_root)
   return load_ytvis(json_path, image_root)
 
@@ -550,7 +347,7 @@ def to_rle(segmentation, height: int, width: int, where: str) -> dict | None:
   if isinstance(seg, list):
     return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
   counts = seg['counts']
-  check_rle_counts([counts], [(height, width)], lambda i: where)
+  rle.check_rle_counts([counts], [(height, width)], lambda i: where)
   return {'size': [height, width], 'counts': counts.encode() if isinstance(counts, str) else counts}
 
 
@@ -559,11 +356,11 @@ def decode_mask(segmentation, height: int, width: int, where: str) -> np.ndarray
 
   `where` names the file/video/frame in errors (e.g. a mask whose size is not the frame's).
   """
-  rle = to_rle(segmentation, height, width, where)
-  if rle is None:
+  compressed = to_rle(segmentation, height, width, where)
+  if compressed is None:
     return np.zeros((height, width), np.uint8)
   # The counts are checked (to_rle): the decoded mask is exactly 0/1 over height x width.
-  return np.ascontiguousarray(mask_utils.decode(rle), np.uint8)
+  return np.ascontiguousarray(mask_utils.decode(compressed), np.uint8)
 
 
 def decode_frame(data: bytes, where: str) -> np.ndarray:
@@ -586,7 +383,7 @@ def read_frame(path: str) -> np.ndarray:
 def frame_annotations(video: Video, t: int, where: str = '') -> tuple[np.ndarray, np.ndarray]:
   """(masks uint8 [N, H, W], labels int32 [N]) of frame t: non-crowd instances present at t.
 
-  Crowd instances are dropped (SPEC 1); only frame t's segmentations are decoded.
+  Crowd instances are dropped (docs/method.md §1); only frame t's segmentations are decoded.
   """
   where = where or f'video {video.id} ({video.name!r})'
   masks, labels = [], []

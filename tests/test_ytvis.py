@@ -1,4 +1,5 @@
-"""Dataset readers: standard layouts, masks vs pycocotools, COCO, and every bad-input case."""
+"""data/ytvis.py, the dataset readers: standard layouts, masks vs pycocotools, COCO, and every
+bad-input case."""
 
 import json
 import logging
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from support import json_edits, rle_codes
 
 from minvis_jax.data import ytvis
 
@@ -240,7 +242,7 @@ def test_missing_json_file(tmp_path):
 def test_malformed_json(tmp_path):
   path = tmp_path / 'train.json'
   path.write_text('{"videos": [1, 2')
-  with pytest.raises(ValueError, match=r'train\.json: malformed JSON'):
+  with pytest.raises(ValueError, match=r'train\.json: not a JSON annotation file \(malformed JSON'):
     ytvis.load_ytvis(str(path), str(tmp_path))
 
 
@@ -350,3 +352,154 @@ def test_degenerate_polygons_are_skipped_and_logged(tmp_path, caplog):
   assert 'degenerate polygon' in caplog.text
   segs = ds.videos[0].instances[0].segmentations
   assert segs[0] is None and segs[1] == [[1.0, 1.0, 9.0, 1.0, 9.0, 9.0]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training readers: bad input (never a silent result; every error names the file, the record
+# and the field).
+
+SH, SW = 4, 4
+SQUARE = np.zeros((SH, SW), np.uint8)
+SQUARE[:2, :2] = 1
+
+
+def _frames(root: str, n: int) -> list[str]:
+  os.makedirs(os.path.join(root, 'v'), exist_ok=True)
+  for t in range(n):
+    Image.new('RGB', (SW, SH)).save(os.path.join(root, 'v', f'{t}.png'))
+  return [f'v/{t}.png' for t in range(n)]
+
+
+def _train_json(tmp_path, seg1) -> str:
+  root = str(tmp_path / 'JPEGImages')
+  data = dict(videos=[dict(id=3, height=SH, width=SW, length=2, file_names=_frames(root, 2))],
+              categories=[dict(id=1, name='x')],
+              annotations=[dict(id=5, video_id=3, category_id=1, iscrowd=0,
+                                segmentations=[rle_codes.mask_rle(SQUARE), None]),
+                           dict(id=6, video_id=3, category_id=1, iscrowd=0,
+                                segmentations=[None, seg1])])
+  path = tmp_path / 'train.json'
+  path.write_text(json.dumps(data))
+  return str(path)
+
+
+@pytest.mark.parametrize('counts, problem', [
+    ([0, 2, 2, 2], 'the runs cover 6 pixels, the frame has 16'),
+    ([0, 2, 2, 2, 12], 'the runs cover 18 pixels, the frame has 16'),
+])
+def test_training_rle_that_misses_the_frame(tmp_path, counts, problem):
+  path = _train_json(tmp_path, {'size': [SH, SW], 'counts': rle_codes.encode(counts)})
+  with pytest.raises(ValueError) as e:
+    ytvis.load_ytvis(path, str(tmp_path / 'JPEGImages'))
+  assert str(e.value) == (f"{path}: annotations[1] (id 6) of video 3 ('v'), frame 1: malformed "
+                          f'RLE: {problem} (4x4)')
+  # The same check where a mask is decoded (e.g. from TFDS records): never uninitialised memory.
+  with pytest.raises(ValueError, match=f'somewhere: malformed RLE: {problem}'):
+    ytvis.decode_mask({'size': [SH, SW], 'counts': rle_codes.encode(counts)}, SH, SW, 'somewhere')
+
+
+def test_training_masks_are_zero_one(tmp_path):
+  rng = np.random.default_rng(0)
+  noise = (rng.random((SH, SW)) < 0.5).astype(np.uint8)
+  path = _train_json(tmp_path, rle_codes.mask_rle(noise))
+  source = ytvis.FolderSource(ytvis.load_ytvis(path, str(tmp_path / 'JPEGImages')))
+  for t, want in ((0, SQUARE), (1, noise)):
+    _, masks, labels = source.load(0, t)
+    assert masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}
+    np.testing.assert_array_equal(masks[0], want)
+  for seed in range(20):  # also through decode_mask directly, many shapes
+    m = (np.random.default_rng(seed).random((13, 7)) < 0.4).astype(np.uint8)
+    got = ytvis.decode_mask(rle_codes.mask_rle(m), 13, 7, 'x')
+    assert set(np.unique(got)) <= {0, 1}
+    np.testing.assert_array_equal(got, m)
+
+
+def _reader_problem(tmp_path, change) -> str:
+  root = str(tmp_path / 'JPEGImages')
+  data = dict(videos=[dict(id=3, height=SH, width=SW, length=2, file_names=_frames(root, 2))],
+              categories=[dict(id=1, name='x')],
+              annotations=[dict(id=5, video_id=3, category_id=1, iscrowd=0,
+                                segmentations=[rle_codes.mask_rle(SQUARE), None])])
+  change(data)
+  path = tmp_path / 'train.json'
+  path.write_text(json.dumps(data))
+  with pytest.raises(ValueError) as e:
+    ytvis.load_ytvis(str(path), root)
+  return str(e.value).replace(str(path), 'train.json')
+
+
+_RV, _RA = ('videos', 0), ('annotations', 0)
+_WHERE = "train.json: annotations[0] (id 5) of video 3 ('v')"
+
+
+@pytest.mark.parametrize('path, value, message', [
+    (('categories', 0, 'id'), '1', 'train.json: categories[0]: \'id\' must be an integer, got '
+                                   '\'1\''),
+    (('videos',), {}, 'train.json: \'videos\' must be a list, got dict'),
+    (('annotations',), {}, 'train.json: "annotations" must be a list, got dict'),
+    ((*_RV, 'id'), True, 'train.json: videos[0]: \'id\' must be an integer, got True'),
+    ((*_RV, 'height'), '4', "train.json: video 3 ('v'): 'height' must be an integer, got '4'"),
+    ((*_RV, 'width'), 0, "train.json: video 3 ('v'): 'width' must be at least 1, got 0"),
+    ((*_RV, 'length'), 3, "train.json: video 3 ('v'): \"length\" is 3 but \"file_names\" lists 2"),
+    ((*_RV, 'file_names'), ['v/0.png', 5], 'train.json: video 3: "file_names" must be non-empty '
+                                           'strings, got 5'),
+    ((*_RA, 'id'), 5.5, 'train.json: annotations[0]: \'id\' must be an integer, got 5.5'),
+    ((*_RA, 'video_id'), '3', "train.json: annotations[0] (id 5): 'video_id' must be an integer"),
+    ((*_RA, 'category_id'), None, f"{_WHERE}: 'category_id' must be an integer, got None"),
+    ((*_RA, 'iscrowd'), 'yes', f'{_WHERE}: "iscrowd" must be 0 or 1, got \'yes\''),
+    ((*_RA, 'segmentations', 0), {'size': ['4', 4], 'counts': '02208'},
+     f'{_WHERE}, frame 0: RLE "size" must be [height, width] (two integers), got [\'4\', 4]'),
+    ((*_RA, 'segmentations', 0), {'size': [SH, SW], 'counts': 3.0},
+     f'{_WHERE}, frame 0: RLE counts must be a string or a list, got float'),
+    ((*_RA, 'segmentations', 0), {'size': [SH, SW], 'counts': [0, 2, 2, 2]},
+     f'{_WHERE}, frame 0: uncompressed RLE covers 6 pixels, expected 16 (4x4)'),
+    ((*_RA, 'segmentations', 0), [[0, 0, 3, 0, 3, 'x']],
+     f"{_WHERE}, frame 0: polygon coordinates must be finite numbers, got 'x'"),
+    ((*_RA, 'segmentations', 0), [[0, 0, 3, 0, 3, True]],
+     f'{_WHERE}, frame 0: polygon coordinates must be finite numbers, got True'),
+    ((*_RA, 'segmentations', 0), 'RLE', f'{_WHERE}, frame 0: a segmentation must be an RLE dict, '
+                                        'a polygon list or null, got str'),
+    ((*_RA, 'segmentations', 0), [[0, 0, 3, 0, 3, -1e9]],
+     f'{_WHERE}, frame 0: polygon point (3, -1000000000.0) lies far outside the 4x4 frame'),
+    ((*_RV, 'height'), 2 ** 29, "train.json: video 3 ('v'): a 536870912x4 frame is larger than"),
+])
+def test_training_fields_of_the_wrong_kind(tmp_path, path, value, message):
+  assert _reader_problem(tmp_path, json_edits.set_at(path, value)).startswith(message)
+
+
+def test_coco_fields_of_the_wrong_kind(tmp_path):
+  root = tmp_path / 'val2017'
+  root.mkdir()
+  data = dict(images=[dict(id=1, file_name='a.jpg', height=SH, width=SW)],
+              categories=[dict(id=1, name='x')],
+              annotations=[dict(id=2, image_id=1, category_id=1, iscrowd=0,
+                                segmentation={'size': [SH, SW],
+                                              'counts': rle_codes.encode([0, 3])})])
+  path = tmp_path / 'instances.json'
+  path.write_text(json.dumps(data))
+  with pytest.raises(ValueError, match=r"instances\.json: annotations\[0\] \(id 2\) of image 1 "
+                                       r"\('a'\): malformed RLE: the runs cover 3 pixels"):
+    ytvis.load_coco(str(path), str(root))
+  data['images'][0]['height'] = 4.0
+  path.write_text(json.dumps(data))
+  with pytest.raises(ValueError, match=r"instances\.json: image 1 \('a.jpg'\): 'height' must be an "
+                                       'integer, got 4.0'):
+    ytvis.load_coco(str(path), str(root))
+
+
+def test_degenerate_polygons_are_a_warning(tmp_path, caplog):
+  def change(data):
+    data['annotations'][0]['segmentations'][0] = [[0.0, 0.0, 3.0, 0.0, 3.0, 3.0], [1.0, 2.0]]
+  root = str(tmp_path / 'JPEGImages')
+  data = dict(videos=[dict(id=3, height=SH, width=SW, file_names=_frames(root, 1))],
+              categories=[dict(id=1, name='x')],
+              annotations=[dict(id=5, video_id=3, category_id=1, segmentations=[None])])
+  change(data)
+  path = tmp_path / 'train.json'
+  path.write_text(json.dumps(data))
+  with caplog.at_level(logging.WARNING, logger='minvis_jax.data.ytvis'):
+    ytvis.load_ytvis(str(path), root)
+  (record,) = [r for r in caplog.records if 'degenerate' in r.getMessage()]
+  assert record.levelno == logging.WARNING
+  assert record.getMessage() == (f"{path}: annotations[0] (id 5) of video 3 ('v'), frame 0: "
+                                 'skipped 1 degenerate polygon(s)')

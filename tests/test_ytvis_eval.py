@@ -4,16 +4,24 @@ errors."""
 import contextlib
 import io
 import json
+import math
+import os
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from support import json_edits, rle_codes
 
-from minvis_jax.evaluation import evaluate, evaluate_dicts
+from minvis_jax import ytvis_eval
+from minvis_jax.ytvis_eval import evaluate, evaluate_dicts, format_table
 
 YTVIS_AREAS = [[0, 1e10], [0, 128 ** 2], [128 ** 2, 256 ** 2], [256 ** 2, 1e10]]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10']
 
 
@@ -182,7 +190,6 @@ def test_empty_results_equal_cocoeval():
 # ------------------------------------------------------------------------------------------------
 # OVIS occlusion subsets.
 
-from minvis_jax.evaluation import ytvis as ytvis_eval  # noqa: E402
 
 OCC_KEYS = ['AP_slight', 'AP_moderate', 'AP_heavy']
 
@@ -291,7 +298,6 @@ def test_occlusion_bad_input_names_the_annotation(tmp_path):
 
 
 def test_format_table_with_occlusion_and_undefined():
-  from minvis_jax.evaluation import format_table
   table = format_table(dict(AP=0.5, AP50=0.75, APs=-1.0, AP_slight=0.125, AP_moderate=0.0,
                             AP_heavy=-1.0))
   names, values = table.splitlines()
@@ -492,3 +498,352 @@ def test_matching_ties_and_crowd_reuse():
   m = case([(row(0, 10), 1), (row(0, 10, 1), 0)],
            [(0.9, row(0, 10)), (0.8, row(0, 10)), (0.7, row(0, 10, 1))])
   assert m['AP'] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: never a hang, never a silent result; every error names the file, the record and the
+# field.
+
+H, W = 4, 4
+SQUARE = np.zeros((H, W), np.uint8)
+SQUARE[:2, :2] = 1                       # column-major runs: [0, 2, 2, 2, 10]
+
+
+def _gt(**video):
+  v = dict(id=1, height=H, width=W, length=2, file_names=['a/0.jpg', 'a/1.jpg'])
+  v.update(video)
+  return dict(videos=[v], categories=[dict(id=1, name='x'), dict(id=2, name='y')],
+              annotations=[dict(id=7, video_id=1, category_id=1, iscrowd=0,
+                                segmentations=[rle_codes.mask_rle(SQUARE)] * 2,
+                                areas=[4.0, 4.0])])
+
+
+def _result(**kw):
+  r = dict(video_id=1, category_id=1, score=0.9,
+           segmentations=[rle_codes.mask_rle(SQUARE), None])
+  r.update(kw)
+  return r
+
+
+def _write(tmp_path, gt, results) -> tuple[str, str]:
+  gt_path, res_path = tmp_path / 'gt.json', tmp_path / 'res.json'
+  gt_path.write_text(json.dumps(gt))
+  res_path.write_text(json.dumps(results))
+  return str(gt_path), str(res_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluator: malformed RLEs (pycocotools' IoU never returns on counts that miss the frame size).
+
+def _compressed(counts) -> dict:
+  return {'size': [H, W], 'counts': counts if isinstance(counts, str) else rle_codes.encode(counts)}
+
+
+_HANG_CASES = [
+    # (which side, frame segmentation, expected problem)
+    ('results', _compressed([0, 2, 2, 2]), 'malformed RLE: the runs cover 6 pixels, the frame '
+                                           'has 16'),
+    ('results', _compressed([0, 2, 2, 2, 11]), 'malformed RLE: the runs cover 17 pixels'),
+    ('results', _compressed([0, 2, 5, -1, 10]), 'malformed RLE: run 3 has a negative length'),
+    ('results', _compressed('02208P'), 'malformed RLE: the counts string ends inside a run'),
+    ('results', _compressed('0220 8'), "malformed RLE: character ' ' at position 4"),
+    ('results', _compressed('PPPPPP0'), 'malformed RLE: run 0 of the counts is longer than 6'),
+    ('results', _compressed(''), 'malformed RLE: the runs cover 0 pixels'),
+    ('results', {'size': [H, W], 'counts': [0, 2, 2, 2]}, 'uncompressed RLE covers 6 pixels, '
+                                                          'expected 16'),
+    ('results', {'size': [H, W], 'counts': [0, 20, -4]}, 'uncompressed RLE has a negative run '
+                                                         'length (-4)'),
+    ('results', [[0, 0, 1, 0, math.nan, 1]], 'polygon coordinates must be finite numbers, got '
+                                             'nan'),
+    ('gt', _compressed([0, 2, 2, 2]), 'malformed RLE: the runs cover 6 pixels, the frame has 16'),
+    ('gt', _compressed([0, 2, 2, 2, 10, 3]), 'malformed RLE: the runs cover 19 pixels'),
+    ('gt', {'size': [H, W], 'counts': [0, 2, 2, 2]}, 'uncompressed RLE covers 6 pixels'),
+]
+
+
+@pytest.mark.timeout(120)
+def test_malformed_masks_raise_instead_of_hanging(tmp_path):
+  """In a subprocess with a timeout: on such masks pycocotools loops forever in C, where no
+  in-process timeout can interrupt it."""
+  paths = []
+  for k, (side, seg, _) in enumerate(_HANG_CASES):
+    gt, results = _gt(), [_result(), _result()]
+    if side == 'gt':
+      gt['annotations'][0]['segmentations'][1] = seg
+    else:
+      results[1]['segmentations'][1] = seg
+    case = tmp_path / str(k)
+    case.mkdir()
+    paths.append(_write(case, gt, results))
+  script = ('import json, sys\n'
+            'from minvis_jax.ytvis_eval import evaluate\n'
+            'for gt, res in json.loads(sys.argv[1]):\n'
+            '  try:\n'
+            '    evaluate(gt, res)\n'
+            '    print("accepted", flush=True)\n'
+            '  except ValueError as e:\n'
+            '    print(str(e).replace("\\n", " "), flush=True)\n')
+  try:
+    out = subprocess.run([sys.executable, '-c', script, json.dumps(paths)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+  except subprocess.TimeoutExpired as e:
+    pytest.fail(f'the evaluator hangs on a malformed mask (output so far: {e.stdout!r})')
+  lines = out.splitlines()
+  assert len(lines) == len(_HANG_CASES)
+  for (side, _, problem), (gt_path, res_path), line in zip(_HANG_CASES, paths, lines):
+    where = (f'{gt_path}: annotations[0] (id 7) of video 1, frame 1' if side == 'gt' else
+             f'{res_path}: result 1 (video 1), frame 1')
+    assert line.startswith(f'{where}: {problem}'), (where, problem, line)
+
+
+def test_valid_rles_of_every_kind_are_accepted():
+  # Compressed str and bytes, tuple or numpy sizes, uncompressed counts: the same mask, the same
+  # metrics (the track matches at IoU 0.5: its second frame is empty).
+  gt = _gt()
+  base = evaluate_dicts(gt, [_result()])
+  assert base['AP50'] == pytest.approx(1.0) and base['AP'] == pytest.approx(0.1)
+  counts = rle_codes.mask_rle(SQUARE)['counts']
+  for seg in ({'size': [H, W], 'counts': [0, 2, 2, 2, 10]},
+              {'size': (H, W), 'counts': counts.encode()},
+              {'size': [np.int64(H), np.int64(W)], 'counts': counts}):
+    assert evaluate_dicts(gt, [_result(segmentations=[seg, None])]) == base
+  # Polygons (as pycocotools rasterises them).
+  poly = [[0.0, 0.0, 1.5, 0.0, 1.5, 1.5, 0.0, 1.5]]
+  m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(poly, H, W)))
+  assert evaluate_dicts(gt, [_result(segmentations=[poly, None])]) == evaluate_dicts(
+      gt, [_result(segmentations=[rle_codes.mask_rle(m), None])])
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluator: unknown categories are not scored (official), but said once per file.
+
+
+def test_unknown_result_categories_warn_once_and_are_not_scored(tmp_path):
+  gt = _gt()
+  good = [_result()]
+  stray = [_result(category_id=41), _result(category_id=99, score=0.95),
+           _result(category_id=41, score=0.99)]
+  gt_path, res_path = _write(tmp_path, gt, good + stray)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    metrics = evaluate(gt_path, res_path)
+  assert len(caught) == 1
+  assert str(caught[0].message) == (
+      f'{res_path}: 3 result(s) have a "category_id" that is not in the ground truth\'s '
+      'categories (41, 99); they are not scored')
+  assert metrics == evaluate_dicts(gt, good)  # as if they were not there: the official scoring
+
+
+def test_unknown_ground_truth_categories_warn_once_and_are_not_scored():
+  gt = _gt()
+  known = evaluate_dicts(gt, [_result()])
+  for aid, cat in ((8, 5), (9, 5)):
+    gt['annotations'].append(dict(gt['annotations'][0], id=aid, category_id=cat))
+  with pytest.warns(UserWarning, match=r'gt\.json: 2 annotation\(s\) have a "category_id" that is '
+                                       r'not in "categories" \(5\); they are not scored') as rec:
+    metrics = evaluate_dicts(gt, [_result()], gt_name='gt.json')
+  assert len(rec) == 1
+  assert metrics == known
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluator: every field of a results file.
+
+
+@pytest.mark.parametrize('score, problem', [
+    (math.nan, '"score" must be finite, got nan'),
+    (math.inf, '"score" must be finite, got inf'),
+    (-math.inf, '"score" must be finite, got -inf'),
+    (True, '"score" must be a number, got True'),
+    ('0.5', '"score" must be a number, got \'0.5\''),
+    (None, '"score" must be a number, got None'),
+    ([0.5], '"score" must be a number, got [0.5]'),
+])
+def test_bad_scores(tmp_path, score, problem):
+  gt_path, res_path = _write(tmp_path, _gt(), [_result(), _result(score=score)])
+  with pytest.raises(ValueError) as e:
+    evaluate(gt_path, res_path)
+  assert str(e.value) == f'{res_path}: result 1 (video 1): {problem}'
+
+
+def test_nan_score_in_the_json_text(tmp_path):
+  # Python's json reads NaN; a NaN score would rank the track last and change AP.
+  gt_path, res_path = _write(tmp_path, _gt(), [])
+  with open(res_path, 'w') as f:
+    f.write('[{"video_id": 1, "category_id": 1, "score": NaN, "segmentations": [null, null]}]')
+  with pytest.raises(ValueError, match=r'res\.json: result 0 \(video 1\): "score" must be finite'):
+    evaluate(gt_path, res_path)
+
+
+@pytest.mark.parametrize('results, message', [
+    ({'video_id': 1}, r'res\.json: expected a JSON list of tracks, got dict'),
+    ([[1, 2]], r'res\.json: result 0: expected an object .*got list'),
+    (['x'], r'res\.json: result 0: expected an object .*got str'),
+    ([None], r'res\.json: result 0: expected an object .*got NoneType'),
+])
+def test_results_that_are_not_objects(tmp_path, results, message):
+  gt_path, res_path = _write(tmp_path, _gt(), results)
+  with pytest.raises(ValueError, match=message):
+    evaluate(gt_path, res_path)
+
+
+@pytest.mark.parametrize('field', ['video_id', 'category_id', 'score', 'segmentations'])
+def test_results_missing_a_field(tmp_path, field):
+  r = _result()
+  del r[field]
+  gt_path, res_path = _write(tmp_path, _gt(), [_result(), r])
+  with pytest.raises(ValueError, match=rf"res\.json: result 1.*: missing field '{field}'"):
+    evaluate(gt_path, res_path)
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(video_id=7), r"result 1 is for video 7, which the ground truth does not have"),
+    (dict(video_id='1'), r"result 1 is for video '1', which the ground truth does not have"),
+    (dict(video_id=True), r"result 1 is for video True, which the ground truth does not have"),
+    (dict(video_id=[1]), r"result 1 is for video \[1\], which the ground truth does not have"),
+    (dict(category_id='1'), r'result 1 \(video 1\): "category_id" must be an integer, got \'1\''),
+    (dict(category_id=1.0), r'result 1 \(video 1\): "category_id" must be an integer, got 1.0'),
+    (dict(category_id=None), r'result 1 \(video 1\): "category_id" must be an integer'),
+    (dict(segmentations=None), r'result 1 \(video 1\): "segmentations" must be a list .*got '
+                               r'NoneType'),
+    (dict(segmentations={'size': [4, 4]}), r'result 1 \(video 1\): "segmentations" must be a list'),
+    (dict(segmentations=[None]), r'result 1 \(video 1\): "segmentations" must be a list of one '
+                                 r'RLE or null per frame: got 1 for a video of 2 frames'),
+    (dict(segmentations=[None] * 3), r'result 1 \(video 1\): "segmentations" .*got 3 for a video '
+                                     'of 2'),
+])
+def test_results_fields_of_the_wrong_kind(tmp_path, change, message):
+  gt_path, res_path = _write(tmp_path, _gt(), [_result(), _result(**change)])
+  with pytest.raises(ValueError, match=r'res\.json: ' + message):
+    evaluate(gt_path, res_path)
+
+
+@pytest.mark.parametrize('seg, problem', [
+    (7, 'a frame segmentation must be an RLE object, polygons or null, got 7'),
+    ('abc', 'a frame segmentation must be an RLE object, polygons or null, got abc'),
+    ([], 'a frame segmentation must be an RLE object, polygons or null, got []'),
+    ({}, 'an RLE needs "size" and "counts", got keys []'),
+    ({'size': [H, W]}, 'an RLE needs "size" and "counts", got keys [\'size\']'),
+    ({'size': [H, W], 'counts': 5}, 'RLE "counts" must be a string or a list of run lengths, got '
+                                    'int'),
+    ({'size': [H, W], 'counts': None}, 'RLE "counts" must be a string'),
+    ({'size': [4.0, 4], 'counts': '02208'}, 'RLE "size" must be [height, width] (two integers), '
+                                            'got [4.0, 4]'),
+    ({'size': [True, 4], 'counts': '02208'}, 'RLE "size" must be [height, width]'),
+    ({'size': '4x4', 'counts': '02208'}, 'RLE "size" must be [height, width]'),
+    ({'size': [4], 'counts': '02208'}, 'RLE "size" must be [height, width]'),
+    ({'size': [4, 5], 'counts': '02208'}, 'mask size [4, 5] does not match the frame size [4, 4]'),
+    ({'size': [H, W], 'counts': [0, 2.0, 14]}, 'uncompressed RLE counts must be integers, got 2.0'),
+    ({'size': [H, W], 'counts': [0, True, 15]}, 'uncompressed RLE counts must be integers, got '
+                                                'True'),
+    ([[0, 0, 1, 0, '1', 1]], 'polygon coordinates must be finite numbers, got \'1\''),
+    ([[0, 0, 1, 0]], 'a polygon needs at least 3 (x, y) points, got 4 coordinates'),
+    ([[0, 0, 1, 0, 1, 1, 2]], 'a polygon needs at least 3 (x, y) points, got 7 coordinates'),
+    ([5, 6, 7], 'a polygon segmentation must be a list of coordinate lists'),
+    ([[0, 0, 1, 0, 1e12, 1]], 'polygon point (1000000000000.0, 1) lies far outside the 4x4 frame'),
+])
+def test_frame_segmentations_of_the_wrong_kind(tmp_path, seg, problem):
+  # (Masks the evaluator used to hang on: test_malformed_masks_raise_instead_of_hanging.)
+  for side in ('results', 'gt'):
+    gt, results = _gt(), [_result()]
+    if side == 'gt':
+      gt['annotations'][0]['segmentations'][1] = seg
+      where = 'gt.json: annotations[0] (id 7) of video 1, frame 1'
+    else:
+      results[0]['segmentations'][1] = seg
+      where = 'res.json: result 0 (video 1), frame 1'
+    with pytest.raises(ValueError) as e:
+      evaluate_dicts(gt, results, gt_name='gt.json', results_name='res.json')
+    assert str(e.value).startswith(f'{where}: {problem}'), str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluator: every field of the ground truth.
+
+
+def test_video_without_length_counts_its_file_names():
+  gt = _gt()
+  want = evaluate_dicts(gt, [_result()])
+  del gt['videos'][0]['length']
+  assert evaluate_dicts(gt, [_result()]) == want
+  del gt['videos'][0]['file_names']
+  with pytest.raises(ValueError, match=r'gt\.json: videos\[0\] \(id 1\): missing field "length" '
+                                       r'\(and no "file_names" to count\)'):
+    evaluate_dicts(gt, [_result()], gt_name='gt.json')
+
+
+def _gt_problem(change) -> str:
+  gt = _gt()
+  change(gt)
+  with pytest.raises(ValueError) as e:
+    evaluate_dicts(gt, [_result()], gt_name='gt.json', results_name='res.json')
+  return str(e.value)
+
+
+_DELETE = json_edits.DELETE
+_V, _A = ('videos', 0), ('annotations', 0)
+
+
+@pytest.mark.parametrize('path, value, message', [
+    (('annotations',), _DELETE, 'gt.json: no "annotations": a split without ground truth cannot '
+                                'be scored'),
+    (('videos',), _DELETE, "gt.json: missing field 'videos'"),
+    (('videos',), {}, 'gt.json: "videos" must be a list, got dict'),
+    (('categories',), _DELETE, "gt.json: missing field 'categories'"),
+    (('categories', 0), 3, 'gt.json: categories[0]: expected an object, got int'),
+    (('categories', 0, 'id'), '1', 'gt.json: categories[0]: "id" must be an integer, got \'1\''),
+    (('categories', 1, 'id'), 1, 'gt.json: categories[1]: duplicate category id 1'),
+    (('annotations',), {}, 'gt.json: "annotations" must be a list, got dict'),
+    (('annotations', 0), [1], 'gt.json: annotations[0]: expected an object, got list'),
+    (_V, 'v', 'gt.json: videos[0]: expected an object, got str'),
+    ((*_V, 'id'), _DELETE, "gt.json: videos[0]: missing field 'id'"),
+    ((*_V, 'id'), 1.5, 'gt.json: videos[0]: "id" must be an integer, got 1.5'),
+    ((*_V, 'height'), 0, 'gt.json: videos[0] (id 1): \'height\' must be a positive integer, got 0'),
+    ((*_V, 'width'), '4', 'gt.json: videos[0] (id 1): \'width\' must be a positive integer, got '
+                          '\'4\''),
+    ((*_V, 'width'), _DELETE, "gt.json: videos[0] (id 1): missing field 'width'"),
+    ((*_V, 'length'), 3, 'gt.json: videos[0] (id 1): "length" is 3 but "file_names" lists 2 '
+                         'frames'),
+    ((*_V, 'length'), 2.0, 'gt.json: videos[0] (id 1): "length" must be an integer, got 2.0'),
+    ((*_V, 'file_names'), 'a', 'gt.json: videos[0] (id 1): "file_names" must be a list, got str'),
+    ((*_A, 'video_id'), 5, 'gt.json: annotations[0] (id 7): "video_id" 5 is not a video of '
+                           '"videos"'),
+    ((*_A, 'video_id'), _DELETE, "gt.json: annotations[0] (id 7): missing field 'video_id'"),
+    ((*_A, 'category_id'), _DELETE, "gt.json: annotations[0] (id 7) of video 1: missing field "
+                                    "'category_id'"),
+    ((*_A, 'category_id'), [1], 'gt.json: annotations[0] (id 7) of video 1: "category_id" must be '
+                                'an integer, got [1]'),
+    ((*_A, 'segmentations'), _DELETE, "gt.json: annotations[0] (id 7) of video 1: missing field "
+                                      "'segmentations'"),
+    ((*_A, 'segmentations'), 'x', 'gt.json: annotations[0] (id 7) of video 1: "segmentations" '
+                                  'must be a list of one segmentation or null per frame: got str '
+                                  'for a video of 2 frames'),
+    ((*_A, 'iscrowd'), 2, 'gt.json: annotations[0] (id 7) of video 1: "iscrowd" must be 0 or 1, '
+                          'got 2'),
+    ((*_A, 'iscrowd'), '0', 'gt.json: annotations[0] (id 7) of video 1: "iscrowd" must be 0 or 1'),
+    ((*_A, 'areas'), [4.0], 'gt.json: annotations[0] (id 7) of video 1: "areas" must be a list of '
+                            '2 per-frame areas or nulls, got 1'),
+    ((*_A, 'areas'), [4.0, -1], 'gt.json: annotations[0] (id 7) of video 1: "areas" of frame 1 '
+                                'must be a non-negative number or null, got -1'),
+    ((*_A, 'areas'), [4.0, '4'], 'gt.json: annotations[0] (id 7) of video 1: "areas" of frame 1 '
+                                 'must be a non-negative number or null, got \'4\''),
+    ((*_A, 'occlusion'), ['no_occlusion', ['x']], 'gt.json: annotations[0] (id 7) of video 1: '
+                                                  'unknown occlusion level [\'x\'] at frame 1'),
+    ((*_A, 'occlusion'), ['no_occlusion'], 'gt.json: annotations[0] (id 7) of video 1: '
+                                           '"occlusion" has 1 levels for a video of 2 frames'),
+    ((*_V, 'width'), 2 ** 30, 'gt.json: videos[0] (id 1): a 4x1073741824 frame is larger than'),
+])
+def test_ground_truth_fields_of_the_wrong_kind(path, value, message):
+  assert _gt_problem(json_edits.set_at(path, value)).startswith(message)
+
+
+def test_duplicate_video_ids():
+  def change(gt):
+    gt['videos'].append(dict(gt['videos'][0]))
+  assert _gt_problem(change) == 'gt.json: videos[1]: duplicate video id 1'
+
+
+def test_ground_truth_that_is_not_an_object(tmp_path):
+  gt_path, res_path = _write(tmp_path, [1, 2], [])
+  with pytest.raises(ValueError, match=r'gt\.json: expected a YouTube-VIS JSON object, got list'):
+    evaluate(gt_path, res_path)

@@ -1,4 +1,5 @@
-"""Data-parallel evaluation: videos over processes, windows over devices, the 1-device results."""
+"""evaluate.py: data-parallel evaluation (videos over processes, windows over devices, the 1-device
+results), `score` and the `evaluate` command."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
-from minvis_jax import dataset_eval
+from minvis_jax import evaluate
 from minvis_jax.data import ytvis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -23,15 +24,15 @@ LENGTHS = (5, 2, 3, 1)   # frames of the test videos: unequal, so the process ba
 
 def test_assign_videos_balances_frames_deterministically():
   frames = [5, 2, 3, 1, 9, 4]
-  shares = dataset_eval.assign_videos(frames, 3)
-  assert shares == dataset_eval.assign_videos(frames, 3)
+  shares = evaluate.assign_videos(frames, 3)
+  assert shares == evaluate.assign_videos(frames, 3)
   assert sorted(i for s in shares for i in s) == list(range(6))
   assert all(s == sorted(s) for s in shares)
   # Longest first to the least loaded: 9 -> p0, 5 -> p1, 4 -> p2, 3 -> p2, 2 -> p1, 1 -> p1.
   assert shares == [[4], [0, 1, 3], [2, 5]]
   assert [sum(frames[i] for i in s) for s in shares] == [9, 8, 7]
-  assert dataset_eval.assign_videos([3, 3], 4) == [[0], [1], [], []]
-  assert dataset_eval.assign_videos(LENGTHS, 2) == [[0, 3], [1, 2]]
+  assert evaluate.assign_videos([3, 3], 4) == [[0], [1], [], []]
+  assert evaluate.assign_videos(LENGTHS, 2) == [[0, 3], [1, 2]]
 
 
 @pytest.fixture(scope='module')
@@ -61,7 +62,7 @@ def setup(tmp_path_factory):
   checkpoints.save_config(ckpt, config)
   dataset = ytvis.load_split('synthetic', str(data), 'valid')
   t = time.perf_counter()
-  one = dataset_eval.predict_dataset(config, variables, dataset, progress=False,
+  one = evaluate.predict_dataset(config, variables, dataset, progress=False,
                                      devices=jax.devices()[:1])
   print(f'1 device: {sum(LENGTHS) / (time.perf_counter() - t):.2f} frames/s (with compilation)')
   return ckpt, data, config, variables, one
@@ -72,7 +73,7 @@ def test_eight_devices_equal_one_device(setup):
   assert len(jax.devices()) == 8
   dataset = ytvis.load_split('synthetic', str(data), 'valid')
   t = time.perf_counter()
-  eight = dataset_eval.predict_dataset(config, variables, dataset, progress=False)
+  eight = evaluate.predict_dataset(config, variables, dataset, progress=False)
   print(f'8 devices: {sum(LENGTHS) / (time.perf_counter() - t):.2f} frames/s (with compilation)')
   assert [r['video_id'] for r in one] == [v.id for v in dataset.videos for _ in range(4)]
   assert [len(r['segmentations']) for r in one] == [n for n in LENGTHS for _ in range(4)]
