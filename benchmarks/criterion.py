@@ -36,7 +36,7 @@ def main():
   labels = rng.integers(0, K, (B, N)).astype(np.int32)
   valid = np.arange(N)[None] < np.asarray(NUM_REAL)[:, None]
 
-  loss_config = config_lib.loss_config()
+  loss_config = criterion.LossConfig.from_config(config_lib.loss_config())
   outputs = {'pred_masks': sets[-1][0], 'pred_logits': sets[-1][1],
              'aux_outputs': [{'pred_masks': m, 'pred_logits': l} for m, l in sets[:-1]]}
   outputs = jax.tree.map(jnp.asarray, outputs)

@@ -2,9 +2,9 @@
 
 Shapes of the R50 pixel decoder at 384x384 (levels 12x12, 24x24, 48x48; S = 3024 queries, 8 heads,
 4 points, 32 channels). Candidates, each timed in turn in every round (medians over rounds):
-  ours                  `deform_attn.sample_level`: a sum of row gathers forward; under autodiff
+  ours                  `sample_level` (tests/support): a sum of row gathers forward; under autodiff
                         the rows gathered into one array (custom_vjp)
-  four_gathers          the form before issue 14: rows gathered into one array, forward too
+  four_gathers          the earlier form: rows gathered into one array, forward too
   padded_wide_backward  narrow gathers from a once-padded map, one wide-row scatter backward
   wide                  one gather of a 4x-wide row (each position's 2x2 neighbourhood side by side)
   dense                 a dense bilinear-weight matrix [S, H*W] (tent functions) times the value
@@ -17,7 +17,9 @@ Shapes of the R50 pixel decoder at 384x384 (levels 12x12, 24x24, 48x48; S = 3024
 import argparse
 import functools
 import json
+import os
 import statistics
+import sys
 import time
 
 import jax
@@ -26,6 +28,9 @@ import numpy as np
 
 from minvis_jax import host_memory
 from minvis_jax.models import deform_attn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+from support.deform_levels import sample_level  # noqa: E402
 
 
 def bilinear_corners(height: int, width: int, loc: jnp.ndarray,
@@ -147,7 +152,7 @@ def _level_terms(height, width, loc, weight):
 
 
 def sample_four_gathers(value, height, width, loc, weight):
-  """The form before issue 14 (and ours under autodiff): the rows gathered, then a reduction."""
+  """The earlier form (and ours under autodiff): the rows gathered, then a reduction."""
   b, m, s, p = weight.shape
   pos, wts = _level_terms(height, width, loc, weight)
   idx = pos.transpose(0, 2, 1, 3).reshape(b, m, s * p * 4, 1)
@@ -192,7 +197,7 @@ def sample_custom_backward(value, height, width, loc, weight):
   return out.reshape(b, m, s, d)
 
 
-CANDIDATES = {'ours': deform_attn.sample_level, 'four_gathers': sample_four_gathers,
+CANDIDATES = {'ours': sample_level, 'four_gathers': sample_four_gathers,
               'padded_wide_backward': sample_padded_wide_backward, 'wide': sample_wide,
               'dense': sample_dense, 'custom_backward': sample_custom_backward}
 

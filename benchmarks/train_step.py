@@ -36,6 +36,7 @@ from timing import matmul_peak_flops, median_times, nominal_peak_flops, result_l
 
 from minvis_jax import host_memory  # noqa: E402
 from minvis_jax import config_lib  # noqa: E402
+from minvis_jax import ops  # noqa: E402
 from minvis_jax import train  # noqa: E402
 
 B, N = 2, 25
@@ -102,8 +103,8 @@ def main(argv=None):
     jax.block_until_ready(metrics)
 
   # HF: the same images (normalised as ours) and the real instances only (its natural input).
-  images = np.asarray(train.normalize_images(batch['image'], batch['image_size'],
-                                             config.data.mean, config.data.std))
+  images = np.asarray(ops.normalize(batch['image'], batch['image_size'], config.data.mean,
+                                    config.data.std))
   pixel_values = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
   mask_labels = [torch.from_numpy(batch['masks'][b, :NUM_REAL[b]].astype(np.float32))
                  for b in range(B)]

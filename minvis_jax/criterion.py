@@ -1,12 +1,14 @@
-"""Mask2Former set criterion (SPEC 3): Hungarian matching, class loss, point-sampled mask BCE and dice.
+"""Mask2Former set criterion (docs/method.md §3): Hungarian matching, class loss, point-sampled mask
+BCE and dice, with deep supervision.
 
-Shapes: B images, Q queries, K+1 classes (last = no object), N padded target slots (`valid` marks the
-real ones; Q >= N), h, w the prediction resolution (H/4, W/4) and H, W the target (image) resolution.
-Point coordinates are (x, y) in [0, 1]^2 over the whole mask, so predictions and targets of different
-resolutions are sampled at the same places (PointRend's `point_sample`: bilinear, align_corners=False,
-zero outside the mask).
+Shapes: B images, Q queries, K+1 classes (last = no object), N padded target slots (`valid` marks
+the real ones; Q >= N), h, w the prediction resolution (H/4, W/4) and H, W the target (image)
+resolution. Predicted masks are sampled channels last, as rows [B, h * w, Q] (`channels_last`).
+Points are (x, y) in [0, 1]^2 over the whole mask, so predictions and targets of different
+resolutions are sampled at the same places (PointRend's `point_sample`: `ops.bilinear_corners`).
 """
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -14,41 +16,42 @@ import jax.numpy as jnp
 import ml_collections
 
 from minvis_jax import matching
+from minvis_jax import ops
 
 
-def _corners(coords: jax.Array, height: int, width: int) -> list[tuple[jax.Array, jax.Array]]:
-  """The four bilinear corners of points [..., 2] (x, y in [0, 1]) on an [H, W] raster,
-  align_corners=False: (position [...] int32 in the H * W raster, weight [...]) per corner, the
-  weight 0 where the corner is outside (zero padding) and the position clipped into the raster."""
-  # align_corners=False: pixel centres sit at (i + 0.5) / size.
-  x = coords[..., 0] * width - 0.5
-  y = coords[..., 1] * height - 0.5
-  x0 = jnp.floor(x)
-  y0 = jnp.floor(y)
-  corners = []
-  for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-    xi = x0 + dx
-    yi = y0 + dy
-    weight = (1.0 - jnp.abs(x - xi)) * (1.0 - jnp.abs(y - yi))
-    inside = (xi >= 0) & (xi <= width - 1) & (yi >= 0) & (yi <= height - 1)
-    position = (jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1)).astype(jnp.int32)
-    corners.append((position, jnp.where(inside, weight, 0.0)))
-  return corners
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The criterion's hyper-parameters (`config.loss`, validated by `config_lib.validate`)."""
+  class_weight: float        # weight of loss_ce and of the matcher's class cost
+  mask_weight: float         # weight of loss_mask and of the matcher's BCE cost
+  dice_weight: float         # weight of loss_dice and of the matcher's dice cost
+  no_object_weight: float    # class weight of "no object" in loss_ce
+  num_points: int            # points per mask (matcher and losses)
+  oversample_ratio: float    # importance-sampling candidates per point
+  importance_sample_ratio: float  # share of the points chosen by uncertainty
+
+  @classmethod
+  def from_config(cls, loss: ml_collections.ConfigDict) -> 'LossConfig':
+    """`config.loss` -> LossConfig (every field required)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+      values[field.name] = int(loss[field.name]) if field.type is int else float(loss[field.name])
+    return cls(**values)
 
 
-def _sample_points_last(masks: jax.Array, coords: jax.Array) -> jax.Array:
-  """`point_sample` with the channels last: masks [C, H, W], coords [P, 2] -> [P, C] float32."""
-  channels, height, width = masks.shape
-  return _sample_rows(masks.reshape(channels, height * width).T, coords, height, width)
+def sample_rows(rows: jax.Array, coords: jax.Array, height: int, width: int) -> jax.Array:
+  """Bilinear samples of all channels of a channels-last raster (`ops.bilinear_corners`).
 
+  Args:
+    rows: [H * W, C], any real dtype (uint8 targets are gathered before the cast to float).
+    coords: [P, 2] (x, y) in [0, 1]; neighbours outside the raster count as 0.
+    height, width: H and W.
 
-def _sample_rows(rows: jax.Array, coords: jax.Array, height: int, width: int) -> jax.Array:
-  """Samples of all channels of an [H * W, C] raster (channels last) at coords [P, 2] -> [P, C].
-
-  Gathers whole rows: about 3x faster on CPU than gathering per channel.
+  Returns:
+    [P, C] float32. Gathers whole rows, which is faster on CPU than gathering per channel.
   """
   out = 0.0
-  for position, weight in _corners(coords, height, width):
+  for position, weight in ops.bilinear_corners(coords, height, width):
     # Gather first, cast after: converting whole uint8 target masks to float costs more than the
     # gather. Positions are clipped: no bounds handling (jnp.take's default masks every element).
     values = rows.at[position].get(mode='promise_in_bounds').astype(jnp.float32)
@@ -73,7 +76,7 @@ def _sample_slots(masks: jax.Array, coords: jax.Array, height: int, width: int) 
 
   def one_image(table, points):
     out = 0.0
-    for position, weight in _corners(points, height, width):
+    for position, weight in ops.bilinear_corners(points, height, width):
       values = table.at[offset + position].get(mode='promise_in_bounds')
       out = out + weight * values.astype(jnp.float32)
     return out
@@ -86,19 +89,6 @@ def channels_last(pred_masks: jax.Array) -> jax.Array:
   return pred_masks.reshape(batch, num_queries, height * width).transpose(0, 2, 1)
 
 
-def point_sample(masks: jax.Array, coords: jax.Array) -> jax.Array:
-  """Bilinear samples of masks at normalised points, like torch grid_sample(align_corners=False, zeros).
-
-  Args:
-    masks: [C, H, W], any real dtype (uint8 targets are sampled without a full float copy).
-    coords: [P, 2] (x, y) in [0, 1]; x runs along W.
-
-  Returns:
-    [C, P] float32 samples; neighbours outside the mask count as 0.
-  """
-  return _sample_points_last(masks, coords).T
-
-
 def _bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Elementwise sigmoid binary cross-entropy, numerically stable (as torch's BCEWithLogitsLoss)."""
   return jnp.maximum(logits, 0.0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
@@ -107,7 +97,8 @@ def _bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def matcher_costs(pred_logits: jax.Array, pred_rows: jax.Array, mask_size: tuple[int, int],
                   labels: jax.Array, target_masks: jax.Array, valid: jax.Array, coords: jax.Array,
                   class_weight: float, mask_weight: float, dice_weight: float) -> jax.Array:
-  """Matching cost of one image: class 2 * -p[label] + 5 * pairwise BCE + 5 * pairwise dice.
+  """Matching cost of one image: class_weight * -p[label] + mask_weight * pairwise BCE
+  + dice_weight * pairwise dice.
 
   Args:
     pred_logits: [Q, K+1]; pred_rows: [h * w, Q] mask logits, channels last (`channels_last`);
@@ -122,9 +113,10 @@ def matcher_costs(pred_logits: jax.Array, pred_rows: jax.Array, mask_size: tuple
   """
   probs = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)
   cost_class = -jnp.take(probs, labels, axis=1)  # [Q, N]
-  # Channels-last samples [P, Q] and [P, N]: the faster gather layout (see _sample_points_last).
-  pred = _sample_rows(pred_rows, coords, *mask_size)
-  tgt = _sample_points_last(target_masks, coords)
+  # Channels-last samples [P, Q] and [P, N]: the faster gather layout (see `sample_rows`).
+  num_slots, height, width = target_masks.shape
+  pred = sample_rows(pred_rows, coords, *mask_size)
+  tgt = sample_rows(target_masks.reshape(num_slots, height * width).T, coords, height, width)
   num_points = coords.shape[0]
   # BCE against 1 is softplus(-x), against 0 softplus(x) = softplus(-x) + x; so the mean BCE of a
   # pair, sum_p [softplus(-x) t + softplus(x) (1 - t)] / P, is [sum_p softplus(x) - sum_p x t] / P:
@@ -142,32 +134,27 @@ def matcher_costs(pred_logits: jax.Array, pred_rows: jax.Array, mask_size: tuple
   denominator = sig.sum(0)[:, None] + tgt.sum(0)[None, :]
   cost_dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
   cost = class_weight * cost_class + mask_weight * cost_mask + dice_weight * cost_dice
-  # Non-finite entries (diverged predictions) stay as they are: linear_sum_assignment replaces them by
-  # a finite value above any finite assignment, scaled to the finite costs.
+  # Non-finite entries (diverged predictions) stay as they are: linear_sum_assignment replaces them
+  # by a finite value above any finite assignment, scaled to the finite costs.
   return jnp.where(valid[None, :], cost, 0.0)
 
 
-def match(pred_logits: jax.Array, pred_masks: jax.Array, targets: dict[str, jax.Array],
-          coords: jax.Array, class_weight: float = 2.0, mask_weight: float = 5.0,
-          dice_weight: float = 5.0) -> jax.Array:
+def match(pred_logits: jax.Array, pred_rows: jax.Array, mask_size: tuple[int, int],
+          targets: dict[str, jax.Array], coords: jax.Array, class_weight: float,
+          mask_weight: float, dice_weight: float) -> jax.Array:
   """Hungarian matching of a batch (no gradient).
 
   Args:
-    pred_logits: [B, Q, K+1]; pred_masks: [B, Q, h, w].
+    pred_logits: [B, Q, K+1]; pred_rows: [B, h * w, Q] mask logits, channels last
+      (`channels_last`); mask_size: (h, w).
     targets: {'labels': [B, N] int, 'masks': [B, N, H, W], 'valid': [B, N] bool}.
     coords: [B, P, 2] uniform sampling points, one set per image.
+    class_weight, mask_weight, dice_weight: the cost weights (`matcher_costs`).
 
   Returns:
     src: [B, N] int32, the query matched to each target slot (padded slots get some leftover query;
     callers mask them with `valid`).
   """
-  return _match(pred_logits, channels_last(pred_masks), pred_masks.shape[2:], targets, coords,
-                class_weight, mask_weight, dice_weight)
-
-
-def _match(pred_logits, pred_rows, mask_size, targets, coords, class_weight, mask_weight,
-           dice_weight):
-  """`match` of channels-last predictions pred_rows [B, h * w, Q]."""
   num_queries, num_slots = pred_logits.shape[1], targets['labels'].shape[1]
   if num_queries < num_slots:
     raise ValueError(f'matching needs num_queries ({num_queries}) >= max_instances ({num_slots})')
@@ -186,8 +173,8 @@ def loss_labels(pred_logits: jax.Array, labels: jax.Array, valid: jax.Array, src
                 no_object_weight: float) -> jax.Array:
   """Class cross-entropy over K+1 with weight `no_object_weight` on the no-object class.
 
-  Matched queries target their target's class, the rest "no object" (index K). A weighted mean over all
-  B * Q queries: sum(w[t] * nll) / sum(w[t]), as torch's F.cross_entropy(weight=...).
+  Matched queries target their target's class, the rest "no object" (index K). A weighted mean over
+  all B * Q queries: sum(w[t] * nll) / sum(w[t]), as torch's F.cross_entropy(weight=...).
 
   Args:
     pred_logits: [B, Q, K+1]; labels, valid, src: [B, N].
@@ -204,10 +191,12 @@ def loss_labels(pred_logits: jax.Array, labels: jax.Array, valid: jax.Array, src
   return jnp.sum(weight * nll) / jnp.sum(weight)
 
 
-def _prefix_count(mask: jax.Array, block: int = 128) -> jax.Array:
-  """Inclusive cumulative count of a bool [C] as int32 [C] (= jnp.cumsum), through a triangular
-  matmul per block of 128 and a short cumsum of the block totals: XLA:CPU's cumsum of 37632 entries
-  took 3.7-6.6 ms a row batch of 24, this 1.7. Exact: 0/1 inputs, block sums <= 128."""
+def prefix_count(mask: jax.Array, block: int = 128) -> jax.Array:
+  """Inclusive cumulative count of a bool [C] as int32 [C] (= jnp.cumsum).
+
+  A triangular matmul per block of 128 and a short cumsum of the block totals: faster than
+  XLA:CPU's cumsum of a long row. Exact: 0/1 inputs, block sums <= 128.
+  """
   count = mask.shape[0]
   blocks = -(-count // block)
   x = jnp.pad(mask.astype(jnp.float32), (0, blocks * block - count)).reshape(blocks, block)
@@ -217,19 +206,21 @@ def _prefix_count(mask: jax.Array, block: int = 128) -> jax.Array:
   return (within + offsets[:, None]).reshape(-1)[:count].astype(jnp.int32)
 
 
-def _top_k_indices(values: jax.Array, k: int) -> jax.Array:
-  """Indices [k] of the k largest entries of values [C], in ascending index order (ties: lowest index).
+def top_k_indices(values: jax.Array, k: int) -> jax.Array:
+  """Indices [k] of the k largest entries of values [C], in ascending index order (ties: lowest
+  index).
 
-  Same set as lax.top_k (up to ties) but about 3x faster on CPU for C = 37632, k = 9408: the k-th
-  largest value is found exactly by a 32-step bitwise search on the order-preserving integer image of
-  the floats, then the entries above it (and enough equal ones) are compacted by their prefix count.
+  The same set as lax.top_k (up to ties), faster on CPU for the criterion's sizes: the k-th
+  largest value is found exactly by a 32-step bitwise search on the order-preserving integer image
+  of the floats, then the entries above it (and enough equal ones) are compacted by their prefix
+  count.
   """
   bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
   # Negative floats order backwards as integers: flip their magnitude bits; then shift to unsigned.
   key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
   key = jax.lax.bitcast_convert_type(key, jnp.uint32) ^ jnp.uint32(0x80000000)
   # The search runs in a while loop (not unrolled) so that `key` is materialised once: unrolled, XLA
-  # fuses its producers (the point-sampling gathers) into each of the 32 counting passes (3x slower).
+  # fuses its producers (the point-sampling gathers) into each of the 32 counting passes.
 
   def refine(i, threshold):  # the largest t with count(key >= t) >= k, built from the top bit down
     candidate = threshold | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
@@ -238,33 +229,27 @@ def _top_k_indices(values: jax.Array, k: int) -> jax.Array:
   threshold = jax.lax.fori_loop(0, 32, refine, jnp.uint32(0))
   above = key > threshold
   equal = key == threshold
-  selected = above | (equal & (_prefix_count(equal) <= k - jnp.sum(above)))
-  slot = jnp.where(selected, _prefix_count(selected) - 1, k)
+  selected = above | (equal & (prefix_count(equal) <= k - jnp.sum(above)))
+  slot = jnp.where(selected, prefix_count(selected) - 1, k)
   count = values.shape[0]
   return jnp.zeros(k, jnp.int32).at[slot].set(jnp.arange(count, dtype=jnp.int32), mode='drop')
 
 
-def sample_points(pred_masks: jax.Array, candidates: jax.Array, fresh: jax.Array,
-                  num_points: int) -> jax.Array:
-  """PointRend importance sampling for one predicted mask.
+def keep_uncertain(logits: jax.Array, candidates: jax.Array, fresh: jax.Array,
+                   num_points: int) -> jax.Array:
+  """PointRend importance sampling of one predicted mask, given its logits at the candidates.
 
   Args:
-    pred_masks: [h, w] logits of the matched prediction.
+    logits: [C] the matched prediction's logits at `candidates`.
     candidates: [C, 2] uniform points (C = num_points * oversample_ratio).
     fresh: [R, 2] uniform points appended as they are.
-    num_points: total points; the num_points - R candidates of largest uncertainty -|logit| are kept.
+    num_points: total points; the num_points - R candidates of largest uncertainty -|logit| are
+      kept.
 
   Returns:
     [num_points, 2] points: the uncertain ones (in candidate order), then `fresh`.
   """
-  logits = point_sample(jax.lax.stop_gradient(pred_masks)[None], candidates)[0]
-  return _keep_uncertain(logits, candidates, fresh, num_points)
-
-
-def _keep_uncertain(logits: jax.Array, candidates: jax.Array, fresh: jax.Array,
-                    num_points: int) -> jax.Array:
-  """`sample_points` given the candidates' logits [C]."""
-  index = _top_k_indices(-jnp.abs(logits), num_points - fresh.shape[0])
+  index = top_k_indices(-jnp.abs(logits), num_points - fresh.shape[0])
   return jnp.concatenate([candidates[index], fresh], axis=0)
 
 
@@ -276,14 +261,14 @@ def loss_masks(pred_rows: jax.Array, mask_size: tuple[int, int], target_masks: j
   Args:
     pred_rows: [B, h * w, Q] mask logits, channels last; mask_size: (h, w).
     target_masks: [B, N, H, W]; valid, src: [B, N].
-    point_coords: [B, N, P, 2] points of each target slot's pair (from `sample_points`).
+    point_coords: [B, N, P, 2] points of each target slot's pair (from `keep_uncertain`).
     num_masks: scalar normaliser (number of real targets, at least 1).
 
   Returns:
     (loss_mask, loss_dice) scalars; padded slots contribute 0.
   """
-  logits = _sample_matched(pred_rows, mask_size, src, point_coords)            # [B, N, P]
-  labels = jax.lax.stop_gradient(_sample_targets(target_masks, point_coords))
+  logits = sample_matched(pred_rows, mask_size, src, point_coords)             # [B, N, P]
+  labels = jax.lax.stop_gradient(sample_targets(target_masks, point_coords))
   bce = _bce_with_logits(logits, labels).mean(-1)
   probs = jax.nn.sigmoid(logits)
   dice = 1.0 - (2.0 * jnp.sum(probs * labels, -1) + 1.0) / (probs.sum(-1) + labels.sum(-1) + 1.0)
@@ -292,16 +277,27 @@ def loss_masks(pred_rows: jax.Array, mask_size: tuple[int, int], target_masks: j
   return loss_mask, loss_dice
 
 
-def _sample_matched(pred_rows, mask_size, src, coords):
-  """Logits [B, N, P] of each slot's matched query at the slot's points coords [B, N, P, 2]."""
+def sample_matched(pred_rows: jax.Array, mask_size: tuple[int, int], src: jax.Array,
+                   coords: jax.Array) -> jax.Array:
+  """Each slot's matched prediction sampled at the slot's own points.
+
+  Args:
+    pred_rows: [B, h * w, Q] mask logits, channels last; mask_size: (h, w).
+    src: [B, N] the query matched to each slot (`match`).
+    coords: [B, N, P, 2] (x, y) in [0, 1].
+
+  Returns:
+    [B, N, P] float32 logits.
+  """
   # The matched masks are copied out first, [B, N, h * w]: sampling then reads one cache-resident
-  # mask per slot, where reading the [h * w, Q] rows at stride Q was 1.5x slower.
+  # mask per slot, faster than reading the [h * w, Q] rows at stride Q.
   matched = jnp.take_along_axis(pred_rows, src[:, None, :], axis=2).transpose(0, 2, 1)
   return _sample_slots(matched, coords, *mask_size)
 
 
-def _sample_targets(target_masks, coords):
-  """Target masks [B, N, H, W] sampled at their slots' points coords [B, N, P, 2] -> [B, N, P]."""
+def sample_targets(target_masks: jax.Array, coords: jax.Array) -> jax.Array:
+  """Target masks [B, N, H, W] (any dtype) sampled at their slots' points coords [B, N, P, 2]
+  -> [B, N, P] float32."""
   batch, num_slots, height, width = target_masks.shape
   return _sample_slots(target_masks.reshape(batch, num_slots, -1), coords, height, width)
 
@@ -309,8 +305,8 @@ def _sample_targets(target_masks, coords):
 def _uniform_points(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Uniform points [*shape, 2] in (0, 1)^2, x and y from the two halves of one random 32-bit word.
 
-  16 bits per coordinate (1/65536 of the mask side) is far finer than any mask, and halves the cost of
-  the random numbers, which is noticeable here (millions of importance-sampling candidates per step).
+  16 bits per coordinate (1/65536 of the mask side) is far finer than any mask, and halves the cost
+  of the random numbers (millions of importance-sampling candidates per step).
   """
   bits = jax.random.bits(key, shape, jnp.uint32)
   halves = jnp.stack([bits & jnp.uint32(0xFFFF), bits >> 16], axis=-1)
@@ -325,7 +321,7 @@ def _uniform_per_slot(key: jax.Array, batch: int, num_slots: int, count: int) ->
 
 
 def draw_points(key: jax.Array, batch: int, num_slots: int,
-                loss_config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+                loss_config: LossConfig) -> dict[str, jax.Array]:
   """Uniform random points of one prediction set.
 
   Returns:
@@ -333,7 +329,7 @@ def draw_points(key: jax.Array, batch: int, num_slots: int,
      'candidates': [B, N, P * oversample_ratio, 2] importance-sampling candidates per target slot,
      'fresh': [B, N, P - importance_sample_ratio * P, 2] uniform points added per target slot}.
   """
-  num_points = int(loss_config.num_points)
+  num_points = loss_config.num_points
   num_candidates = int(num_points * loss_config.oversample_ratio)
   num_uncertain = int(loss_config.importance_sample_ratio * num_points)
   key_match, key_candidates, key_fresh = jax.random.split(key, 3)
@@ -346,8 +342,7 @@ def draw_points(key: jax.Array, batch: int, num_slots: int,
 
 def prediction_set_losses(pred_logits: jax.Array, pred_rows: jax.Array, mask_size: tuple[int, int],
                           targets: dict[str, jax.Array], points: dict[str, jax.Array],
-                          num_masks: jax.Array,
-                          loss_config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+                          num_masks: jax.Array, loss_config: LossConfig) -> dict[str, jax.Array]:
   """loss_ce, loss_mask, loss_dice of one prediction set, with its own matching.
 
   Args:
@@ -356,12 +351,12 @@ def prediction_set_losses(pred_logits: jax.Array, pred_rows: jax.Array, mask_siz
     points: random points from `draw_points`.
     num_masks: scalar normaliser.
   """
-  num_points = int(loss_config.num_points)
-  src = _match(pred_logits, pred_rows, mask_size, targets, points['match'],
+  num_points = loss_config.num_points
+  src = match(pred_logits, pred_rows, mask_size, targets, points['match'],
                loss_config.class_weight, loss_config.mask_weight, loss_config.dice_weight)
-  uncertain = _sample_matched(jax.lax.stop_gradient(pred_rows), mask_size, src,
-                              points['candidates'])                              # [B, N, C]
-  coords = jax.vmap(jax.vmap(lambda u, c, f: _keep_uncertain(u, c, f, num_points)))(
+  uncertain = sample_matched(jax.lax.stop_gradient(pred_rows), mask_size, src,
+                             points['candidates'])                               # [B, N, C]
+  coords = jax.vmap(jax.vmap(lambda u, c, f: keep_uncertain(u, c, f, num_points)))(
       uncertain, points['candidates'], points['fresh'])
   loss_mask, loss_dice = loss_masks(pred_rows, mask_size, targets['masks'], targets['valid'], src,
                                     coords, num_masks)
@@ -371,8 +366,8 @@ def prediction_set_losses(pred_logits: jax.Array, pred_rows: jax.Array, mask_siz
 
 
 def set_criterion(outputs: dict[str, Any], targets: dict[str, jax.Array], key: jax.Array,
-                  loss_config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The Mask2Former training loss with deep supervision (SPEC 3).
+                  loss_config: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The Mask2Former training loss with deep supervision (docs/method.md §3).
 
   Args:
     outputs: the model output: 'pred_logits' [B, Q, K+1], 'pred_masks' [B, Q, h, w] and
@@ -380,17 +375,16 @@ def set_criterion(outputs: dict[str, Any], targets: dict[str, jax.Array], key: j
     targets: {'labels': int [B, N], 'masks': uint8 [B, N, H, W], 'valid': bool [B, N]}.
     key: PRNG key; prediction set i (final first, then aux in order) draws its points with
       `draw_points(jax.random.split(key, num_sets)[i], ...)`.
-    loss_config: config.loss (class_weight, mask_weight, dice_weight, no_object_weight, num_points,
-      oversample_ratio, importance_sample_ratio).
+    loss_config: the weights and point counts (`LossConfig.from_config(config.loss)`).
 
   Returns:
     (loss, metrics): the weighted sum over all prediction sets, and a flat dict with loss_ce,
     loss_mask, loss_dice of the final set and loss_ce_i, loss_mask_i, loss_dice_i of aux set i.
 
   num_masks = max(sum(valid), 1) over the whole batch given. Under jit on a batch sharded across
-  devices and hosts this sum is already the global count (XLA inserts the reduction), so the loss is the
-  global mean the original obtains with an all-reduce; images without instances are legal (all their
-  queries target "no object", their mask terms are 0).
+  devices and hosts this sum is already the global count (XLA inserts the reduction), so the loss is
+  the global mean the original obtains with an all-reduce; images without instances are legal (all
+  their queries target "no object", their mask terms are 0).
   """
   num_masks = jnp.maximum(jnp.sum(targets['valid'].astype(jnp.float32)), 1.0)
   sets = [(outputs['pred_logits'], outputs['pred_masks'])]
@@ -407,7 +401,7 @@ def set_criterion(outputs: dict[str, Any], targets: dict[str, jax.Array], key: j
                                         loss_config)
 
   # One scan over the (equally shaped) prediction sets: the same numbers as a Python loop, but XLA
-  # compiles the matcher and the losses once instead of once per set (10x for the R50 model).
+  # compiles the matcher and the losses once instead of once per set.
   # The masks go in channels last, transposed in the stacking copy: inside the loop XLA fused the
   # transpose into the matcher's row gathers, which then read one float per row instead of a row.
   stacked = (jnp.stack([s[0] for s in sets]), jnp.stack([channels_last(s[1]) for s in sets]), keys)

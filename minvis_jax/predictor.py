@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from minvis_jax import ops
 from minvis_jax import tracking
 from minvis_jax.data import transforms
 from minvis_jax.models import Mask2Former
@@ -50,19 +51,6 @@ def _windows(images: Iterable[np.ndarray], window: int) -> Iterator[tuple[np.nda
     yield np.stack(batch + pad), np.arange(window) < n
 
 
-def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] float64 weights of a 1-D bilinear resize (torch interpolate, align_corners=False,
-  no antialias: half-pixel centres, clamped at the edges)."""
-  src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-  lo = np.floor(src).astype(np.int64)
-  hi = np.minimum(lo + 1, n_in - 1)
-  frac = src - lo
-  a = np.zeros((n_out, n_in))
-  np.add.at(a, (np.arange(n_out), lo), 1 - frac)
-  np.add.at(a, (np.arange(n_out), hi), frac)
-  return a
-
-
 def _mask_logits_t(m: jnp.ndarray, padded_size, valid_size, out_size) -> jnp.ndarray:
   """Mask logits [Q, Hp/4, Wp/4] -> [Q, W, H] (transposed: pycocotools' column-major order) at the
   original size: to the padded input size, crop the valid image, to the original size (bilinear,
@@ -74,8 +62,8 @@ def _mask_logits_t(m: jnp.ndarray, padded_size, valid_size, out_size) -> jnp.nda
   was ~16 GFLOP as dense resize matrices).
   """
   (hp, wp), (h, w) = padded_size, valid_size
-  rows = _bilinear_matrix(h, out_size[0]) @ _bilinear_matrix(m.shape[1], hp)[:h]   # [H, Hp/4]
-  cols = _bilinear_matrix(w, out_size[1]) @ _bilinear_matrix(m.shape[2], wp)[:w]   # [W, Wp/4]
+  rows = ops.bilinear_matrix(h, out_size[0]) @ ops.bilinear_matrix(m.shape[1], hp)[:h]  # [H, Hp/4]
+  cols = ops.bilinear_matrix(w, out_size[1]) @ ops.bilinear_matrix(m.shape[2], wp)[:w]  # [W, Wp/4]
   # float16 first: the logits the earlier host-side implementation kept, so results are unchanged.
   m = m.astype(jnp.float16).astype(jnp.float32)
   highest = jax.lax.Precision.HIGHEST   # as jax.image.resize: no bfloat16 passes on TPU

@@ -30,6 +30,7 @@ from minvis_jax import config_lib
 from minvis_jax import criterion
 from minvis_jax import evaluate
 from minvis_jax import metrics_writer
+from minvis_jax import ops
 from minvis_jax import preemption as preemption_lib
 from minvis_jax.data import input_pipeline
 from minvis_jax.models import Mask2Former
@@ -171,15 +172,6 @@ def create_train_state(config, key) -> TrainState:
                     frozen=variables.get('frozen', {}), opt_state=tx.init(variables['params']))
 
 
-def normalize_images(images: jax.Array, image_size: jax.Array, mean, std) -> jax.Array:
-  """uint8 [B, H, W, 3] + valid (h, w) [B, 2] -> float32, normalised, zero outside the image."""
-  h, w = images.shape[1:3]
-  inside = ((jnp.arange(h)[None, :, None] < image_size[:, 0, None, None])
-            & (jnp.arange(w)[None, None, :] < image_size[:, 1, None, None]))
-  x = (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-  return jnp.where(inside[..., None], x, 0.0)
-
-
 def make_train_step(config):
   """The pure `train_step(state, batch) -> (state, metrics)` of this config (not yet jitted).
 
@@ -187,6 +179,7 @@ def make_train_step(config):
   'labels' int32 [B, N], 'masks' uint8 [B, N, H, W], 'valid' bool [B, N].
   """
   model = Mask2Former(config.model)
+  loss_config = criterion.LossConfig.from_config(config.loss)
   tx = make_optimizer(config.optim)
   schedule = learning_rate_schedule(config.optim)
   base_key = jax.random.PRNGKey(config.seed)
@@ -195,14 +188,14 @@ def make_train_step(config):
     # Randomness is a function of (seed, step) only, so a resumed run repeats it exactly.
     key = jax.random.fold_in(base_key, state.step)
     loss_key, dropout_key = jax.random.split(key)
-    images = normalize_images(batch['image'], batch['image_size'], config.data.mean,
-                              config.data.std)
+    images = ops.normalize(batch['image'], batch['image_size'], config.data.mean,
+                           config.data.std)
     targets = {k: batch[k] for k in ('labels', 'masks', 'valid')}
 
     def loss_fn(params):
       outputs = model.apply({'params': params, 'frozen': state.frozen}, images, train=True,
                             rngs={'dropout': dropout_key})
-      return criterion.set_criterion(outputs, targets, loss_key, config.loss)
+      return criterion.set_criterion(outputs, targets, loss_key, loss_config)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)

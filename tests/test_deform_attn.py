@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from minvis_jax.models import deform_attn
+from support.deform_levels import sample_level
 
 
 def _inputs(seed, b=2, m=3, h=5, w=7, s=40, p=4, d=6):
@@ -43,7 +44,7 @@ def test_sample_level_and_gradients_equal_dense_tent_form(seed, shape):
     out, vjp = jax.vjp(jax.jit(lambda v, l, wt: fn(v, h, w, l, wt)), value, loc, weight)
     return (out,) + vjp(ct)
 
-  ours, ref = run(deform_attn.sample_level), run(dense_tent)
+  ours, ref = run(sample_level), run(dense_tent)
   for name, a, r in zip(['out', 'd_value', 'd_loc', 'd_weight'], ours, ref):
     scale = max(1.0, float(jnp.max(jnp.abs(r))))
     np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=0, atol=1e-5 * scale,
@@ -56,7 +57,7 @@ def test_sample_level_and_gradients_equal_dense_tent_form(seed, shape):
 
 def test_sample_level_matches_bilinear_per_point():
   value, (h, w), loc, weight, _ = _inputs(4, b=1, m=2, s=30)
-  out = np.asarray(deform_attn.sample_level(jnp.asarray(value), h, w, loc, weight))
+  out = np.asarray(sample_level(jnp.asarray(value), h, w, loc, weight))
   grid = value.reshape(1, 2, h, w, -1)
   expected = np.zeros_like(out)
   for mi in range(2):

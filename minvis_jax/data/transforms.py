@@ -1,4 +1,7 @@
-"""Image geometry and normalisation shared by the training input and video inference (SPEC 1, 2)."""
+"""Image geometry and normalisation shared by the training input and video inference
+(docs/method.md §1, §2)."""
+
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -35,8 +38,13 @@ def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return masks[:, rows][:, :, cols]
 
 
-def normalize_and_pad(image: np.ndarray, mean, std, padded_size: tuple[int, int]) -> np.ndarray:
-  """uint8 [h, w, 3] -> float32 [Hp, Wp, 3]: (x - mean) / std, zero padding bottom/right."""
+def normalize_and_pad(image: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                      padded_size: tuple[int, int]) -> np.ndarray:
+  """uint8 [h, w, 3] -> float32 [Hp, Wp, 3]: (x - mean) / std, zero padding bottom/right.
+
+  Inference normalises here, on the host: the device form (`ops.normalize`, used in training)
+  differs by an ulp, which would change the rounding of inference's masks.
+  """
   h, w = image.shape[:2]
   if h > padded_size[0] or w > padded_size[1]:
     raise ValueError(f'image {h}x{w} does not fit the padded size {padded_size}')
@@ -50,9 +58,10 @@ def padded_size(height: int, width: int, divisibility: int) -> tuple[int, int]:
   return -(-height // divisibility) * divisibility, -(-width // divisibility) * divisibility
 
 
-def test_frame(image: np.ndarray, min_size: int, max_size: int, mean, std,
-               divisibility: int = 32) -> tuple[np.ndarray, tuple[int, int]]:
-  """Test-time input of one frame (SPEC 1): resized, normalised, padded to `divisibility`.
+def test_frame(image: np.ndarray, min_size: int, max_size: int, mean: Sequence[float],
+               std: Sequence[float], divisibility: int = 32) -> tuple[np.ndarray, tuple[int, int]]:
+  """Test-time input of one frame (docs/method.md §1): resized, normalised, padded to
+  `divisibility`.
 
   Returns (float32 [Hp, Wp, 3], (h, w) of the resized image inside the padding).
   """

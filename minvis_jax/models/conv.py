@@ -1,19 +1,9 @@
-"""2-D convolution (NHWC, HWIO) with the gradients XLA:CPU computes fast, and a flax module for it.
+"""2-D convolution (NHWC, HWIO), dense layer and the ResNet stem's max-pool, with custom gradients
+for XLA:CPU; the same numbers as XLA's own forms up to float rounding.
 
-XLA:CPU computes the kernel gradient of a convolution as another convolution (batch and feature dims
-swapped), which is very slow on CPU: for a 1x1 conv on [2, 96, 96, 256] it took 10x the forward. So:
-1x1 convs are plain matmuls (forward and both gradients are GEMMs; the kernel gradient transposes
-the narrower operand, materialised first: R50 backbone forward+backward 1.70 -> 1.27 s at 384x384,
-batch 2), with both barriers placed so that XLA cannot fold the transposes back into the dot
-(which then left YNNPACK for XLA's generic GEMM at two thirds of the speed). Larger kernels keep
-XLA's convolutions for all three, its kernel gradient one image at a time for large maps on CPU
-(3x3 on [2, 96, 96, 256]: 622 ms batched, 295 per image, 342 as the one-GEMM-per-tap sum used
-before; on one core). Same numbers as `lax.conv_general_dilated` up to float rounding. Only
-measured on CPU.
-
-`Dense` is `nn.Dense` through the same 1x1 GEMMs: in the pixel decoder's token layers ([2, 3024,
-C] at 384x384) its gradients took 2.10 s of forward+backward against 2.28 with `nn.Dense`
-(identical gradients); the R50 train step 4.47 vs 4.58 s in one process.
+Why: XLA:CPU computes a kernel gradient as another convolution, many times slower than the forward,
+and its max-pool gradient as a scatter. Tuned and measured on CPU only (benchmarks/ has the
+timings); whether accelerators want the plain forms is not measured yet.
 """
 
 import functools
@@ -42,8 +32,7 @@ def _conv_kxk_fwd(x, kernel, stride, pad):
 def _conv_kxk_bwd(stride, pad, res, dy):
   x, kernel = res
   # Both materialised first: fused into the gradient convolutions, their producers (the FPN's
-  # upsample-and-add, a norm's gradient) were recomputed at every read (~0.5 s of the pixel
-  # decoder's output conv in the train step).
+  # upsample-and-add, a norm's gradient) were recomputed at every read.
   x, dy = jax.lax.optimization_barrier((x, dy))
   _, input_vjp = jax.vjp(lambda a: _xla_conv(a, kernel, stride, pad), x)
   (dx,) = input_vjp(dy)
@@ -51,9 +40,8 @@ def _conv_kxk_bwd(stride, pad, res, dy):
   def kernel_grad(xb, dyb):
     return jax.vjp(lambda k: _xla_conv(xb, k, stride, pad), kernel)[1](dyb)[0]
 
-  # XLA:CPU's kernel gradient of a large map is twice as slow for a batch of 2 as for two single
-  # images (3x3, [2, 96, 96, 256]: 622 ms against 2 x 148 on one core), so large maps go one image
-  # at a time; small maps stay batched.
+  # XLA:CPU's kernel gradient of a large map is slower for a batch than for its images one by one,
+  # so large maps go one image at a time; small maps stay batched.
   if jax.default_backend() == 'cpu' and dy.shape[0] > 1 and math.prod(dy.shape[1:]) >= 1 << 21:
     dkernel = sum(kernel_grad(x[b:b + 1], dy[b:b + 1]) for b in range(dy.shape[0]))
   else:
@@ -80,12 +68,11 @@ def _pointwise_bwd(res, dy):
   dx = jnp.einsum('...d,cd->...c', dy, kernel)
   # The kernel gradient contracts over pixels, so one operand is transposed (channels first) for
   # the GEMM. Left to XLA, it transposed the wider one with the elementwise gradient (ReLU mask, BN
-  # scale) fused in, recomputed at a strided read per element: ~80 ms for [2, 96, 96, 256], twice
-  # per block. Transposing the narrower one, materialised first, is a plain copy. The barriers sit
-  # after the transposes (and on the product before its own transpose): otherwise XLA folds them
-  # into the dot's dimension numbers, and a dot contracting over its operands' leading dimension
-  # runs on XLA:CPU's generic GEMM instead of YNNPACK's (fc2 of the pixel decoder's encoder,
-  # [6048, 1024] x [6048, 256]: 29 -> 20 ms).
+  # scale) fused in, recomputed at a strided read per element. Transposing the narrower one,
+  # materialised first, is a plain copy. The barriers sit after the transposes (and on the product
+  # before its own transpose): otherwise XLA folds them into the dot's dimension numbers, and a dot
+  # contracting over its operands' leading dimension runs on XLA:CPU's generic GEMM instead of
+  # YNNPACK's.
   x2, dy2 = x.reshape(-1, cin), dy.reshape(-1, cout)
   if cin <= cout:
     dkernel = jnp.dot(jax.lax.optimization_barrier(x2.T), dy2, preferred_element_type=jnp.float32)
@@ -185,9 +172,8 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """`nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))`, the ResNet stem's pool:
   x [B, H, W, C] -> [B, (H - 1) // 2 + 1, (W - 1) // 2 + 1, C], same values and gradients (ties to
   the first maximum in window order). Its gradient keeps the winning tap (int8) from the forward
-  and spreads the output gradient back by 9 strided pads; XLA:CPU's own max-pool gradient (a
-  reduce-window carrying four index arrays, then a scatter) took ~90 ms of a single-core train step
-  at 384x384, batch 2."""
+  and spreads the output gradient back by 9 strided pads, where XLA:CPU's own max-pool gradient (a
+  reduce-window carrying four index arrays, then a scatter) is slow."""
   return _max_pool_fwd(x)[0]
 
 

@@ -1,14 +1,10 @@
 """Multi-scale deformable attention (Deformable DETR) in pure JAX: bilinear sampling by gathers.
 
 Every sampling point reads its four bilinear corners from its image's [N*M, D] table of all levels
-and heads. The forward sums the L*P*4 weighted row gathers of a query as separate terms, which
-XLA:CPU fuses into one loop vectorised over D: ~6x faster than gathering the rows into a
-[.., P*4, D] array per level and reducing it (benchmarks/deform_attn.py). The sum runs as a loop
-over levels, so that the output projection's [B, S, M*D] view is not fused into it (see
-`_sample_summed`).
-Under differentiation the rows are gathered into that array instead (custom_vjp): autodiff of it
-(the rows kept for the weights' gradient, one scatter-add for the value's) was the fastest
-backward measured; see the benchmark's docstring for the leads that lost.
+and heads. The forward sums the weighted row gathers as separate terms, a loop over levels (see
+`_sample_summed`); under differentiation the rows are gathered into one array per level instead
+(custom_vjp), whose autodiff is the faster backward on CPU (benchmarks/deform_attn.py has the
+alternatives and their timings).
 """
 
 import functools
@@ -23,11 +19,15 @@ from minvis_jax.models.conv import Dense
 
 def bilinear_terms(spatial_shapes: Sequence[tuple[int, int]], loc: jnp.ndarray,
                    attn: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Corners of every sampling point; zero padding, align_corners=False.
+  """Corners of every sampling point; zero padding, align_corners=False (`ops`' convention).
 
   loc: [B, S, M, L, P, 2] normalised (x, y) in [0, 1]; attn: [B, S, M, L, P]. Returns pos, int32
   [L, B, S, M, P*4] positions in the levels' concatenated [N = sum H*W] maps, and wts,
   [L, B, S, M, P*4] attention times bilinear weights (zero for corners outside the map).
+
+  Not `ops.bilinear_corners`: the weights are products of the fractions x - x0 and 1 - (x - x0),
+  where ops computes tents 1 - |x - xi|; equal in exact arithmetic, they differ by an ulp on some
+  points under XLA, and the model's numbers stay as they were.
   """
   pos_levels, wts_levels = [], []
   start = 0
@@ -61,7 +61,7 @@ def _table_rows(pos, m):
 def _gather_rows(table, rows):
   """table [B, N*M, D], rows [B, ...] -> [B, ..., D]. Per image (vmap), not from one flat table of
   the batch: a gather whose batch dimension is explicit stays local to each device when the batch
-  is sharded, where a flat one made XLA all-gather every device's values (1-3% slower on CPU)."""
+  is sharded, where a flat one made XLA all-gather every device's values."""
   return jax.vmap(lambda t, r: t.at[r].get(mode='promise_in_bounds'))(table, rows)
 
 
@@ -83,7 +83,7 @@ def _sample_summed(value, spatial_shapes, loc, attn):
 
   # A loop over levels, not one expression: XLA would otherwise fuse the caller's [B, S, M*D]
   # reshape into the sum, whose loop over M*D then recomputes every row index per channel and
-  # cannot vectorise the 32-float row reads (the sum in an R50 encoder layer: 10-14 -> ~2 ms).
+  # cannot vectorise the row reads.
   # zeros_like keeps the value's varying axes under shard_map (the carry's type must match).
   out, _ = jax.lax.scan(add_level, jnp.zeros_like(value, shape=(b, pos.shape[2], m, d)),
                         (rows, wts.astype(value.dtype)))
@@ -94,8 +94,7 @@ def _sample_gathered(value, spatial_shapes, loc, attn):
   """The same sum with each level's rows gathered into [B, S, M, P*4, D]: what autodiff runs.
 
   Rows come from the same [N*M, D] tables, in the output's [B, S, M] order: no transposes of the
-  value, the indices or the result (pixel decoder forward+backward 2.67 -> 2.58 s against gathering
-  from a head-major [B, M, N, D] copy; same gradients).
+  value, the indices or the result (faster on CPU than gathering from a head-major copy).
   """
   b, n, m, d = value.shape
   table = value.reshape(b, n * m, d)
@@ -136,18 +135,6 @@ def multi_scale_sample(value: jnp.ndarray, spatial_shapes: Sequence[tuple[int, i
   sum over levels l and points p of attn * value_l(loc).
   """
   return _sample(value, tuple(tuple(int(v) for v in hw) for hw in spatial_shapes), loc, attn)
-
-
-def sample_level(value: jnp.ndarray, height: int, width: int, loc: jnp.ndarray,
-                 weight: jnp.ndarray) -> jnp.ndarray:
-  """`multi_scale_sample` of one level in head-major layout (tests, benchmarks).
-
-  value: [B, M, H*W, D]; loc: [B, M, S, P, 2]; weight: [B, M, S, P] -> [B, M, S, D].
-  """
-  out = multi_scale_sample(value.transpose(0, 2, 1, 3), [(height, width)],
-                           loc.transpose(0, 2, 1, 3, 4)[:, :, :, None],
-                           weight.transpose(0, 2, 1, 3)[:, :, :, None])
-  return out.transpose(0, 2, 1, 3)
 
 
 class MSDeformAttn(nn.Module):

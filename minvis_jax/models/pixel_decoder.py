@@ -3,19 +3,13 @@
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from minvis_jax import ops
 from minvis_jax.models.conv import Conv
 from minvis_jax.models.conv import Dense
 from minvis_jax.models.deform_attn import MSDeformAttn
 from minvis_jax.models.position import sine_position_embedding
-
-
-def resize_bilinear(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
-  """Bilinear resize of [..., H, W, C] like torch interpolate(align_corners=False), no antialias."""
-  shape = x.shape[:-3] + (height, width, x.shape[-1])
-  return jax.image.resize(x, shape, method='bilinear', antialias=False)
 
 
 def reference_points(spatial_shapes) -> jnp.ndarray:
@@ -85,7 +79,7 @@ class PixelDecoder(nn.Module):
       start += hh * ww
     # FPN level at stride 4: lateral res2 + upsampled stride-8 output.
     lateral = gn('lateral_norm')(conv(self.dim, 1, 'lateral', bias=False)(features['res2']))
-    y = lateral + resize_bilinear(outs[-1], lateral.shape[1], lateral.shape[2])
+    y = lateral + ops.resize_bilinear(outs[-1], lateral.shape[1], lateral.shape[2])
     y = nn.relu(gn('output_norm')(conv(self.dim, 3, 'output', bias=False)(y)))
     mask_features = conv(self.mask_dim, 1, 'mask_projection')(y)
     return mask_features, outs

@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from minvis_jax import ops
 from minvis_jax.models.conv import Dense
-from minvis_jax.models.pixel_decoder import resize_bilinear
 from minvis_jax.models.position import sine_position_embedding
 
 
@@ -100,7 +100,7 @@ class TransformerDecoder(nn.Module):
       masks = jnp.einsum('bqc,bhwc->bhwq', e, mask_features).astype(jnp.float32)
       # Attention mask for the next layer: True = attend where sigmoid >= 0.5; a query blocked
       # everywhere attends everywhere.
-      small = resize_bilinear(masks, *target_size)
+      small = ops.resize_bilinear(masks, *target_size)
       attend = (small >= 0.0).reshape(b, -1, self.num_queries).transpose(0, 2, 1)
       attend = attend | ~jnp.any(attend, axis=-1, keepdims=True)
       pred = {'pred_logits': class_embed(z).astype(jnp.float32),
