@@ -367,8 +367,10 @@ def markdown() -> str:
       out += [f'## minvis-jax {prog}', '', '```text', p.format_help().strip(), '```', '']
   out += ['## Changes', '', 'Flags that were renamed or removed; passing one is a one-line error '
           'naming the replacement.', '', '| command | old flag | use now |', '|---|---|---|']
-  out += [f'| {cmd} | `{old}` | `{new}` |' for cmd in sorted(RENAMED_FLAGS)
-          for old, new in RENAMED_FLAGS[cmd].items()]
+  for cmd in sorted(RENAMED_FLAGS):
+    for old, new in RENAMED_FLAGS[cmd].items():
+      new = new.replace('|', '\\|')   # a | inside a table cell
+      out.append(f'| {cmd} | `{old}` | `{new}` |')
   return '\n'.join(out) + '\n'
 
 

@@ -1,4 +1,4 @@
-"""The body of `minvis-jax demo` (its flags are in cli.py): generate videos, train, track, evaluate.
+"""The offline end-to-end demo: generate videos, train, track, evaluate.
 
 Generates a synthetic VIS dataset in the YouTube-VIS layout (train and held-out valid videos),
 trains the tiny Mask2Former on single frames with the real trainer (scoring the held-out videos
@@ -18,7 +18,6 @@ import jax
 import ml_collections
 
 from minvis_jax import checkpoints
-from minvis_jax import config_lib
 from minvis_jax import evaluation
 from minvis_jax import dataset_eval
 from minvis_jax import train

@@ -85,7 +85,8 @@ def open_video(path: str) -> VideoInput:
 
   `path` is a folder of frames (its .jpg/.jpeg/.png files in sorted name order), an mp4 (or another
   format ffmpeg reads; needs imageio-ffmpeg; the count is the container's duration x fps, for a
-  progress bar) or a GIF. A missing or unreadable input raises FileNotFoundError / ValueError naming it.
+  progress bar) or a GIF. A missing or unreadable input raises FileNotFoundError / ValueError
+  naming it.
   """
   if os.path.isdir(path):
     files = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTENSIONS))

@@ -1,5 +1,5 @@
-"""The `minvis-jax` command: dispatch, help, renamed flags, docs/cli.md, python -m, and the demo main
-job at a reduced length."""
+"""The `minvis-jax` command: dispatch, help, renamed flags, docs/cli.md, python -m, and the demo
+main job at a reduced length."""
 
 import argparse
 import json
@@ -27,8 +27,8 @@ def test_unknown_subcommand_fails_with_usage(capsys):
 @pytest.mark.slow
 def test_demo_trains_to_well_above_untrained(tmp_path, capsys):
   workdir = tmp_path / 'demo'
-  assert cli.main(['demo', '--workdir', str(workdir), '--total_steps', '100', '--train_videos', '12',
-                   '--valid_videos', '3', '--frames', '6']) == 0
+  assert cli.main(['demo', '--workdir', str(workdir), '--total_steps', '100', '--train_videos',
+                   '12', '--valid_videos', '3', '--frames', '6']) == 0
   out = capsys.readouterr().out
   metrics = json.loads((workdir / 'metrics.json').read_text())
   before, after = metrics['untrained']['AP'], metrics['trained']['AP']

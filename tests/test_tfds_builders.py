@@ -17,6 +17,8 @@ from minvis_jax.data import synthetic, tfds_builders, ytvis
 
 from support import layouts
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 H, W, T = 40, 56, 4
 
 
@@ -198,6 +200,6 @@ def test_training_on_an_unannotated_prepared_split(tmp_path, synthetic_root):
 
 def test_python_m_forwards_to_the_data_build_subcommand():
   proc = subprocess.run([sys.executable, '-m', 'minvis_jax.data.tfds_builders', '--help'],
-                        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                        capture_output=True, text=True, timeout=300, cwd=REPO)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith('usage: minvis-jax data build') and '--manual_dir' in proc.stdout

@@ -251,5 +251,8 @@ class TfdsSource:
 if __name__ == '__main__':
   import sys
 
+  # The CLI uses this very module: TFDS registers a builder class once per name, so a second import
+  # of this file under its package name would fail.
+  sys.modules['minvis_jax.data.tfds_builders'] = sys.modules['__main__']
   from minvis_jax import cli
   sys.exit(cli.main(['data', 'build'] + sys.argv[1:]))
