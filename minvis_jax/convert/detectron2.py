@@ -10,7 +10,8 @@ from minvis_jax.convert import heads
 from minvis_jax.convert import weights
 
 
-def params_from_detectron2(state_dict: Mapping[str, Any], model_config: ml_collections.ConfigDict):
+def params_from_detectron2(state_dict: Mapping[str, Any],
+                           model_config: ml_collections.ConfigDict) -> dict:
   """detectron2 Mask2Former / MinVIS `model` state dict (torch or numpy) -> variables."""
   bb, consumed = backbones.backbone_from_detectron2(state_dict, model_config.backbone)
   return weights.assemble(state_dict, model_config, heads.detectron2_entries(model_config), bb,

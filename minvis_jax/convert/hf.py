@@ -18,7 +18,7 @@ from minvis_jax.data import categories
 HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json')
 
 
-def params_from_hf(state_dict: Mapping[str, Any], model_config: ml_collections.ConfigDict):
+def params_from_hf(state_dict: Mapping[str, Any], model_config: ml_collections.ConfigDict) -> dict:
   """HF `Mask2FormerForUniversalSegmentation` state dict -> Mask2Former variables."""
   bb, consumed = backbones.backbone_from_hf(state_dict, model_config.backbone)
   return weights.assemble(state_dict, model_config, heads.hf_entries(model_config), bb, consumed,

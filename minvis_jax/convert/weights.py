@@ -3,7 +3,7 @@ every source (HF, detectron2, an ImageNet backbone) shares."""
 
 import os
 import pickle
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,9 @@ def _abstract_variables(model_config):
                         jnp.zeros((1, 64, 64, 3)))
 
 
-def assemble(state, model_config, entries, backbone_vars, consumed, source: str):
+def assemble(state: Mapping[str, Any], model_config: ml_collections.ConfigDict,
+             entries: Sequence[tuple[tuple[str, ...], str, Callable]], backbone_vars: dict,
+             consumed: Iterable[str], source: str) -> dict:
   """Head entries (path, source key, transform) + imported backbone variables -> the model's
   variables; checks every key both ways (`consumed`: source keys the backbone import used)."""
   expected = _flat_shapes(_abstract_variables(model_config))
@@ -71,7 +73,8 @@ def assemble(state, model_config, entries, backbone_vars, consumed, source: str)
   return _unflatten({p: flat[p] for p in expected})
 
 
-def params_with_backbone(backbone_vars, model_config, seed: int = 0):
+def params_with_backbone(backbone_vars: dict, model_config: ml_collections.ConfigDict,
+                         seed: int = 0) -> dict:
   """A randomly initialised head on an imported ImageNet backbone (training from scratch)."""
   variables = jax.tree.map(np.asarray, jax.jit(Mask2Former(model_config).init)(
       jax.random.PRNGKey(seed), jnp.zeros((1, 64, 64, 3))))
@@ -86,7 +89,7 @@ def params_with_backbone(backbone_vars, model_config, seed: int = 0):
 
 
 def params_from_backbone(source: str, state: Mapping[str, Any],
-                         model_config: ml_collections.ConfigDict, seed: int = 0):
+                         model_config: ml_collections.ConfigDict, seed: int = 0) -> dict:
   """An ImageNet backbone (`source` torchvision or swin) under a randomly initialised head."""
   if source == 'torchvision':
     bb, _ = backbones.backbone_from_torchvision(state, model_config.backbone)
@@ -154,7 +157,8 @@ def _rows(state: Mapping[str, Any], suffixes: tuple[str, ...]) -> int | None:
   return None
 
 
-def check_architecture(model, config_model, config_spec: str, origin: str) -> None:
+def check_architecture(model: ml_collections.ConfigDict, config_model: ml_collections.ConfigDict,
+                       config_spec: str, origin: str) -> None:
   """ValueError (one line, both values) where the checkpoint's model config (from `origin`, e.g.
   its config.json) and the experiment config's `model` disagree on the architecture."""
   def norm(v):
@@ -170,8 +174,8 @@ def check_architecture(model, config_model, config_spec: str, origin: str) -> No
                        f'model.{key}={b!r}')
 
 
-def check_state_shapes(state: Mapping[str, Any], model_config, config_spec: str,
-                       source: str) -> None:
+def check_state_shapes(state: Mapping[str, Any], model_config: ml_collections.ConfigDict,
+                       config_spec: str, source: str) -> None:
   """The class and query counts of a state dict against `model_config`, as one-line errors."""
   classes = _rows(state, ('class_predictor.weight', 'class_embed.weight'))
   if classes is not None and classes - 1 != model_config.num_classes:
