@@ -5,17 +5,21 @@
   minvis-jax infer     --checkpoint ckpt --video clip.mp4 --out out
   minvis-jax train     --config minvis:dataset=ovis --workdir DIR
   minvis-jax evaluate  --checkpoint DIR [--config minvis] [--set data.manual_dir=DATA]
+  minvis-jax data      synthetic --out DIR --videos N --frames T | build --dataset NAME ...
 
 `--config` takes a shipped config by name (`minvis`, `coco`, `tiny`), with an argument after a
 colon (`minvis:dataset=ytvis_2021,backbone=swin_l`), or the path of your own config file; `--set
 KEY=VALUE` overrides one field (repeatable). `minvis-jax CMD --help` lists a command's flags. User
 errors (a missing file, a wrong checkpoint) print one line and exit with status 2; add `--debug` to
-any command to see the traceback.
+any command to see the traceback. `python -m minvis_jax CMD` is the same as `minvis-jax CMD`.
+
+On a CPU-only Linux host `train` and `demo` start themselves again once with glibc malloc tunables
+that keep freed memory mapped (minvis_jax/host_memory.py; one line on stderr says so); set
+MINVIS_NO_REEXEC=1, or a GLIBC_TUNABLES naming a glibc.malloc tunable, to turn that off.
 """
 
 import argparse
 import contextlib
-import importlib
 import logging
 import os
 import sys
@@ -24,10 +28,15 @@ import jax
 
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
+from minvis_jax import convert
+from minvis_jax import demo
 from minvis_jax import evaluate
 from minvis_jax import host_memory
+from minvis_jax import infer
 from minvis_jax import train
 from minvis_jax import watch
+from minvis_jax.data import synthetic
+from minvis_jax.data import tfds_builders
 
 # What a command raises for bad input (a path, a file's content, a flag value): the message names
 # the file and field, so the traceback is noise. Anything else (a bug) keeps its traceback.
@@ -98,16 +107,209 @@ def _check_renamed(name: str, argv: list[str]) -> None:
 
 
 # --- commands ---------------------------------------------------------------------------------
-# Each command: (one-line help, flags(parser), run(args) -> exit status). A command whose parser
-# still lives in its own module is listed in _LEGACY (module with main(argv)) until it moves here.
-
-_LEGACY = {
-    'demo': 'minvis_jax.demo',
-    'infer': 'minvis_jax.infer',
-    'convert': 'minvis_jax.convert',
-}
+# Each command: (one-line help, flags(parser), run(args) -> exit status).
 
 COMMANDS: dict = {}
+
+
+def parse_window(value: str) -> int | str:
+  """A `--window` flag: 'auto' or a positive frame count per device."""
+  if value == 'auto':
+    return value
+  if not value.isdigit() or int(value) < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+  return int(value)
+
+
+# --- infer ---
+
+def _infer_flags(parser: argparse.ArgumentParser) -> None:
+  parser.description = infer.__doc__.strip()
+  parser.add_argument('--checkpoint', required=True,
+                      help='minvis-jax checkpoint directory (written by convert or train)')
+  parser.add_argument('--video', required=True, help='mp4/GIF file or folder of jpg/png frames')
+  parser.add_argument('--out', required=True, help='output directory')
+  add_config_flags(parser, default_help="the checkpoint's config.json")
+  add_shorthand(parser, '--top_k', 'inference.top_k', 'tracks kept', type=int)
+  add_shorthand(parser, '--window', 'inference.window', 'frames per device per forward, or auto',
+                type=parse_window)
+  parser.add_argument('--score_threshold', type=float, default=0.3,
+                      help='tracks drawn on the overlay need at least this score (all are in '
+                      'results.json)')
+  parser.add_argument('--fps', type=float, default=None,
+                      help="frame rate of the overlay (default: the source video's; 10 for a "
+                      'frame folder)')
+
+
+def _infer(args: argparse.Namespace) -> int:
+  config, variables = infer.load_model(args.checkpoint, args.config)
+  config_lib.apply_overrides(config, overrides(args))
+  source = (args.config or "the checkpoint's config.json") + (' and flags' if overrides(args)
+                                                                else '')
+  return infer.run(config, variables, args.video, args.out, args.score_threshold, args.fps, source)
+
+
+COMMANDS['infer'] = ('MinVIS on one video file or frame folder: results JSON and overlay video',
+                     _infer_flags, _infer)
+RENAMED_FLAGS['infer'] = {'--tracker': '--set inference.tracker=memory|minvis'}
+
+
+# --- demo ---
+
+def _demo_flags(parser: argparse.ArgumentParser) -> None:
+  parser.description = demo.__doc__.strip()
+  parser.epilog = ('On a CPU-only Linux host the demo starts itself again once with glibc malloc '
+                   'tunables\n(one stderr line says so); MINVIS_NO_REEXEC=1 turns that off.')
+  parser.add_argument('--workdir', default='minvis_demo', help='data, checkpoints and outputs')
+  add_config_flags(parser, default_help='tiny')
+  add_shorthand(parser, '--total_steps', 'total_steps', 'training steps', type=int)
+  add_shorthand(parser, '--batch_size', 'batch_size', 'global batch (frames)', type=int)
+  add_shorthand(parser, '--seed', 'seed', 'seed of the data, the init and the input order',
+                type=int)
+  parser.add_argument('--train_videos', type=int, default=40, help='generated training videos')
+  parser.add_argument('--valid_videos', type=int, default=8, help='generated held-out videos')
+  parser.add_argument('--frames', type=int, default=12, help='frames per generated video')
+
+
+def _demo(args: argparse.Namespace) -> int:
+  config = config_lib.load_config(args.config or 'tiny')
+  config_lib.apply_overrides(config, overrides(args))
+  return demo.run(config, args.workdir, args.train_videos, args.valid_videos, args.frames)
+
+
+COMMANDS['demo'] = ('offline end-to-end run on generated videos: train, track, evaluate',
+                    _demo_flags, _demo)
+RENAMED_FLAGS['demo'] = {'--steps': '--total_steps'}
+
+
+# --- convert ---
+
+_CONVERT_DESCRIPTION = """\
+Converts a Mask2Former / MinVIS checkpoint (HF transformers, detectron2) or an ImageNet backbone
+to a minvis-jax checkpoint directory, read by `minvis-jax infer`, `evaluate` and training
+(init.checkpoint).
+
+--config is the experiment: a shipped config name[:arg] (minvis, minvis:dataset=ovis,
+coco:backbone=swin_l, tiny) or a config file. It gives the data, category names, test resolution,
+window and top-k. With an HF config.json the model comes from it and --config must agree; without
+--config an HF checkpoint gets the MinVIS recipe and its own classes. --config is required for
+detectron2/torchvision/swin (no model config inside)."""
+
+_CONVERT_EXAMPLES = """\
+examples:
+  minvis-jax convert --source hf --input mask2former-swin-small-coco-instance --out ckpt
+  minvis-jax convert --source detectron2 --input model_final_3c8ec9.pkl \\
+      --config coco:backbone=r50 --out pretrained/coco_r50
+  minvis-jax convert --source detectron2 --input minvis_ytvis19_R50.pth \\
+      --config minvis:dataset=ytvis_2019 --out ckpt_ytvis19"""
+
+
+def _convert_flags(parser: argparse.ArgumentParser) -> None:
+  parser.description, parser.epilog = _CONVERT_DESCRIPTION, _CONVERT_EXAMPLES
+  parser.add_argument('--source', required=True,
+                      choices=['hf', 'detectron2', 'torchvision', 'swin'])
+  parser.add_argument('--input', required=True,
+                      help='checkpoint file (.safetensors, .bin, .pth, .pkl), or for --source hf '
+                      'an HF model folder (save_pretrained: config.json + weights)')
+  parser.add_argument('--hf_config', default='',
+                      help='HF config.json of --input when it is not beside the weights')
+  add_config_flags(parser)
+  parser.add_argument('--out', required=True, help='new checkpoint directory')
+  parser.add_argument('--seed', type=int, default=0, help='init of the head for backbone sources')
+
+
+def _convert_config(args: argparse.Namespace):
+  """(experiment config, weights file, HF config.json or ''), checked against each other."""
+  hf, origin, weights = None, '', args.input
+  if args.source == 'hf':
+    weights, hf_path = convert.hf_files(args.input, args.hf_config)
+    if hf_path:
+      hf, origin = convert.read_hf_config(hf_path), hf_path
+  elif args.hf_config:
+    raise ValueError('--hf_config is for --source hf')
+  model = convert.model_config_from_hf(hf) if hf else None
+  if args.config:
+    config = config_lib.load_config(args.config)
+    if model is not None:
+      convert.check_architecture(model, config.model, args.config, origin)
+  elif model is not None:
+    config = convert.experiment_for(model, convert.hf_labels(hf, model.num_classes))
+  else:
+    raise ValueError(f'--source {args.source}: {args.input} carries no model config; pass '
+                     f'--config (e.g. --config coco:backbone=r50 for a COCO Mask2Former, '
+                     f'--config minvis:dataset=ovis for a MinVIS OVIS model)')
+  config_lib.apply_overrides(config, overrides(args))
+  return config, weights, origin
+
+
+def _convert(args: argparse.Namespace) -> int:
+  config, weights, origin = _convert_config(args)
+  state = convert.read_weights(weights)
+  if args.source == 'hf':
+    convert.check_state_shapes(state, config.model, args.config or origin, weights)
+    variables = convert.params_from_hf(state, config.model)
+  elif args.source == 'detectron2':
+    convert.check_state_shapes(state, config.model, args.config or origin, weights)
+    variables = convert.params_from_detectron2(state, config.model)
+  else:
+    variables = convert.params_from_backbone(args.source, state, config.model, args.seed)
+  checkpoints.save_variables(args.out, variables)
+  checkpoints.save_config(args.out, config)
+  n = sum(x.size for x in jax.tree.leaves(variables))
+  dataset = (config.get('data', None) or {}).get('dataset', '?')
+  print(f'wrote {args.out}: {n:,} values from {weights} ({args.source}); {dataset} experiment, '
+        f'{config.model.num_classes} classes')
+  return 0
+
+
+COMMANDS['convert'] = ('import HF / detectron2 weights or an ImageNet backbone as a checkpoint',
+                       _convert_flags, _convert)
+RENAMED_FLAGS['convert'] = {'--output': '--out'}
+
+
+# --- data ---
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+  tools = parser.add_subparsers(dest='tool', required=True, metavar='{synthetic,build}')
+  gen = tools.add_parser('synthetic', formatter_class=_Formatter,
+                         help='write a synthetic VIS dataset in the YouTube-VIS layout',
+                         description=synthetic.__doc__.split('\n\n')[0])
+  gen.add_argument('--out', required=True, help='dataset root (data.manual_dir)')
+  gen.add_argument('--split', default='train', help='split of the --videos videos')
+  gen.add_argument('--videos', type=int, required=True, help='videos of --split (0: none)')
+  gen.add_argument('--frames', type=int, required=True, help='frames per video')
+  gen.add_argument('--valid_videos', type=int, default=0, help='videos of the valid split')
+  gen.add_argument('--height', type=int, default=128)
+  gen.add_argument('--width', type=int, default=224)
+  gen.add_argument('--seed', type=int, default=0)
+  gen.add_argument('--occlusion', action='store_true',
+                   help='occlusion-heavy scenes: objects hidden behind an occluder or out of '
+                   'frame for several frames, and look-alikes crossing paths (>= 12 frames)')
+  build = tools.add_parser('build', formatter_class=_Formatter,
+                           help='prepare a TFDS dataset from its folder layout',
+                           description='Prepares a TFDS dataset (array_record) from its folder '
+                           'layout, for data.source=tfds.')
+  build.add_argument('--dataset', required=True, choices=sorted(tfds_builders.BUILDERS))
+  build.add_argument('--manual_dir', required=True, help='the dataset root in its standard layout')
+  build.add_argument('--data_dir', required=True, help='where TFDS writes the prepared dataset')
+
+
+def _data(args: argparse.Namespace) -> int:
+  if args.tool == 'build':
+    builder = tfds_builders.build(args.dataset, args.manual_dir, args.data_dir)
+    print(f'{builder.name}: {builder.data_dir} {dict(builder.info.splits)}')
+    return 0
+  if args.split == 'valid' and args.valid_videos:
+    raise ValueError('--split valid with --valid_videos: give the valid videos once')
+  for split, n in ((args.split, args.videos), ('valid', args.valid_videos)):
+    if n:
+      path = synthetic.generate(args.out, split, n, args.frames, args.height, args.width,
+                                args.seed, args.occlusion)
+      print(f'wrote {n} videos x {args.frames} frames: {path}')
+  return 0
+
+
+COMMANDS['data'] = ('dataset tools: a synthetic dataset, TFDS preparation', _data_flags, _data)
 
 
 # --- train ---
@@ -129,10 +331,11 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
-COMMANDS['train'] = ('Train Mask2Former on frames for MinVIS.', _train_flags, _train)
+COMMANDS['train'] = ('train Mask2Former on single frames (resumes from WORKDIR)', _train_flags,
+                     _train)
 
 
-# --- evaluate ---------------------------------------------------------------------------------
+# --- evaluate ---
 
 RENAMED_FLAGS['evaluate'] = {'--tracker': '--set inference.tracker=memory|minvis'}
 
@@ -227,13 +430,41 @@ def run(prog: str, main_fn, argv) -> int:
     return 130
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+  """Help at a fixed width, whatever the terminal: --help and docs/cli.md read the same."""
+
+  def __init__(self, prog: str):
+    super().__init__(prog, width=100, max_help_position=30)
+
+
 def make_parser(name: str) -> argparse.ArgumentParser:
   """The parser of command `name` (used by main and by docs/cli.md's generator)."""
   help_text, flags, _ = COMMANDS[name]
   parser = argparse.ArgumentParser(prog=f'minvis-jax {name}', description=help_text,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=_Formatter)
   flags(parser)
   return parser
+
+
+def markdown() -> str:
+  """docs/cli.md: the module help, every command's --help, and the renamed flags."""
+  out = ['# The `minvis-jax` command line', '',
+         'Generated from the parsers in minvis_jax/cli.py by '
+         '`python -m minvis_jax.cli --markdown > docs/cli.md`; do not edit by hand.', '',
+         '```text', __doc__.strip(), '```', '']
+  for name in sorted(COMMANDS):
+    parser = make_parser(name)
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for prog, p in [(name, parser)] + [(f'{name} {k}', v) for a in subs
+                                       for k, v in a.choices.items()]:
+      out += [f'## minvis-jax {prog}', '', '```text', p.format_help().strip(), '```', '']
+  out += ['## Changes', '', 'Flags that were renamed or removed; passing one is a one-line error '
+          'naming the replacement.', '', '| command | old flag | use now |', '|---|---|---|']
+  for cmd in sorted(RENAMED_FLAGS):
+    for old, new in RENAMED_FLAGS[cmd].items():
+      new = new.replace('|', '\\|')   # a | inside a table cell
+      out.append(f'| {cmd} | `{old}` | `{new}` |')
+  return '\n'.join(out) + '\n'
 
 
 def _command_main(name: str):
@@ -244,11 +475,18 @@ def _command_main(name: str):
   return main
 
 
-def main(argv=None) -> int:
-  if argv is None:  # a process of its own (not a call from Python): see host_memory
-    host_memory.reexec_keeping_freed_memory()
+# Commands that keep freed host memory mapped (host_memory): the training step's large blocks.
+_REEXEC = ('train', 'demo')
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`minvis-jax CMD ...`: argv without the program name (None: sys.argv, a process of its own)."""
+  own_process = argv is None
   argv = list(sys.argv[1:] if argv is None else argv)
-  names = list(COMMANDS) + [n for n in _LEGACY if n not in COMMANDS]
+  if argv[:1] == ['--markdown']:
+    sys.stdout.write(markdown())
+    return 0
+  names = list(COMMANDS)
   if not argv or argv[0] in ('-h', '--help') or argv[0] not in names:
     print(__doc__)
     if argv and argv[0] not in ('-h', '--help'):
@@ -256,10 +494,10 @@ def main(argv=None) -> int:
       return 2
     return 0
   name = argv[0]
+  if own_process and name in _REEXEC and not {'-h', '--help'} & set(argv):
+    host_memory.reexec_keeping_freed_memory()
   # Each subcommand gets 'minvis-jax <cmd>' as its program name, absl-style.
-  if name in COMMANDS:
-    return run(f'minvis-jax {name}', _command_main(name), argv[1:])
-  return run(f'minvis-jax {name}', importlib.import_module(_LEGACY[name]).main, argv[1:])
+  return run(f'minvis-jax {name}', _command_main(name), argv[1:])
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""The offline end-to-end demo (`minvis-jax demo`): generate videos, train, track, evaluate.
+"""The offline end-to-end demo: generate videos, train, track, evaluate.
 
 Generates a synthetic VIS dataset in the YouTube-VIS layout (train and held-out valid videos),
 trains the tiny Mask2Former on single frames with the real trainer (scoring the held-out videos
@@ -6,19 +6,18 @@ every `config.eval.every_steps`), runs MinVIS inference with query association o
 videos, scores them with the YouTube-VIS evaluator, and writes an overlay video of one held-out
 video and a PNG of the loss and eval AP curves. Everything runs on CPU, with no download.
 
-  minvis-jax demo                          # ~300 steps, a few minutes on a laptop CPU
-  minvis-jax demo --steps 1000 --workdir /tmp/demo_long
+  minvis-jax demo                          # the tiny config's steps, minutes on a laptop CPU
+  minvis-jax demo --total_steps 1000 --workdir /tmp/demo_long
 """
 
-import argparse
 import os
 import resource
 import time
 
 import jax
+import ml_collections
 
 from minvis_jax import checkpoints
-from minvis_jax import config_lib
 from minvis_jax import evaluate
 from minvis_jax import metrics_writer
 from minvis_jax import train
@@ -26,9 +25,6 @@ from minvis_jax import visualize
 from minvis_jax import ytvis_eval
 from minvis_jax.data import synthetic
 from minvis_jax.data import ytvis
-
-TINY_CONFIG = 'tiny'  # the shipped configs/tiny.py, found from any directory (config_lib)
-
 
 def make_data(data_dir: str, train_videos: int, valid_videos: int, frames: int, height: int,
               width: int, seed: int) -> None:
@@ -47,52 +43,42 @@ def write_overlay(path: str, dataset, results: list[dict], threshold: float = 0.
                                  [names[r['category_id']] for r in tracks], threshold, fps=4.0)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog=(argv or ['minvis-jax demo'])[0],
-                                   description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', default='minvis_demo', help='data, checkpoints and outputs')
-  parser.add_argument('--steps', type=int, default=None, help='training steps (default: config)')
-  parser.add_argument('--train_videos', type=int, default=40)
-  parser.add_argument('--valid_videos', type=int, default=8)
-  parser.add_argument('--frames', type=int, default=12, help='frames per video')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--batch_size', type=int, default=None, help='default: config (8)')
-  args = parser.parse_args((argv or [None])[1:])
-
+def run(config: ml_collections.ConfigDict, workdir: str, train_videos: int, valid_videos: int,
+        frames: int) -> int:
+  """The demo with `config` (the tiny one by default; `seed`, `batch_size`, `total_steps` from it):
+  `train_videos` + `valid_videos` generated videos of `frames` frames under WORKDIR/data, training
+  under WORKDIR/train, the held-out results, metrics, overlay and loss curve in WORKDIR."""
   t0 = time.time()
-  config = config_lib.load_config(TINY_CONFIG)
-  config.seed = args.seed
-  if args.batch_size:
-    config.batch_size = args.batch_size
-  steps = config.total_steps if args.steps is None else args.steps
+  steps = config.total_steps
   # The step decay of the recipe at 2/3 of the run, whatever its length.
   config.optim.decay_steps = (max(1, 2 * steps // 3),)
-  config.data.manual_dir = data_dir = os.path.abspath(os.path.join(args.workdir, 'data'))
+  config.data.manual_dir = data_dir = os.path.abspath(os.path.join(workdir, 'data'))
   height, width = config.data.canvas
-  make_data(data_dir, args.train_videos, args.valid_videos, args.frames, height, width, args.seed)
+  make_data(data_dir, train_videos, valid_videos, frames, height, width, config.seed)
   valid = ytvis.load_split('synthetic', data_dir, 'valid')
-  print(f'data: {args.train_videos} train + {args.valid_videos} held-out videos of {args.frames} '
+  print(f'data: {train_videos} train + {valid_videos} held-out videos of {frames} '
         f'frames ({height}x{width}) in {data_dir}')
 
-  untrained = jax.jit(lambda key: train.init_variables(config, key))(jax.random.PRNGKey(args.seed))
+  untrained = jax.jit(lambda key: train.init_variables(config, key))(
+      jax.random.PRNGKey(config.seed))
   _, before = evaluate.score(config, untrained, valid, progress=True)
   print(f'untrained model: AP {100 * before["AP"]:.2f}')
 
-  train_dir = os.path.join(args.workdir, 'train')
+  train_dir = os.path.join(workdir, 'train')
   # config.eval (configs/tiny.py) scores the held-out videos during training: the AP curve of
   # loss.png.
   train.train(config, train_dir, total_steps=steps)
   _, variables = checkpoints.load_for_inference(train_dir)
   results, metrics = evaluate.score(config, variables, valid, progress=True)
-  metrics_writer.write_json(os.path.join(args.workdir, 'results.json'), results)
-  metrics_writer.write_json(os.path.join(args.workdir, 'metrics.json'),
+  metrics_writer.write_json(os.path.join(workdir, 'results.json'), results)
+  metrics_writer.write_json(os.path.join(workdir, 'metrics.json'),
                        {'untrained': before, 'trained': metrics, 'steps': steps})
-  overlay = write_overlay(os.path.join(args.workdir, 'overlay.mp4'), valid, results)
+  overlay = write_overlay(os.path.join(workdir, 'overlay.mp4'), valid, results)
   curve = visualize.plot_losses(os.path.join(train_dir, 'metrics.jsonl'),
-                                os.path.join(args.workdir, 'loss.png'))
+                                os.path.join(workdir, 'loss.png'))
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   print(f'\nheld-out videos after {steps} steps (untrained AP {100 * before["AP"]:.2f}):')
   print(ytvis_eval.format_table(metrics))
-  print(f'\nwrote {overlay}, {curve}, {os.path.join(args.workdir, "metrics.json")}')
+  print(f'\nwrote {overlay}, {curve}, {os.path.join(workdir, "metrics.json")}')
   print(f'demo finished in {time.time() - t0:.0f} s, peak memory {peak_gib:.2f} GiB')
   return 0

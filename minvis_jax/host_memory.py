@@ -1,18 +1,17 @@
 """Host memory on the CPU backend: keep freed blocks mapped instead of faulting them in every step.
 
-XLA:CPU allocates an executable's temporaries as one block per run (4.7 GB for the R50 train step at
-384x384, batch 2) and frees it after. glibc serves a block this large with a fresh mmap and unmaps
-it on free, so every step faults each of its 4 KiB pages back in: 1.18 M page faults and 3.6-6.5 s
-of kernel time per step on a 2-core VM (step 7.4-10.6 s). With three glibc tunables (one malloc
-arena, no mmap, no trimming) the block comes from the heap and stays there: 0 page faults after the
-first steps, 0.03-0.09 s of kernel time, step 5.5-5.7 s (same hour, same machine). The process
-keeps its peak memory, as any caching allocator does.
+XLA:CPU allocates an executable's temporaries as one large block per run and frees it after; glibc
+serves such a block with a fresh mmap and unmaps it on free, so every training step faults all its
+pages back in (kernel time comparable to the step itself; docs/benchmarks.md has the figures). With
+three glibc tunables (one malloc arena, no mmap, no trimming) the block comes from the heap and
+stays there. The process keeps its peak memory, as any caching allocator does.
 
-glibc reads its tunables when a process starts, so the `minvis-jax` command (and the benchmarks)
-re-execute themselves once with them set. Only where JAX will compute on the CPU: with an
-accelerator (device files of NVIDIA or AMD GPUs, TPUs) the step's buffers are device memory, and a
-single arena could slow multi-threaded input pipelines. A GLIBC_TUNABLES that already names any
-glibc.malloc tunable is left as it is (`GLIBC_TUNABLES=glibc.malloc.arena_max=8` opts out).
+glibc reads its tunables when a process starts, so `minvis-jax train`, `minvis-jax demo` and the
+benchmarks re-execute themselves once with them set (one line on stderr says so). Only where JAX
+will compute on the CPU: with an accelerator (device files of NVIDIA or AMD GPUs, TPUs) the step's
+buffers are device memory, and a single arena could slow multi-threaded input pipelines. Opt out
+with MINVIS_NO_REEXEC=1, or with a GLIBC_TUNABLES that already names a glibc.malloc tunable (e.g.
+`GLIBC_TUNABLES=glibc.malloc.arena_max=8`), which is left as it is.
 """
 
 import glob
@@ -42,7 +41,7 @@ def malloc_environment(environ, libc: tuple[str, str], accelerator: bool):
     accelerator: `has_accelerator(environ)`.
   """
   name, version = libc
-  if name != 'glibc' or accelerator:
+  if name != 'glibc' or accelerator or environ.get('MINVIS_NO_REEXEC', '') not in ('', '0'):
     return None
   try:
     if tuple(int(v) for v in version.split('.')[:2]) < (2, 26):  # glibc's tunables came in 2.26
@@ -58,9 +57,9 @@ def malloc_environment(environ, libc: tuple[str, str], accelerator: bool):
 def reexec_keeping_freed_memory() -> None:
   """Re-executes this process (same interpreter, same command line) with the tunables set, once.
 
-  A no-op off Linux or glibc, with an accelerator, or when GLIBC_TUNABLES already names a
-  glibc.malloc tunable. Call it first thing in a program's entry point: anything done before it is
-  done twice.
+  A no-op off Linux or glibc, with an accelerator, with MINVIS_NO_REEXEC=1, or when GLIBC_TUNABLES
+  already names a glibc.malloc tunable. Call it first thing in a program's entry point: anything
+  done before it is done twice. Writes one line to stderr when it re-executes.
   """
   if sys.platform != 'linux':
     return
@@ -68,6 +67,9 @@ def reexec_keeping_freed_memory() -> None:
   # A program read from stdin ('-') or typed interactively ('') cannot be started again.
   if env is None or not sys.executable or sys.argv[0] in ('', '-'):
     return
+  print(f'restarting this process once with GLIBC_TUNABLES='
+        f'{env["GLIBC_TUNABLES"]} (keeps freed host memory mapped; MINVIS_NO_REEXEC=1 turns this '
+        f'off)', file=sys.stderr)
   sys.stdout.flush()
   sys.stderr.flush()
   try:

@@ -3,10 +3,11 @@
 import contextlib
 import dataclasses
 import os
-import struct
 from typing import Iterable, Iterator
 
 import numpy as np
+from PIL import Image
+from PIL import ImageSequence
 
 from minvis_jax import visualize
 from minvis_jax.data import ytvis
@@ -18,7 +19,7 @@ FRAME_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 @dataclasses.dataclass
 class VideoInput:
   frames: Iterator[np.ndarray]   # uint8 [H, W, 3] RGB, read lazily
-  num_frames: int | None         # None when the container does not say
+  num_frames: int | None         # for ffmpeg input from its duration x fps; None when unknown
   fps: float | None              # None for a frame folder or when the container does not say
 
 
@@ -43,69 +44,6 @@ def ffmpeg_without_preexec():
       os.environ[key] = old
 
 
-def _boxes(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[bytes, int, int]]:
-  """(type, payload start, payload end) of the ISO-BMFF boxes in data[start:end]."""
-  end = len(data) if end is None else end
-  while start + 8 <= end:
-    size, kind = struct.unpack('>I4s', data[start:start + 8])
-    header = 8
-    if size == 1:
-      if start + 16 > end:
-        return
-      size, header = struct.unpack('>Q', data[start + 8:start + 16])[0], 16
-    elif size == 0:
-      size = end - start
-    if size < header or start + size > end:
-      return
-    yield kind, start + header, start + size
-    start += size
-
-
-def mp4_frame_count(path: str) -> int | None:
-  """Frames of the first video track of an MP4/MOV file, from its sample table ('stsz'), without
-  decoding anything; None for other containers, fragmented files or when a box is missing."""
-  try:
-    with open(path, 'rb') as f:
-      moov = None
-      while moov is None:
-        header = f.read(8)
-        if len(header) < 8:
-          return None
-        size, kind = struct.unpack('>I4s', header)
-        offset = 8
-        if size == 1:
-          size, offset = struct.unpack('>Q', f.read(8))[0], 16
-        if size == 0 and kind != b'moov':
-          return None
-        if kind == b'moov':
-          moov = f.read(size - offset if size else -1)
-        elif size < offset:
-          return None
-        else:
-          f.seek(size - offset, os.SEEK_CUR)
-  except (OSError, struct.error):
-    return None
-
-  def child(start, end, kind):
-    return next(((s, e) for k, s, e in _boxes(moov, start, end) if k == kind), None)
-
-  for kind, start, end in _boxes(moov):
-    if kind != b'trak':
-      continue
-    mdia = child(start, end, b'mdia')
-    hdlr = mdia and child(*mdia, b'hdlr')
-    if not hdlr or moov[hdlr[0] + 8:hdlr[0] + 12] != b'vide':  # version/flags, pre_defined, type
-      continue
-    minf = child(*mdia, b'minf')
-    stbl = minf and child(*minf, b'stbl')
-    table = stbl and (child(*stbl, b'stsz') or child(*stbl, b'stz2'))
-    if not table or table[1] - table[0] < 12:
-      return None
-    count = struct.unpack('>I', moov[table[0] + 8:table[0] + 12])[0]  # after version/flags, size
-    return count or None
-  return None
-
-
 def _ffmpeg_error(path: str, error: Exception) -> ValueError:
   """ffmpeg's last stderr line (not its banner and build configuration) as a ValueError."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -124,7 +62,10 @@ def _open_ffmpeg(path: str) -> VideoInput:
     raise _ffmpeg_error(path, e) from None
   width, height = meta['size']
   fps = float(meta.get('fps') or 0) or None
-  count = mp4_frame_count(path)
+  # The container's duration x frame rate: a total for the progress bar (the bar is corrected at
+  # the end), not a count anything depends on.
+  duration = float(meta.get('duration') or 0)
+  count = round(duration * fps) if fps and duration > 0 else None
 
   def frames():
     try:
@@ -143,8 +84,9 @@ def open_video(path: str) -> VideoInput:
   """The frames of a video with their count and frame rate where known; checks the input up front.
 
   `path` is a folder of frames (its .jpg/.jpeg/.png files in sorted name order), an mp4 (or another
-  format ffmpeg reads; needs imageio-ffmpeg; the count comes from an MP4/MOV container's sample
-  table) or a GIF. A missing or unreadable input raises FileNotFoundError / ValueError naming it.
+  format ffmpeg reads; needs imageio-ffmpeg; the count is the container's duration x fps, for a
+  progress bar) or a GIF. A missing or unreadable input raises FileNotFoundError / ValueError
+  naming it.
   """
   if os.path.isdir(path):
     files = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTENSIONS))
@@ -154,7 +96,6 @@ def open_video(path: str) -> VideoInput:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such video file or frame folder')
   if path.lower().endswith('.gif'):
-    from PIL import Image, ImageSequence  # noqa: PLC0415
     try:
       with Image.open(path) as im:
         duration = im.info.get('duration') or 0   # ms per frame (of the first; the rest may vary)

@@ -1,10 +1,17 @@
-"""The `minvis-jax` command: dispatch, help, and the demo main job at a reduced length."""
+"""The `minvis-jax` command: dispatch, help, renamed flags, docs/cli.md, python -m, and the demo
+main job at a reduced length."""
 
+import argparse
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from minvis_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_help_lists_subcommands(capsys):
@@ -20,8 +27,8 @@ def test_unknown_subcommand_fails_with_usage(capsys):
 @pytest.mark.slow
 def test_demo_trains_to_well_above_untrained(tmp_path, capsys):
   workdir = tmp_path / 'demo'
-  assert cli.main(['demo', '--workdir', str(workdir), '--steps', '100', '--train_videos', '12',
-                   '--valid_videos', '3', '--frames', '6']) == 0
+  assert cli.main(['demo', '--workdir', str(workdir), '--total_steps', '100', '--train_videos',
+                   '12', '--valid_videos', '3', '--frames', '6']) == 0
   out = capsys.readouterr().out
   metrics = json.loads((workdir / 'metrics.json').read_text())
   before, after = metrics['untrained']['AP'], metrics['trained']['AP']
@@ -62,3 +69,58 @@ def test_subcommand_errors_go_through_run(tmp_path, capsys):
   assert cli.main(['evaluate', '--checkpoint', str(tmp_path / 'none')]) == 2
   err = capsys.readouterr().err
   assert err == f'minvis-jax evaluate: error: {tmp_path / "none"}: no such checkpoint directory\n'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['infer', '--checkpoint', 'c', '--video', 'v', '--out', 'o', '--tracker', 'memory'],
+     '--tracker was renamed: use --set inference.tracker=memory|minvis'),
+    (['convert', '--source', 'hf', '--input', 'x', '--output', 'o'],
+     '--output was renamed: use --out'),
+    (['demo', '--steps=10'], '--steps was renamed: use --total_steps'),
+])
+def test_renamed_flags_are_a_one_line_error_naming_the_new_one(argv, message, capsys):
+  assert cli.main(argv) == 2
+  assert capsys.readouterr().err == f'minvis-jax {argv[0]}: error: {message}\n'
+
+
+def test_every_command_takes_config_and_set():
+  for name in cli.COMMANDS:
+    if name == 'data':   # dataset tools: no experiment config
+      continue
+    flags = {o for a in cli.make_parser(name)._actions for o in a.option_strings}
+    assert {'--config', '--set'} <= flags, name
+
+
+def test_shorthands_are_set_overrides():
+  args = cli.make_parser('infer').parse_args(
+      ['--checkpoint', 'c', '--video', 'v', '--out', 'o', '--window', 'auto', '--top_k', '3',
+       '--set', 'inference.tracker=memory'])
+  assert cli.overrides(args) == ['inference.tracker=memory', 'inference.top_k=3',
+                                 'inference.window=auto']
+  args = cli.make_parser('demo').parse_args(['--total_steps', '7', '--seed', '2'])
+  assert cli.overrides(args) == ['total_steps=7', 'seed=2'] and args.config == ''
+  with pytest.raises(SystemExit):
+    cli.make_parser('infer').parse_args(['--checkpoint', 'c', '--video', 'v', '--out', 'o',
+                                         '--window', '0'])
+
+
+def test_parse_window():
+  assert cli.parse_window('auto') == 'auto' and cli.parse_window('12') == 12
+  for bad in ('0', '-1', 'x', '1.5'):
+    with pytest.raises(argparse.ArgumentTypeError):
+      cli.parse_window(bad)
+
+
+def test_committed_cli_md_is_generated_from_the_parsers():
+  """Regenerate with `python -m minvis_jax.cli --markdown > docs/cli.md` when this fails."""
+  with open(os.path.join(REPO, 'docs', 'cli.md')) as f:
+    committed = f.read()
+  assert committed == cli.markdown(), 'docs/cli.md is stale: python -m minvis_jax.cli --markdown'
+
+
+def test_markdown_does_not_depend_on_the_terminal_width():
+  env = dict(os.environ, COLUMNS='40')
+  proc = subprocess.run([sys.executable, '-m', 'minvis_jax', '--markdown'], capture_output=True,
+                        text=True, timeout=300, env=env, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout == cli.markdown()

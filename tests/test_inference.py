@@ -15,7 +15,6 @@ from scipy.optimize import linear_sum_assignment
 
 from minvis_jax import cli
 from minvis_jax import config_lib
-from minvis_jax import infer
 from minvis_jax import predictor
 from minvis_jax import tracking
 from minvis_jax import video_io
@@ -330,7 +329,7 @@ def test_infer_on_frame_folder(tiny_checkpoint, tmp_path, capsys):
   frames = _moving_square_frames(5)
   folder = _write_folder(tmp_path / 'frames', frames)
   out = tmp_path / 'out'
-  assert infer.main(['minvis-jax infer', '--checkpoint', ckpt, '--video', folder,
+  assert cli.main(['infer', '--checkpoint', ckpt, '--video', folder,
                                '--out', str(out), '--top_k', '3', '--score_threshold', '0']) == 0
   results = _check_results(out / 'results.json', 5, (64, 96), 3)
   # The same tracks as the predictor run directly on the test-time input (SPEC 1 geometry), at
@@ -367,7 +366,7 @@ def test_infer_on_mp4(tiny_checkpoint, tmp_path):
   # Lossy, but close to what was written.
   assert np.abs(frames[2].astype(int) - _moving_square_frames(4)[2]).mean() < 12
   out = tmp_path / 'out'
-  assert infer.main(['minvis-jax infer', '--checkpoint', ckpt, '--video', video,
+  assert cli.main(['infer', '--checkpoint', ckpt, '--video', video,
                                '--out', str(out), '--top_k', '2']) == 0
   _check_results(out / 'results.json', 4, (64, 96), 2)
   assert _frame_count(str(out / 'overlay.mp4')) == (4, (64, 96))
@@ -395,14 +394,14 @@ def test_read_video_folder_order_and_bad_inputs(tiny_checkpoint, tmp_path):
   ckpt, _, _ = tiny_checkpoint
   sizes = _write_folder(tmp_path / 'sizes', [frames[0], frames[1][:60]])
   with pytest.raises(ValueError, match='sizes: frame 1 is 60x96, the video is 64x96'):
-    infer.main(['infer', '--checkpoint', ckpt, '--video', sizes,
+    cli.main(['infer', '--debug', '--checkpoint', ckpt, '--video', sizes,
                           '--out', str(tmp_path / 'o')])
   bare = str(tmp_path / 'bare')
   checkpoints.save_variables(bare, {'params': {'w': np.zeros(2)}})
   with pytest.raises(ValueError, match='bare: the checkpoint has no config.json; pass --config'):
-    infer.main(['infer', '--checkpoint', bare, '--video', folder, '--out', bare])
+    cli.main(['infer', '--debug', '--checkpoint', bare, '--video', folder, '--out', bare])
   with pytest.raises(FileNotFoundError, match='nockpt: no such checkpoint'):
-    infer.main(['infer', '--checkpoint', str(tmp_path / 'nockpt'), '--video', folder,
+    cli.main(['infer', '--debug', '--checkpoint', str(tmp_path / 'nockpt'), '--video', folder,
                           '--out', bare])
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from minvis_jax import cli
 from minvis_jax.data import synthetic, ytvis
 
 H, W = 64, 96
@@ -199,11 +200,24 @@ def test_occlusion_mode_hides_instances_and_crosses_lookalikes(tmp_path):
 
 def test_cli_occlusion_flag_writes_only_the_requested_split(tmp_path):
   out = str(tmp_path / 'occ')
-  synthetic.main(['--out', out, '--videos', '0', '--valid_videos', '2', '--frames', '12',
-                  '--height', '48', '--width', '80', '--occlusion'])
+  assert cli.main(['data', 'synthetic', '--out', out, '--videos', '0', '--valid_videos', '2',
+                   '--frames', '12', '--height', '48', '--width', '80', '--occlusion']) == 0
   assert not os.path.exists(os.path.join(out, 'train.json'))
   data = _read_json(os.path.join(out, 'valid.json'))
   assert 'occlusion' in data['info']['description'] and len(data['videos']) == 2
   # Every occlusion video has at least the occluder, the hider and the two look-alikes.
   assert all(sum(a['video_id'] == v['id'] for a in data['annotations']) >= 4
              for v in data['videos'])
+
+
+def test_cli_split_names_the_split_of_the_videos(tmp_path, capsys):
+  out = str(tmp_path / 'split')
+  assert cli.main(['data', 'synthetic', '--out', out, '--split', 'valid', '--videos', '2',
+                   '--frames', '3', '--height', '48', '--width', '80']) == 0
+  assert sorted(os.listdir(out)) == ['valid', 'valid.json']
+  assert len(ytvis.load_split('synthetic', out, 'valid').videos) == 2
+  assert 'wrote 2 videos x 3 frames' in capsys.readouterr().out
+  assert cli.main(['data', 'synthetic', '--out', out, '--split', 'valid', '--videos', '2',
+                   '--valid_videos', '1', '--frames', '3']) == 2
+  assert capsys.readouterr().err == ('minvis-jax data: error: --split valid with --valid_videos: '
+                                     'give the valid videos once\n')

@@ -4,6 +4,7 @@ to the folder reader, frame by frame; no TensorFlow involved."""
 import json
 import os
 import pickle
+import subprocess
 import sys
 
 import numpy as np
@@ -11,9 +12,12 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from minvis_jax import cli
 from minvis_jax.data import synthetic, tfds_builders, ytvis
 
 from support import layouts
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 H, W, T = 40, 56, 4
 
@@ -147,8 +151,8 @@ def test_unprepared_source(tmp_path):
 
 
 def test_cli(tmp_path, synthetic_root, capsys):
-  tfds_builders.main(['--dataset', 'synthetic', '--manual_dir', synthetic_root,
-                      '--data_dir', str(tmp_path)])
+  assert cli.main(['data', 'build', '--dataset', 'synthetic', '--manual_dir', synthetic_root,
+                   '--data_dir', str(tmp_path)]) == 0
   assert 'minvis_synthetic' in capsys.readouterr().out
   source = tfds_builders.TfdsSource('synthetic', 'valid', str(tmp_path))
   assert source.num_videos == 2
@@ -192,3 +196,10 @@ def test_training_on_an_unannotated_prepared_split(tmp_path, synthetic_root):
   with pytest.raises(ValueError, match=r'minvis_ytvis2019 train\): has no "annotations", so it '
                                        'cannot be trained on'):
     input_pipeline.TrainInput(c, input_pipeline.make_source(c.data, 'train'))
+
+
+def test_python_m_forwards_to_the_data_build_subcommand():
+  proc = subprocess.run([sys.executable, '-m', 'minvis_jax.data.tfds_builders', '--help'],
+                        capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith('usage: minvis-jax data build') and '--manual_dir' in proc.stdout

@@ -88,6 +88,14 @@ def test_write_gif_and_mp4_fallback(tmp_path, monkeypatch):
     visualize.write_video(str(tmp_path / 'e.gif'), [])
 
 
+def _curve(pixels, color):
+  """(columns, lowest row per column) of the pixels of a line's colour: the lowest, so that the
+  legend's sample of the line (drawn above the descending curves) does not count."""
+  near = np.abs(pixels.astype(int) - np.array(color)).sum(-1) < 60
+  cols = np.flatnonzero(near.any(0))
+  return cols, np.array([np.flatnonzero(near[:, c]).max() for c in cols])
+
+
 def test_plot_losses(tmp_path):
   metrics = tmp_path / 'metrics.jsonl'
   rows = [dict(step=s, loss=10.0 / (s + 1), loss_mask=1.0 / (s + 1), lr=1e-3)
@@ -98,7 +106,18 @@ def test_plot_losses(tmp_path):
   with Image.open(png) as im:
     assert im.format == 'PNG' and im.size == (600, 400)
     pixels = np.asarray(im.convert('RGB'))
-  assert pixels.std() > 10  # not a blank canvas
+  # The curves sit where the data says: the loss (matplotlib's first colour) through its five points
+  # on the log axis, and loss_mask (the second colour) one decade lower at every step.
+  loss_cols, loss_rows = _curve(pixels, (31, 119, 180))
+  mask_cols, mask_rows = _curve(pixels, (255, 127, 14))
+  first, last = loss_rows[0], loss_rows[-1]
+  decade = (last - first) / (np.log10(rows[0]['loss']) - np.log10(rows[-1]['loss']))
+  assert last - first > 100   # a descending curve over most of the plot's height
+  for k, row in enumerate(rows):
+    x = loss_cols[0] + (loss_cols[-1] - loss_cols[0]) * k / (len(rows) - 1)
+    expected = first + decade * (np.log10(rows[0]['loss']) - np.log10(row['loss']))
+    assert abs(np.interp(x, loss_cols, loss_rows) - expected) <= 3, (k, x, expected)
+    assert abs(np.interp(x, mask_cols, mask_rows) - expected - decade) <= 3, (k, x, expected)
   with pytest.raises(FileNotFoundError, match='missing.jsonl'):
     visualize.plot_losses(str(tmp_path / 'missing.jsonl'), str(tmp_path / 'x.png'))
   bad = tmp_path / 'bad.jsonl'

@@ -1,6 +1,7 @@
+"""`python -m minvis_jax.convert ...`: the same as `minvis-jax convert ...`."""
+
 import sys
 
 from minvis_jax import cli
-from minvis_jax.convert import main
 
-sys.exit(cli.run('minvis-jax convert', main, sys.argv[1:]))
+sys.exit(cli.main(['convert'] + sys.argv[1:]))

@@ -1,4 +1,5 @@
-"""Key maps of the Mask2Former pixel decoder and transformer decoder: HF transformers and detectron2.
+"""Key maps of the Mask2Former pixel decoder and transformer decoder: HF transformers and
+detectron2.
 
 Each map is a list of (flax path, source key, transform); transforms turn torch layouts into flax
 ones (OIHW -> HWIO, [out, in] -> [in, out], packed in_proj rows q, k, v -> one of them).
@@ -126,7 +127,8 @@ def detectron2_entries(model_config) -> list:
     e += _packed_attention(p + ('cross_attn',),
                            f'{td}.transformer_cross_attention_layers.{i}.multihead_attn')
     e += _norm(p + ('cross_attn_norm',), f'{td}.transformer_cross_attention_layers.{i}.norm')
-    e += _packed_attention(p + ('self_attn',), f'{td}.transformer_self_attention_layers.{i}.self_attn')
+    e += _packed_attention(p + ('self_attn',),
+                           f'{td}.transformer_self_attention_layers.{i}.self_attn')
     e += _norm(p + ('self_attn_norm',), f'{td}.transformer_self_attention_layers.{i}.norm')
     e += _dense(p + ('fc1',), f'{td}.transformer_ffn_layers.{i}.linear1')
     e += _dense(p + ('fc2',), f'{td}.transformer_ffn_layers.{i}.linear2')

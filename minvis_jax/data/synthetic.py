@@ -1,11 +1,12 @@
 """Seeded procedural VIS videos (textured shapes that move, scale, enter/leave and occlude), written
 in the exact YouTube-VIS 2019 layout: OUT/<split>/JPEGImages/<video>/<t>.jpg and OUT/<split>.json.
 
-  python -m minvis_jax.data.synthetic --out DIR --videos 40 --frames 12 --valid_videos 8
-  python -m minvis_jax.data.synthetic --out DIR --videos 0 --frames 24 --valid_videos 30 --occlusion
+  minvis-jax data synthetic --out DIR --videos 40 --frames 12 --valid_videos 8
+  minvis-jax data synthetic --out DIR --videos 0 --frames 24 --valid_videos 30 --occlusion
+
+(`python -m minvis_jax.data.synthetic ...` is the same as `minvis-jax data synthetic ...`.)
 """
 
-import argparse
 import json
 import os
 import zlib
@@ -304,26 +305,8 @@ def generate(out_dir: str, split: str, num_videos: int, num_frames: int, height:
   return json_path
 
 
-def main(argv: list[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--out', required=True, help='dataset root (manual_dir)')
-  p.add_argument('--videos', type=int, required=True, help='training videos (0: none)')
-  p.add_argument('--frames', type=int, required=True, help='frames per video')
-  p.add_argument('--valid_videos', type=int, default=0, help='validation videos (with GT)')
-  p.add_argument('--height', type=int, default=128)
-  p.add_argument('--width', type=int, default=224)
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--occlusion', action='store_true',
-                 help='occlusion-heavy scenes: objects hidden behind an occluder or out of frame '
-                      'for several frames, and look-alikes crossing paths (>= 12 frames)')
-  args = p.parse_args(argv)
-  for split, n in (('train', args.videos), ('valid', args.valid_videos)):
-    if not n:
-      continue
-    path = generate(args.out, split, n, args.frames, args.height, args.width, args.seed,
-                    args.occlusion)
-    print(f'wrote {n} videos x {args.frames} frames: {path}')
-
-
 if __name__ == '__main__':
-  main()
+  import sys
+
+  from minvis_jax import cli
+  sys.exit(cli.main(['data', 'synthetic'] + sys.argv[1:]))

@@ -1,13 +1,13 @@
 """TFDS builders (array_record, no TensorFlow) of the dataset folders read by `ytvis`, and a frame
 source over `tfds.data_source` with the same interface as `ytvis.FolderSource`.
 
-  python -m minvis_jax.data.tfds_builders --dataset ytvis_2019 --manual_dir ROOT --data_dir DIR
+  minvis-jax data build --dataset ytvis_2019 --manual_dir ROOT --data_dir DIR
+  (or python -m minvis_jax.data.tfds_builders with the same flags)
 
 One example = one whole video: its encoded frames as stored on disk (never re-encoded, so pixels are
 identical to the folder's), and per instance one compressed RLE string per frame (b'' = absent).
 """
 
-import argparse
 import os
 from typing import ClassVar
 
@@ -248,15 +248,11 @@ class TfdsSource:
     return image, masks, labels
 
 
-def main(argv: list[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description='Prepare a TFDS dataset from its folder layout.')
-  p.add_argument('--dataset', required=True, choices=sorted(BUILDERS))
-  p.add_argument('--manual_dir', required=True, help='the dataset root in its standard layout')
-  p.add_argument('--data_dir', required=True, help='where TFDS writes the prepared dataset')
-  args = p.parse_args(argv)
-  builder = build(args.dataset, args.manual_dir, args.data_dir)
-  print(f'{builder.name}: {builder.data_dir} {dict(builder.info.splits)}')
-
-
 if __name__ == '__main__':
-  main()
+  import sys
+
+  # The CLI uses this very module: TFDS registers a builder class once per name, so a second import
+  # of this file under its package name would fail.
+  sys.modules['minvis_jax.data.tfds_builders'] = sys.modules['__main__']
+  from minvis_jax import cli
+  sys.exit(cli.main(['data', 'build'] + sys.argv[1:]))
