@@ -11,6 +11,7 @@ the same test transform) and end with the top-k tracks as per-frame RLEs at the 
             pycocotools RLEs of every mask, as the YouTube-VIS evaluator writes them.
 
   python benchmarks/video.py [--frames 30] [--window auto] [--repeats 2] [--torch_device cuda]
+  python benchmarks/video.py --dry-run   # tiny model, 4 frames of 72x128 at short side 64
 """
 
 import argparse
@@ -141,7 +142,12 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--torch_device', default='cpu', help="'cuda' to run HF on the GPU")
   parser.add_argument('--name', default='')
+  parser.add_argument('--dry-run', action='store_true',
+                      help='tiny model, 4 small frames, one repeat (tests)')
   args = parser.parse_args(argv)
+  if args.dry_run:
+    args.model, args.frames, args.height, args.width = 'tiny', 4, 72, 128
+    args.short, args.window, args.repeats = 64, 2, 1
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   model, model_config, variables = converted(args.model)
   device = torch.device(args.torch_device)
