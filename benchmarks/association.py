@@ -1,6 +1,6 @@
 """MinVIS association, T=36 frames, Q=100 and 200, C=256: jitted scan vs the original's per-frame
-numpy + scipy loop. Embeddings drift slowly and queries keep their slots mostly (as a trained model's
-do), with a few near-duplicate 'no object' queries.
+numpy + scipy loop. Embeddings drift slowly and queries keep their slots mostly (as a trained
+model's do), with a few near-duplicate 'no object' queries.
 
   python benchmarks/association.py [--dry-run]   # --dry-run: T=4, Q=10 and 20, C=16, one repeat
 
@@ -31,7 +31,10 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--dry-run', action='store_true', help='tiny sizes, one repeat (tests)')
   args = parser.parse_args(argv)
-  frames, queries, dim, repeats = (4, (10, 20), 16, 1) if args.dry_run else (36, (100, 200), 256, 10)
+  if args.dry_run:
+    frames, queries, dim, repeats = 4, (10, 20), 16, 1
+  else:
+    frames, queries, dim, repeats = 36, (100, 200), 256, 10
   peak = matmul_peak_flops(n=256 if args.dry_run else 2048, repeats=repeats)
   ours_total, ref_total, products_total, flops_total = 0.0, 0.0, 0.0, 0.0
   for q in queries:

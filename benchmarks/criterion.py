@@ -1,10 +1,12 @@
-"""Benchmark: set_criterion loss + gradient (10 prediction sets) vs HF Mask2FormerLoss forward + backward.
+"""Benchmark: set_criterion loss + gradient (10 prediction sets) vs HF Mask2FormerLoss forward +
+backward.
 
 Shapes of the R50 384x384 training step: batch 2, 100 queries, 40 classes, 25 padded target slots
 (configs/common.py max_instances) of which 7 and 12 are real, predictions at 96x96. HF gets only the
-real instances (its natural input); ours computes all 25 slots (static shapes) and masks the padding.
+real instances (its natural input); ours computes all 25 slots (static shapes) and masks the
+padding.
 
-  python benchmarks/criterion.py [--dry-run]   # --dry-run: 64x64 inputs, 16 queries, 12 slots, 2 sets
+  python benchmarks/criterion.py [--dry-run]   # dry run: 64x64, 16 queries, 12 slots, 2 sets
 """
 
 import argparse
@@ -52,7 +54,8 @@ def main(argv=None):
   outputs = {'pred_masks': sets[-1][0], 'pred_logits': sets[-1][1],
              'aux_outputs': [{'pred_masks': m, 'pred_logits': l} for m, l in sets[:-1]]}
   outputs = jax.tree.map(jnp.asarray, outputs)
-  targets = {'labels': jnp.asarray(labels), 'masks': jnp.asarray(masks), 'valid': jnp.asarray(valid)}
+  targets = {'labels': jnp.asarray(labels), 'masks': jnp.asarray(masks),
+             'valid': jnp.asarray(valid)}
   step = jax.jit(jax.value_and_grad(
       lambda o, k: criterion.set_criterion(o, targets, k, loss_config)[0]))
   ours = median_time(lambda: jax.block_until_ready(step(outputs, jax.random.key(0))), repeats)
@@ -77,8 +80,10 @@ def main(argv=None):
 
   ref = median_time(hf_step, repeats)
   print(f'ours (jit, loss+grad, {NUM_SETS} sets): {ours * 1e3:.1f} ms')
-  print(f'HF Mask2FormerLoss forward+backward:    {ref * 1e3:.1f} ms (torch threads: {torch.get_num_threads()})')
-  print(result_line('set_criterion_loss_and_grad' + ('_dry_run' if args.dry_run else ''), ours, ref))
+  print(f'HF Mask2FormerLoss forward+backward:    {ref * 1e3:.1f} ms '
+        f'(torch threads: {torch.get_num_threads()})')
+  name = 'set_criterion_loss_and_grad' + ('_dry_run' if args.dry_run else '')
+  print(result_line(name, ours, ref))
 
 
 if __name__ == '__main__':

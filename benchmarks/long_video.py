@@ -144,7 +144,8 @@ def main(argv=None) -> None:
   per_frame = [r['total_s'] / r['frames'] for r in rows]
   print('RESULT ' + json.dumps({
       'name': 'long_video_tiny_64x96_dry_run' if args.dry_run else 'long_video_r50_360x640',
-      'ours_s': per_frame[-1], 'ref_s': per_frame[0], 'ratio': round(per_frame[-1] / per_frame[0], 3),
+      'ours_s': per_frame[-1], 'ref_s': per_frame[0],
+      'ratio': round(per_frame[-1] / per_frame[0], 3),
       'frames': [r['frames'] for r in rows],
       'peak_rss_gib': [round(p, 3) for p in peaks],
       'device_peak_gib': [r['device_peak_gib'] and round(r['device_peak_gib'], 3) for r in rows],

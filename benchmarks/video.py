@@ -137,7 +137,7 @@ def main(argv=None):
   parser.add_argument('--width', type=int, default=1280)
   parser.add_argument('--short', type=int, default=360, help='test short side (YouTube-VIS)')
   parser.add_argument('--window', type=predictor.parse_window, default='auto',
-                      help="frames per device per forward, or 'auto' (the predictor's default: 1 on CPU)")
+                      help="frames per device per forward, or 'auto' (1 a device on CPU)")
   parser.add_argument('--top_k', type=int, default=10)
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--torch_device', default='cpu', help="'cuda' to run HF on the GPU")
