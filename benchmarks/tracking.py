@@ -2,7 +2,7 @@
 tiny checkpoint.
 
   python benchmarks/tracking.py --workdir /tmp/minvis_tracking [--sweep] [--steps 1000]
-  python benchmarks/tracking.py --dry-run   # random tiny weights, 2 videos of 4 frames, seed 1
+  python benchmarks/tracking.py --dry-run   # random tiny weights, 2 videos of 12 frames, seed 1
 
 1. Trains the demo's tiny model in WORKDIR/train exactly as `minvis-jax demo` does (its data, 300
    steps), or reuses the checkpoint found there (the dry run uses random weights instead).
@@ -124,12 +124,12 @@ def main(argv=None) -> int:
   p.add_argument('--sweep', action='store_true',
                  help='grid of memory_momentum x memory_min_score on tuning seed 0')
   p.add_argument('--dry-run', action='store_true',
-                 help='random tiny weights, 2 videos of 4 frames, seed 1, in a temporary workdir')
+                 help='random tiny weights, 2 videos of 12 frames, seed 1, in a temporary workdir')
   args = p.parse_args(argv)
   t0 = time.time()
   with tempfile.TemporaryDirectory() as tmp:
     if args.dry_run:
-      args.workdir, args.seeds, args.videos, args.frames, args.sweep = tmp, '1', 2, 4, False
+      args.workdir, args.seeds, args.videos, args.frames, args.sweep = tmp, '1', 2, 12, False
       config = config_lib.load_config(demo.TINY_CONFIG)
       variables = random_variables(config.model)
     else:
