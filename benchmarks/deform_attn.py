@@ -4,14 +4,16 @@ Shapes of the R50 pixel decoder at 384x384 (levels 12x12, 24x24, 48x48; S = 3024
 4 points, 32 channels). Candidates, each timed in turn in every round (medians over rounds):
   ours                  `sample_level` (tests/support): a sum of row gathers forward; under autodiff
                         the rows gathered into one array (custom_vjp)
-  four_gathers          the earlier form: rows gathered into one array, forward too
+  four_gathers          the earlier form (the reference): rows gathered into one array, forward too
   padded_wide_backward  narrow gathers from a once-padded map, one wide-row scatter backward
   wide                  one gather of a 4x-wide row (each position's 2x2 neighbourhood side by side)
   dense                 a dense bilinear-weight matrix [S, H*W] (tent functions) times the value
   custom_backward       ours forward, a hand-written backward: the weights' gradient as a sum over
                         channels of scalar gathers from the transposed table, one flat scatter-add
 
-  python benchmarks/deform_attn.py [--batch 2] [--rounds 5] [--levels 12 24 48]
+  python benchmarks/deform_attn.py [--batch 2] [--rounds 5] [--levels 12 24 48] [--dry-run]
+
+Last line: RESULT with ours and four_gathers' forward+backward summed over the levels.
 """
 
 import argparse
@@ -25,6 +27,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from timing import result_line
 
 from minvis_jax import host_memory
 from minvis_jax.models import deform_attn
@@ -218,7 +222,12 @@ def main(argv=None):
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--levels', type=int, nargs='+', default=[12, 24, 48])
   parser.add_argument('--candidates', nargs='+', default=list(CANDIDATES))
+  parser.add_argument('--dry-run', action='store_true',
+                      help='batch 1, 64 queries, levels 4x4 and 8x8, one round (tests)')
   args = parser.parse_args(argv)
+  if args.dry_run:
+    args.batch, args.queries, args.rounds, args.levels = 1, 64, 1, [4, 8]
+  totals = {name: 0.0 for name in args.candidates}
   b, m, s, p, d = args.batch, 8, args.queries, 4, 32
   rng = np.random.default_rng(0)
   loc = jnp.asarray(rng.uniform(-0.05, 1.05, (b, m, s, p, 2)), jnp.float32)
@@ -251,6 +260,11 @@ def main(argv=None):
              'forward_ms': round(1e3 * statistics.median(tf), 1),
              'forward_backward_ms': round(1e3 * statistics.median(tb), 1)}
       print('LEVEL ' + json.dumps(row), flush=True)
+      totals[name] += statistics.median(tb)
+  if 'ours' in totals and 'four_gathers' in totals:
+    levels = '_'.join(str(side) for side in args.levels)
+    print(result_line(f'deform_attn_fwd_bwd_b{args.batch}_s{args.queries}_levels{levels}',
+                      totals['ours'], totals['four_gathers']))
 
 
 def _at_level(f, side):

@@ -1,24 +1,25 @@
-"""The YouTube-VIS evaluator on 500 single-frame videos vs pycocotools COCOeval (segm)."""
+"""The YouTube-VIS evaluator on 500 single-frame videos vs pycocotools COCOeval (segm).
 
-import os
+  python benchmarks/evaluate.py [--dry-run]   # --dry-run: 20 videos, one round
+"""
+
+import argparse
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-from test_ytvis_eval import _cocoeval, _random_case  # noqa: E402
+from references import cocoeval, single_frame_case
+from timing import result_line
 
-from timing import result_line  # noqa: E402
-
-from minvis_jax.ytvis_eval import evaluate_dicts  # noqa: E402
+from minvis_jax.ytvis_eval import evaluate_dicts
 
 
-def dataset(n_videos):
+def dataset(n_videos: int) -> tuple[dict, list[dict]]:
+  """Ground truth and results of at least `n_videos` single-frame videos (seeds 0, 1, ...)."""
   gt = dict(videos=[], annotations=[], categories=[dict(id=c, name=f'c{c}') for c in (1, 2, 3)])
   results = []
   seed = 0
   while len(gt['videos']) < n_videos:
-    g, r = _random_case(seed)
+    g, r = single_frame_case(seed)
     seed += 1
     offset = len(gt['videos'])
     for v in g['videos']:
@@ -30,21 +31,25 @@ def dataset(n_videos):
   return gt, results
 
 
-def main():
-  gt, results = dataset(500)
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--dry-run', action='store_true', help='20 videos, one round (tests)')
+  args = parser.parse_args(argv)
+  n_videos, rounds = (20, 1) if args.dry_run else (500, 3)
+  gt, results = dataset(n_videos)
   times = {'ours': [], 'ref': []}
-  for _ in range(3):
+  for _ in range(rounds):
     t = time.perf_counter()
     ours = evaluate_dicts(gt, results)
     times['ours'].append(time.perf_counter() - t)
     t = time.perf_counter()
-    ref = _cocoeval(gt, results)
+    ref = cocoeval(gt, results)
     times['ref'].append(time.perf_counter() - t)
   assert all(abs(ours[k] - ref[k]) < 1e-9 for k in ref), (ours, ref)
   o, r = statistics.median(times['ours']), statistics.median(times['ref'])
   print(f'{len(gt["videos"])} videos, {len(gt["annotations"])} tracks, {len(results)} results: '
         f'ours {o:.3f} s, COCOeval {r:.3f} s (AP {ours["AP"]:.4f} both)')
-  print(result_line('evaluate_500_single_frame', o, r))
+  print(result_line(f'evaluate_{n_videos}_single_frame', o, r))
 
 
 if __name__ == '__main__':

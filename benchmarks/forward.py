@@ -3,7 +3,8 @@
   python benchmarks/forward.py [--repeats 10] [--torch_device cuda] [--dtype bfloat16]
 
 On a GPU machine JAX runs on its default device; `--torch_device cuda` puts HF there too (timings
-synchronise the device). `--model tiny --size 64` is the dry run of benchmarks/device.sh.
+synchronise the device). `--dry-run` (= `--model tiny --size 64 --repeats 1`) is the dry run of
+benchmarks/device.sh and of the tests.
 """
 
 import argparse
@@ -30,7 +31,11 @@ def main(argv=None):
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
                       help='compute dtype of both (HF under torch.autocast)')
   parser.add_argument('--torch_device', default='cpu')
+  parser.add_argument('--dry-run', action='store_true',
+                      help='tiny model at 64x64, one repeat (tests)')
   args = parser.parse_args(argv)
+  if args.dry_run:
+    args.model, args.size, args.repeats = 'tiny', 64, 1
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   model, model_config, variables = converted(args.model)
   model_config.dtype = args.dtype

@@ -7,6 +7,7 @@ step at that canvas, batch 2, on the same machine. The pipeline must deliver fra
 step consumes them: RESULT's ratio = pipeline seconds per frame / train-step seconds per frame < 1.
 
   python benchmarks/input_pipeline.py [--steps 20] [--skip_train_step]
+  python benchmarks/input_pipeline.py --dry-run   # the tiny config, 2 small videos, 2 batches
 """
 
 import argparse
@@ -29,16 +30,21 @@ from minvis_jax.data import synthetic  # noqa: E402
 STEP_BATCH = 2
 
 
-def main():
-  parser = argparse.ArgumentParser()
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', type=int, default=20, help='batches of 32 frames to time')
   parser.add_argument('--videos', type=int, default=16)
   parser.add_argument('--skip_train_step', action='store_true')
-  args = parser.parse_args()
+  parser.add_argument('--dry-run', action='store_true',
+                      help='the tiny config, 2 videos of 72x128 frames, 2 batches (tests)')
+  args = parser.parse_args(argv)
+  model_name, height, width = ('tiny', 72, 128) if args.dry_run else ('r50', 720, 1280)
+  if args.dry_run:
+    args.steps, args.videos = 2, 2
   config = config_lib.load_config(os.path.join(os.path.dirname(__file__), '..', 'configs',
-                                               'minvis.py'))
+                                               'tiny.py' if args.dry_run else 'minvis.py'))
   with tempfile.TemporaryDirectory() as data_dir:
-    synthetic.generate(data_dir, 'train', args.videos, 6, height=720, width=1280, seed=0)
+    synthetic.generate(data_dir, 'train', args.videos, 6, height=height, width=width, seed=0)
     config.data.dataset = 'synthetic'
     config.data.manual_dir = data_dir
     config.model.num_classes = 4
@@ -52,7 +58,8 @@ def main():
           f'(batch {config.batch_size}, {config.data.workers} threads, {os.cpu_count()} cores)')
     if args.skip_train_step:
       return
-    train_input = input_pipeline.TrainInput(config, input_pipeline.make_source(config.data, 'train'))
+    source = input_pipeline.make_source(config.data, 'train')
+    train_input = input_pipeline.TrainInput(config, source)
     batch = train_input.batch(0)
     batch = {k: v[:STEP_BATCH] for k, v in batch.items()}
 
@@ -66,10 +73,10 @@ def main():
   def step():
     holder[0], metrics = trainer.step(holder[0], global_batch)
     jax.block_until_ready(metrics)
-  step_s = median_time(step, repeats=3, warmup=1) / STEP_BATCH
-  print(f'R50 train step consumes {1 / step_s:.2f} frames/s ({jax.default_backend()}, batch '
-        f'{STEP_BATCH})')
-  print(result_line('input_pipeline_vs_r50_train_step_frames', pipeline_s, step_s))
+  step_s = median_time(step, repeats=1 if args.dry_run else 3, warmup=1) / STEP_BATCH
+  print(f'{model_name} train step consumes {1 / step_s:.2f} frames/s ({jax.default_backend()}, '
+        f'batch {STEP_BATCH})')
+  print(result_line(f'input_pipeline_vs_{model_name}_train_step_frames', pipeline_s, step_s))
 
 
 if __name__ == '__main__':

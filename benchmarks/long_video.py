@@ -2,11 +2,16 @@
 
 Each length runs in a fresh subprocess, so the peaks are separate. Random weights (the memory does
 not depend on them, the RLE sizes a little). Prints per length the peak RSS, the device's peak
-memory (None on CPU, where the device memory is the host's), frames/s after compilation, the RLE
-bytes kept per frame and the share of the time spent on the host encoding masks; last line RESULT.
+memory (None on CPU, where the device memory is the host's), frames/s after compilation and the
+RLE bytes kept per frame. The RESULT line's times are seconds per frame of the longest video
+(`ours_s`) and of the shortest (`ref_s`): a ratio near 1 means the cost per frame does not grow
+with the length.
 
   python benchmarks/long_video.py [--frames 300,1200] [--window auto]
   python benchmarks/long_video.py --eval_fps   # evaluation frames/s on 1 and 8 fake CPU devices
+  python benchmarks/long_video.py --dry-run [--eval_fps]   # the tiny model on 64x96 frames
+
+With --eval_fps the RESULT times are seconds per frame on 8 devices (`ours_s`) and on 1 (`ref_s`).
 """
 
 import argparse
@@ -15,37 +20,35 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
+import jax
 import numpy as np
+from references import random_variables
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from minvis_jax import config_lib  # noqa: E402
+from minvis_jax import evaluate  # noqa: E402
+from minvis_jax import predictor  # noqa: E402
+from minvis_jax.data import synthetic  # noqa: E402
+from minvis_jax.data import ytvis  # noqa: E402
+
+TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'tiny.py')
 
 
-def _child(num_frames: int, window) -> dict:
-  import jax  # noqa: PLC0415
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-  from test_inference import _random_variables  # noqa: PLC0415
-
-  from minvis_jax import config_lib  # noqa: PLC0415
-  from minvis_jax import predictor  # noqa: PLC0415
-
-  model = config_lib.mask2former_model(config_lib.resnet_backbone(50), num_classes=40)
-  variables = _random_variables(model)
-  h, w, hp = 360, 640, 384          # a 360x640 frame, padded to a multiple of 32
+def _child(num_frames: int, window, dry_run: bool) -> dict:
+  if dry_run:
+    model = config_lib.tiny_model(num_classes=4)
+    h, w, hp = 64, 96, 64
+  else:
+    model = config_lib.mask2former_model(config_lib.resnet_backbone(50), num_classes=40)
+    h, w, hp = 360, 640, 384          # a 360x640 frame, padded to a multiple of 32
+  variables = random_variables(model)
   rng = np.random.default_rng(0)
   base = rng.normal(size=(hp, w, 3)).astype(np.float32)
   base[h:] = 0
-
-  times, encode_s = [], [0.0]
-  encode = predictor._encode
-
-  def timed_encode(bits, out_size):
-    t = time.perf_counter()
-    out = encode(bits, out_size)
-    encode_s[0] += time.perf_counter() - t
-    return out
-  predictor._encode = timed_encode
+  times = []
 
   def frames():
     for t in range(num_frames):
@@ -65,31 +68,20 @@ def _child(num_frames: int, window) -> dict:
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
           'device_peak_gib': stats['peak_bytes_in_use'] / 2 ** 30 if stats else None,
           'frames_per_s': steady, 'total_s': end - start,
-          'encode_share': encode_s[0] / (end - start),
           'top10_rle_bytes_per_frame': rle_bytes / num_frames}
 
 
-def _eval_fps() -> dict:
-  """`predict_dataset` frames/s of the tiny model (configs/tiny.py) on 8 generated 128x224 videos
-  of 16 frames, on 1 and on 8 CPU devices (window 'auto': a frame per device), after a
-  compiling run."""
-  import tempfile  # noqa: PLC0415
-
-  import jax  # noqa: PLC0415
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-  from test_inference import _random_variables  # noqa: PLC0415
-
-  from minvis_jax import config_lib  # noqa: PLC0415
-  from minvis_jax import evaluate  # noqa: PLC0415
-  from minvis_jax.data import synthetic  # noqa: PLC0415
-  from minvis_jax.data import ytvis  # noqa: PLC0415
-
-  config = config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..',
-                                               'configs', 'tiny.py'))
-  variables = _random_variables(config.model)
+def _eval_fps(dry_run: bool) -> dict:
+  """`predict_dataset` frames/s of the tiny model (configs/tiny.py) on generated videos (8 of 16
+  frames at 128x224; dry run: 2 of 4 at 64x96) on 1 and on 8 CPU devices (window 'auto': a frame
+  per device), after a compiling run."""
+  config = config_lib.load_config(TINY_CONFIG)
+  variables = random_variables(config.model)
+  videos, frames_per_video, height, width = (2, 4, 64, 96) if dry_run else (8, 16, 128, 224)
   out = {}
   with tempfile.TemporaryDirectory() as data:
-    synthetic.generate(data, 'valid', num_videos=8, num_frames=16, height=128, width=224)
+    synthetic.generate(data, 'valid', num_videos=videos, num_frames=frames_per_video,
+                       height=height, width=width)
     dataset = ytvis.load_split('synthetic', data, 'valid')
     frames = sum(len(v.frame_paths) for v in dataset.videos)
     for n in (1, 8):
@@ -102,7 +94,14 @@ def _eval_fps() -> dict:
   return out
 
 
-def main() -> None:
+def _run_child(flags: list[str], env=None) -> dict:
+  out = subprocess.run([sys.executable, __file__, *flags], env=env, capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f'{" ".join(flags)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}')
+  return json.loads([x for x in out.stdout.splitlines() if x.startswith('CHILD ')][-1][6:])
+
+
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--frames', default='300,1200', help='comma-separated video lengths')
   parser.add_argument('--window', default='auto', help='frames per device per forward, or auto')
@@ -110,39 +109,44 @@ def main() -> None:
   parser.add_argument('--eval_fps', action='store_true',
                       help='instead: evaluation frames/s on 1 and 8 fake CPU devices')
   parser.add_argument('--eval_fps_child', action='store_true', help=argparse.SUPPRESS)
-  args = parser.parse_args()
+  parser.add_argument('--dry-run', action='store_true',
+                      help='the tiny model on 64x96 frames, 6 and 12 frames (tests)')
+  args = parser.parse_args(argv)
+  dry = ['--dry-run'] if args.dry_run else []
   if args.eval_fps_child:
-    print('CHILD ' + json.dumps(_eval_fps()))
+    print('CHILD ' + json.dumps(_eval_fps(args.dry_run)))
     return
   if args.eval_fps:
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-    out = subprocess.run([sys.executable, __file__, '--eval_fps_child'], env=env,
-                         capture_output=True, text=True, check=True)
-    fps = json.loads([x for x in out.stdout.splitlines() if x.startswith('CHILD ')][-1][6:])
-    print(f'tiny model, 128 frames of 128x224: {fps["1"]:.1f} frames/s on 1 CPU device, '
-          f'{fps["8"]:.1f} on 8 (one host: the fake devices share its cores)')
-    print('RESULT ' + json.dumps({'name': 'evaluate_fps_tiny_cpu_devices',
-                                  'frames_per_s': {k: round(v, 2) for k, v in fps.items()}}))
+    fps = _run_child(['--eval_fps_child', *dry], env)
+    print(f'tiny model: {fps["1"]:.1f} frames/s on 1 CPU device, {fps["8"]:.1f} on 8 (one host: '
+          'the fake devices share its cores)')
+    print('RESULT ' + json.dumps({
+        'name': 'evaluate_fps_tiny_cpu_devices' + ('_dry_run' if args.dry_run else ''),
+        'ours_s': 1 / fps['8'], 'ref_s': 1 / fps['1'], 'ratio': round(fps['1'] / fps['8'], 3),
+        'frames_per_s': {k: round(v, 2) for k, v in fps.items()}}))
     return
   window = args.window if args.window == 'auto' else int(args.window)
   if args.child is not None:
-    print('CHILD ' + json.dumps(_child(args.child, window)))
+    print('CHILD ' + json.dumps(_child(args.child, window, args.dry_run)))
     return
+  lengths = [6, 12] if args.dry_run else [int(x) for x in args.frames.split(',')]
   rows = []
-  for n in (int(x) for x in args.frames.split(',')):
-    out = subprocess.run([sys.executable, __file__, '--child', str(n), '--window', args.window],
-                         capture_output=True, text=True, check=True)
-    row = json.loads([x for x in out.stdout.splitlines() if x.startswith('CHILD ')][-1][6:])
+  for n in lengths:
+    row = _run_child(['--child', str(n), '--window', args.window, *dry])
     rows.append(row)
     fps = f'{row["frames_per_s"]:.2f}' if row['frames_per_s'] else 'n/a'
     dev = f'{row["device_peak_gib"]:.2f} GiB' if row['device_peak_gib'] else 'n/a (CPU)'
     print(f'{n:5d} frames (window {row["window"]}): peak RSS {row["peak_rss_gib"]:.2f} GiB, '
           f'device peak {dev}, {fps} frames/s after compilation ({row["total_s"]:.0f} s in all), '
-          f'mask encoding {100 * row["encode_share"]:.1f}% of the time, top-10 RLEs '
-          f'{row["top10_rle_bytes_per_frame"] / 1024:.1f} KB a frame')
+          f'top-10 RLEs {row["top10_rle_bytes_per_frame"] / 1024:.1f} KB a frame')
   peaks = [r['peak_rss_gib'] for r in rows]
+  per_frame = [r['total_s'] / r['frames'] for r in rows]
   print('RESULT ' + json.dumps({
-      'name': 'long_video_r50_360x640', 'frames': [r['frames'] for r in rows],
+      'name': 'long_video_tiny_64x96_dry_run' if args.dry_run else 'long_video_r50_360x640',
+      'ours_s': per_frame[-1], 'ref_s': per_frame[0],
+      'ratio': round(per_frame[-1] / per_frame[0], 3),
+      'frames': [r['frames'] for r in rows],
       'peak_rss_gib': [round(p, 3) for p in peaks],
       'device_peak_gib': [r['device_peak_gib'] and round(r['device_peak_gib'], 3) for r in rows],
       'frames_per_s': [r['frames_per_s'] and round(r['frames_per_s'], 3) for r in rows],

@@ -8,6 +8,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
 from support import hf_reference as ref  # noqa: E402
 
+from minvis_jax import convert  # noqa: E402
+
 
 def converted(model: str = 'r50', seed: int = 0):
   """'r50' (the full R50 model) or 'tiny' (dry runs: tiny ResNet, one encoder layer, two decoder
@@ -26,7 +28,6 @@ def _converted(model: str, seed: int):
     return ref.converted_r50(seed)
   if model != 'tiny':
     raise ValueError(f'model {model!r}: expected r50 or tiny')
-  from minvis_jax import convert  # noqa: PLC0415
   hf_cfg = ref.hf_config('resnet_tiny', encoder_layers=1, decoder_layers=2, train_num_points=1024)
   hf = ref.hf_model(hf_cfg, seed)
   model_config = convert.model_config_from_hf(hf_cfg.to_dict())

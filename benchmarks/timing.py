@@ -30,8 +30,10 @@ def median_times(fns, repeats: int = 10, warmup: int = 2) -> list[float]:
 
 
 def result_line(name: str, ours_s: float, ref_s: float, **extra) -> str:
-  return 'RESULT ' + json.dumps({'name': name, 'ours_s': round(ours_s, 5),
-                                 'ref_s': round(ref_s, 5), 'ratio': round(ours_s / ref_s, 3),
+  """'RESULT {json}': the name, both times (4 significant digits, so that a dry run's microseconds
+  stay positive) and their ratio, plus `extra` fields."""
+  return 'RESULT ' + json.dumps({'name': name, 'ours_s': float(f'{ours_s:.4g}'),
+                                 'ref_s': float(f'{ref_s:.4g}'), 'ratio': round(ours_s / ref_s, 3),
                                  **extra})
 
 

@@ -1,17 +1,18 @@
 """Association modes on occlusion: 'minvis' vs 'memory' (config.inference.tracker), on the demo's
 tiny checkpoint.
 
-  PYTHONPATH=. python benchmarks/tracking.py --workdir /tmp/minvis_tracking [--sweep]
+  python benchmarks/tracking.py --workdir /tmp/minvis_tracking [--sweep] [--steps 1000]
+  python benchmarks/tracking.py --dry-run   # random tiny weights, 2 videos of 12 frames, seed 1
 
 1. Trains the demo's tiny model in WORKDIR/train exactly as `minvis-jax demo` does (its data, 300
-   steps), or reuses the checkpoint found there.
+   steps), or reuses the checkpoint found there (the dry run uses random weights instead).
 2. Writes held-out splits for each data seed (default 1, 2, 3): the standard synthetic valid split
    and the occlusion split (`synthetic --occlusion`), 30 videos of 24 frames each.
-3. Runs the model once per video (windows of config.inference.window frames, as the predictor does)
-   and associates the cached outputs with each tracker; the post-processing mirrors
-   `VideoPredictor`, and the first video of each split is checked against `VideoPredictor` itself.
+3. Runs MinVIS over each split with each tracker through the library's dataset predictor (the
+   same path as `minvis-jax evaluate`).
 4. Prints AP, AP50, AR10 (YouTube-VIS metric) and identity switches per video for each mode, split
-   and seed, the means over seeds, and a last line `RESULT {json}`.
+   and seed, the means over seeds, and a last line `RESULT {json}` whose times are the seconds the
+   'memory' (`ours_s`) and 'minvis' (`ref_s`) runs took over all splits.
 
 Identity switch: for each ground-truth instance, take in each frame where it is visible the track
 with the highest mask IoU among the video's top-k tracks (frames where that IoU is < 0.5 count as
@@ -20,38 +21,37 @@ not detected and are skipped); every change of that track between consecutive de
 
 --sweep also runs a grid of memory_momentum x memory_min_score on a separate tuning seed (0): the
 defaults in configs/common.py were chosen from it, never from the reported seeds.
-Last measured: README "Tracking".
+Last measured: docs/tracking_study.md.
 """
 
 import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from pycocotools import mask as mask_utils
+from references import random_variables
 
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
+from minvis_jax import evaluate
 from minvis_jax import demo
-from minvis_jax import predictor as predictor_lib
-from minvis_jax import tracking
 from minvis_jax import train
-from minvis_jax import ytvis_eval
 from minvis_jax.data import synthetic
 from minvis_jax.data import ytvis
-from minvis_jax.models import Mask2Former
+from minvis_jax.ytvis_eval import evaluate_dicts
 
 SPLITS = ('standard', 'occlusion')
+TRACKERS = ('minvis', 'memory')
 
 
 def train_or_reuse(workdir: str, steps: int | None = None, seed: int = 0):
   """(config, variables) of the demo's tiny checkpoint in WORKDIR/train, trained as the demo does
   (40 train videos of 12 frames, seed 0) unless a checkpoint of `steps` is already there."""
-  config = config_lib.load_config(demo.TINY_CONFIG)
+  config = config_lib.load_config('tiny')
   config.seed = seed
   steps = config.total_steps if steps is None else steps
   config.optim.decay_steps = (max(1, 2 * steps // 3),)
@@ -67,61 +67,12 @@ def train_or_reuse(workdir: str, steps: int | None = None, seed: int = 0):
 
 def make_split(workdir: str, kind: str, seed: int, videos: int, frames: int, config):
   """The held-out split `kind` of data seed `seed` (written once) as a VisDataset."""
-  root = os.path.join(workdir, 'eval', f'{kind}_seed{seed}')
+  root = os.path.join(workdir, 'eval', f'{kind}_seed{seed}_{videos}x{frames}')
   if not os.path.exists(os.path.join(root, 'valid.json')):
     height, width = config.data.canvas
     synthetic.generate(root, 'valid', videos, frames, height, width, seed=seed,
                        occlusion=kind == 'occlusion')
   return ytvis.load_split('synthetic', root, 'valid')
-
-
-def forward_fn(config):
-  model = Mask2Former(config.model)
-  return jax.jit(lambda variables, images: model.apply(variables, images))
-
-
-def forward_video(forward, variables, config, video) -> dict:
-  """Model outputs of every frame of `video` (windows of inference.window frames, as in
-  VideoPredictor): embds [T, Q, C], logits [T, Q, K+1], masks float16 [T, Q, h, w]."""
-  frames = (ytvis.read_frame(p) for p in video.frame_paths)
-  embds, logits, masks = [], [], []
-  padded = None
-  for batch, valid in predictor_lib._windows(predictor_lib.preprocess(frames, config.data),
-                                            config.inference.window):
-    out = forward(variables, jnp.asarray(batch))
-    padded = batch.shape[1:3]
-    embds.append(np.asarray(out['pred_embds'])[valid])
-    logits.append(np.asarray(out['pred_logits'])[valid])
-    masks.append(np.asarray(out['pred_masks'].astype(jnp.float16))[valid])
-  size = (video.height, video.width)
-  return {'embds': np.concatenate(embds), 'logits': np.concatenate(logits),
-          'masks': np.concatenate(masks), 'padded_size': tuple(padded), 'out_size': size,
-          'valid_size': predictor_lib.valid_size(*size, config.data)}
-
-
-def tracks_from_outputs(out: dict, tracker: tracking.Tracker, top_k: int) -> list[dict]:
-  """VideoPredictor's association and video post-processing on cached outputs (one call for the
-  whole video: chunked calls give the same permutations, tests/test_tracking.py)."""
-  t, q, c = out['embds'].shape
-  _, perm = tracking.track_chunk(tracker, tracking.init_state(q, c), out['embds'], out['logits'],
-                                 np.ones(t, bool))
-  perm = np.asarray(perm)
-  logits = np.take_along_axis(out['logits'], perm[..., None], axis=1)
-  probs = jax.nn.softmax(jnp.asarray(logits.sum(0)) / t, axis=-1)[:, :-1]    # [Q, K]
-  num_classes = probs.shape[1]
-  k = min(top_k, probs.size)
-  scores, flat = jax.lax.top_k(probs.reshape(-1), k)
-  queries = perm[:, np.asarray(flat) // num_classes]                         # [T, k]
-  resize = predictor_lib._mask_resizer(out['padded_size'], tuple(out['valid_size']),
-                                       tuple(out['out_size']))
-  segs = [[] for _ in range(k)]
-  for f in range(t):
-    binary = np.asarray(resize(jnp.asarray(out['masks'][f, queries[f]], jnp.float32)))
-    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
-    for i, r in enumerate(rles):
-      segs[i].append({'size': r['size'], 'counts': r['counts'].decode()})
-  return [{'category': int(cat), 'score': float(s), 'segmentations': seg}
-          for cat, s, seg in zip(np.asarray(flat) % num_classes, np.asarray(scores), segs)]
 
 
 def id_switches(gt: dict, results: list[dict], min_iou: float = 0.5) -> int:
@@ -145,32 +96,22 @@ def id_switches(gt: dict, results: list[dict], min_iou: float = 0.5) -> int:
   return switches
 
 
-def score(gt: dict, dataset, outputs: list[dict], tracker, top_k: int) -> dict:
-  results = []
-  for video, out in zip(dataset.videos, outputs):
-    results.extend(predictor_lib.results_for_video(tracks_from_outputs(out, tracker, top_k),
-                                                   video.id, dataset.category_ids))
-  m = ytvis_eval.evaluate_dicts(gt, results, gt_name=dataset.json_path)
+def score(config, variables, dataset, gt: dict, tracker: str, momentum: float | None = None,
+          min_score: float | None = None) -> dict:
+  """Runs MinVIS over `dataset` with `tracker` (and the memory's settings, default the config's):
+  {AP, AP50, AR10 (percent), switches (per video), seconds (of the prediction)}."""
+  config = config.copy_and_resolve_references()
+  config.inference.tracker = tracker
+  if momentum is not None:
+    config.inference.memory_momentum = momentum
+  if min_score is not None:
+    config.inference.memory_min_score = min_score
+  start = time.perf_counter()
+  results = evaluate.predict_dataset(config, variables, dataset, progress=False)
+  seconds = time.perf_counter() - start
+  m = evaluate_dicts(gt, results, gt_name=dataset.json_path)
   return {'AP': 100 * m['AP'], 'AP50': 100 * m['AP50'], 'AR10': 100 * m['AR10'],
-          'switches': id_switches(gt, results) / len(dataset.videos)}
-
-
-def check_against_predictor(config, variables, dataset, out, tracker, top_k):
-  """The benchmark's shortcut equals VideoPredictor on the first video."""
-  video = dataset.videos[0]
-  predictor = predictor_lib.VideoPredictor(config.model, variables, config.inference.window,
-                                           top_k, tracker)
-  size = (video.height, video.width)
-  frames = (ytvis.read_frame(p) for p in video.frame_paths)
-  ref = predictor(predictor_lib.preprocess(frames, config.data),
-                  predictor_lib.valid_size(*size, config.data), size)
-  got = tracks_from_outputs(out, tracker, top_k)
-  assert [t['category'] for t in got] == [t['category'] for t in ref], (tracker, dataset.json_path)
-  np.testing.assert_allclose([t['score'] for t in got], [t['score'] for t in ref], rtol=1e-5)
-  same = sum(a == b for g, r in zip(got, ref)
-             for a, b in zip(g['segmentations'], r['segmentations']))
-  total = sum(len(g['segmentations']) for g in got)
-  assert same == total, f'{tracker}: {same}/{total} masks equal to VideoPredictor\'s'
+          'switches': id_switches(gt, results) / len(dataset.videos), 'seconds': seconds}
 
 
 def main(argv=None) -> int:
@@ -182,73 +123,75 @@ def main(argv=None) -> int:
   p.add_argument('--frames', type=int, default=24)
   p.add_argument('--sweep', action='store_true',
                  help='grid of memory_momentum x memory_min_score on tuning seed 0')
+  p.add_argument('--dry-run', action='store_true',
+                 help='random tiny weights, 2 videos of 12 frames, seed 1, in a temporary workdir')
   args = p.parse_args(argv)
   t0 = time.time()
-  config, variables = train_or_reuse(args.workdir, args.steps)
-  step = config.total_steps if args.steps is None else args.steps
-  print(f'checkpoint ready in {time.time() - t0:.0f} s', flush=True)
-  forward = forward_fn(config)
-  top_k = config.inference.top_k
-  default = tracking.tracker_from_config(config)
-  trackers = {'minvis': default._replace(kind='minvis'), 'memory': default._replace(kind='memory')}
+  with tempfile.TemporaryDirectory() as tmp:
+    if args.dry_run:
+      args.workdir, args.seeds, args.videos, args.frames, args.sweep = tmp, '1', 2, 12, False
+      config = config_lib.load_config('tiny')
+      variables = random_variables(config.model)
+    else:
+      config, variables = train_or_reuse(args.workdir, args.steps)
+    print(f'checkpoint ready in {time.time() - t0:.0f} s', flush=True)
+    return _report(args, config, variables, t0)
+
+
+def _report(args, config, variables, t0: float) -> int:
+  """Scores every split and tracker, prints the table and the RESULT line (see the docstring)."""
+  momentum, min_score = config.inference.memory_momentum, config.inference.memory_min_score
   seeds = [int(s) for s in args.seeds.split(',')]
 
-  def outputs_of(kind, seed):
+  def split(kind, seed):
     dataset = make_split(args.workdir, kind, seed, args.videos, args.frames, config)
     with open(dataset.json_path) as f:
-      gt = json.load(f)
-    # The forward outputs are cached next to the split (per checkpoint step): reruns only associate.
-    cache = os.path.join(os.path.dirname(dataset.json_path), f'outputs_step{step}.npz')
-    if os.path.exists(cache):
-      with np.load(cache, allow_pickle=True) as f:
-        outs = list(f['outputs'])
-    else:
-      outs = [forward_video(forward, variables, config, v) for v in dataset.videos]
-      np.savez(cache, outputs=np.array(outs, dtype=object))
-    return dataset, gt, outs
+      return dataset, json.load(f)
 
   if args.sweep:
     grid = [(m, s) for m in (0.0, 0.5, 0.7, 0.9) for s in (0.0, 0.3, 0.5, 0.7)]
     for kind in SPLITS:
-      dataset, gt, outs = outputs_of(kind, 0)
-      base = score(gt, dataset, outs, trackers['minvis'], top_k)
+      dataset, gt = split(kind, 0)
+      base = score(config, variables, dataset, gt, 'minvis')
       print(f'sweep {kind} seed 0: minvis AP {base["AP"]:.2f} switches {base["switches"]:.2f}')
       for m, s in grid:
-        r = score(gt, dataset, outs, tracking.Tracker('memory', m, s), top_k)
+        r = score(config, variables, dataset, gt, 'memory', m, s)
         print(f'  memory momentum {m:.1f} min_score {s:.1f}: AP {r["AP"]:6.2f} '
               f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} switches {r["switches"]:.2f}',
               flush=True)
 
-  table = {kind: {name: [] for name in trackers} for kind in SPLITS}
+  table = {kind: {name: [] for name in TRACKERS} for kind in SPLITS}
   for seed in seeds:
     for kind in SPLITS:
-      dataset, gt, outs = outputs_of(kind, seed)
-      if seed == seeds[0]:
-        for tracker in trackers.values():
-          check_against_predictor(config, variables, dataset, outs[0], tracker, top_k)
-      for name, tracker in trackers.items():
-        r = score(gt, dataset, outs, tracker, top_k)
+      dataset, gt = split(kind, seed)
+      for name in TRACKERS:
+        r = score(config, variables, dataset, gt, name)
         table[kind][name].append(r)
         print(f'{kind:>9} seed {seed} {name:>6}: AP {r["AP"]:6.2f} AP50 {r["AP50"]:6.2f} '
               f'AR10 {r["AR10"]:6.2f} ID switches/video {r["switches"]:.2f}', flush=True)
 
   print(f'\nmean over seeds {seeds} ({args.videos} videos x {args.frames} frames each); memory: '
-        f'momentum {default.momentum}, min_score {default.min_score}')
+        f'momentum {momentum}, min_score {min_score}')
   print(f'{"split":>9} {"tracker":>7} {"AP":>6} {"AP50":>6} {"AR10":>6} {"IDsw/video":>10}')
   summary = {}
   for kind in SPLITS:
-    for name in trackers:
+    for name in TRACKERS:
       rows = table[kind][name]
-      mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+      mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != 'seconds'}
       summary[f'{kind}/{name}'] = {k: round(v, 2) for k, v in mean.items()}
       print(f'{kind:>9} {name:>7} {mean["AP"]:6.2f} {mean["AP50"]:6.2f} {mean["AR10"]:6.2f} '
             f'{mean["switches"]:10.2f}')
   for kind in SPLITS:
     per_seed = [m['AP'] - b['AP'] for m, b in zip(table[kind]['memory'], table[kind]['minvis'])]
     summary[f'{kind}/memory_minus_minvis_AP'] = [round(d, 2) for d in per_seed]
-  summary['momentum'], summary['min_score'] = default.momentum, default.min_score
+  seconds = {name: sum(r['seconds'] for kind in SPLITS for r in table[kind][name])
+             for name in TRACKERS}
   print(f'finished in {time.time() - t0:.0f} s')
-  print('RESULT ' + json.dumps(summary))
+  print('RESULT ' + json.dumps({
+      'name': 'tracking_memory_vs_minvis' + ('_dry_run' if args.dry_run else ''),
+      'ours_s': round(seconds['memory'], 4), 'ref_s': round(seconds['minvis'], 4),
+      'ratio': round(seconds['memory'] / seconds['minvis'], 3),
+      'momentum': momentum, 'min_score': min_score, **summary}))
   return 0
 
 

@@ -6,7 +6,7 @@ batch's largest count rounded up to data.slot_multiple, 12 here). Ours is the wh
 (forward, set criterion on all 10 prediction sets with 12544 points, backward, clipping, AdamW
 update); HF's is the same step as detectron2 runs it: forward with labels, `loss.backward()`,
 full-model gradient clipping and AdamW with the same parameter groups. Its forward+loss+backward
-alone is printed too (`ref_forward_backward_s`; the issue's first figures compared against that).
+alone is printed too (`ref_forward_backward_s`; earlier figures compared against that).
 The three are timed in turns (ours, HF step, HF forward+backward, ours, ...), so that the drifting
 load of a shared machine weighs on each alike, in one process that runs with glibc's malloc keeping
 freed memory (minvis_jax/host_memory.py), for PyTorch as for us.
@@ -17,8 +17,8 @@ peak of a jitted f32 matmul on the same machine.
 
 `--dtype bfloat16` computes in bfloat16 (parameters float32) on our side and under torch.autocast on
 HF's; the peak is then a bfloat16 matmul's. On a GPU the utilisation is also given against the
-device's nominal dense peak where the device is known. `--model tiny --size 64` is the dry run of
-benchmarks/device.sh.
+device's nominal dense peak where the device is known. `--dry-run` (= `--model tiny --size 64
+--repeats 1 --points 1024`) is the dry run of benchmarks/device.sh and of the tests.
 """
 
 import argparse
@@ -66,7 +66,11 @@ def main(argv=None):
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--torch_device', default='cpu', help="'cuda' to time HF on the GPU")
   parser.add_argument('--points', type=int, default=0, help='criterion points (0: the config)')
+  parser.add_argument('--dry-run', action='store_true',
+                      help='tiny model at 64x64, one repeat (tests)')
   args = parser.parse_args(argv)
+  if args.dry_run:
+    args.model, args.size, args.repeats, args.points = 'tiny', 64, 1, 1024
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   model, model_config, variables = converted(args.model)
   model_config.dtype = args.dtype

@@ -11,6 +11,7 @@ the same test transform) and end with the top-k tracks as per-frame RLEs at the 
             pycocotools RLEs of every mask, as the YouTube-VIS evaluator writes them.
 
   python benchmarks/video.py [--frames 30] [--window auto] [--repeats 2] [--torch_device cuda]
+  python benchmarks/video.py --dry-run   # tiny model, 4 frames of 72x128 at short side 64
 """
 
 import argparse
@@ -30,7 +31,7 @@ from reference_models import converted  # noqa: E402
 from timing import result_line  # noqa: E402
 
 from minvis_jax import host_memory  # noqa: E402
-from minvis_jax import config_lib, predictor  # noqa: E402
+from minvis_jax import cli, config_lib, predictor  # noqa: E402
 
 
 def generated_video(frames: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
@@ -135,13 +136,18 @@ def main(argv=None):
   parser.add_argument('--height', type=int, default=720)
   parser.add_argument('--width', type=int, default=1280)
   parser.add_argument('--short', type=int, default=360, help='test short side (YouTube-VIS)')
-  parser.add_argument('--window', type=predictor.parse_window, default='auto',
-                      help="frames per device per forward, or 'auto' (the predictor's default: 1 on CPU)")
+  parser.add_argument('--window', type=cli.parse_window, default='auto',
+                      help="frames per device per forward, or 'auto' (1 a device on CPU)")
   parser.add_argument('--top_k', type=int, default=10)
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--torch_device', default='cpu', help="'cuda' to run HF on the GPU")
   parser.add_argument('--name', default='')
+  parser.add_argument('--dry-run', action='store_true',
+                      help='tiny model, 4 small frames, one repeat (tests)')
   args = parser.parse_args(argv)
+  if args.dry_run:
+    args.model, args.frames, args.height, args.width = 'tiny', 4, 72, 128
+    args.short, args.window, args.repeats = 64, 2, 1
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   model, model_config, variables = converted(args.model)
   device = torch.device(args.torch_device)
