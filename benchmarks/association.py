@@ -35,7 +35,8 @@ def main():
   for q in (100, 200):
     embds = video(36, q, 256, seed=q)
     dev = jax.device_put(embds)
-    ours = median_time(lambda: jax.block_until_ready(tracking.associate(dev)))
+    state, valid = tracking.init_state(q, embds.shape[-1]), np.ones(len(embds), bool)
+    ours = median_time(lambda: jax.block_until_ready(tracking.associate_chunk(state, dev, valid)))
     ref = median_time(lambda: scipy_loop(embds))
     e = embds / np.linalg.norm(embds, axis=-1, keepdims=True)
     products = median_time(lambda: [e[t - 1] @ e[t].T for t in range(1, len(e))])

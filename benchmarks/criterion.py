@@ -16,8 +16,9 @@ from transformers.models.mask2former import modeling_mask2former
 from timing import median_time, result_line
 
 from minvis_jax import host_memory
-from minvis_jax import config_lib
+from minvis_jax import config_lib  # noqa: F401  (registers minvis_jax.configs)
 from minvis_jax import criterion
+from minvis_jax.configs import common
 
 B, Q, K, N, H, W = 2, 100, 40, 25, 384, 384
 NUM_REAL = (7, 12)
@@ -36,7 +37,7 @@ def main():
   labels = rng.integers(0, K, (B, N)).astype(np.int32)
   valid = np.arange(N)[None] < np.asarray(NUM_REAL)[:, None]
 
-  loss_config = config_lib.loss_config()
+  loss_config = common.loss_config()
   outputs = {'pred_masks': sets[-1][0], 'pred_logits': sets[-1][1],
              'aux_outputs': [{'pred_masks': m, 'pred_logits': l} for m, l in sets[:-1]]}
   outputs = jax.tree.map(jnp.asarray, outputs)

@@ -25,13 +25,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 def _child(num_frames: int, window) -> dict:
   import jax  # noqa: PLC0415
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-  from test_inference import _random_variables  # noqa: PLC0415
+  from support.variables import random_variables  # noqa: PLC0415
 
   from minvis_jax import config_lib  # noqa: PLC0415
   from minvis_jax import predictor  # noqa: PLC0415
+  from minvis_jax import tracking  # noqa: PLC0415
+  from minvis_jax.models import ModelConfig  # noqa: PLC0415
 
-  model = config_lib.mask2former_model(config_lib.resnet_backbone(50), num_classes=40)
-  variables = _random_variables(model)
+  config = config_lib.load_config('minvis')   # R50, 40 classes
+  model = ModelConfig.from_config(config.model)
+  variables = random_variables(model)
   h, w, hp = 360, 640, 384          # a 360x640 frame, padded to a multiple of 32
   rng = np.random.default_rng(0)
   base = rng.normal(size=(hp, w, 3)).astype(np.float32)
@@ -54,7 +57,8 @@ def _child(num_frames: int, window) -> dict:
       yield np.roll(base, t, axis=1) * (base != 0)
 
   start = time.perf_counter()
-  tracks = predictor.VideoPredictor(model, variables, window, top_k=10)(frames(), (h, w), (h, w))
+  tracks = predictor.VideoPredictor(model, variables, window, config.inference.top_k,
+                                    tracking.tracker_from_config(config))(frames(), (h, w), (h, w))
   end = time.perf_counter()
   pw = predictor.auto_window((hp, w), jax.local_devices()) if window == 'auto' else window
   # Frames/s after the first window (compilation).
@@ -77,7 +81,7 @@ def _eval_fps() -> dict:
 
   import jax  # noqa: PLC0415
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-  from test_inference import _random_variables  # noqa: PLC0415
+  from support.variables import random_variables as _random_variables  # noqa: PLC0415
 
   from minvis_jax import config_lib  # noqa: PLC0415
   from minvis_jax import dataset_eval  # noqa: PLC0415

@@ -44,6 +44,7 @@ from minvis_jax import train
 from minvis_jax.data import synthetic
 from minvis_jax.data import ytvis
 from minvis_jax.models import Mask2Former
+from minvis_jax.models import ModelConfig
 
 SPLITS = ('standard', 'occlusion')
 
@@ -76,7 +77,7 @@ def make_split(workdir: str, kind: str, seed: int, videos: int, frames: int, con
 
 
 def forward_fn(config):
-  model = Mask2Former(config.model)
+  model = Mask2Former(ModelConfig.from_config(config.model))
   return jax.jit(lambda variables, images: model.apply(variables, images))
 
 
@@ -158,8 +159,8 @@ def score(gt: dict, dataset, outputs: list[dict], tracker, top_k: int) -> dict:
 def check_against_predictor(config, variables, dataset, out, tracker, top_k):
   """The benchmark's shortcut equals VideoPredictor on the first video."""
   video = dataset.videos[0]
-  predictor = predictor_lib.VideoPredictor(config.model, variables, config.inference.window,
-                                           top_k, tracker)
+  predictor = predictor_lib.VideoPredictor(ModelConfig.from_config(config.model), variables,
+                                           config.inference.window, top_k, tracker)
   size = (video.height, video.width)
   frames = (ytvis.read_frame(p) for p in video.frame_paths)
   ref = predictor(predictor_lib.preprocess(frames, config.data),

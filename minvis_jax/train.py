@@ -33,6 +33,7 @@ from minvis_jax import config_lib
 from minvis_jax import criterion
 from minvis_jax import metrics_writer
 from minvis_jax.models import Mask2Former
+from minvis_jax.models import ModelConfig
 
 
 @flax.struct.dataclass
@@ -144,7 +145,7 @@ def dummy_images(config) -> jax.Array:
 
 def init_variables(config, key) -> dict:
   """Random model variables (traced: call it under `jax.jit` or `jax.eval_shape`)."""
-  return Mask2Former(config.model).init(key, dummy_images(config))
+  return Mask2Former(ModelConfig.from_config(config.model)).init(key, dummy_images(config))
 
 
 def load_init_variables(config, like: dict) -> dict:
@@ -187,7 +188,7 @@ def make_train_step(config):
   batch: 'image' uint8 [B, H, W, 3] (zero padded canvas), 'image_size' int32 [B, 2],
   'labels' int32 [B, N], 'masks' uint8 [B, N, H, W], 'valid' bool [B, N].
   """
-  model = Mask2Former(config.model)
+  model = Mask2Former(ModelConfig.from_config(config.model))
   tx = make_optimizer(config.optim)
   schedule = learning_rate_schedule(config.optim)
   base_key = jax.random.PRNGKey(config.seed)

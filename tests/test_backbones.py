@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minvis_jax import config_lib
+from minvis_jax import config_lib  # noqa: F401  (registers minvis_jax.configs in a checkout)
+from minvis_jax.configs import common
 from minvis_jax.convert import backbones as convert
-from minvis_jax.models.backbone import backbone_channels, make_backbone
+from minvis_jax.models import backbone as backbone_lib
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -18,8 +19,20 @@ HF = convert.HF_PREFIX
 STAGES = ('res2', 'res3', 'res4', 'res5')
 
 
+def make_backbone(cfg, dtype='float32'):
+  """The backbone module of `config.model.backbone` (a ConfigDict)."""
+  return backbone_lib.make_backbone(backbone_lib.backbone_config(cfg), dtype)
+
+
+def backbone_channels(cfg) -> tuple[int, int, int, int]:
+  """Channels (c2, c3, c4, c5) of res2..res5."""
+  if cfg.name == 'resnet':
+    return tuple(int(w) for w in cfg.widths)
+  return tuple(int(cfg.embed_dim * 2 ** i) for i in range(4))
+
+
 def _swin_config(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 2, 4), window=3):
-  cfg = config_lib.swin_backbone('T')
+  cfg = common.swin_backbone('T')
   cfg.update(dict(embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=window))
   return cfg
 
@@ -89,9 +102,9 @@ def _check(diffs, label, tol=1e-4):
 
 @pytest.mark.parametrize('name', ['resnet_tiny', 'resnet50', 'swin_t'])
 def test_shapes_under_jit(name):
-  cfg = {'resnet_tiny': config_lib.tiny_model().backbone,
-         'resnet50': config_lib.resnet_backbone(50),
-         'swin_t': config_lib.swin_backbone('T')}[name]
+  cfg = {'resnet_tiny': common.tiny_model().backbone,
+         'resnet50': common.resnet_backbone(50),
+         'swin_t': common.swin_backbone('T')}[name]
   module = make_backbone(cfg)
   x = jnp.asarray(np.random.RandomState(0).randn(2, 64, 96, 3), jnp.float32)
   variables = jax.jit(module.init)(jax.random.PRNGKey(0), x)
@@ -113,7 +126,7 @@ def test_shapes_under_jit(name):
 
 @pytest.mark.parametrize('name', ['resnet_tiny', 'swin_tiny'])
 def test_bfloat16_compute_keeps_float32_params(name):
-  cfg = config_lib.tiny_model().backbone if name == 'resnet_tiny' else _swin_config()
+  cfg = common.tiny_model().backbone if name == 'resnet_tiny' else _swin_config()
   x = jnp.asarray(np.random.RandomState(0).randn(1, 64, 64, 3), jnp.float32)
   variables = jax.jit(make_backbone(cfg).init)(jax.random.PRNGKey(0), x)
   ref = jax.jit(make_backbone(cfg).apply)(variables, x)
@@ -146,8 +159,8 @@ def test_swin_drop_path_only_in_training():
 
 @pytest.mark.parametrize('name,size', [('resnet_tiny', 384), ('resnet50', 384)])
 def test_resnet_matches_hf(name, size):
-  cfg = {'resnet_tiny': config_lib.tiny_model().backbone,
-         'resnet50': config_lib.resnet_backbone(50)}[name]
+  cfg = {'resnet_tiny': common.tiny_model().backbone,
+         'resnet50': common.resnet_backbone(50)}[name]
   model = _randomise(_hf_resnet(cfg), seed=1)
   state = _hf_state(model)
   variables, consumed = convert.backbone_from_hf(state, cfg)
@@ -270,7 +283,7 @@ def _assert_same_tree(a, b):
 
 @pytest.fixture(scope='module')
 def tiny_resnet():
-  cfg = config_lib.tiny_model().backbone
+  cfg = common.tiny_model().backbone
   model = _randomise(_hf_resnet(cfg), seed=3)
   return cfg, model, _hf_state(model)
 

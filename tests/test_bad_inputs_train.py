@@ -30,6 +30,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class FakeSource:
   """Two-frame videos of one square instance; `load` calls `hook(video, frame)` first."""
 
+  origin = 'fake source'
+  has_annotations = True
+  num_instances = None
+
   def __init__(self, hook=None, num_videos=4):
     self.num_videos = num_videos
     self.hook = hook
@@ -66,8 +70,9 @@ def _first_loads_raise(after):
 @pytest.mark.timeout(60)
 def test_zero_workers_is_an_error_not_a_hang():
   c = small_config()
-  train_input = input_pipeline.TrainInput(c, FakeSource())
-  with pytest.raises(ValueError, match=r'data\.workers must be an integer >= 1, got 0'):
+  train_input = input_pipeline.TrainInput(input_pipeline.InputConfig.from_config(c), FakeSource())
+  # workers=0 reaches the thread pool only past config validation: its own error, no hang.
+  with pytest.raises(ValueError, match=r'max_workers must be greater than 0'):
     next(input_pipeline.iterate(train_input, 0, workers=0))
   # And at config time, naming the key.
   c.data.workers = 0
@@ -82,7 +87,8 @@ def test_zero_workers_is_an_error_not_a_hang():
 def test_any_producer_error_reaches_the_consumer(monkeypatch):
   c = small_config()
   # A reader error after the first batch: one good batch, then the reader's own message.
-  train_input = input_pipeline.TrainInput(c, FakeSource(_first_loads_raise(c.batch_size)))
+  train_input = input_pipeline.TrainInput(input_pipeline.InputConfig.from_config(c),
+                                          FakeSource(_first_loads_raise(c.batch_size)))
   batches = input_pipeline.iterate(train_input, 0, workers=2)
   assert next(batches)['image'].shape == (8, 64, 96, 3)
   with pytest.raises(ValueError, match='videos.json: video .* field "segmentations"'):
@@ -101,7 +107,9 @@ def test_input_error_ends_the_training_run(tmp_path):
   source = FakeSource(_first_loads_raise(0))
 
   def input_fn(start):
-    return input_pipeline.iterate(input_pipeline.TrainInput(c, source), start, workers=2)
+    return input_pipeline.iterate(
+        input_pipeline.TrainInput(input_pipeline.InputConfig.from_config(c), source), start,
+        workers=2)
   with pytest.raises(ValueError, match='videos.json: video') as info:
     train.train(c, str(tmp_path), input_fn=input_fn, total_steps=3)
   assert 'input batch of step 1' in ''.join(getattr(info.value, '__notes__', []))
@@ -125,7 +133,8 @@ def test_sigterm_while_waiting_for_input_saves_and_exits(tmp_path):
     if stuck and not release.wait(60):
       raise TimeoutError('SIGTERM did not interrupt the wait for input')
 
-  train_input = input_pipeline.TrainInput(c, FakeSource(hook))
+  train_input = input_pipeline.TrainInput(input_pipeline.InputConfig.from_config(c),
+                                          FakeSource(hook))
 
   def input_fn(start):
     inner = input_pipeline.iterate(train_input, start, workers=2, prefetch=1)

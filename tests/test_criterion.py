@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minvis_jax import config_lib
+from minvis_jax import config_lib  # noqa: F401  (registers minvis_jax.configs in a checkout)
 from minvis_jax import criterion
+from minvis_jax.configs import common
 
 torch = pytest.importorskip('torch')
 m2f = pytest.importorskip('transformers.models.mask2former.modeling_mask2former')
@@ -18,7 +19,7 @@ NUM_AUX = 2
 
 
 def _loss_config(num_points: int = 96):
-  config = config_lib.loss_config()
+  config = common.loss_config()
   config.num_points = num_points
   return config
 

@@ -19,9 +19,11 @@ import numpy as np
 
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
+from minvis_jax.configs import common
 from minvis_jax.convert import backbones
 from minvis_jax.convert import heads
 from minvis_jax.models import Mask2Former
+from minvis_jax.models import ModelConfig
 
 # Buffers of the original models that are recomputed or unused here.
 _IGNORED = ('criterion.empty_weight', 'pixel_mean', 'pixel_std')
@@ -43,8 +45,8 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
 
 
 def _abstract_variables(model_config):
-  return jax.eval_shape(Mask2Former(model_config).init, jax.random.PRNGKey(0),
-                        jnp.zeros((1, 64, 64, 3)))
+  model = Mask2Former(ModelConfig.from_config(model_config))
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
 
 
 def _assemble(state, model_config, entries, backbone_vars, consumed, source: str):
@@ -89,8 +91,9 @@ def params_from_detectron2(state_dict: Mapping[str, Any], model_config: ml_colle
 
 def params_with_backbone(backbone_vars, model_config, seed: int = 0):
   """A randomly initialised head on an imported ImageNet backbone (training from scratch)."""
-  variables = jax.tree.map(np.asarray, jax.jit(Mask2Former(model_config).init)(
-      jax.random.PRNGKey(seed), jnp.zeros((1, 64, 64, 3))))
+  model = Mask2Former(ModelConfig.from_config(model_config))
+  variables = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.PRNGKey(seed),
+                                                           jnp.zeros((1, 64, 64, 3))))
   for collection, tree in backbone_vars.items():
     if tree:
       variables[collection]['backbone'] = jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
@@ -122,8 +125,8 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigD
   if hf_config['feature_size'] != hf_config['hidden_dim']:
     raise ValueError('HF config: feature_size != hidden_dim is not supported')
   num_classes = hf_config.get('num_labels') or len(hf_config.get('id2label') or {})
-  model = config_lib.mask2former_model(backbone, num_classes=num_classes,
-                                       num_queries=hf_config['num_queries'])
+  model = common.mask2former_model(backbone, num_classes=num_classes,
+                                   num_queries=hf_config['num_queries'])
   model.update(dict(
       hidden_dim=hf_config['hidden_dim'], mask_dim=hf_config['mask_feature_size'],
       enc_layers=hf_config['encoder_layers'], enc_heads=hf_config['num_attention_heads'],
@@ -301,7 +304,6 @@ def experiment_for(model, labels: list[str]) -> ml_collections.ConfigDict:
   config = config_lib.load_config('minvis')
   config.model = model
   config.init.checkpoint = ''
-  config.expected_ap = -1.0  # not a model-zoo row
   dataset = categories.find(labels)
   if dataset:
     config.data.dataset = dataset
