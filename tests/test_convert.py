@@ -11,6 +11,7 @@ from support import hf_reference as ref
 from minvis_jax import checkpoints
 from minvis_jax import convert
 from minvis_jax.models import Mask2Former
+from minvis_jax.models import ModelConfig
 from test_backbones import _to_d2_resnet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,7 +153,7 @@ def test_convert_command_writes_a_checkpoint_that_restores(tiny, tmp_path):
                    '--output', str(out_dir)]) == 0
   restored = checkpoints.load_variables(str(out_dir))
   x = np.random.RandomState(2).randn(1, 64, 96, 3).astype(np.float32)
-  ours = Mask2Former(mc).apply(restored, x)
+  ours = Mask2Former(ModelConfig.from_config(mc)).apply(restored, x)
   theirs = ref.hf_forward(model, x)
   assert np.abs(np.asarray(ours['pred_masks']) - theirs['pred_masks']).max() < 1e-4
 
