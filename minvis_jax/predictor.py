@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -337,8 +338,8 @@ def valid_size(height: int, width: int, data_config) -> tuple[int, int]:
                                  data_config.max_size_test)
 
 
-def from_config(config, variables, top_k: int | None = None, window: int | str | None = None,
-                devices=None) -> VideoPredictor:
+def from_config(config: ml_collections.ConfigDict, variables, top_k: int | None = None,
+                window: int | str | None = None, devices=None) -> VideoPredictor:
   """The predictor of a full experiment config: `config.model` and `config.inference` (window,
   top_k, tracker). `top_k` / `window`, when given, stand for the commands' flags of those names
   (shorthand for `--set inference.top_k=...`)."""

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
+import ml_collections
 
 from minvis_jax import matching
 
@@ -43,7 +44,7 @@ class Tracker(NamedTuple):
   min_score: float
 
 
-def tracker_from_config(config) -> Tracker:
+def tracker_from_config(config: ml_collections.ConfigDict) -> Tracker:
   """`config.inference` (tracker, memory_momentum, memory_min_score; checked by
   `config_lib.validate`) -> Tracker."""
   inf = config.inference
