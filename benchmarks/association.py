@@ -10,11 +10,16 @@ the measured matmul peak, each as a fraction of the reference's total.
 """
 
 import argparse
+import os
+import sys
 
 import jax
 import numpy as np
-from references import scipy_loop
 from timing import matmul_peak_flops, median_time, result_line
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+from support.references import scipy_loop  # noqa: E402
 
 from minvis_jax import tracking
 
@@ -40,7 +45,9 @@ def main(argv=None):
   for q in queries:
     embds = video(frames, q, dim, seed=q)
     dev = jax.device_put(embds)
-    ours = median_time(lambda: jax.block_until_ready(tracking.associate(dev)), repeats)
+    state, valid = tracking.init_state(q, embds.shape[-1]), np.ones(len(embds), bool)
+    ours = median_time(lambda: jax.block_until_ready(tracking.associate_chunk(state, dev, valid)),
+                       repeats)
     ref = median_time(lambda: scipy_loop(embds), repeats)
     e = embds / np.linalg.norm(embds, axis=-1, keepdims=True)
     products = median_time(lambda: [e[t - 1] @ e[t].T for t in range(1, len(e))], repeats)

@@ -20,9 +20,10 @@ from transformers.models.mask2former import modeling_mask2former
 
 from timing import median_time, result_line
 
-from minvis_jax import config_lib
+from minvis_jax import config_lib  # noqa: F401  (registers minvis_jax.configs)
 from minvis_jax import criterion
 from minvis_jax import host_memory
+from minvis_jax.configs import common
 
 B = 2
 NUM_REAL = (7, 12)
@@ -48,7 +49,7 @@ def main(argv=None):
   labels = rng.integers(0, K, (B, N)).astype(np.int32)
   valid = np.arange(N)[None] < np.asarray(NUM_REAL)[:, None]
 
-  loss_config = config_lib.loss_config()
+  loss_config = common.loss_config()
   if points:
     loss_config.num_points = points
   loss_config = criterion.LossConfig.from_config(loss_config)

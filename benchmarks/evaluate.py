@@ -4,11 +4,16 @@
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
-from references import cocoeval, single_frame_case
 from timing import result_line
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+from support.references import cocoeval, single_frame_case  # noqa: E402
 
 from minvis_jax.ytvis_eval import evaluate_dicts
 

@@ -21,6 +21,7 @@ from timing import median_times, result_line  # noqa: E402
 
 from minvis_jax import host_memory  # noqa: E402
 from minvis_jax.models import Mask2Former  # noqa: E402
+from minvis_jax.models import ModelConfig  # noqa: E402
 
 
 def main(argv=None):
@@ -44,7 +45,7 @@ def main(argv=None):
   variables = jax.device_put(variables)
   x = np.random.RandomState(0).randn(1, args.size, args.size, 3).astype(np.float32)
   xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
-  apply = jax.jit(Mask2Former(model_config).apply)
+  apply = jax.jit(Mask2Former(ModelConfig.from_config(model_config)).apply)
   xj = jax.device_put(x)
 
   def torch_forward():

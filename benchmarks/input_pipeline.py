@@ -58,8 +58,8 @@ def main(argv=None):
           f'(batch {config.batch_size}, {config.data.workers} threads, {os.cpu_count()} cores)')
     if args.skip_train_step:
       return
-    source = input_pipeline.make_source(config.data, 'train')
-    train_input = input_pipeline.TrainInput(config, source)
+    train_input = input_pipeline.TrainInput(input_pipeline.InputConfig.from_config(config),
+                                            input_pipeline.make_source(config.data, 'train'))
     batch = train_input.batch(0)
     batch = {k: v[:STEP_BATCH] for k, v in batch.items()}
 

@@ -25,25 +25,23 @@ import time
 
 import jax
 import numpy as np
-from references import random_variables
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+from support.variables import random_variables  # noqa: E402
+
 from minvis_jax import config_lib  # noqa: E402
 from minvis_jax import evaluate  # noqa: E402
 from minvis_jax import predictor  # noqa: E402
+from minvis_jax import tracking  # noqa: E402
+from minvis_jax.models import ModelConfig  # noqa: E402
 from minvis_jax.data import synthetic  # noqa: E402
 from minvis_jax.data import ytvis  # noqa: E402
 
-TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'tiny.py')
-
-
 def _child(num_frames: int, window, dry_run: bool) -> dict:
-  if dry_run:
-    model = config_lib.tiny_model(num_classes=4)
-    h, w, hp = 64, 96, 64
-  else:
-    model = config_lib.mask2former_model(config_lib.resnet_backbone(50), num_classes=40)
-    h, w, hp = 360, 640, 384          # a 360x640 frame, padded to a multiple of 32
+  config = config_lib.load_config('tiny' if dry_run else 'minvis')   # minvis: R50, 40 classes
+  model = ModelConfig.from_config(config.model)
+  h, w, hp = (64, 96, 64) if dry_run else (360, 640, 384)   # a frame, padded to a multiple of 32
   variables = random_variables(model)
   rng = np.random.default_rng(0)
   base = rng.normal(size=(hp, w, 3)).astype(np.float32)
@@ -57,7 +55,8 @@ def _child(num_frames: int, window, dry_run: bool) -> dict:
       yield np.roll(base, t, axis=1) * (base != 0)
 
   start = time.perf_counter()
-  tracks = predictor.VideoPredictor(model, variables, window, top_k=10)(frames(), (h, w), (h, w))
+  tracks = predictor.VideoPredictor(model, variables, window, config.inference.top_k,
+                                    tracking.tracker_from_config(config))(frames(), (h, w), (h, w))
   end = time.perf_counter()
   pw = predictor.auto_window((hp, w), jax.local_devices()) if window == 'auto' else window
   # Frames/s after the first window (compilation).
@@ -75,7 +74,7 @@ def _eval_fps(dry_run: bool) -> dict:
   """`predict_dataset` frames/s of the tiny model (configs/tiny.py) on generated videos (8 of 16
   frames at 128x224; dry run: 2 of 4 at 64x96) on 1 and on 8 CPU devices (window 'auto': a frame
   per device), after a compiling run."""
-  config = config_lib.load_config(TINY_CONFIG)
+  config = config_lib.load_config('tiny')
   variables = random_variables(config.model)
   videos, frames_per_video, height, width = (2, 4, 64, 96) if dry_run else (8, 16, 128, 224)
   out = {}

@@ -33,7 +33,10 @@ import time
 
 import numpy as np
 from pycocotools import mask as mask_utils
-from references import random_variables
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+from support.variables import random_variables  # noqa: E402
 
 from minvis_jax import checkpoints
 from minvis_jax import config_lib

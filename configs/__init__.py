@@ -1,0 +1,1 @@
+"""The experiment configs (`--config NAME`); `common` holds the recipe they share."""

@@ -6,22 +6,15 @@
 Original recipe: batch 16, 50 epochs (368,750 iterations), LSJ crop 1024 (here: resize + pad).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-from minvis_jax import config_lib  # noqa: E402
+from minvis_jax.configs import common
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, 'configs/coco.py', backbone='r50')
   if args['backbone'] == 'r50':
-    model = config_lib.mask2former_model(config_lib.resnet_backbone(50), num_classes=80)
+    model = common.mask2former_model(common.resnet_backbone(50), num_classes=80)
   elif args['backbone'] == 'swin_l':
-    model = config_lib.mask2former_model(config_lib.swin_backbone('L'), num_classes=80,
-                                         num_queries=200)
+    model = common.mask2former_model(common.swin_backbone('L'), num_classes=80, num_queries=200)
   else:
     raise ValueError(f"configs/coco.py: backbone must be r50 or swin_l, got {args['backbone']!r}")
   c = common.with_dataset(common.base_config(model), 'coco')

@@ -1,9 +1,73 @@
-"""Pieces shared by the experiment configs: the MinVIS training recipe (SPEC 4)."""
+"""Pieces shared by the experiment configs: model presets and the MinVIS training recipe
+(docs/method.md §2-4). Every default of the project lives here."""
 
 import ml_collections
 
-from minvis_jax import config_lib
 from minvis_jax.data import categories
+from minvis_jax.models import resnet
+from minvis_jax.models import swin
+
+IMAGE_MEAN = (123.675, 116.28, 103.53)
+IMAGE_STD = (58.395, 57.12, 57.375)
+
+
+def resnet_backbone(depth: int = 50) -> ml_collections.ConfigDict:
+  """detectron2-layout ResNet (`resnet.VARIANTS`): stride in the 3x3 conv, frozen BN."""
+  return ml_collections.ConfigDict(dict(name='resnet', **resnet.VARIANTS[depth]))
+
+
+def swin_backbone(size: str = 'L') -> ml_collections.ConfigDict:
+  """Swin-T/S/B/L (`swin.VARIANTS`) with detectron2 semantics."""
+  return ml_collections.ConfigDict(dict(name='swin', **swin.VARIANTS[size], patch_size=4,
+                                        mlp_ratio=4.0, drop_path_rate=0.3))
+
+
+def mask2former_model(backbone: ml_collections.ConfigDict, num_classes: int = 40,
+                      num_queries: int = 100) -> ml_collections.ConfigDict:
+  """Mask2Former instance-segmentation head on top of `backbone` (docs/method.md §2); the fields of
+  `minvis_jax.models.ModelConfig`."""
+  return ml_collections.ConfigDict(dict(
+      backbone=backbone,
+      num_classes=num_classes,           # K; the class head outputs K + 1 (last = no object)
+      num_queries=num_queries,
+      hidden_dim=256,                    # C of pixel decoder and transformer decoder
+      mask_dim=256,
+      # Pixel decoder (MSDeformAttn encoder).
+      enc_layers=6,
+      enc_heads=8,
+      enc_ffn_dim=1024,
+      enc_points=4,
+      num_feature_levels=3,
+      # Transformer decoder.
+      dec_layers=9,                      # masked-attention layers (10 prediction sets)
+      dec_heads=8,
+      dec_ffn_dim=2048,
+      # 'float32' or 'bfloat16' compute; parameters stay float32.
+      dtype='float32',
+  ))
+
+
+def tiny_model(num_classes: int = 40) -> ml_collections.ConfigDict:
+  """A small model with the full architecture, for tests and the CPU demo."""
+  backbone = ml_collections.ConfigDict(dict(
+      name='resnet', depths=(1, 1, 1, 1), stem_width=16, widths=(32, 64, 128, 256)))
+  model = mask2former_model(backbone, num_classes=num_classes, num_queries=20)
+  model.update(dict(hidden_dim=64, mask_dim=64, enc_layers=2, enc_heads=4, enc_ffn_dim=128,
+                    enc_points=4, dec_layers=3, dec_heads=4, dec_ffn_dim=128))
+  return model
+
+
+def loss_config() -> ml_collections.ConfigDict:
+  """Set criterion weights and point sampling (docs/method.md §3)."""
+  return ml_collections.ConfigDict(dict(
+      class_weight=2.0,
+      mask_weight=5.0,
+      dice_weight=5.0,
+      no_object_weight=0.1,
+      num_points=12544,
+      oversample_ratio=3.0,
+      importance_sample_ratio=0.75,
+  ))
 
 
 def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -11,7 +75,7 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model
-  c.loss = config_lib.loss_config()
+  c.loss = loss_config()
 
   c.data = ml_collections.ConfigDict(dict(
       dataset='synthetic',         # synthetic | ytvis_2019 | ytvis_2021 | ytvis_2022 | ovis | coco
@@ -33,8 +97,8 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       min_size_test=360,
       max_size_test=1333,
       size_divisibility=32,
-      mean=config_lib.IMAGE_MEAN,
-      std=config_lib.IMAGE_STD,
+      mean=IMAGE_MEAN,
+      std=IMAGE_STD,
       # (dataset id, name) of class index 0..K-1, checked against the annotation file's categories
       # when a split is loaded; empty: take them from the file (a custom dataset).
       category_ids=(),
@@ -62,8 +126,8 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(checkpoint='', reinit_class_head=True))
 
   # window: frames per device per forward; 'auto' sizes it from the device (1 a device on CPU).
-  # tracker: 'minvis' (SPEC 1) or 'memory' (per-track EMA memory; minvis_jax/tracking.py, whose
-  # defaults for memory_momentum / memory_min_score were measured with benchmarks/tracking.py).
+  # tracker: 'minvis' (docs/method.md §1) or 'memory' (per-track EMA memory; minvis_jax/tracking.py;
+  # memory_momentum / memory_min_score chosen with benchmarks/tracking.py).
   c.inference = ml_collections.ConfigDict(dict(window='auto', top_k=10, tracker='minvis',
                                                memory_momentum=0.7, memory_min_score=0.0))
   # Evaluation inside `train` on the training mesh, logged as eval/* at its step (metrics.jsonl,
@@ -77,7 +141,7 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def with_dataset(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
-  """Number of classes, category table and schedule of each dataset (SPEC 4)."""
+  """Number of classes, category table and schedule of each dataset (docs/method.md §4)."""
   classes, steps, decay = {
       'ytvis_2019': (40, 6000, 4000),
       'ytvis_2021': (40, 8000, 5500),
@@ -94,7 +158,7 @@ def with_dataset(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.C
   return c
 
 
-# The original model zoo (SPEC 4): (dataset, backbone) -> {annotation fraction: model-zoo AP}.
+# The original model zoo (docs/method.md §4): (dataset, backbone) -> {annotation fraction: its AP}.
 ZOO = {
     ('ytvis_2019', 'r50'): {1.0: 47.3},
     ('ytvis_2019', 'swin_l'): {1.0: 62.0, 0.1: 60.9, 0.05: 59.7, 0.01: 58.9},
@@ -131,17 +195,18 @@ def parse_arg(arg, config: str, **defaults) -> dict:
 
 
 def zoo_config(dataset: str, backbone: str, fraction: float) -> ml_collections.ConfigDict:
-  """A model-zoo row of the original MinVIS: recipe, sizes, classes and initialisation (SPEC 4)."""
+  """A model-zoo row of the original MinVIS: recipe, sizes, classes and initialisation
+  (docs/method.md §4)."""
   if (dataset, backbone) not in ZOO:
     raise ValueError(f'configs/minvis.py: no model-zoo row for dataset={dataset!r} '
                      f'backbone={backbone!r}; choose from {sorted(ZOO)}')
   if backbone == 'r50':
-    model = config_lib.mask2former_model(config_lib.resnet_backbone(50), num_queries=100)
+    model = mask2former_model(resnet_backbone(50), num_queries=100)
   else:
-    model = config_lib.mask2former_model(config_lib.swin_backbone('L'), num_queries=200)
+    model = mask2former_model(swin_backbone('L'), num_queries=200)
   c = with_dataset(base_config(model), dataset)
   c.data.annotation_fraction = fraction
-  # Swin-L on YouTube-VIS 2019 and OVIS is tested at short side 480 (SPEC 1).
+  # Swin-L on YouTube-VIS 2019 and OVIS is tested at short side 480 (docs/method.md §1).
   if backbone == 'swin_l' and dataset in ('ytvis_2019', 'ovis'):
     c.data.min_size_test = 480
   # Initialised from the COCO instance Mask2Former checkpoint, converted with
@@ -149,5 +214,4 @@ def zoo_config(dataset: str, backbone: str, fraction: float) -> ml_collections.C
   #       --config coco:backbone=r50 --output pretrained/coco_r50
   c.init.checkpoint = f'pretrained/coco_{backbone}'
   c.init.reinit_class_head = True
-  c.expected_ap = ZOO[(dataset, backbone)].get(fraction, -1.0)
   return c

@@ -1,4 +1,4 @@
-"""MinVIS model-zoo experiments (SPEC 4), one row per argument set.
+"""MinVIS model-zoo experiments (docs/method.md §4), one row per argument set.
 
   --config minvis                                   # YouTube-VIS 2019, R50, 100%
   --config minvis:dataset=ytvis_2021,backbone=swin_l,fraction=0.1
@@ -8,11 +8,7 @@ dataset: ytvis_2019 | ytvis_2021 | ovis; backbone: r50 | swin_l; fraction: 1.0 |
 (sub-sampled annotations exist for Swin-L in the original zoo).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from minvis_jax.configs import common
 
 
 def get_config(arg=None):

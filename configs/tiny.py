@@ -3,18 +3,12 @@
   minvis-jax train --config tiny --workdir /tmp/tiny
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-from minvis_jax import config_lib  # noqa: E402
+from minvis_jax.configs import common
 
 
 def get_config(arg=None):
   common.parse_arg(arg, 'configs/tiny.py')   # takes none: refuses one rather than ignore it
-  c = common.base_config(config_lib.tiny_model())
+  c = common.base_config(common.tiny_model())
   c = common.with_dataset(c, 'synthetic')
   c.data.min_size_train = (128,)
   c.data.max_size_train = 224

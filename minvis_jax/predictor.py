@@ -1,23 +1,21 @@
-"""MinVIS video inference (SPEC 1): per-frame forward in windows, online association, video results.
+"""MinVIS video inference (docs/method.md §1): per-frame forward in windows, online association,
+video results.
 
 Memory is flat in the number of frames, on the device and on the host. One jitted step runs a
 window of frames (the last one padded and marked invalid, so one compiled shape serves the whole
 video): the forward sharded over the local devices along the frame axis and the exact sequential
 association. Every query's float16 mask logits at the model's resolution [Q, Hp/4, Wp/4] go to an
 anonymous temporary file, not to memory; once the last frame has set the scores, a second jitted
-step computes the SPEC 1 masks (resize, crop, resize, threshold) of the top-k queries only, window
-by window, and the host run-length encodes them.
+step computes the masks of docs/method.md §1 (resize, crop, resize, threshold) of the top-k queries
+only, window by window, and the host run-length encodes them.
 
-Why not the masks of every query as they come (RLEs kept in a file, the top-k read back at the
-end; measured): at a 720p original size, resizing and encoding all 100 queries took ~0.6 s a frame
-on the 2-core CPU, a third of the R50 time (benchmarks/video.py); the top 10 take a tenth of it.
-Why not a second forward pass for the top-k: the forward dominates, it would nearly double the time.
-The file holds Q x Hp/4 x Wp/4 x 2 bytes a frame (2.7 MB for R50 at 360x640, 3.2 GB for 1,200
-frames; on `$TMPDIR`), written sequentially and read back for k queries.
+Only the top-k queries' masks are resized and encoded: resizing and encoding every query's masks
+costs far more than the forward on a CPU at video resolutions, and a second forward for the top-k
+would nearly double the time. The file holds Q x Hp/4 x Wp/4 float16 values a frame (on `$TMPDIR`),
+written sequentially and read back for k queries.
 """
 
 import functools
-import json
 import os
 import tempfile
 from typing import Iterable, Iterator
@@ -33,6 +31,7 @@ from minvis_jax import ops
 from minvis_jax import tracking
 from minvis_jax.data import transforms
 from minvis_jax.models import Mask2Former
+from minvis_jax.models import ModelConfig
 
 P = jax.sharding.PartitionSpec
 
@@ -54,12 +53,11 @@ def _windows(images: Iterable[np.ndarray], window: int) -> Iterator[tuple[np.nda
 def _mask_logits_t(m: jnp.ndarray, padded_size, valid_size, out_size) -> jnp.ndarray:
   """Mask logits [Q, Hp/4, Wp/4] -> [Q, W, H] (transposed: pycocotools' column-major order) at the
   original size: to the padded input size, crop the valid image, to the original size (bilinear,
-  no antialias; SPEC 1).
+  no antialias; docs/method.md §1).
 
   The three steps are linear along each axis, so they are applied as one product per axis with the
   composed [H, Hp/4] and [W, Wp/4] matrices (computed in float64): the same values as resizing
-  twice up to float32 rounding, at a fifth of the flops (the second resize of a 720p frame alone
-  was ~16 GFLOP as dense resize matrices).
+  twice up to float32 rounding, with far fewer flops.
   """
   (hp, wp), (h, w) = padded_size, valid_size
   rows = ops.bilinear_matrix(h, out_size[0]) @ ops.bilinear_matrix(m.shape[1], hp)[:h]  # [H, Hp/4]
@@ -72,10 +70,10 @@ def _mask_logits_t(m: jnp.ndarray, padded_size, valid_size, out_size) -> jnp.nda
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(model_config_json: str, mesh: jax.sharding.Mesh, tracker: tracking.Tracker):
+def _step_fn(model_config: ModelConfig, mesh: jax.sharding.Mesh, tracker: tracking.Tracker):
   """The jitted window step of a model config, mesh and tracker, shared by every predictor (so a
   new predictor, e.g. per video, command or test, reuses the compiled step)."""
-  model = Mask2Former(ml_collections.ConfigDict(json.loads(model_config_json)))
+  model = Mask2Former(model_config)
   frames = P('frames')
 
   def forward(variables, images):    # on each device: its own frames
@@ -101,8 +99,8 @@ def _step_fn(model_config_json: str, mesh: jax.sharding.Mesh, tracker: tracking.
 
 @functools.lru_cache(maxsize=16)
 def _masks_fn(mesh: jax.sharding.Mesh, padded_size, valid_size, out_size):
-  """Jitted: float16 logits [W, k, Hp/4, Wp/4] -> SPEC 1 masks packed 8 pixels to a byte, column
-  major (pycocotools' order) [W, k, ceil(H*W/8)] uint8, sharded over the frames."""
+  """Jitted: float16 logits [W, k, Hp/4, Wp/4] -> masks (docs/method.md §1) packed 8 pixels to a
+  byte, column major (pycocotools' order) [W, k, ceil(H*W/8)] uint8, sharded over the frames."""
   def to_bits(masks):                # on each device: its own frames, one frame at a time
     def one(m):
       binary = _mask_logits_t(m, padded_size, valid_size, out_size) > 0    # [k, W, H]
@@ -122,7 +120,7 @@ def _encode(bits: np.ndarray, out_size) -> list[bytes]:
 
 class _LogitStore:
   """Every frame's float16 mask logits [Q, h, w] in an anonymous temporary file: the host keeps
-  nothing per frame (issue 13: dense logits in memory grew by ~3 MB a frame)."""
+  nothing per frame (dense logits in memory would grow with the video)."""
 
   def __init__(self):
     self._file = tempfile.TemporaryFile()
@@ -197,21 +195,21 @@ class VideoPredictor:
     XLA's convolutions round differently at different batch sizes (by an ulp, enough to flip a
     mask pixel whose logit is within rounding of 0), so the same per-device batch on any number
     of devices gives the same tracks, scores and masks, bit for bit (tests/test_sharded_eval.py).
+  top_k: tracks kept per video.
+  tracker: the association (`tracking.Tracker`).
   devices: the devices a window is sharded over (default: all local devices).
-  tracker: the association (`tracking.Tracker`; default 'minvis', SPEC 1).
+  The values come from `config.inference` (`from_config`), checked by `config_lib.validate`.
   """
 
-  def __init__(self, model_config, variables, window: int | str = 30, top_k: int = 10,
-               devices=None, tracker: tracking.Tracker = tracking.Tracker()):
+  def __init__(self, model_config: ModelConfig, variables, window: int | str, top_k: int,
+               tracker: tracking.Tracker, devices=None):
     devices = list(devices or jax.local_devices())
     self.mesh = jax.sharding.Mesh(np.array(devices), ('frames',))
     self.variables = local_replica(variables, self.mesh)
-    if window != 'auto' and (not isinstance(window, int) or window < 1):
-      raise ValueError(f'inference.window: expected a positive int or \'auto\', got {window!r}')
     self.window = window if window == 'auto' else window * len(devices)
     self.top_k = top_k
     self.tracker = tracker
-    self._model_json = model_config.to_json()
+    self.model_config = model_config
     self._init_state = tracking.init_state(model_config.num_queries, model_config.hidden_dim)
 
   def frames_per_window(self, padded_size: tuple[int, int]) -> int:
@@ -235,7 +233,7 @@ class VideoPredictor:
     padded_size = tuple(np.shape(first)[:2])
     valid_size, out_size = tuple(valid_size), tuple(out_size)
     window = self.frames_per_window(padded_size)
-    step = _step_fn(self._model_json, self.mesh, self.tracker)
+    step = _step_fn(self.model_config, self.mesh, self.tracker)
     frames = jax.sharding.NamedSharding(self.mesh, P('frames'))
 
     state, logit_sum, pending, store = self._init_state, None, None, _LogitStore()
@@ -316,7 +314,7 @@ def results_for_video(tracks: list[dict], video_id, category_ids: list[int]) -> 
 
 
 def preprocess(frames: Iterable[np.ndarray], data_config) -> Iterator[np.ndarray]:
-  """uint8 frames -> the model's test input (SPEC 1): resized, normalised, padded."""
+  """uint8 frames -> the model's test input (docs/method.md §1): resized, normalised, padded."""
   for frame in frames:
     yield transforms.test_frame(frame, data_config.min_size_test, data_config.max_size_test,
                                 data_config.mean, data_config.std,
@@ -328,9 +326,12 @@ def valid_size(height: int, width: int, data_config) -> tuple[int, int]:
                                  data_config.max_size_test)
 
 
-def from_config(config, variables, top_k: int | None = None, window: int | str | None = None,
-                devices=None) -> VideoPredictor:
-  inf = config.get('inference', {}) or {}
-  return VideoPredictor(config.model, variables, window or inf.get('window', 30),
-                        top_k or inf.get('top_k', 10), devices,
-                        tracking.tracker_from_config(config))
+def from_config(config: ml_collections.ConfigDict, variables, top_k: int | None = None,
+                window: int | str | None = None, devices=None) -> VideoPredictor:
+  """The predictor of a full experiment config: `config.model` and `config.inference` (window,
+  top_k, tracker). `top_k` / `window`, when given, stand for the commands' flags of those names
+  (shorthand for `--set inference.top_k=...`)."""
+  inf = config.inference
+  return VideoPredictor(ModelConfig.from_config(config.model), variables,
+                        window or inf.window, top_k or inf.top_k,
+                        tracking.tracker_from_config(config), devices)

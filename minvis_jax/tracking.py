@@ -1,7 +1,7 @@
 """Online association of per-frame queries into tracks (`config.inference.tracker`).
 
-'minvis' (SPEC 1, the default): match each frame's queries to the previous, already reordered frame.
-cost[i, j] = 1 - cos(previous track i, current query j), solved exactly on device with
+'minvis' (docs/method.md §1, the default): match each frame's queries to the previous, already
+reordered frame. cost[i, j] = 1 - cos(previous track i, current query j), solved exactly on device with
 `matching.linear_sum_assignment`. The state is only the last reordered embeddings, so a video can be
 processed in chunks (windows, or live) with the same result as one call.
 
@@ -16,13 +16,9 @@ overwritten by whatever query filled its slot meanwhile. For every valid frame t
 The first valid frame sets m_i = x_i (the identity order). momentum = 0 and min_score = 0 is exactly
 'minvis'. The memory depends on the previous frame's assignment, so frames are solved one after
 the other (a scan), where 'minvis' solves all frame pairs of a chunk in one batch.
-Defaults (configs/common.py): momentum 0.7, min_score 0.0, the best mean AP over the standard and
-occlusion splits of tuning seed 0 in `benchmarks/tracking.py --sweep` (momentum 0/0.5/0.7/0.9 x
-min_score 0/0.3/0.5/0.7) on the demo's checkpoint. That grid is flat there (occlusion AP 12.5-13.3,
-standard 55.8-56.0), and flatter still on a 1000-step checkpoint (all within 0.3 AP): these
-models' embeddings identify the query slot rather than the instance, so every association follows
-the slots (README "Tracking"). The gate (min_score > 0) cost up to 0.75 occlusion AP at momentum
-<= 0.5 and nothing at 0.7 on the demo checkpoint, so it is off by default.
+The defaults (configs/common.py) come from a sweep on the demo's checkpoint, where the choice
+barely matters: those models' embeddings identify the query slot rather than the instance
+(docs/tracking_study.md).
 """
 
 from typing import NamedTuple
@@ -30,6 +26,7 @@ from typing import NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
+import ml_collections
 
 from minvis_jax import matching
 
@@ -38,25 +35,20 @@ TRACKERS = ('minvis', 'memory')
 
 
 class Tracker(NamedTuple):
-  """The association mode and its parameters (hashable: a static argument of jitted steps)."""
-  kind: str = 'minvis'
-  momentum: float = 0.7
-  min_score: float = 0.0
+  """The association mode and its parameters (hashable: a static argument of jitted steps).
+
+  kind: one of TRACKERS; momentum and min_score are read by 'memory' only.
+  """
+  kind: str
+  momentum: float
+  min_score: float
 
 
-def tracker_from_config(config) -> Tracker:
-  """`config.inference` (tracker, memory_momentum, memory_min_score) -> Tracker; absent keys take
-  the defaults ('minvis')."""
-  inf = config.get('inference', {}) or {}
-  default = Tracker()
-  t = Tracker(str(inf.get('tracker', default.kind)),
-              float(inf.get('memory_momentum', default.momentum)),
-              float(inf.get('memory_min_score', default.min_score)))
-  if t.kind not in TRACKERS:
-    raise ValueError(f'config: inference.tracker={t.kind!r}; choose one of {TRACKERS}')
-  if not 0.0 <= t.momentum < 1.0:
-    raise ValueError(f'config: inference.memory_momentum={t.momentum} must be in [0, 1)')
-  return t
+def tracker_from_config(config: ml_collections.ConfigDict) -> Tracker:
+  """`config.inference` (tracker, memory_momentum, memory_min_score; checked by
+  `config_lib.validate`) -> Tracker."""
+  inf = config.inference
+  return Tracker(str(inf.tracker), float(inf.memory_momentum), float(inf.memory_min_score))
 
 
 class TrackState(NamedTuple):
@@ -160,14 +152,6 @@ def track_chunk(tracker: Tracker, state: TrackState, embds: jnp.ndarray, logits:
     return associate_memory_chunk(state, embds, foreground_score(logits), valid,
                                   jnp.float32(tracker.momentum), jnp.float32(tracker.min_score))
   raise ValueError(f'unknown tracker {tracker.kind!r}; choose one of {TRACKERS}')
-
-
-def associate(embds: jnp.ndarray, valid: jnp.ndarray | None = None) -> jnp.ndarray:
-  """embds [T, Q, C] (valid [T] bool, default all) -> perm [T, Q]; frame 0 is the identity."""
-  if valid is None:
-    valid = jnp.ones(embds.shape[:1], bool)
-  _, perm = associate_chunk(init_state(embds.shape[1], embds.shape[2]), embds, valid)
-  return perm
 
 
 def reorder(x: jnp.ndarray, perm: jnp.ndarray) -> jnp.ndarray:

@@ -34,6 +34,7 @@ from minvis_jax import ops
 from minvis_jax import preemption as preemption_lib
 from minvis_jax.data import input_pipeline
 from minvis_jax.models import Mask2Former
+from minvis_jax.models import ModelConfig
 
 
 @flax.struct.dataclass
@@ -144,7 +145,7 @@ def dummy_images(config) -> jax.Array:
 
 def init_variables(config, key) -> dict:
   """Random model variables (traced: call it under `jax.jit` or `jax.eval_shape`)."""
-  return Mask2Former(config.model).init(key, dummy_images(config))
+  return Mask2Former(ModelConfig.from_config(config.model)).init(key, dummy_images(config))
 
 
 def load_init_variables(config, like: dict) -> dict:
@@ -178,7 +179,7 @@ def make_train_step(config):
   batch: 'image' uint8 [B, H, W, 3] (zero padded canvas), 'image_size' int32 [B, 2],
   'labels' int32 [B, N], 'masks' uint8 [B, N, H, W], 'valid' bool [B, N].
   """
-  model = Mask2Former(config.model)
+  model = Mask2Former(ModelConfig.from_config(config.model))
   loss_config = criterion.LossConfig.from_config(config.loss)
   tx = make_optimizer(config.optim)
   schedule = learning_rate_schedule(config.optim)

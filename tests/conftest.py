@@ -53,3 +53,19 @@ def tiny_config():
   c.mesh.data = 1
   c.eval.every_steps = 0
   return c
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(tmp_path_factory):
+  """(directory, config, variables): a random tiny model (configs/tiny.py, random_variables seed 1)
+  saved as a checkpoint with its config.json."""
+  from minvis_jax import checkpoints  # noqa: PLC0415  (jax only after the environment is set)
+  from minvis_jax import config_lib  # noqa: PLC0415
+  from support.variables import random_variables  # noqa: PLC0415
+  config = config_lib.load_config('tiny')
+  assert config.inference.window == 'auto'  # a frame per device on CPU: fast CPU tests
+  variables = random_variables(config.model, seed=1)
+  path = str(tmp_path_factory.mktemp('ckpt') / 'model')
+  checkpoints.save_variables(path, variables)
+  checkpoints.save_config(path, config)
+  return path, config, variables

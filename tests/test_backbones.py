@@ -12,17 +12,29 @@ from minvis_jax.models.backbone import backbone_channels, make_backbone
 STAGES = ('res2', 'res3', 'res4', 'res5')
 
 
+def make_backbone(cfg, dtype='float32'):
+  """The backbone module of `config.model.backbone` (a ConfigDict)."""
+  return backbone_lib.make_backbone(backbone_lib.backbone_config(cfg), dtype)
+
+
+def backbone_channels(cfg) -> tuple[int, int, int, int]:
+  """Channels (c2, c3, c4, c5) of res2..res5."""
+  if cfg.name == 'resnet':
+    return tuple(int(w) for w in cfg.widths)
+  return tuple(int(cfg.embed_dim * 2 ** i) for i in range(4))
+
+
 def _swin_config(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 2, 4), window=3):
-  cfg = config_lib.swin_backbone('T')
+  cfg = common.swin_backbone('T')
   cfg.update(dict(embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=window))
   return cfg
 
 
 @pytest.mark.parametrize('name', ['resnet_tiny', 'resnet50', 'swin_t'])
 def test_shapes_under_jit(name):
-  cfg = {'resnet_tiny': config_lib.tiny_model().backbone,
-         'resnet50': config_lib.resnet_backbone(50),
-         'swin_t': config_lib.swin_backbone('T')}[name]
+  cfg = {'resnet_tiny': common.tiny_model().backbone,
+         'resnet50': common.resnet_backbone(50),
+         'swin_t': common.swin_backbone('T')}[name]
   module = make_backbone(cfg)
   x = jnp.asarray(np.random.RandomState(0).randn(2, 64, 96, 3), jnp.float32)
   variables = jax.jit(module.init)(jax.random.PRNGKey(0), x)
@@ -44,7 +56,7 @@ def test_shapes_under_jit(name):
 
 @pytest.mark.parametrize('name', ['resnet_tiny', 'swin_tiny'])
 def test_bfloat16_compute_keeps_float32_params(name):
-  cfg = config_lib.tiny_model().backbone if name == 'resnet_tiny' else _swin_config()
+  cfg = common.tiny_model().backbone if name == 'resnet_tiny' else _swin_config()
   x = jnp.asarray(np.random.RandomState(0).randn(1, 64, 64, 3), jnp.float32)
   variables = jax.jit(make_backbone(cfg).init)(jax.random.PRNGKey(0), x)
   ref = jax.jit(make_backbone(cfg).apply)(variables, x)

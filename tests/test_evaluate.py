@@ -4,7 +4,6 @@ results), `score` and the `evaluate` command."""
 import json
 import os
 import subprocess
-import sys
 import time
 
 import jax
@@ -15,8 +14,8 @@ from minvis_jax import config_lib
 from minvis_jax import evaluate
 from minvis_jax.data import ytvis
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_inference import _random_variables, assert_same_tracks  # noqa: E402
+from support.tracks import assert_same_tracks  # noqa: E402
+from support.variables import random_variables as _random_variables  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = (5, 2, 3, 1)   # frames of the test videos: unequal, so the process balance matters

@@ -1,4 +1,5 @@
-"""Frame-level training input: SPEC 1 annotation ratio, determinism, sharding, augmentation."""
+"""Frame-level training input: the annotation ratio of docs/method.md §1, determinism, sharding,
+augmentation; the FrameSource protocol and InputConfig."""
 
 import collections
 import itertools
@@ -11,6 +12,7 @@ from minvis_jax import config_lib
 from minvis_jax.data import input_pipeline
 from minvis_jax.data import synthetic
 from minvis_jax.data import ytvis
+from minvis_jax.data.input_pipeline import InputConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +35,10 @@ class CountingSource:
 
   def __init__(self, source):
     self.source = source
+    self.origin = source.origin
     self.num_videos = source.num_videos
+    self.has_annotations = source.has_annotations
+    self.num_instances = source.num_instances
     self.reads = collections.Counter()
 
   def num_frames(self, v):
@@ -70,7 +75,7 @@ def source(config):
 def test_only_sub_sampled_frames_are_read(data_dir):
   c = make_config(data_dir, annotation_fraction=0.2)   # 10 frames -> 2 usable: {0, 5}
   src = source(c)
-  train_input = input_pipeline.TrainInput(c, src)
+  train_input = input_pipeline.TrainInput(InputConfig.from_config(c), src)
   for step in range(10):
     train_input.batch(step)
   assert {t for _, t in src.reads} == {0, 5}
@@ -79,7 +84,7 @@ def test_only_sub_sampled_frames_are_read(data_dir):
 
 def test_each_epoch_visits_every_video_once(data_dir):
   c = make_config(data_dir, flip=False)
-  train_input = input_pipeline.TrainInput(c, source(c))
+  train_input = input_pipeline.TrainInput(InputConfig.from_config(c), source(c))
   videos = [train_input._video(p) for p in range(15)]
   for epoch in range(3):
     assert sorted(videos[5 * epoch:5 * epoch + 5]) == list(range(5))
@@ -88,25 +93,26 @@ def test_each_epoch_visits_every_video_once(data_dir):
 
 def test_stream_is_a_function_of_seed_and_step(data_dir):
   c = make_config(data_dir)
-  a = input_pipeline.TrainInput(c, source(c))
-  b = input_pipeline.TrainInput(c, source(c))
+  a = input_pipeline.TrainInput(InputConfig.from_config(c), source(c))
+  b = input_pipeline.TrainInput(InputConfig.from_config(c), source(c))
   resumed = input_pipeline.iterate(b, start_step=3, workers=2)
   for step in range(3, 6):
     x, y = a.batch(step), next(resumed)
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
   c.seed = 1
-  other = input_pipeline.TrainInput(c, source(c)).batch(3)
+  other = input_pipeline.TrainInput(InputConfig.from_config(c), source(c)).batch(3)
   assert not np.array_equal(other['image'], a.batch(3)['image'])
 
 
 def test_processes_read_only_their_rows(data_dir):
   c = make_config(data_dir)
-  whole = input_pipeline.TrainInput(c, source(c)).batch(7)
+  whole = input_pipeline.TrainInput(InputConfig.from_config(c), source(c)).batch(7)
   parts = []
   for p in range(2):
     src = source(c)
-    parts.append(input_pipeline.TrainInput(c, src, process_index=p, process_count=2).batch(7))
+    parts.append(input_pipeline.TrainInput(InputConfig.from_config(c), src, process_index=p,
+                                           process_count=2).batch(7))
     assert sum(src.reads.values()) == 2
   for k in whole:
     np.testing.assert_array_equal(np.concatenate([parts[0][k], parts[1][k]]), whole[k])
@@ -114,7 +120,7 @@ def test_processes_read_only_their_rows(data_dir):
 
 def test_batch_layout_and_augmentation(data_dir):
   c = make_config(data_dir)
-  train_input = input_pipeline.TrainInput(c, source(c))
+  train_input = input_pipeline.TrainInput(InputConfig.from_config(c), source(c))
   shapes_seen, flips = set(), 0
   dataset = ytvis.load_split('synthetic', data_dir, 'train')
   folder = ytvis.FolderSource(dataset)
@@ -150,8 +156,8 @@ def test_batch_layout_and_augmentation(data_dir):
 
 def test_crop_drops_instances_it_empties_and_frames_without_instances_are_kept(data_dir):
   c = make_config(data_dir, crop=True)
-  cropped = input_pipeline.TrainInput(c, source(c))
-  full = input_pipeline.TrainInput(make_config(data_dir), source(c))
+  cropped = input_pipeline.TrainInput(InputConfig.from_config(c), source(c))
+  full = input_pipeline.TrainInput(InputConfig.from_config(make_config(data_dir)), source(c))
   fewer = 0
   for s, i in itertools.product(range(10), range(4)):
     ex = cropped.example(s, i)
@@ -163,7 +169,7 @@ def test_crop_drops_instances_it_empties_and_frames_without_instances_are_kept(d
 
 def test_too_many_instances_are_truncated(data_dir):
   c = make_config(data_dir, max_instances=1)
-  ex = input_pipeline.TrainInput(c, source(c)).example(0, 0)
+  ex = input_pipeline.TrainInput(InputConfig.from_config(c), source(c)).example(0, 0)
   assert ex['masks'].shape[0] == 1 and ex['valid'].sum() <= 1
 
 
@@ -171,7 +177,8 @@ def test_batch_not_divisible_by_processes_is_an_error(data_dir):
   c = make_config(data_dir)
   c.batch_size = 3
   with pytest.raises(ValueError, match='not a multiple of the 2 processes'):
-    input_pipeline.TrainInput(c, source(c), process_index=0, process_count=2)
+    input_pipeline.TrainInput(InputConfig.from_config(c), source(c), process_index=0,
+                              process_count=2)
 
 
 def test_errors_in_the_reader_reach_the_consumer(data_dir, tmp_path):
@@ -190,13 +197,33 @@ def test_frames_without_instances_are_legal(data_dir):
   src = source(c)
 
   class NoInstances:
+    origin = src.origin
     num_videos = src.num_videos
+    has_annotations = True
+    num_instances = None   # not known up front (as TFDS records of an older build)
     num_frames = src.num_frames
 
     def load(self, v, t):
       image, masks, labels = src.load(v, t)
       return image, masks[:0], labels[:0]
 
-  batch = input_pipeline.TrainInput(c, NoInstances()).batch(0)
+  batch = input_pipeline.TrainInput(InputConfig.from_config(c), NoInstances()).batch(0)
   assert not batch['valid'].any() and not batch['masks'].any()
   assert batch['image'].any()
+
+
+def test_folder_source_is_a_frame_source(data_dir):
+  """FolderSource has every attribute of the FrameSource protocol that TrainInput reads."""
+  src = source(make_config(data_dir))
+  for name in ('origin', 'num_videos', 'has_annotations', 'num_instances'):
+    assert name in input_pipeline.FrameSource.__annotations__ and hasattr(src, name), name
+  assert callable(src.num_frames) and callable(src.load)
+  assert src.has_annotations and src.num_instances > 0 and src.num_videos == 5
+
+
+def test_input_config_is_built_once_and_hashable(data_dir):
+  c = make_config(data_dir)
+  ic = InputConfig.from_config(c)
+  assert hash(ic) == hash(InputConfig.from_config(c))
+  assert (ic.canvas, ic.min_size_train, ic.max_instances) == ((64, 112), (48, 64), 4)
+  assert ic.batch_size == c.batch_size and ic.seed == c.seed

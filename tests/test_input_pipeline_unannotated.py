@@ -26,12 +26,12 @@ def test_training_on_an_unannotated_split(tmp_path):
   with open(json_path) as f:
     data = json.load(f)
   c = _config(str(tmp_path))
-  input_pipeline.TrainInput(c, input_pipeline.make_source(c.data, 'train'))  # annotated: fine
+  input_pipeline.TrainInput(input_pipeline.InputConfig.from_config(c), input_pipeline.make_source(c.data, 'train'))  # annotated: fine
   data['annotations'] = []
   with open(json_path, 'w') as f:
     json.dump(data, f)
   with pytest.raises(ValueError, match=f'{json_path}: no instance to train on'):
-    input_pipeline.TrainInput(c, input_pipeline.make_source(c.data, 'train'))
+    input_pipeline.TrainInput(input_pipeline.InputConfig.from_config(c), input_pipeline.make_source(c.data, 'train'))
   del data['annotations']  # e.g. YouTube-VIS valid.json given as training data
   with open(json_path, 'w') as f:
     json.dump(data, f)

@@ -195,7 +195,8 @@ def test_training_on_an_unannotated_prepared_split(tmp_path, synthetic_root):
   c.data.dataset, c.data.tfds_dir, c.batch_size = 'ytvis_2019', data_dir, 2
   with pytest.raises(ValueError, match=r'minvis_ytvis2019 train\): has no "annotations", so it '
                                        'cannot be trained on'):
-    input_pipeline.TrainInput(c, input_pipeline.make_source(c.data, 'train'))
+    input_pipeline.TrainInput(input_pipeline.InputConfig.from_config(c),
+                              input_pipeline.make_source(c.data, 'train'))
 
 
 def test_python_m_forwards_to_the_data_build_subcommand():

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from minvis_jax.models.backbone import backbone_config as frozen_backbone_config
 from minvis_jax.models.backbone import make_backbone
 
 # One expected leaf: (collection, path in the backbone, source names, transform of their arrays).
@@ -44,7 +45,7 @@ def _cat(*bs):
 
 def _expected_shapes(backbone_config: ml_collections.ConfigDict) -> dict[tuple[str, ...], tuple]:
   """{(collection, *path): shape} of the backbone's variables, without allocating them."""
-  module = make_backbone(backbone_config)
+  module = make_backbone(frozen_backbone_config(backbone_config))
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:

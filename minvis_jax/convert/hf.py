@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from minvis_jax import config_lib
+from minvis_jax.configs import common
 from minvis_jax.convert import backbones
 from minvis_jax.convert import heads
 from minvis_jax.convert import weights
@@ -46,8 +47,8 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigD
   if hf_config['feature_size'] != hf_config['hidden_dim']:
     raise ValueError('HF config: feature_size != hidden_dim is not supported')
   num_classes = hf_config.get('num_labels') or len(hf_config.get('id2label') or {})
-  model = config_lib.mask2former_model(backbone, num_classes=num_classes,
-                                       num_queries=hf_config['num_queries'])
+  model = common.mask2former_model(backbone, num_classes=num_classes,
+                                   num_queries=hf_config['num_queries'])
   model.update(dict(
       hidden_dim=hf_config['hidden_dim'], mask_dim=hf_config['mask_feature_size'],
       enc_layers=hf_config['encoder_layers'], enc_heads=hf_config['num_attention_heads'],
@@ -114,7 +115,6 @@ def experiment_for(model: ml_collections.ConfigDict,
   config = config_lib.load_config('minvis')
   config.model = model
   config.init.checkpoint = ''
-  config.expected_ap = -1.0  # not a model-zoo row
   dataset = categories.find(labels)
   if dataset:
     config.data.dataset = dataset

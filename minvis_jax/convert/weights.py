@@ -12,6 +12,7 @@ import numpy as np
 
 from minvis_jax.convert import backbones
 from minvis_jax.models import Mask2Former
+from minvis_jax.models import ModelConfig
 
 # Buffers of the original models that are recomputed or unused here.
 _IGNORED = ('criterion.empty_weight', 'pixel_mean', 'pixel_std')
@@ -39,8 +40,8 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
 
 
 def _abstract_variables(model_config):
-  return jax.eval_shape(Mask2Former(model_config).init, jax.random.PRNGKey(0),
-                        jnp.zeros((1, 64, 64, 3)))
+  model = Mask2Former(ModelConfig.from_config(model_config))
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
 
 
 def assemble(state: Mapping[str, Any], model_config: ml_collections.ConfigDict,
@@ -76,8 +77,9 @@ def assemble(state: Mapping[str, Any], model_config: ml_collections.ConfigDict,
 def params_with_backbone(backbone_vars: dict, model_config: ml_collections.ConfigDict,
                          seed: int = 0) -> dict:
   """A randomly initialised head on an imported ImageNet backbone (training from scratch)."""
-  variables = jax.tree.map(np.asarray, jax.jit(Mask2Former(model_config).init)(
-      jax.random.PRNGKey(seed), jnp.zeros((1, 64, 64, 3))))
+  model = Mask2Former(ModelConfig.from_config(model_config))
+  variables = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.PRNGKey(seed),
+                                                           jnp.zeros((1, 64, 64, 3))))
   for collection, tree in backbone_vars.items():
     if tree:
       variables[collection]['backbone'] = jax.tree.map(lambda x: np.asarray(x, np.float32), tree)

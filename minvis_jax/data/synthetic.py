@@ -15,9 +15,11 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-# Dataset category ids 1..4; each category has its own shape AND its own texture/colours so that a
-# tiny model can tell them apart after a few hundred steps.
-CATEGORIES = ((1, 'disc'), (2, 'square'), (3, 'triangle'), (4, 'cross'))
+from minvis_jax.data import categories
+
+# Dataset category ids 1..4 (categories.SYNTHETIC); each category has its own shape AND its own
+# texture/colours so that a tiny model can tell them apart after a few hundred steps.
+CATEGORIES = categories.SYNTHETIC
 # Two RGB colours per category: (foreground pattern colour, second colour).
 _COLORS = np.array([
     [[225, 45, 40], [110, 15, 15]],     # disc: red / dark red horizontal stripes

@@ -1,5 +1,6 @@
 """ResNet backbone in the detectron2/torchvision layout with frozen BatchNorm (NHWC)."""
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -9,6 +10,21 @@ import jax.numpy as jnp
 from minvis_jax.models.conv import conv2d, max_pool_3x3_s2
 
 BN_EPS = 1e-5
+
+# Bottleneck blocks per stage res2..res5 of the detectron2 / torchvision ResNets; both use a 64-wide
+# stem and outputs (256, 512, 1024, 2048) (bottleneck = width // 4).
+VARIANTS = {
+    50: dict(depths=(3, 4, 6, 3), stem_width=64, widths=(256, 512, 1024, 2048)),
+    101: dict(depths=(3, 4, 23, 3), stem_width=64, widths=(256, 512, 1024, 2048)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+  """The fields of `ResNet` (hashable: part of the model's static configuration)."""
+  depths: tuple[int, ...]            # bottleneck blocks per stage res2..res5
+  stem_width: int                    # channels of the 7x7/2 stem
+  widths: tuple[int, ...]            # output channels of res2..res5
 
 
 class ConvBN(nn.Module):
@@ -66,9 +82,9 @@ class ResNet(nn.Module):
 
   Variables: 'params' {stem, res{s}_{b}/{conv1,conv2,conv3,shortcut}} kernels and 'frozen' BN.
   """
-  depths: Sequence[int] = (3, 4, 6, 3)
-  stem_width: int = 64
-  widths: Sequence[int] = (256, 512, 1024, 2048)
+  depths: Sequence[int]
+  stem_width: int
+  widths: Sequence[int]
   dtype: Any = jnp.float32
 
   @nn.compact

@@ -1,5 +1,6 @@
 """Swin Transformer backbone with detectron2 (D2SwinTransformer) semantics, NHWC outputs."""
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -14,6 +15,26 @@ LayerNorm = functools.partial(nn.LayerNorm, epsilon=LN_EPS)
 gelu = functools.partial(nn.gelu, approximate=False)
 # torch trunc_normal_(std=.02) for linears and the bias table (moot once weights are imported).
 trunc_normal = nn.initializers.truncated_normal(0.02)
+
+# Swin-T/S/B/L as detectron2 builds them: window 7 for T/S, 12 for B/L (their 384 pretraining).
+VARIANTS = {
+    'T': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    'S': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    'B': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12),
+    'L': dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SwinConfig:
+  """The fields of `Swin` (hashable: part of the model's static configuration)."""
+  embed_dim: int                     # D: channels of res2; stage i has D * 2**i
+  depths: tuple[int, ...]            # blocks per stage
+  num_heads: tuple[int, ...]         # attention heads per stage
+  window_size: int
+  patch_size: int
+  mlp_ratio: float
+  drop_path_rate: float              # stochastic depth, linear over the blocks up to this rate
 
 
 def relative_position_index(window: int) -> np.ndarray:
@@ -202,13 +223,13 @@ class Swin(nn.Module):
   proj, relative_position_bias_table}, norm2, fc1, fc2}, layers_{i}/downsample/{norm, reduction},
   norm{i}.
   """
-  embed_dim: int = 96
-  depths: Sequence[int] = (2, 2, 6, 2)
-  num_heads: Sequence[int] = (3, 6, 12, 24)
-  window_size: int = 7
-  patch_size: int = 4
-  mlp_ratio: float = 4.0
-  drop_path_rate: float = 0.3
+  embed_dim: int
+  depths: Sequence[int]
+  num_heads: Sequence[int]
+  window_size: int
+  patch_size: int
+  mlp_ratio: float
+  drop_path_rate: float
   dtype: Any = jnp.float32
 
   @nn.compact

@@ -9,6 +9,9 @@ import numpy as np
 
 class FakeSource:
   """Two-frame videos of one square instance; `load` calls `hook(video, frame)` first."""
+  origin = 'fake source'
+  has_annotations = True
+  num_instances = None
 
   def __init__(self, hook=None, num_videos=4):
     self.num_videos = num_videos

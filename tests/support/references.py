@@ -1,21 +1,16 @@
-"""Reference implementations and inputs the benchmarks compare against (not part of the package).
-
-The original's per-frame association loop, pycocotools' COCOeval over single-frame videos, random
-single-frame evaluation cases and random model variables. Kept here so that no benchmark imports a
-test module.
-"""
+"""Independent references that tests and benchmarks compare against: the original's per-frame
+association loop (numpy + scipy), pycocotools' COCOeval over single-frame videos, and random
+single-frame evaluation cases."""
 
 import contextlib
 import io
 
-import jax
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 
-from minvis_jax.models import Mask2Former
 
 # YouTube-VIS area ranges (all, small, medium, large), docs/method.md §5.
 YTVIS_AREAS = [[0, 1e10], [0, 128 ** 2], [128 ** 2, 256 ** 2], [256 ** 2, 1e10]]
@@ -100,21 +95,3 @@ def cocoeval(gt: dict, results: list[dict]) -> dict:
     ev.summarize()
   s = ev.stats
   return dict(AP=s[0], AP50=s[1], AP75=s[2], APs=s[3], APm=s[4], APl=s[5], AR1=s[6], AR10=s[7])
-
-
-def random_variables(model_config, seed: int = 0):
-  """Random variables with the structure of `Mask2Former(model_config)`, without running its init:
-  kernels ~ N(0, 1/fan_in), norms at identity, frozen BatchNorm statistics mean 0, variance 1."""
-  shapes = jax.eval_shape(Mask2Former(model_config).init, jax.random.PRNGKey(0),
-                          np.zeros((1, 32, 32, 3), np.float32))
-  rng = np.random.default_rng(seed)
-
-  def make(path, leaf):
-    name = str(getattr(path[-1], 'key', path[-1]))
-    if name in ('scale', 'var'):
-      return np.ones(leaf.shape, leaf.dtype)
-    if name in ('bias', 'mean'):
-      return np.zeros(leaf.shape, leaf.dtype)
-    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
-    return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-  return jax.tree_util.tree_map_with_path(make, shapes)
