@@ -119,7 +119,7 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   ))
   c.total_steps = 6000
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, fsdp=False))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=False))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log_every = 20
   # Initialisation: an orbax checkpoint written by `python -m minvis_jax.convert`.

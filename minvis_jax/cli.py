@@ -108,17 +108,15 @@ def _check_renamed(name: str, argv: list[str]) -> None:
 
 # --- commands ---------------------------------------------------------------------------------
 # Each command: (one-line help, flags(parser), run(args) -> exit status).
-
 COMMANDS: dict = {}
+_TRACKER_SET = '--set inference.tracker=memory|minvis'
 
 
 def parse_window(value: str) -> int | str:
   """A `--window` flag: 'auto' or a positive frame count per device."""
-  if value == 'auto':
-    return value
-  if not value.isdigit() or int(value) < 1:
+  if value != 'auto' and (not value.isdigit() or int(value) < 1):
     raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
-  return int(value)
+  return value if value == 'auto' else int(value)
 
 
 # --- infer ---
@@ -142,16 +140,15 @@ def _infer_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _infer(args: argparse.Namespace) -> int:
-  config, variables = infer.load_model(args.checkpoint, args.config)
+  config, variables = checkpoints.load_model(args.checkpoint, args.config)
   config_lib.apply_overrides(config, overrides(args))
-  source = (args.config or "the checkpoint's config.json") + (' and flags' if overrides(args)
-                                                                else '')
+  source = (args.config or "the checkpoint's config.json") + (' and flags' * bool(overrides(args)))
   return infer.run(config, variables, args.video, args.out, args.score_threshold, args.fps, source)
 
 
 COMMANDS['infer'] = ('MinVIS on one video file or frame folder: results JSON and overlay video',
                      _infer_flags, _infer)
-RENAMED_FLAGS['infer'] = {'--tracker': '--set inference.tracker=memory|minvis'}
+RENAMED_FLAGS['infer'] = {'--tracker': _TRACKER_SET}
 
 
 # --- demo ---
@@ -231,7 +228,7 @@ def _convert_config(args: argparse.Namespace):
   if args.config:
     config = config_lib.load_config(args.config)
     if model is not None:
-      convert.check_architecture(model, config.model, args.config, origin)
+      checkpoints.check_architecture(model, config.model, args.config, origin)
   elif model is not None:
     config = convert.experiment_for(model, convert.hf_labels(hf, model.num_classes))
   else:
@@ -337,9 +334,6 @@ COMMANDS['train'] = ('train Mask2Former on single frames (resumes from WORKDIR)'
 
 # --- evaluate ---
 
-RENAMED_FLAGS['evaluate'] = {'--tracker': '--set inference.tracker=memory|minvis'}
-
-
 def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--checkpoint', default='', help='model checkpoint directory')
   parser.add_argument('--watch', default='', metavar='WORKDIR',
@@ -356,7 +350,7 @@ def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
                 type=int)
   add_shorthand(parser, '--top_k', 'inference.top_k', 'tracks per video', type=int)
   add_shorthand(parser, '--window', 'inference.window',
-                'frames per device per forward, or auto')
+                'frames per device per forward, or auto', type=parse_window)
   add_distributed_flags(parser)
 
 
@@ -379,7 +373,7 @@ def _progress_on_stdout(logger: logging.Logger):
 
 
 def _split_and_max_videos(config) -> tuple[str, int]:
-  """data.eval_split and eval.max_videos ('' and 0 where a checkpoint's config has no such key)."""
+  """data.eval_split, eval.max_videos ('' and 0 where a checkpoint's config has no such key)."""
   return config.data.get('eval_split', ''), (config.get('eval', None) or {}).get('max_videos', 0)
 
 
@@ -405,6 +399,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 COMMANDS['evaluate'] = ('MinVIS on a dataset split -> OUT/results.json, scored (OUT/metrics.json) '
                         'when it has ground truth; or --watch a training run\'s checkpoints.',
                         _evaluate_flags, _evaluate)
+RENAMED_FLAGS['evaluate'] = {'--tracker': _TRACKER_SET}
 
 
 def run(prog: str, main_fn, argv) -> int:

@@ -230,7 +230,6 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config'
   check('loss.oversample_ratio', lambda x: _is_number(x) and x >= 1, 'a number >= 1')
   check('optim.decay_steps', lambda x: isinstance(x, (tuple, list)) and all(
       _is_int(v) and v >= 1 for v in x), 'a tuple of positive step numbers')
-  check('mesh.model', positive_int, 'an integer >= 1')
   data = check('mesh.data', lambda x: _is_int(x) and (x == -1 or x >= 1),
                '-1 (all devices the model axis leaves) or an integer >= 1')
   batch = _get(config, 'batch_size')

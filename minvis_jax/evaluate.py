@@ -65,14 +65,13 @@ def assign_videos(num_frames: list[int], num_processes: int) -> list[list[int]]:
 
 
 def predict_dataset(config, variables, dataset: ytvis.VisDataset, max_videos: int | None = None,
-                    top_k: int | None = None, window: int | str | None = None,
                     progress: bool = True, devices=None) -> list[dict]:
   """Runs MinVIS over the videos of a `VisDataset` (the first `max_videos` if given and not 0).
 
   Every process must call it (with the same arguments); each runs its share of the videos on its
   local devices. Returns, on every process, the results-file entries {video_id, category_id
   (dataset id), score, segmentations} of all videos in dataset order, one RLE per frame at the
-  video's size. top_k, window: default the config's `inference.*`. The progress bar is process 0's.
+  video's size, with the config's `inference` settings. The progress bar is process 0's.
   devices: this process's devices to use (default: all local devices).
   """
   videos = first_videos(dataset, max_videos)
@@ -81,7 +80,7 @@ def predict_dataset(config, variables, dataset: ytvis.VisDataset, max_videos: in
       raise ValueError(f'{dataset.json_path}: video {video.id} ({video.name!r}): no frames')
   mine = assign_videos([len(v.frame_paths) for v in videos],
                        jax.process_count())[jax.process_index()]
-  predictor = predictor_lib.from_config(config, variables, top_k, window, devices)
+  predictor = predictor_lib.from_config(config, variables, devices)
   results = {}
   bar = tqdm(total=sum(len(videos[i].frame_paths) for i in mine), unit='frame', desc='evaluate',
              disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
@@ -129,8 +128,7 @@ def _subset_ground_truth(json_path: str, video_ids: set) -> dict:
 
 
 def score(config, variables, dataset: ytvis.VisDataset, max_videos: int | None = None,
-          top_k: int | None = None, window: int | str | None = None, progress: bool = False,
-          results_name: str = 'results') -> tuple[list[dict], dict | None]:
+          progress: bool = False, results_name: str = 'results') -> tuple[list[dict], dict | None]:
   """(results entries, metrics) of MinVIS with `variables` on the first `max_videos` videos of
   `dataset` (all when None or 0), scored against the ground truth of those videos.
 
@@ -138,7 +136,7 @@ def score(config, variables, dataset: ytvis.VisDataset, max_videos: int | None =
   (None elsewhere, and when the split has no annotations). results_name names the results in the
   metric's errors (e.g. the results.json they are written to)."""
   results = predict_dataset(config, variables, dataset, max_videos=max_videos or None,
-                            top_k=top_k, window=window, progress=progress)
+                            progress=progress)
   if jax.process_index() != 0 or not dataset.has_annotations:
     return results, None
   gt = _subset_ground_truth(dataset.json_path, {v.id for v in first_videos(dataset, max_videos)})

@@ -298,15 +298,6 @@ def _chain(first, rest):
   yield from rest
 
 
-def parse_window(value: str) -> int | str:
-  """A `--window` flag: 'auto' or a positive frame count per device."""
-  if value == 'auto':
-    return value
-  if not value.isdigit() or int(value) < 1:
-    raise ValueError(f"window={value!r}: expected a positive integer or 'auto'")
-  return int(value)
-
-
 def results_for_video(tracks: list[dict], video_id, category_ids: list[int]) -> list[dict]:
   """Tracks of `VideoPredictor` -> results-file entries (dataset category ids)."""
   return [{'video_id': video_id, 'category_id': int(category_ids[t['category']]),
@@ -326,12 +317,9 @@ def valid_size(height: int, width: int, data_config) -> tuple[int, int]:
                                  data_config.max_size_test)
 
 
-def from_config(config: ml_collections.ConfigDict, variables, top_k: int | None = None,
-                window: int | str | None = None, devices=None) -> VideoPredictor:
+def from_config(config: ml_collections.ConfigDict, variables, devices=None) -> VideoPredictor:
   """The predictor of a full experiment config: `config.model` and `config.inference` (window,
-  top_k, tracker). `top_k` / `window`, when given, stand for the commands' flags of those names
-  (shorthand for `--set inference.top_k=...`)."""
+  top_k, tracker); `devices`: this process's devices to use (default: all local devices)."""
   inf = config.inference
-  return VideoPredictor(ModelConfig.from_config(config.model), variables,
-                        window or inf.window, top_k or inf.top_k,
+  return VideoPredictor(ModelConfig.from_config(config.model), variables, inf.window, inf.top_k,
                         tracking.tracker_from_config(config), devices)

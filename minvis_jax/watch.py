@@ -118,8 +118,7 @@ def _next_action(workdir: str, done: set, timeout: float | None,
 
 
 def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | None = None,
-          top_k: int | None = None, window: int | None = None, timeout: float | None = None,
-          poll_s: float = 2.0, grace_s: float = 5.0) -> list[dict]:
+          timeout: float | None = None, poll_s: float = 2.0, grace_s: float = 5.0) -> list[dict]:
   """Evaluates every finished checkpoint of the run in `workdir` once, oldest first; returns the
   rows it added to `workdir/eval.jsonl`.
 
@@ -169,7 +168,7 @@ def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | No
                     step_dir)
       else:
         start = time.monotonic()
-        results, metrics = evaluate.score(config, variables, dataset, max_videos, top_k, window)
+        results, metrics = evaluate.score(config, variables, dataset, max_videos)
         del variables
         if active:
           metrics_writer.write_json(os.path.join(out_dir, str(step), 'results.json'), results)

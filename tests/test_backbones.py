@@ -6,28 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minvis_jax import config_lib
-from minvis_jax.models.backbone import backbone_channels, make_backbone
+from support.backbones import backbone_channels, make_backbone
+from support.backbones import swin_config as _swin_config
+from minvis_jax.configs import common
 
 STAGES = ('res2', 'res3', 'res4', 'res5')
-
-
-def make_backbone(cfg, dtype='float32'):
-  """The backbone module of `config.model.backbone` (a ConfigDict)."""
-  return backbone_lib.make_backbone(backbone_lib.backbone_config(cfg), dtype)
-
-
-def backbone_channels(cfg) -> tuple[int, int, int, int]:
-  """Channels (c2, c3, c4, c5) of res2..res5."""
-  if cfg.name == 'resnet':
-    return tuple(int(w) for w in cfg.widths)
-  return tuple(int(cfg.embed_dim * 2 ** i) for i in range(4))
-
-
-def _swin_config(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 2, 4), window=3):
-  cfg = common.swin_backbone('T')
-  cfg.update(dict(embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=window))
-  return cfg
 
 
 @pytest.mark.parametrize('name', ['resnet_tiny', 'resnet50', 'swin_t'])

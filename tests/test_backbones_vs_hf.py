@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minvis_jax import config_lib
+from support.backbones import make_backbone
+from support.backbones import swin_config as _swin_config
+from minvis_jax.configs import common
 from minvis_jax.convert import backbones as convert
-from minvis_jax.models.backbone import make_backbone
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
@@ -18,12 +19,6 @@ transformers = pytest.importorskip('transformers')
 
 HF = convert.HF_PREFIX
 STAGES = ('res2', 'res3', 'res4', 'res5')
-
-
-def _swin_config(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 2, 4), window=3):
-  cfg = config_lib.swin_backbone('T')
-  cfg.update(dict(embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=window))
-  return cfg
 
 
 def _hf_resnet(cfg):
@@ -88,8 +83,8 @@ def _check(diffs, label, tol=1e-4):
 
 @pytest.mark.parametrize('name,size', [('resnet_tiny', 384), ('resnet50', 384)])
 def test_resnet_matches_hf(name, size):
-  cfg = {'resnet_tiny': config_lib.tiny_model().backbone,
-         'resnet50': config_lib.resnet_backbone(50)}[name]
+  cfg = {'resnet_tiny': common.tiny_model().backbone,
+         'resnet50': common.resnet_backbone(50)}[name]
   model = _randomise(_hf_resnet(cfg), seed=1)
   state = _hf_state(model)
   variables, consumed = convert.backbone_from_hf(state, cfg)
@@ -212,7 +207,7 @@ def _assert_same_tree(a, b):
 
 @pytest.fixture(scope='module')
 def tiny_resnet():
-  cfg = config_lib.tiny_model().backbone
+  cfg = common.tiny_model().backbone
   model = _randomise(_hf_resnet(cfg), seed=3)
   return cfg, model, _hf_state(model)
 

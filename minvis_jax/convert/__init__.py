@@ -14,14 +14,13 @@ from minvis_jax.convert.hf import model_config_from_hf
 from minvis_jax.convert.hf import params_from_hf
 from minvis_jax.convert.hf import read_hf_config
 from minvis_jax.convert.hf import read_weights
-from minvis_jax.convert.weights import check_architecture
 from minvis_jax.convert.weights import check_state_shapes
 from minvis_jax.convert.weights import params_from_backbone
 from minvis_jax.convert.weights import params_with_backbone
 from minvis_jax.convert.weights import read_state_dict
 
 __all__ = [
-    'HF_WEIGHT_FILES', 'check_architecture', 'check_state_shapes', 'experiment_for', 'hf_files',
+    'HF_WEIGHT_FILES', 'check_state_shapes', 'experiment_for', 'hf_files',
     'hf_labels', 'model_config_from_hf', 'params_from_backbone', 'params_from_detectron2',
     'params_from_hf', 'params_with_backbone', 'read_hf_config', 'read_state_dict', 'read_weights',
 ]

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from minvis_jax import checkpoints
 from minvis_jax import config_lib
 from minvis_jax.configs import common
 from minvis_jax.convert import backbones
@@ -16,7 +17,7 @@ from minvis_jax.convert import weights
 from minvis_jax.data import categories
 
 # The weights of an HF `save_pretrained` folder, in the order they are looked for.
-HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json')
+HF_WEIGHT_FILES = checkpoints.HF_WEIGHT_FILES
 
 
 def params_from_hf(state_dict: Mapping[str, Any], model_config: ml_collections.ConfigDict) -> dict:

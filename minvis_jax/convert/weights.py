@@ -16,12 +16,6 @@ from minvis_jax.models import ModelConfig
 
 # Buffers of the original models that are recomputed or unused here.
 _IGNORED = ('criterion.empty_weight', 'pixel_mean', 'pixel_std')
-# Fields of a model config that fix the weights' shapes and meaning (not dtype or drop-path rate).
-_ARCHITECTURE = ('num_classes', 'num_queries', 'hidden_dim', 'mask_dim', 'enc_layers', 'enc_heads',
-                 'enc_ffn_dim', 'enc_points', 'num_feature_levels', 'dec_layers', 'dec_heads',
-                 'dec_ffn_dim')
-_BACKBONE = ('name', 'depths', 'stem_width', 'widths', 'embed_dim', 'num_heads', 'window_size',
-             'patch_size')
 
 
 def _flat_shapes(tree) -> dict[tuple[str, ...], tuple]:
@@ -157,23 +151,6 @@ def _rows(state: Mapping[str, Any], suffixes: tuple[str, ...]) -> int | None:
     if key.endswith(suffixes):
       return int(np.shape(value)[0])
   return None
-
-
-def check_architecture(model: ml_collections.ConfigDict, config_model: ml_collections.ConfigDict,
-                       config_spec: str, origin: str) -> None:
-  """ValueError (one line, both values) where the checkpoint's model config (from `origin`, e.g.
-  its config.json) and the experiment config's `model` disagree on the architecture."""
-  def norm(v):
-    return tuple(v) if isinstance(v, (list, tuple)) else v
-  pairs = [(k, k, model.get(k), config_model.get(k)) for k in _ARCHITECTURE]
-  pairs += [(f'backbone.{k}', k, model.backbone.get(k), config_model.backbone.get(k))
-            for k in _BACKBONE]
-  for key, short, a, b in pairs:
-    if norm(a) != norm(b):
-      what = {'num_classes': f'{a} classes', 'num_queries': f'{a} queries'}.get(short,
-                                                                               f'{key}={a!r}')
-      raise ValueError(f'the checkpoint has {what} ({origin}); --config {config_spec} has '
-                       f'model.{key}={b!r}')
 
 
 def check_state_shapes(state: Mapping[str, Any], model_config: ml_collections.ConfigDict,
