@@ -20,11 +20,13 @@ import jax.numpy as jnp
 
 
 def _finite_costs(cost: jax.Array) -> jax.Array:
-  """Replaces non-finite entries (nan, +-inf) by a finite value larger than any full finite assignment.
+  """Replaces non-finite entries (nan, +-inf) by a finite value larger than any full finite
+  assignment.
 
-  The replacement is max + (max - min + 1) * n over the finite entries, so an assignment that uses one
-  such entry always costs more than any assignment using only finite entries, while staying small
-  enough to keep float32 potentials accurate (a huge constant such as 1e10 would swamp them).
+  The replacement is max + (max - min + 1) * n over the finite entries, so an assignment that uses
+  one such entry always costs more than any assignment using only finite entries, while staying
+  small enough to keep float32 potentials accurate (a huge constant such as 1e10 would swamp
+  them).
   """
   finite = jnp.isfinite(cost)
   hi = jnp.max(jnp.where(finite, cost, -jnp.inf))
@@ -146,7 +148,8 @@ def linear_sum_assignment(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
       assignment of finite entries (so they are used only when unavoidable).
 
   Returns:
-    (rows, cols): int32 [min(N, M)] each, rows ascending, such that cost[rows, cols].sum() is minimal.
+    (rows, cols): int32 [min(N, M)] each, rows ascending, such that cost[rows, cols].sum() is
+    minimal.
     Ties may give a different assignment from scipy's, of the same total cost.
   """
   n, m = cost.shape

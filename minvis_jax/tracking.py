@@ -1,9 +1,9 @@
 """Online association of per-frame queries into tracks (`config.inference.tracker`).
 
 'minvis' (docs/method.md §1, the default): match each frame's queries to the previous, already
-reordered frame. cost[i, j] = 1 - cos(previous track i, current query j), solved exactly on device with
-`matching.linear_sum_assignment`. The state is only the last reordered embeddings, so a video can be
-processed in chunks (windows, or live) with the same result as one call.
+reordered frame. cost[i, j] = 1 - cos(previous track i, current query j), solved exactly on device
+with `matching.linear_sum_assignment`. The state is only the last reordered embeddings, so a video
+can be processed in chunks (windows, or live) with the same result as one call.
 
 'memory' (beyond MinVIS; training-free, same checkpoints): each track i keeps an embedding memory
 m_i (unit norm) instead of the last frame, so a track whose object is hidden for a few frames is not

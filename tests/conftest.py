@@ -1,5 +1,6 @@
-"""Test setup: 8 fake CPU devices for sharding tests (must be set before jax is imported), and a
-persistent compilation cache shared by the tests and the training runs they start as subprocesses."""
+"""Test setup: 8 fake CPU devices for sharding tests (must be set before jax is imported), a
+persistent compilation cache shared by the tests and the training runs they start as subprocesses,
+and the shared fixtures."""
 
 import os
 import tempfile

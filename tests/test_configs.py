@@ -127,7 +127,8 @@ def test_validate_checks_loaded_configs_and_accepts_every_experiment(tmp_path):
 def test_a_user_config_elsewhere_imports_common_as_a_package_module(tmp_path):
   """A config file in another folder composes the shipped recipe with `from minvis_jax.configs
   import common`: no sys.path edit, and a `common.py` of its own beside it does not collide."""
-  (tmp_path / 'common.py').write_text('raise AssertionError("the user\'s common.py was imported")\n')
+  (tmp_path / 'common.py').write_text(
+      'raise AssertionError("the user\'s common.py was imported")\n')
   (tmp_path / 'mine.py').write_text(
       'from minvis_jax.configs import common\n\n\n'
       'def get_config(arg=None):\n'

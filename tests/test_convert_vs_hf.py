@@ -21,6 +21,7 @@ from minvis_jax import cli  # noqa: E402
 from minvis_jax import convert  # noqa: E402
 from minvis_jax.data import synthetic  # noqa: E402
 from minvis_jax.models import Mask2Former  # noqa: E402
+from minvis_jax.models import ModelConfig  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -90,7 +91,7 @@ def test_convert_command_writes_a_checkpoint_that_restores(tiny, tmp_path):
                    '--out', str(out_dir)]) == 0
   restored = checkpoints.load_variables(str(out_dir))
   x = np.random.RandomState(2).randn(1, 64, 96, 3).astype(np.float32)
-  ours = Mask2Former(mc).apply(restored, x)
+  ours = Mask2Former(ModelConfig.from_config(mc)).apply(restored, x)
   theirs = ref.hf_forward(model, x)
   assert np.abs(np.asarray(ours['pred_masks']) - theirs['pred_masks']).max() < 1e-4
 

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import setuptools
 
-from support import hf_reference as ref
 from minvis_jax import checkpoints
 from minvis_jax import cli
 from minvis_jax import config_lib
@@ -35,9 +34,18 @@ SMALL = ['--set', 'data.min_size_test=64', '--set', 'data.max_size_test=96', '--
 needs_mp4 = pytest.mark.skipif(not visualize.mp4_available(), reason='imageio-ffmpeg missing')
 
 
+def _hf_reference():
+  """tests/support/hf_reference (torch and transformers); the test is skipped without them."""
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  from support import hf_reference  # noqa: PLC0415
+  return hf_reference
+
+
 @pytest.fixture(scope='module')
 def hf_folder(tmp_path_factory):
   """`save_pretrained` of a tiny random HF Mask2Former whose labels are OVIS's classes."""
+  ref = _hf_reference()
   names = categories.table('ovis')[1]
   config = ref.hf_config('resnet_tiny', num_labels=25, id2label=dict(enumerate(names)))
   model = ref.hf_model(config, seed=3)
@@ -114,6 +122,7 @@ def test_help_shows_real_examples(capsys):
 
 # --- One-line user errors. -----------------------------------------------------------------------
 
+@pytest.mark.torch
 def test_user_errors_are_one_line_with_exit_2(hf_folder, tmp_path, capsys):
   folder, _, _ = hf_folder
   frames = str(tmp_path / 'frames')
@@ -154,6 +163,7 @@ def test_user_errors_are_one_line_with_exit_2(hf_folder, tmp_path, capsys):
 
 # --- convert takes the model from the HF config.json. ---------------------------------------------
 
+@pytest.mark.torch
 def test_convert_hf_folder_without_a_config(hf_folder, tmp_path, capsys):
   folder, hf_cfg, model = hf_folder
   ckpt = str(tmp_path / 'ckpt')
@@ -167,7 +177,7 @@ def test_convert_hf_folder_without_a_config(hf_folder, tmp_path, capsys):
   assert tuple(config.data.category_names) == categories.table('ovis')[1]
   assert (config.data.min_size_test, config.inference.window, config.inference.top_k) == (
       360, 'auto', 10)
-  expected = _flat(convert.params_from_hf(ref.state_dict_numpy(model), config.model))
+  expected = _flat(convert.params_from_hf(_hf_reference().state_dict_numpy(model), config.model))
   restored = _flat(variables)
   assert sorted(restored) == sorted(expected)
   for key, value in expected.items():
@@ -235,6 +245,7 @@ def test_bad_video_error_is_ffmpegs_reason_not_its_banner(tmp_path):
 
 
 @needs_mp4
+@pytest.mark.torch
 def test_infer_overlay_at_source_fps_with_progress_and_no_warnings(hf_folder, tmp_path, capsys):
   folder, _, _ = hf_folder
   ckpt = str(tmp_path / 'ckpt')
@@ -285,6 +296,7 @@ def _run(cmd, cwd, env, timeout=600):
 
 @pytest.mark.slow
 @needs_mp4
+@pytest.mark.torch
 def test_wheel_install_converts_and_infers_from_an_empty_directory(hf_folder, tmp_path):
   folder, _, _ = hf_folder
   # Build from a copy: a wheel build writes build/ and *.egg-info next to the sources.

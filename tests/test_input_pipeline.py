@@ -3,6 +3,7 @@ augmentation; the FrameSource protocol and InputConfig."""
 
 import collections
 import itertools
+import json
 import os
 
 import numpy as np
@@ -227,3 +228,35 @@ def test_input_config_is_built_once_and_hashable(data_dir):
   assert hash(ic) == hash(InputConfig.from_config(c))
   assert (ic.canvas, ic.min_size_train, ic.max_instances) == ((64, 112), (48, 64), 4)
   assert ic.batch_size == c.batch_size and ic.seed == c.seed
+
+
+def _unannotated_config(manual_dir: str):
+  c = config_lib.load_config('tiny')
+  c.data.manual_dir = manual_dir
+  c.batch_size = 2
+  return c
+
+
+def test_training_on_an_unannotated_split(tmp_path):
+  synthetic.generate(str(tmp_path), 'train', num_videos=2, num_frames=2, height=32, width=32,
+                     seed=0)
+  json_path = ytvis.split_paths('synthetic', str(tmp_path), 'train')[0]
+  with open(json_path) as f:
+    data = json.load(f)
+  c = _unannotated_config(str(tmp_path))
+  input_pipeline.TrainInput(InputConfig.from_config(c),
+                            input_pipeline.make_source(c.data, 'train'))  # annotated: fine
+  data['annotations'] = []
+  with open(json_path, 'w') as f:
+    json.dump(data, f)
+  with pytest.raises(ValueError, match=f'{json_path}: no instance to train on'):
+    input_pipeline.TrainInput(InputConfig.from_config(c),
+                              input_pipeline.make_source(c.data, 'train'))
+  del data['annotations']  # e.g. YouTube-VIS valid.json given as training data
+  with open(json_path, 'w') as f:
+    json.dump(data, f)
+  with pytest.raises(ValueError, match=f'{json_path}: has no "annotations", so it cannot be '
+                                       'trained on'):
+    input_pipeline.train_iterator(c, 0)
+  # Reading it for evaluation stays fine: its results go to the evaluation server.
+  assert not ytvis.load_split('synthetic', str(tmp_path), 'train').has_annotations

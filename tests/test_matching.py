@@ -109,7 +109,8 @@ def test_non_finite_entries_are_avoided():
   costs = rng.random((16, 10, 10)).astype(np.float32)
   bad = rng.random(costs.shape) < 0.3
   costs_inf = np.where(bad, np.inf, costs).astype(np.float32)
-  # scipy accepts +inf as "forbidden" when a finite assignment exists; ours must find the same optimum.
+  # scipy accepts +inf as "forbidden" when a finite assignment exists; ours must find the same
+  # optimum.
   costs_nan = np.where(bad, np.nan, costs).astype(np.float32)
   costs_neg = np.where(bad, -np.inf, costs).astype(np.float32)
   fn = jax.jit(jax.vmap(matching.linear_sum_assignment))

@@ -19,7 +19,8 @@ torch = pytest.importorskip('torch')
 ])
 def test_mask_logits_equal_torch_interpolate_twice(padded, valid, out):
   """The composed per-axis products equal the resize, crop, resize of docs/method.md §1 as the
-  original code does it (torch interpolate, bilinear, align_corners=False), values and thresholded masks."""
+  original code does it (torch interpolate, bilinear, align_corners=False), values and thresholded
+  masks."""
   low = (padded[0] // 4, padded[1] // 4)
   rng = np.random.default_rng(sum(out))
   m = rng.normal(size=(3, low[0] // 6 + 2, low[1] // 6 + 2)).astype(np.float32) * 8

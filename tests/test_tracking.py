@@ -288,8 +288,8 @@ def test_video_predictor_uses_the_memory_tracker(monkeypatch):
 
 @pytest.mark.slow
 def test_evaluate_command_tracker_flag(tmp_path, monkeypatch):
-  """`minvis-jax evaluate --set inference.tracker=memory` runs the memory tracker with the config's parameters."""
-  import os
+  """`minvis-jax evaluate --set inference.tracker=memory` runs the memory tracker with the
+  config's parameters."""
   from minvis_jax import checkpoints, cli, config_lib
   from minvis_jax.data import synthetic
   from support.variables import random_variables as _random_variables

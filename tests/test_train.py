@@ -270,7 +270,8 @@ def test_input_error_ends_the_training_run(tmp_path, tiny_config):
   source = bad_inputs.FakeSource(bad_inputs.first_loads_raise(0))
 
   def input_fn(start):
-    return input_pipeline.iterate(input_pipeline.TrainInput(input_pipeline.InputConfig.from_config(c), source), start, workers=2)
+    train_input = input_pipeline.TrainInput(input_pipeline.InputConfig.from_config(c), source)
+    return input_pipeline.iterate(train_input, start, workers=2)
   with pytest.raises(ValueError, match='videos.json: video') as info:
     train.train(c, str(tmp_path), input_fn=input_fn, total_steps=3)
   assert 'input batch of step 1' in ''.join(getattr(info.value, '__notes__', []))
@@ -294,7 +295,8 @@ def test_sigterm_while_waiting_for_input_saves_and_exits(tmp_path, tiny_config):
     if stuck and not release.wait(60):
       raise TimeoutError('SIGTERM did not interrupt the wait for input')
 
-  train_input = input_pipeline.TrainInput(input_pipeline.InputConfig.from_config(c), bad_inputs.FakeSource(hook))
+  train_input = input_pipeline.TrainInput(input_pipeline.InputConfig.from_config(c),
+                                          bad_inputs.FakeSource(hook))
 
   def input_fn(start):
     inner = input_pipeline.iterate(train_input, start, workers=2, prefetch=1)

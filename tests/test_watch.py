@@ -119,7 +119,8 @@ def test_watch_skips_unfinished_and_deleted_checkpoints_and_resumes(tmp_path, da
   checkpoints.save_config(workdir, config)
   _save_step(workdir, 8, scaled(8))
   real_steps = checkpoints.finished_steps
-  monkeypatch.setattr(checkpoints, 'finished_steps', lambda d: sorted(real_steps(d) + [7]))
+  monkeypatch.setattr(checkpoints, 'finished_steps',
+                      lambda d: sorted(real_steps(d) + [7]) if d == workdir else real_steps(d))
   loads.clear()
   added = watch.watch(workdir, config, dataset, poll_s=0.05, grace_s=0.2, timeout=0.5)
   assert loads == ['7', '8'] and [r['step'] for r in added] == [8]

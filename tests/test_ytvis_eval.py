@@ -120,8 +120,9 @@ def _video(masks):
 
 def test_multi_frame_iou_and_empty_frames():
   z = np.zeros((4, 4), np.uint8)
-  a = z.copy(); a[:2, :2] = 1        # 4 px
-  b = z.copy(); b[:2, :] = 1         # 8 px
+  a, b = z.copy(), z.copy()
+  a[:2, :2] = 1        # 4 px
+  b[:2, :] = 1         # 8 px
   gt = dict(videos=[dict(id=1, height=4, width=4, length=3)],
             categories=[dict(id=1, name='x')],
             annotations=[dict(id=1, video_id=1, category_id=1, iscrowd=0,
@@ -138,8 +139,9 @@ def test_multi_frame_iou_and_empty_frames():
 
 
 def test_max_dets_and_area_ranges():
-  big = np.zeros((300, 300), np.uint8); big[:200, :200] = 1          # 40000 px: medium
-  small = np.zeros((300, 300), np.uint8); small[:10, :10] = 1         # small
+  big, small = np.zeros((300, 300), np.uint8), np.zeros((300, 300), np.uint8)
+  big[:200, :200] = 1          # 40000 px: medium
+  small[:10, :10] = 1          # small
   gt = dict(videos=[dict(id=1, height=300, width=300, length=2)],
             categories=[dict(id=1, name='x')],
             annotations=[dict(id=1, video_id=1, category_id=1, iscrowd=0,

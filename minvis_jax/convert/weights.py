@@ -113,12 +113,12 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   else:
     kind = 'torch (.pth/.bin/.pt)'
     try:
-      import torch
+      import torch  # noqa: PLC0415  (optional: only for torch checkpoints)
     except ImportError as e:
       raise ImportError(f'{path}: reading torch checkpoints needs torch (pip install torch)') from e
   try:
     if kind == 'safetensors':
-      from safetensors.numpy import load_file
+      from safetensors.numpy import load_file  # noqa: PLC0415  (optional)
       data = dict(load_file(path))
     elif kind.startswith('pickle'):
       with open(path, 'rb') as f:

@@ -2,9 +2,10 @@
 padded batches.
 
 The stream is a pure function of (seed, step): sample i of global step s comes from video
-`perm_e[(s * B + i) % V]` with e the epoch, and its frame and augmentation are drawn from a generator
-seeded by (seed, s, i). A resumed run therefore continues the same stream, and a process computes
-only its own rows of each global batch (rows [p * b, (p + 1) * b) for process p of the b-row shard).
+`perm_e[(s * B + i) % V]` with e the epoch, and its frame and augmentation are drawn from a
+generator seeded by (seed, s, i). A resumed run therefore continues the same stream, and a process
+computes only its own rows of each global batch (rows [p * b, (p + 1) * b) for process p of the
+b-row shard).
 """
 
 import concurrent.futures

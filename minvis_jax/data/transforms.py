@@ -49,7 +49,8 @@ def normalize_and_pad(image: np.ndarray, mean: Sequence[float], std: Sequence[fl
   if h > padded_size[0] or w > padded_size[1]:
     raise ValueError(f'image {h}x{w} does not fit the padded size {padded_size}')
   out = np.zeros((*padded_size, 3), np.float32)
-  out[:h, :w] = (image.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  out[:h, :w] = (image.astype(np.float32) - mean) / std
   return out
 
 

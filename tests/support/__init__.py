@@ -1,1 +1,2 @@
-"""Reference helpers shared by the tests and the benchmarks (never a test module's private names)."""
+"""Reference helpers shared by the tests and the benchmarks (never a test module's private
+names)."""

@@ -5,14 +5,16 @@ import torch
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 from transformers import ResNetConfig, SwinConfig
 
+STAGES = ['stage1', 'stage2', 'stage3', 'stage4']
+
 
 def hf_config(backbone: str = 'resnet_tiny', **overrides) -> Mask2FormerConfig:
   if backbone == 'resnet_tiny':
     bb = ResNetConfig(embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1],
-                      layer_type='bottleneck', out_features=['stage1', 'stage2', 'stage3', 'stage4'])
+                      layer_type='bottleneck', out_features=STAGES)
   elif backbone == 'resnet50':
     bb = ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
-                      layer_type='bottleneck', out_features=['stage1', 'stage2', 'stage3', 'stage4'])
+                      layer_type='bottleneck', out_features=STAGES)
   elif backbone == 'swin_tiny':
     bb = SwinConfig(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[2, 2, 4, 4], window_size=4,
                     out_features=['stage1', 'stage2', 'stage3', 'stage4'])
@@ -68,7 +70,8 @@ def hf_forward(model, images_nhwc: np.ndarray) -> dict:
 
 
 def converted_r50(seed: int = 0):
-  """(HF R50 Mask2Former with random weights, our model config, the same weights as our variables)."""
+  """(HF R50 Mask2Former with random weights, our model config, the same weights as our
+  variables)."""
   from minvis_jax import convert  # noqa: PLC0415
   hf_cfg = hf_config('resnet50')
   model = hf_model(hf_cfg, seed)
