@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from support.backbones import make_backbone
+from support.detectron2_layout import to_d2_resnet
 from support.backbones import swin_config as _swin_config
 from minvis_jax.configs import common
 from minvis_jax.convert import backbones as convert
@@ -156,47 +157,6 @@ def _to_d2_swin(state, prefix):
   return out
 
 
-def _to_d2_resnet(state, torchvision=False):
-  """HF ResNet names -> detectron2 (`backbone.` prefix) or torchvision names."""
-  out = {}
-  for k, v in state.items():
-    k = k[len(HF):]
-    if k.endswith('num_batches_tracked'):
-      if torchvision:
-        out[k.replace('embedder.embedder.normalization', 'bn1')] = v  # one representative buffer
-      continue
-    bn = {'weight': 'weight', 'bias': 'bias', 'running_mean': 'running_mean',
-          'running_var': 'running_var'}
-    m = re.match(r'embedder\.embedder\.(convolution|normalization)\.(\w+)', k)
-    if m:
-      if torchvision:
-        name = 'conv1.weight' if m.group(1) == 'convolution' else f'bn1.{bn[m.group(2)]}'
-      else:
-        name = ('stem.conv1.weight' if m.group(1) == 'convolution'
-                else f'stem.conv1.norm.{m.group(2)}')
-      out[name if torchvision else 'backbone.' + name] = v
-      continue
-    m = re.match(r'encoder\.stages\.(\d)\.layers\.(\d+)\.(shortcut|layer\.(\d))\.'
-                 r'(convolution|normalization)\.(\w+)', k)
-    s, b, is_conv, leaf = int(m.group(1)), m.group(2), m.group(5) == 'convolution', m.group(6)
-    if torchvision:
-      base = f'layer{s + 1}.{b}.'
-      if m.group(3) == 'shortcut':
-        name = base + ('downsample.0.weight' if is_conv else f'downsample.1.{leaf}')
-      else:
-        c = int(m.group(4)) + 1
-        name = base + (f'conv{c}.weight' if is_conv else f'bn{c}.{leaf}')
-    else:
-      base = f'backbone.res{s + 2}.{b}.'
-      conv = 'shortcut' if m.group(3) == 'shortcut' else f'conv{int(m.group(4)) + 1}'
-      name = base + conv + ('.weight' if is_conv else f'.norm.{leaf}')
-    out[name] = v
-  if torchvision:
-    out['fc.weight'] = np.zeros((10, 4), np.float32)
-    out['fc.bias'] = np.zeros((10,), np.float32)
-  return out
-
-
 def _assert_same_tree(a, b):
   fa = jax.tree_util.tree_flatten_with_path(a)[0]
   fb = dict(jax.tree_util.tree_flatten_with_path(b)[0])
@@ -222,12 +182,12 @@ def tiny_swin():
 def test_resnet_detectron2_and_torchvision_import(tiny_resnet):
   cfg, model, state = tiny_resnet
   ref, _ = convert.backbone_from_hf(state, cfg)
-  d2 = _to_d2_resnet(state)
+  d2 = to_d2_resnet(state)
   d2['sem_seg_head.predictor.query_feat.weight'] = np.zeros((3, 4), np.float32)  # other prefix
   got, consumed = convert.backbone_from_detectron2(d2, cfg)
   assert 'sem_seg_head.predictor.query_feat.weight' not in consumed
   _assert_same_tree(got, ref)
-  tv = _to_d2_resnet(state, torchvision=True)
+  tv = to_d2_resnet(state, torchvision=True)
   got, consumed = convert.backbone_from_torchvision(tv, cfg)
   assert consumed == set(tv)
   _assert_same_tree(got, ref)

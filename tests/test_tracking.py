@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
+from support.references import scipy_loop
 from minvis_jax import config_lib
 from minvis_jax import predictor
 from minvis_jax import tracking
@@ -19,18 +20,6 @@ def associate(embds, valid=None):
   _, perm = tracking.associate_chunk(tracking.init_state(embds.shape[1], embds.shape[2]), embds,
                                      valid)
   return perm
-
-
-def scipy_loop(embds):
-  """The original per-frame association (numpy + scipy)."""
-  e = embds / np.linalg.norm(embds, axis=-1, keepdims=True)
-  prev = e[0]
-  perms = [np.arange(e.shape[1])]
-  for t in range(1, len(e)):
-    _, cols = linear_sum_assignment(1 - prev @ e[t].T)
-    perms.append(cols)
-    prev = e[t][cols]
-  return np.stack(perms)
 
 
 def drifting_video(t, q, c, seed, noise=0.3):

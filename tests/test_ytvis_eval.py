@@ -16,91 +16,17 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from support import json_edits, rle_codes
+from support.references import YTVIS_AREAS
+from support.references import coco_eval as _coco_eval
+from support.references import cocoeval as _cocoeval
+from support.references import rle as _rle
+from support.references import single_frame_case as _random_case
 
 from minvis_jax import ytvis_eval
 from minvis_jax.ytvis_eval import evaluate, evaluate_dicts, format_table
 
-YTVIS_AREAS = [[0, 1e10], [0, 128 ** 2], [128 ** 2, 256 ** 2], [256 ** 2, 1e10]]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10']
-
-
-def _rle(mask):
-  r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-  r['counts'] = r['counts'].decode()
-  return r
-
-
-def _box_mask(rng, h, w):
-  m = np.zeros((h, w), np.uint8)
-  y0, x0 = rng.integers(0, h - 8), rng.integers(0, w - 8)
-  m[y0:y0 + rng.integers(4, h - y0 + 1), x0:x0 + rng.integers(4, w - x0 + 1)] = 1
-  return m
-
-
-def _random_case(seed):
-  """Single-frame videos with jittered predictions of ground-truth boxes plus false positives."""
-  rng = np.random.default_rng(seed)
-  n_videos, n_cats = int(rng.integers(1, 6)), int(rng.integers(1, 4))
-  h, w = 300, 400  # large enough for all three YouTube-VIS area ranges
-  videos, anns, results = [], [], []
-  for v in range(1, n_videos + 1):
-    videos.append(dict(id=v, height=h, width=w, length=1, file_names=[f'{v}/0.jpg']))
-    for _ in range(int(rng.integers(0, 4))):
-      m = _box_mask(rng, h, w)
-      cat = int(rng.integers(1, n_cats + 1))
-      anns.append(dict(id=len(anns) + 1, video_id=v, category_id=cat, iscrowd=0,
-                       segmentations=[_rle(m)], areas=[float(m.sum())]))
-      if rng.random() < 0.8:  # a detection of it, shifted
-        dm = np.roll(m, (int(rng.integers(-20, 20)), int(rng.integers(-20, 20))), axis=(0, 1))
-        results.append(dict(video_id=v, category_id=cat if rng.random() < 0.8 else 1,
-                            score=float(rng.choice([0.5, 0.7, rng.random()])),
-                            segmentations=[_rle(dm)]))
-    for _ in range(int(rng.integers(0, 3))):  # false positives, tied scores
-      results.append(dict(video_id=v, category_id=int(rng.integers(1, n_cats + 1)),
-                          score=float(rng.choice([0.5, 0.9])),
-                          segmentations=[_rle(_box_mask(rng, h, w))]))
-  cats = [dict(id=c, name=f'c{c}') for c in range(1, n_cats + 1)]
-  return dict(videos=videos, annotations=anns, categories=cats), results
-
-
-def _coco_eval(gt, results, gt_areas=None, det_area=None, area_ranges=YTVIS_AREAS):
-  """pycocotools COCOeval (segm) over single-frame videos, run (evaluate + accumulate).
-
-  gt_areas: annotation id -> area (default: the JSON's); det_area: one area for every detection
-  (default: computed from its mask)."""
-  images = [dict(id=v['id'], height=v['height'], width=v['width']) for v in gt['videos']]
-  anns = [dict(id=a['id'], image_id=a['video_id'], category_id=a['category_id'], iscrowd=0,
-               segmentation=a['segmentations'][0],
-               area=gt_areas[a['id']] if gt_areas else a['areas'][0],
-               bbox=list(mask_utils.toBbox(a['segmentations'][0]))) for a in gt['annotations']]
-  coco = COCO()
-  coco.dataset = dict(images=images, annotations=anns, categories=gt['categories'])
-  with contextlib.redirect_stdout(io.StringIO()):
-    coco.createIndex()
-    dets = [dict(image_id=r['video_id'], category_id=r['category_id'], score=r['score'],
-                 segmentation=r['segmentations'][0]) for r in results]
-    res = coco.loadRes(dets) if dets else COCO()
-    if not dets:
-      res.dataset = dict(images=images, annotations=[], categories=gt['categories'])
-      res.createIndex()
-    if det_area is not None:
-      for d in res.dataset['annotations']:
-        d['area'] = det_area
-    ev = COCOeval(coco, res, 'segm')
-    ev.params.areaRng = [list(r) for r in area_ranges]
-    ev.params.areaRngLbl = ['all', 'small', 'medium', 'large'][:len(area_ranges)]
-    ev.evaluate()
-    ev.accumulate()
-  return ev
-
-
-def _cocoeval(gt, results):
-  ev = _coco_eval(gt, results)
-  with contextlib.redirect_stdout(io.StringIO()):
-    ev.summarize()
-  s = ev.stats
-  return dict(AP=s[0], AP50=s[1], AP75=s[2], APs=s[3], APm=s[4], APl=s[5], AR1=s[6], AR10=s[7])
 
 
 @pytest.mark.parametrize('seed', range(40))
