@@ -39,10 +39,12 @@ def main(argv=None):
                       help='the tiny config, 2 videos of 72x128 frames, 2 batches (tests)')
   args = parser.parse_args(argv)
   model_name, height, width = ('tiny', 72, 128) if args.dry_run else ('r50', 720, 1280)
-  if args.dry_run:
-    args.steps, args.videos = 2, 2
   config = config_lib.load_config(os.path.join(os.path.dirname(__file__), '..', 'configs',
                                                'tiny.py' if args.dry_run else 'minvis.py'))
+  if args.dry_run:   # one encoder and decoder layer, few queries and points: a quick compile
+    args.steps, args.videos = 2, 2
+    config.model.update(dict(enc_layers=1, dec_layers=1, num_queries=8))
+    config.loss.num_points = 256
   with tempfile.TemporaryDirectory() as data_dir:
     synthetic.generate(data_dir, 'train', args.videos, 6, height=height, width=width, seed=0)
     config.data.dataset = 'synthetic'

@@ -434,6 +434,7 @@ def _loop(config, workdir, trainer, state, step, total_steps, batches, pending, 
   eval_every = (config.get('eval') or {}).get('every_steps', 0)
   step_fns = {}   # target slot count -> compiled step
   non_finite = {'step': np.int32(-1), 'loss': np.float32(0), 'grad_norm': np.float32(0)}
+  in_flight = None   # the previous step's metrics
   while step < total_steps:
     local = pending.pop() if pending else preemption_lib.next_input(batches, preemption, step)
     if local is preemption_lib.INTERRUPTED:
@@ -446,8 +447,13 @@ def _loop(config, workdir, trainer, state, step, total_steps, batches, pending, 
     if slots not in step_fns:   # the first step, or a new target slot count
       step_fns[slots] = _compile_everywhere(trainer, state, batch)
       tick, tick_step = time.perf_counter(), step
+    # The previous step must be done before the next is dispatched (the next batch is prepared
+    # meanwhile): a step dispatched early takes its buffers at once, so on CPU two steps'
+    # temporaries would coexist in host memory. Nothing is fetched.
+    jax.block_until_ready(in_flight)
     state, metrics = step_fns[slots](state, batch)
     non_finite = _note_non_finite(non_finite, metrics, step)
+    in_flight = metrics
     step += 1
     stop = preemption.agreed()
     save = step % config.checkpoint.every_steps == 0 or step == total_steps or stop
