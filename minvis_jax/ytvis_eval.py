@@ -49,22 +49,31 @@ def _int(x) -> bool:
   return type(x) is int or rle.is_int(x)
 
 
+def _id_records(gt: dict, key: str, what: str, gt_name: str):
+  """(where, record, id) of each object in the list gt[key]: checked to be objects whose "id" is
+  an integer, unique in the list (each error names the file, the record and the field)."""
+  raw = rle.field(gt, key, gt_name)
+  if not isinstance(raw, list):
+    raise ValueError(f'{gt_name}: "{key}" must be a list, got {type(raw).__name__}')
+  seen = set()
+  for j, record in enumerate(raw):
+    where = f'{gt_name}: {key}[{j}]'
+    if not isinstance(record, dict):
+      raise ValueError(f'{where}: expected an object, got {type(record).__name__}')
+    rid = rle.field(record, 'id', where)
+    if not _int(rid):
+      raise ValueError(f'{where}: "id" must be an integer, got {rid!r}')
+    if rid in seen:
+      raise ValueError(f'{where}: duplicate {what} id {rid}')
+    seen.add(rid)
+    yield where, record, rid
+
+
 def _ground_truth_videos(gt: dict, gt_name: str) -> dict:
   """video id -> (height, width, length) of the ground truth, checked."""
-  raw = rle.field(gt, 'videos', gt_name)
-  if not isinstance(raw, list):
-    raise ValueError(f'{gt_name}: "videos" must be a list, got {type(raw).__name__}')
   videos = {}
-  for j, v in enumerate(raw):
-    where = f'{gt_name}: videos[{j}]'
-    if not isinstance(v, dict):
-      raise ValueError(f'{where}: expected an object, got {type(v).__name__}')
-    vid = rle.field(v, 'id', where)
-    if not _int(vid):
-      raise ValueError(f'{where}: "id" must be an integer, got {vid!r}')
-    if vid in videos:
-      raise ValueError(f'{where}: duplicate video id {vid}')
-    where = f'{gt_name}: videos[{j}] (id {vid})'
+  for where, v, vid in _id_records(gt, 'videos', 'video', gt_name):
+    where = f'{where} (id {vid})'
     size = []
     for key in ('height', 'width'):
       x = rle.field(v, key, where)
@@ -92,21 +101,7 @@ def _ground_truth_videos(gt: dict, gt_name: str) -> dict:
 
 
 def _category_ids(gt: dict, gt_name: str) -> list:
-  raw = rle.field(gt, 'categories', gt_name)
-  if not isinstance(raw, list):
-    raise ValueError(f'{gt_name}: "categories" must be a list, got {type(raw).__name__}')
-  ids = []
-  for j, c in enumerate(raw):
-    where = f'{gt_name}: categories[{j}]'
-    if not isinstance(c, dict):
-      raise ValueError(f'{where}: expected an object, got {type(c).__name__}')
-    cid = rle.field(c, 'id', where)
-    if not _int(cid):
-      raise ValueError(f'{where}: "id" must be an integer, got {cid!r}')
-    if cid in ids:
-      raise ValueError(f'{where}: duplicate category id {cid}')
-    ids.append(int(cid))
-  return sorted(ids)
+  return sorted(int(cid) for _, _, cid in _id_records(gt, 'categories', 'category', gt_name))
 
 
 def _json_areas(areas, length: int, where) -> float:
