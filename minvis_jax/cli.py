@@ -20,6 +20,7 @@ MINVIS_NO_REEXEC=1, or a GLIBC_TUNABLES naming a glibc.malloc tunable, to turn t
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import os
 import sys
@@ -34,6 +35,7 @@ from minvis_jax import evaluate
 from minvis_jax import host_memory
 from minvis_jax import infer
 from minvis_jax import train
+from minvis_jax import user_input
 from minvis_jax import watch
 from minvis_jax.data import synthetic
 from minvis_jax.data import tfds_builders
@@ -41,6 +43,36 @@ from minvis_jax.data import tfds_builders
 # What a command raises for bad input (a path, a file's content, a flag value): the message names
 # the file and field, so the traceback is noise. Anything else (a bug) keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+# --- flag value types: a range checked at parse time (0 never means "the default": None does) ---
+
+def _flag_type(parse):
+  """An argparse type from a user_input parser; its message follows 'argument --flag:'."""
+  def typed(text: str):
+    try:
+      return parse(text)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from None
+  typed.__name__ = parse.__name__
+  return typed
+
+
+positive_int, nonneg_int, positive_float, nonneg_float, finite_float, probability = map(
+    _flag_type, (user_input.positive_int, user_input.nonneg_int, user_input.positive_float,
+                 user_input.nonneg_float, user_input.finite_float, user_input.probability))
+
+# Flags that mean something only beside another: command -> ((flag, the flag it needs), ...).
+NEEDS: dict[str, tuple[tuple[str, str], ...]] = {}
+_DISTRIBUTED_NEEDS = tuple((f, '--distributed')
+                           for f in ('--coordinator', '--num_processes', '--process_id'))
+
+
+def _check_needs(name: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  for flag, needed in NEEDS.get(name, ()):
+    if getattr(args, flag.lstrip('-'), None) not in (None, '', False) and not getattr(
+        args, needed.lstrip('-'), None):
+      parser.error(f'{flag} applies only with {needed}')
 
 
 # --- flag groups shared by several commands ---------------------------------------------------
@@ -61,8 +93,9 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
                       help='jax.distributed.initialize(): one process per host of a TPU pod, '
                       'SLURM job or local launcher (launch/)')
   parser.add_argument('--coordinator', default=None, help='host:port for --distributed')
-  parser.add_argument('--num_processes', type=int, default=None, help='for --distributed')
-  parser.add_argument('--process_id', type=int, default=None, help='for --distributed')
+  parser.add_argument('--num_processes', type=positive_int, default=None,
+                      help='for --distributed')
+  parser.add_argument('--process_id', type=nonneg_int, default=None, help='for --distributed')
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
@@ -128,13 +161,13 @@ def _infer_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--video', required=True, help='mp4/GIF file or folder of jpg/png frames')
   parser.add_argument('--out', required=True, help='output directory')
   add_config_flags(parser, default_help="the checkpoint's config.json")
-  add_shorthand(parser, '--top_k', 'inference.top_k', 'tracks kept', type=int)
+  add_shorthand(parser, '--top_k', 'inference.top_k', 'tracks kept', type=positive_int)
   add_shorthand(parser, '--window', 'inference.window', 'frames per device per forward, or auto',
                 type=parse_window)
-  parser.add_argument('--score_threshold', type=float, default=0.3,
+  parser.add_argument('--score_threshold', type=probability, default=0.3,
                       help='tracks drawn on the overlay need at least this score (all are in '
                       'results.json)')
-  parser.add_argument('--fps', type=float, default=None,
+  parser.add_argument('--fps', type=positive_float, default=None,
                       help="frame rate of the overlay (default: the source video's; 10 for a "
                       'frame folder)')
 
@@ -159,13 +192,15 @@ def _demo_flags(parser: argparse.ArgumentParser) -> None:
                    'tunables\n(one stderr line says so); MINVIS_NO_REEXEC=1 turns that off.')
   parser.add_argument('--workdir', default='minvis_demo', help='data, checkpoints and outputs')
   add_config_flags(parser, default_help='tiny')
-  add_shorthand(parser, '--total_steps', 'total_steps', 'training steps', type=int)
-  add_shorthand(parser, '--batch_size', 'batch_size', 'global batch (frames)', type=int)
+  add_shorthand(parser, '--total_steps', 'total_steps', 'training steps', type=nonneg_int)
+  add_shorthand(parser, '--batch_size', 'batch_size', 'global batch (frames)', type=positive_int)
   add_shorthand(parser, '--seed', 'seed', 'seed of the data, the init and the input order',
-                type=int)
-  parser.add_argument('--train_videos', type=int, default=40, help='generated training videos')
-  parser.add_argument('--valid_videos', type=int, default=8, help='generated held-out videos')
-  parser.add_argument('--frames', type=int, default=12, help='frames per generated video')
+                type=nonneg_int)
+  parser.add_argument('--train_videos', type=positive_int, default=40,
+                      help='generated training videos')
+  parser.add_argument('--valid_videos', type=positive_int, default=8,
+                      help='generated held-out videos')
+  parser.add_argument('--frames', type=positive_int, default=12, help='frames per generated video')
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -212,7 +247,8 @@ def _convert_flags(parser: argparse.ArgumentParser) -> None:
                       help='HF config.json of --input when it is not beside the weights')
   add_config_flags(parser)
   parser.add_argument('--out', required=True, help='new checkpoint directory')
-  parser.add_argument('--seed', type=int, default=0, help='init of the head for backbone sources')
+  parser.add_argument('--seed', type=nonneg_int, default=0,
+                      help='init of the head for backbone sources')
 
 
 def _convert_config(args: argparse.Namespace):
@@ -273,12 +309,12 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
                          description=synthetic.__doc__.split('\n\n')[0])
   gen.add_argument('--out', required=True, help='dataset root (data.manual_dir)')
   gen.add_argument('--split', default='train', help='split of the --videos videos')
-  gen.add_argument('--videos', type=int, required=True, help='videos of --split (0: none)')
-  gen.add_argument('--frames', type=int, required=True, help='frames per video')
-  gen.add_argument('--valid_videos', type=int, default=0, help='videos of the valid split')
-  gen.add_argument('--height', type=int, default=128)
-  gen.add_argument('--width', type=int, default=224)
-  gen.add_argument('--seed', type=int, default=0)
+  gen.add_argument('--videos', type=nonneg_int, required=True, help='videos of --split (0: none)')
+  gen.add_argument('--frames', type=positive_int, required=True, help='frames per video')
+  gen.add_argument('--valid_videos', type=nonneg_int, default=0, help='videos of the valid split')
+  gen.add_argument('--height', type=positive_int, default=128)
+  gen.add_argument('--width', type=positive_int, default=224)
+  gen.add_argument('--seed', type=nonneg_int, default=0)
   gen.add_argument('--occlusion', action='store_true',
                    help='occlusion-heavy scenes: objects hidden behind an occluder or out of '
                    'frame for several frames, and look-alikes crossing paths (>= 12 frames)')
@@ -315,7 +351,7 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
   add_config_flags(parser, required=True)
   parser.add_argument('--workdir', required=True,
                       help='checkpoints, config.json, metrics and logs; resumes if present')
-  add_shorthand(parser, '--total_steps', 'total_steps', 'training steps', type=int)
+  add_shorthand(parser, '--total_steps', 'total_steps', 'training steps', type=nonneg_int)
   add_distributed_flags(parser)
 
 
@@ -330,6 +366,7 @@ def _train(args: argparse.Namespace) -> int:
 
 COMMANDS['train'] = ('train Mask2Former on single frames (resumes from WORKDIR)', _train_flags,
                      _train)
+NEEDS['train'] = _DISTRIBUTED_NEEDS
 
 
 # --- evaluate ---
@@ -339,16 +376,16 @@ def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--watch', default='', metavar='WORKDIR',
                       help='instead: evaluate each checkpoint of this training run once, as it '
                       'appears (config: the run\'s config.json unless --config)')
-  parser.add_argument('--timeout', type=float, default=None,
+  parser.add_argument('--timeout', type=positive_float, default=None,
                       help='--watch: stop after this many seconds without a new checkpoint')
   parser.add_argument('--out', default='',
                       help='output directory (default: the checkpoint; --watch: WORKDIR/eval)')
   add_config_flags(parser, default_help="the checkpoint's config.json")
   add_shorthand(parser, '--split', 'data.eval_split', 'dataset split')
   add_shorthand(parser, '--manual_dir', 'data.manual_dir', 'dataset folder')
-  add_shorthand(parser, '--max_videos', 'eval.max_videos', 'only the first N videos (0: all)',
-                type=int)
-  add_shorthand(parser, '--top_k', 'inference.top_k', 'tracks per video', type=int)
+  add_shorthand(parser, '--max_videos', 'eval.max_videos', 'only the first N videos (default: '
+                'all, or the config\'s eval.max_videos)', type=positive_int)
+  add_shorthand(parser, '--top_k', 'inference.top_k', 'tracks per video', type=positive_int)
   add_shorthand(parser, '--window', 'inference.window',
                 'frames per device per forward, or auto', type=parse_window)
   add_distributed_flags(parser)
@@ -400,6 +437,7 @@ COMMANDS['evaluate'] = ('MinVIS on a dataset split -> OUT/results.json, scored (
                         'when it has ground truth; or --watch a training run\'s checkpoints.',
                         _evaluate_flags, _evaluate)
 RENAMED_FLAGS['evaluate'] = {'--tracker': _TRACKER_SET}
+NEEDS['evaluate'] = (('--timeout', '--watch'),) + _DISTRIBUTED_NEEDS
 
 
 def run(prog: str, main_fn, argv) -> int:
@@ -465,7 +503,9 @@ def markdown() -> str:
 def _command_main(name: str):
   def main(argv):
     _check_renamed(name, argv[1:])
-    args = make_parser(name).parse_args(argv[1:])
+    parser = make_parser(name)
+    args = parser.parse_args(argv[1:])
+    _check_needs(name, parser, args)
     return COMMANDS[name][2](args)
   return main
 
@@ -489,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
       return 2
     return 0
   name = argv[0]
+  if own_process:   # a native crash (SIGSEGV, SIGABRT) still leaves every thread's stack
+    faulthandler.enable()
   if own_process and name in _REEXEC and not {'-h', '--help'} & set(argv):
     host_memory.reexec_keeping_freed_memory()
   # Each subcommand gets 'minvis-jax <cmd>' as its program name, absl-style.

@@ -124,3 +124,50 @@ def test_markdown_does_not_depend_on_the_terminal_width():
                         text=True, timeout=300, env=env, cwd=REPO)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout == cli.markdown()
+
+
+_INFER = ['infer', '--checkpoint', 'c', '--video', 'v', '--out', 'o']
+
+
+@pytest.mark.parametrize('argv, message', [
+    (_INFER + ['--top_k', '0'], "argument --top_k: expected an integer >= 1, got '0'"),
+    (_INFER + ['--fps', '0'], "argument --fps: expected a number > 0, got '0'"),
+    (_INFER + ['--fps', '-5'], "argument --fps: expected a number > 0, got '-5'"),
+    (_INFER + ['--fps', 'inf'], "argument --fps: expected a number > 0 (finite), got 'inf'"),
+    (_INFER + ['--score_threshold', 'nan'],
+     "argument --score_threshold: expected a number in [0, 1] (finite), got 'nan'"),
+    (_INFER + ['--score_threshold', '1.5'],
+     "argument --score_threshold: expected a number in [0, 1], got '1.5'"),
+    (['evaluate', '--checkpoint', 'c', '--max_videos', '-1'],
+     "argument --max_videos: expected an integer >= 1, got '-1'"),
+    (['evaluate', '--checkpoint', 'c', '--max_videos', '0'],
+     "argument --max_videos: expected an integer >= 1, got '0'"),
+    (['evaluate', '--watch', 'w', '--timeout', '-1'],
+     "argument --timeout: expected a number > 0, got '-1'"),
+    (['evaluate', '--checkpoint', 'c', '--timeout', '5'], '--timeout applies only with --watch'),
+    (['train', '--config', 'tiny', '--workdir', 'w', '--process_id', '1'],
+     '--process_id applies only with --distributed'),
+    (['demo', '--frames', '2.5'], "argument --frames: expected an integer >= 1, got '2.5'"),
+    (['demo', '--total_steps', '-3'], "argument --total_steps: expected an integer >= 0, got '-3'"),
+    (['data', 'synthetic', '--out', 'o', '--videos', '1', '--frames', '0'],
+     "argument --frames: expected an integer >= 1, got '0'"),
+])
+def test_numeric_flags_are_range_checked_at_parse_time(argv, message, capsys):
+  """0 never falls back to a default, nan/inf/negatives are refused, and a flag that needs another
+  names both: exit status 2 before any work, the flag in the message."""
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv)
+  assert exit_info.value.code == 2
+  prog = ' '.join(argv[:2]) if argv[0] == 'data' else argv[0]
+  assert capsys.readouterr().err.splitlines()[-1] == f'minvis-jax {prog}: error: {message}'
+
+
+def test_flag_types_keep_the_values_in_range():
+  assert cli.positive_int('3') == 3 and cli.nonneg_int('0') == 0
+  assert cli.probability('0') == 0.0 and cli.probability('1') == 1.0
+  assert cli.positive_float('0.5') == 0.5 and cli.nonneg_float('0') == 0.0
+  assert cli.finite_float('-2.5') == -2.5
+  for parse, text in ((cli.positive_int, '0'), (cli.nonneg_int, '-1'), (cli.finite_float, 'inf'),
+                      (cli.nonneg_float, '-0.1'), (cli.positive_float, 'x')):
+    with pytest.raises(argparse.ArgumentTypeError):
+      parse(text)

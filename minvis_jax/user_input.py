@@ -1,0 +1,92 @@
+"""Checks of values a user hands over, applied where they enter: flag values, JSON text, paths
+listed in a dataset file. Each raises ValueError (or FileNotFoundError) with a one-line message;
+the flag parsers' messages leave the flag's name to the caller (argparse prefixes it)."""
+
+import collections
+import json
+import math
+import os
+
+
+# --- flag values (cli.py wraps these as argparse types) ----------------------------------------
+
+
+def _parse(text: str, kind: type, expected: str):
+  try:
+    x = kind(text)
+  except (TypeError, ValueError):
+    raise ValueError(f'expected {expected}, got {text!r}') from None
+  if kind is float and not math.isfinite(x):
+    raise ValueError(f'expected {expected} (finite), got {text!r}')
+  return x
+
+
+def _ranged(name: str, kind: type, expected: str, ok):
+  def parse(text: str):
+    x = _parse(text, kind, expected)
+    if not ok(x):
+      raise ValueError(f'expected {expected}, got {text!r}')
+    return x
+  parse.__name__ = name
+  return parse
+
+
+positive_int = _ranged('positive_int', int, 'an integer >= 1', lambda x: x >= 1)
+nonneg_int = _ranged('nonneg_int', int, 'an integer >= 0', lambda x: x >= 0)
+positive_float = _ranged('positive_float', float, 'a number > 0', lambda x: x > 0)
+nonneg_float = _ranged('nonneg_float', float, 'a number >= 0', lambda x: x >= 0)
+finite_float = _ranged('finite_float', float, 'a finite number', lambda x: True)
+probability = _ranged('probability', float, 'a number in [0, 1]', lambda x: 0 <= x <= 1)
+
+
+# --- JSON --------------------------------------------------------------------------------------
+
+
+def _no_duplicate_keys(name: str):
+  def hook(pairs):
+    seen = collections.Counter(k for k, _ in pairs)
+    twice = [k for k, n in seen.items() if n > 1]
+    if twice:
+      # json keeps the last of two equal keys without a word: a merged or hand-edited file.
+      raise ValueError(f'{name}: key {twice[0]!r} appears {seen[twice[0]]} times in one object '
+                       '(JSON keeps only the last)')
+    return dict(pairs)
+  return hook
+
+
+def parse_json(data: bytes | str, name: str, what: str = 'JSON'):
+  """The parsed JSON of `data` (the content of file `name`), strictly: UTF-8, no duplicate key in
+  an object; every failure is one ValueError naming `name`."""
+  try:
+    text = data.decode('utf-8') if isinstance(data, (bytes, bytearray)) else data
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{name}: not a {what} file: not UTF-8 text (byte {e.start}: '
+                     f'{e.reason})') from None
+  try:
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys(name))
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{name}: not a {what} file (malformed JSON: {e})') from None
+  except RecursionError:
+    raise ValueError(f'{name}: not a {what} file: nested too deeply to parse') from None
+
+
+def read_json(path: str, what: str = 'JSON'):
+  """parse_json of the file `path`; FileNotFoundError names it when it is missing."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: {what} file not found')
+  with open(path, 'rb') as f:
+    return parse_json(f.read(), path, what)
+
+
+# --- paths listed in a dataset file ------------------------------------------------------------
+
+
+def path_under(root: str, relative: str, where: str) -> str:
+  """`root`/`relative`, refused (ValueError naming `where`) when it leaves `root`: an absolute
+  path, or `..` reaching above it. Judged on the text, not on symlinks: a link inside the root may
+  point anywhere (datasets are often assembled from links), a listed path may not."""
+  joined = os.path.normpath(os.path.join(root, relative))
+  base = os.path.normpath(root)
+  if os.path.isabs(relative) or os.path.commonpath([base, joined]) != base:
+    raise ValueError(f'{where}: path {relative!r} leaves the dataset root {root}')
+  return joined
