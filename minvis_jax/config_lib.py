@@ -5,10 +5,12 @@ modules never read configs except at the edges.
 """
 
 import ast
+import contextlib
 import importlib.machinery
 import importlib.util
 import os
 import sys
+import traceback
 
 import ml_collections
 import numpy as np
@@ -94,10 +96,35 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   loader = importlib.machinery.SourceFileLoader('_minvis_config', path)
   module_spec = importlib.util.spec_from_file_location('_minvis_config', path, loader=loader)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
+  with _user_code(path, 'loading'):
+    module_spec.loader.exec_module(module)
+  if not callable(getattr(module, 'get_config', None)):
     raise ValueError(f'{path}: a config file must define get_config(arg=None)')
-  return validate(module.get_config(arg or None), source=spec)
+  with _user_code(path, 'get_config'):
+    config = module.get_config(arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f'{path}: get_config returned {type(config).__name__}, expected an '
+                     f'ml_collections.ConfigDict')
+  return validate(config, source=spec)
+
+
+@contextlib.contextmanager
+def _user_code(path: str, what: str):
+  """A config file's own failure (a syntax error, a NameError...) as one ValueError naming the
+  file and line; ValueError and OSError (already naming what is wrong) pass through."""
+  try:
+    yield
+  except SyntaxError as e:
+    raise ValueError(f'{e.filename or path}:{e.lineno}: syntax error in the config: {e.msg}'
+                     ) from None
+  except (ValueError, OSError):
+    raise
+  except Exception as e:   # anything the user's code raises
+    tb = traceback.extract_tb(e.__traceback__)
+    line = next((f.lineno for f in reversed(tb) if os.path.abspath(f.filename)
+                 == os.path.abspath(path)), None)
+    raise ValueError(f'{path}{f":{line}" if line else ""}: {what} failed: '
+                     f'{type(e).__name__}: {e}') from None
 
 
 register_configs_package()
@@ -114,17 +141,23 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
     if not sep:
       raise ValueError(f'override {item!r}: expected key=value')
     parent, _, leaf = key.rpartition('.')
-    node = config
+    node, path = config, ''
     for part in filter(None, parent.split('.')):
-      if part not in node:
-        raise ValueError(f'override {item!r}: config has no field {part!r}')
-      node = node[part]
-    if leaf not in node:
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise ValueError(f'override {item!r}: config has no field {path + part!r}')
+      node, path = node[part], f'{path}{part}.'
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ValueError(f'override {item!r}: config field {parent!r} is a '
+                       f'{type(node).__name__}, not a group of fields')
+    if not leaf or leaf not in node:
       raise ValueError(f'override {item!r}: config has no field {key!r}')
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       value = text
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+      raise ValueError(f'override {item!r}: {key!r} is a group of fields; set one of them '
+                       f'({", ".join(sorted(node[leaf].keys()))})')
     if isinstance(node[leaf], tuple) and isinstance(value, list):
       value = tuple(value)
     try:
@@ -230,9 +263,40 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config'
   check('loss.oversample_ratio', lambda x: _is_number(x) and x >= 1, 'a number >= 1')
   check('optim.decay_steps', lambda x: isinstance(x, (tuple, list)) and all(
       _is_int(v) and v >= 1 for v in x), 'a tuple of positive step numbers')
+  _validate_backbone(config, fail)
   data = check('mesh.data', lambda x: _is_int(x) and (x == -1 or x >= 1),
                '-1 (all devices the model axis leaves) or an integer >= 1')
   batch = _get(config, 'batch_size')
   if _MISSING not in (data, batch) and data != -1 and batch % data:
     fail('batch_size', batch, f'a multiple of mesh.data={data}')
   return config
+
+
+def _validate_backbone(config: ml_collections.ConfigDict, fail) -> None:
+  """The backbone's structure: four stages (res2..res5) of positive sizes, Swin's heads dividing
+  each stage's channels."""
+  backbone = _get(config, 'model.backbone')
+  if not isinstance(backbone, ml_collections.ConfigDict):
+    return
+  def stages(key):
+    value = backbone.get(key)
+    if value is not None and not (isinstance(value, (tuple, list)) and len(value) == 4 and all(
+        _is_int(v) and v >= 1 for v in value)):
+      fail(f'model.backbone.{key}', value, 'four positive integers (stages res2..res5)')
+    return value
+  stages('depths')
+  stages('widths')
+  heads = stages('num_heads')
+  for key in ('stem_width', 'embed_dim', 'window_size', 'patch_size'):
+    value = backbone.get(key)
+    if value is not None and not (_is_int(value) and value >= 1):
+      fail(f'model.backbone.{key}', value, 'an integer >= 1')
+  dim = backbone.get('embed_dim')
+  if heads is not None and dim is not None:
+    for i, n in enumerate(heads):
+      if (dim * 2 ** i) % n:
+        fail('model.backbone.num_heads', heads, f'divisors of the stage widths embed_dim * 2**i '
+             f'(stage {i}: {dim * 2 ** i})')
+  rate = backbone.get('drop_path_rate')
+  if rate is not None and not (_is_number(rate) and 0 <= rate < 1):
+    fail('model.backbone.drop_path_rate', rate, 'a number in [0, 1)')

@@ -70,6 +70,35 @@ def test_load_config_errors(tmp_path):
     config_lib.load_config(str(bad))
 
 
+@pytest.mark.parametrize('text, message', [
+    ('def get_config(arg=None)\n  return 1\n', r'cfg.py:1: syntax error in the config'),
+    ('def get_config(arg=None):\n  return None\n',
+     r'cfg.py: get_config returned NoneType, expected an ml_collections.ConfigDict'),
+    ('def get_config(arg=None):\n  return {"batch_size": 2}\n', r'cfg.py: get_config returned dict'),
+    ('import math\n\ndef get_config(arg=None):\n  return math.nope\n',
+     r"cfg.py:4: get_config failed: AttributeError: .*'nope'"),
+    ('x = 1 / 0\n', r'cfg.py:1: loading failed: ZeroDivisionError'),
+    ('get_config = 3\n', r'cfg.py: a config file must define get_config'),
+])
+def test_a_config_that_does_not_load_is_one_error_naming_the_file(tmp_path, text, message):
+  path = tmp_path / 'cfg.py'
+  path.write_text(text)
+  with pytest.raises(ValueError, match=message) as info:
+    config_lib.load_config(str(path))
+  assert '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('override, message', [
+    ('batch_size.x=1', r"config field 'batch_size' is a int, not a group of fields"),
+    ('batch_size.x.y=1', r"config has no field 'batch_size.x'"),
+    ('model.backbone=(1,1)', r"'model.backbone' is a group of fields; set one of them \(depths,"),
+    ('model.=3', r"config has no field 'model.'"),
+])
+def test_an_override_that_does_not_fit_the_config_structure_names_the_key(override, message):
+  with pytest.raises(ValueError, match=r"override '" + re.escape(override) + "': " + message):
+    config_lib.apply_overrides(_load('tiny.py'), [override])
+
+
 def test_config_arguments_are_checked():
   # A config that takes no argument refuses one (it used to be ignored), naming the config.
   with pytest.raises(ValueError, match=r'configs/tiny.py takes no argument, got .batch_size=4'):
@@ -97,7 +126,8 @@ BAD_OVERRIDES = [
     'model.num_queries=-1', 'model.enc_heads=5', 'model.num_feature_levels=4',
     'model.dtype="float16"', 'data.workers=0', 'data.annotation_fraction=0.0',
     'data.std=(1.0,0.0,1.0)', 'optim.lr=0.0', 'checkpoint.every_steps=0', 'batch_size=0',
-    'data.max_instances=0', 'data.flip=1']
+    'data.max_instances=0', 'data.flip=1', 'model.backbone.depths=(1,1)',
+    'model.backbone.widths=(32,0,128,256)', 'model.backbone.stem_width=0']
 
 
 @pytest.mark.parametrize('override', BAD_OVERRIDES)
