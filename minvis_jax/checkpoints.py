@@ -15,6 +15,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -22,6 +23,8 @@ import orbax.checkpoint as ocp
 from minvis_jax import checksums
 from minvis_jax import config_lib
 from minvis_jax import metrics_writer
+from minvis_jax.models import Mask2Former
+from minvis_jax.models import ModelConfig
 
 CheckpointError = checksums.CheckpointError
 
@@ -311,4 +314,56 @@ def load_model(checkpoint: str, config_spec: str) -> tuple[ml_collections.Config
   if config is None:
     raise ValueError(f'{os.path.abspath(checkpoint)}: the checkpoint has no config.json; '
                      f'pass --config')
+  check_variables(variables, model_shapes(config.model), os.path.abspath(checkpoint),
+                  config_spec or f'{checkpoint}/{CONFIG_FILE}')
   return config, variables
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict loading: every stored array is used and every model parameter is found.
+
+# Where a parameter's presence or shape comes from: (path fragment, config key), first match wins.
+_PARAM_KEYS = (('class_embed', 'model.num_classes'), ('query', 'model.num_queries'),
+               ('pixel_decoder/encoder_layer_', 'model.enc_layers'),
+               ('pixel_decoder/input_proj', 'model.num_feature_levels'),
+               ('decoder/layer_', 'model.dec_layers'), ('backbone/', 'model.backbone.depths'))
+
+
+def _param_key(path: str) -> str:
+  return next((key for fragment, key in _PARAM_KEYS if fragment in path), 'model')
+
+
+def model_shapes(model_config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+  """'params/decoder/...' -> shape of every variable of `Mask2Former(model_config)` (no compute;
+  the shapes do not depend on the image size)."""
+  model = Mask2Former(ModelConfig.from_config(model_config))
+  tree = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  return variable_shapes(tree)
+
+
+def variable_shapes(tree) -> dict[str, tuple[int, ...]]:
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_variables(variables, expected: dict[str, tuple[int, ...]], where: str, source: str,
+                    allow_missing: tuple[str, ...] = ()) -> None:
+  """ValueError naming the first stored array the model does not have, the first model parameter
+  not stored (unless its path starts with one of `allow_missing`: parts a caller initialises,
+  e.g. an optional head), or the first shape that differs, with the config key (of `source`) that
+  decides it. `variables`: the loaded tree; `expected`: `model_shapes` of the config."""
+  stored = variable_shapes(variables)
+  extra = sorted(set(stored) - set(expected))
+  missing = sorted(p for p in set(expected) - set(stored) if not p.startswith(allow_missing))
+  differ = sorted(p for p in set(stored) & set(expected) if stored[p] != expected[p])
+  counts = f'({len(extra)} extra, {len(missing)} missing, {len(differ)} of another shape)'
+  if extra:
+    raise ValueError(f'{where}: array {extra[0]} is stored but the model of {source} has no such '
+                     f'parameter; check {_param_key(extra[0])} {counts}')
+  if missing:
+    raise ValueError(f'{where}: the model of {source} needs {missing[0]}, which is not stored; '
+                     f'check {_param_key(missing[0])} {counts}')
+  if differ:
+    p = differ[0]
+    raise ValueError(f'{where}: array {p} is stored as {stored[p]} but the model of {source} '
+                     f'has {expected[p]}; check {_param_key(p)} {counts}')

@@ -155,13 +155,9 @@ def load_init_variables(config, like: dict) -> dict:
   loaded = jax.tree.map(np.asarray, checkpoints.load_variables(config.init.checkpoint))
   if config.init.reinit_class_head:
     loaded['params']['decoder']['class_embed'] = like['params']['decoder']['class_embed']
-  shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)  # noqa: E731
-                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-  want, got = shapes(like), shapes(loaded)
-  if want != got:
-    diff = sorted(set(want.items()) ^ set(got.items()))[:5]
-    raise ValueError(f'{config.init.checkpoint}: variables do not match config.model (first '
-                     f'differences: {diff}); convert the checkpoint with the same model config')
+  # Strict both ways: every stored array is used, every parameter is found, shapes agree.
+  checkpoints.check_variables(loaded, checkpoints.variable_shapes(like), f'{config.init.checkpoint}'
+                              ': variables do not match config.model', 'this config')
   return loaded
 
 

@@ -126,3 +126,39 @@ def test_finished_steps_skip_saves_in_progress_and_load_takes_the_latest(tmp_pat
   assert checkpoints.finished_steps(workdir) == [2, 6, 10]   # numeric order, not by name
   _, variables = checkpoints.load_for_inference(workdir)
   np.testing.assert_array_equal(variables['params']['w'], bad_inputs.variables(10)['params']['w'])
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('dec_layers', 2, r'array params/decoder/layer_2/\S+ is stored but the model of \S+config.json '
+     r'has no such parameter; check model.dec_layers \(\d+ extra, 0 missing'),
+    ('dec_layers', 4, r'the model of \S+config.json needs params/decoder/layer_3/\S+, which is not '
+     r'stored; check model.dec_layers \(0 extra, \d+ missing'),
+    ('enc_layers', 1, r'array params/pixel_decoder/encoder_layer_1/\S+ is stored .* check '
+     r'model.enc_layers'),
+    ('num_classes', 7, r'array params/decoder/class_embed/bias is stored as \(5,\) but the model '
+     r'of \S+ has \(8,\); check model.num_classes'),
+])
+def test_loading_is_strict_both_ways_naming_the_array_and_the_config_key(tmp_path, tiny_checkpoint,
+                                                                         key, value, message):
+  """A config.json that disagrees with the arrays beside it (e.g. dec_layers=2 where 3 layers are
+  stored): one error naming the checkpoint, the first extra / missing / reshaped array and the key,
+  never a run with arrays ignored."""
+  _, config, variables = tiny_checkpoint
+  path = str(tmp_path / 'ckpt')
+  checkpoints.save_variables(path, variables)
+  config = config.copy_and_resolve_references()
+  config.model[key] = value
+  checkpoints.save_config(path, config)
+  with pytest.raises(ValueError, match=re.escape(path) + ': ' + message):
+    checkpoints.load_model(path, '')
+
+
+def test_check_variables_allows_missing_parts_a_caller_initialises(tiny_checkpoint):
+  _, config, variables = tiny_checkpoint
+  expected = checkpoints.model_shapes(config.model)
+  assert expected == checkpoints.variable_shapes(variables)
+  expected['params/reid_head/kernel'] = (64, 32)
+  with pytest.raises(ValueError, match='needs params/reid_head/kernel, which is not stored; check '
+                     r'model \(0 extra, 1 missing'):
+    checkpoints.check_variables(variables, expected, 'ckpt', 'cfg')
+  checkpoints.check_variables(variables, expected, 'ckpt', 'cfg', allow_missing=('params/reid',))
