@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from minvis_jax import checksums
 from minvis_jax import config_lib
 from minvis_jax import metrics_writer
+from minvis_jax import user_input
 from minvis_jax.models import Mask2Former
 from minvis_jax.models import ModelConfig
 
@@ -139,8 +140,8 @@ def read_config(directory: str) -> ml_collections.ConfigDict | None:
     return None
   try:
     with open(path) as f:
-      data = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      data = user_input.parse_json(f.read(), path, 'config')
+  except UnicodeDecodeError as e:
     raise ValueError(f'{path}: not a valid config JSON ({e})') from None
   if not isinstance(data, dict):
     raise ValueError(f'{path}: expected a JSON object (a config), got {type(data).__name__}')

@@ -54,23 +54,23 @@ def _no_duplicate_keys(name: str):
   return hook
 
 
-def parse_json(data: bytes | str, name: str, what: str = 'JSON'):
+def parse_json(data: bytes | str, name: str, what: str = 'data'):
   """The parsed JSON of `data` (the content of file `name`), strictly: UTF-8, no duplicate key in
   an object; every failure is one ValueError naming `name`."""
   try:
     text = data.decode('utf-8') if isinstance(data, (bytes, bytearray)) else data
   except UnicodeDecodeError as e:
-    raise ValueError(f'{name}: not a {what} file: not UTF-8 text (byte {e.start}: '
+    raise ValueError(f'{name}: not a JSON {what} file: not UTF-8 text (byte {e.start}: '
                      f'{e.reason})') from None
   try:
     return json.loads(text, object_pairs_hook=_no_duplicate_keys(name))
   except json.JSONDecodeError as e:
-    raise ValueError(f'{name}: not a {what} file (malformed JSON: {e})') from None
+    raise ValueError(f'{name}: not a JSON {what} file (malformed JSON: {e})') from None
   except RecursionError:
-    raise ValueError(f'{name}: not a {what} file: nested too deeply to parse') from None
+    raise ValueError(f'{name}: not a JSON {what} file: nested too deeply to parse') from None
 
 
-def read_json(path: str, what: str = 'JSON'):
+def read_json(path: str, what: str = 'data'):
   """parse_json of the file `path`; FileNotFoundError names it when it is missing."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: {what} file not found')

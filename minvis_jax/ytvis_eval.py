@@ -55,7 +55,7 @@ def _id_records(gt: dict, key: str, what: str, gt_name: str):
   raw = rle.field(gt, key, gt_name)
   if not isinstance(raw, list):
     raise ValueError(f'{gt_name}: "{key}" must be a list, got {type(raw).__name__}')
-  seen = set()
+  seen = {}
   for j, record in enumerate(raw):
     where = f'{gt_name}: {key}[{j}]'
     if not isinstance(record, dict):
@@ -64,8 +64,8 @@ def _id_records(gt: dict, key: str, what: str, gt_name: str):
     if not _int(rid):
       raise ValueError(f'{where}: "id" must be an integer, got {rid!r}')
     if rid in seen:
-      raise ValueError(f'{where}: duplicate {what} id {rid}')
-    seen.add(rid)
+      raise ValueError(f'{where}: duplicate {what} id {rid} (also {key}[{seen[rid]}])')
+    seen[rid] = j
     yield where, record, rid
 
 
@@ -171,10 +171,16 @@ def _annotation_list(gt: dict, gt_name: str) -> tuple[list, bool]:
   anns = gt['annotations']
   if not isinstance(anns, list):
     raise ValueError(f'{gt_name}: "annotations" must be a list, got {type(anns).__name__}')
+  seen = {}
   for j, a in enumerate(anns):
     if not isinstance(a, dict):
       raise ValueError(f'{gt_name}: annotations[{j}]: expected an object, got '
                        f'{type(a).__name__}')
+    aid = a.get('id')   # optional here; two records with one id are one track scored twice
+    if aid is not None and aid in seen:
+      raise ValueError(f'{gt_name}: annotations[{j}]: duplicate annotation id {aid!r} (also '
+                       f'annotations[{seen[aid]}])')
+    seen.setdefault(aid, j)
   # OVIS ground truth carries per-frame occlusion levels; then every annotation must have them.
   with_occ = sum('occlusion' in a for a in anns)
   if with_occ and with_occ < len(anns):

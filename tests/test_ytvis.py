@@ -503,3 +503,54 @@ def test_degenerate_polygons_are_a_warning(tmp_path, caplog):
   assert record.levelno == logging.WARNING
   assert record.getMessage() == (f"{path}: annotations[0] (id 5) of video 3 ('v'), frame 0: "
                                  'skipped 1 degenerate polygon(s)')
+
+
+# ------------------------------------------------------------------------------------------------
+# Duplicates and JSON that is not what it seems.
+
+
+def test_duplicate_annotation_ids_name_both_records(tmp_path):
+  data = _ytvis(os.path.join(str(tmp_path), 'train', 'JPEGImages'))
+  data['annotations'].append(dict(data['annotations'][0]))
+  with pytest.raises(ValueError, match=r'train\.json: annotations\[1\]: duplicate annotation id 1 '
+                     r'\(also annotations\[0\]\)$'):
+    _load(tmp_path, data)
+  data['annotations'].pop()
+  data['videos'].append(dict(data['videos'][0]))
+  with pytest.raises(ValueError, match=r'train\.json: videos\[1\]: duplicate video id 5 \(also '
+                     r'videos\[0\]\)$'):
+    _load(tmp_path, data)
+
+
+def test_duplicate_coco_annotation_and_image_ids_name_both_records(tmp_path):
+  root = str(tmp_path)
+  Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(os.path.join(root, 'a.png'))
+  images = [{'id': 1, 'file_name': 'a.png', 'height': H, 'width': W}]
+  ann = {'id': 4, 'image_id': 1, 'category_id': 3, 'segmentation': _rle(_box(2, 9, 2, 9))}
+  path = _write_json(os.path.join(root, 'c.json'), {'images': images, 'categories': CATEGORIES,
+                                                     'annotations': [ann, ann]})
+  with pytest.raises(ValueError, match=r'c\.json: annotations\[1\]: duplicate annotation id 4 '
+                     r'\(also annotations\[0\]\)'):
+    ytvis.load_coco(path, root)
+  _write_json(path, {'images': images * 2, 'categories': CATEGORIES, 'annotations': []})
+  with pytest.raises(ValueError, match=r'c\.json: images\[1\]: duplicate image id 1 \(also '
+                     r'images\[0\]\)'):
+    ytvis.load_coco(path, root)
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'{"videos": [], "annotations": [], "annotations": [], "categories": []}',
+     r"train\.json: key 'annotations' appears 2 times in one object \(JSON keeps only the last\)"),
+    (b'{"videos": [{"id": 1, "id": 2}]}', r"train\.json: key 'id' appears 2 times"),
+    (b'[' * 100000 + b']' * 100000, r'train\.json: not a JSON annotation file: nested too deeply'),
+    (b'{"videos": "\xff\xfe"}', r'train\.json: not a JSON annotation file: not UTF-8 text \(byte '
+     r'12: invalid start byte\)'),
+])
+def test_json_that_is_not_what_it_seems_names_the_file(tmp_path, content, message):
+  """Duplicate keys (json keeps the last silently), nesting past the parser's recursion limit and
+  bytes that are not UTF-8: one ValueError naming the file."""
+  path = tmp_path / 'train.json'
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=message) as info:
+    ytvis.load_ytvis(str(path), str(tmp_path))
+  assert '\n' not in str(info.value)

@@ -768,10 +768,17 @@ def test_ground_truth_fields_of_the_wrong_kind(path, value, message):
 def test_duplicate_video_ids():
   def change(gt):
     gt['videos'].append(dict(gt['videos'][0]))
-  assert _gt_problem(change) == 'gt.json: videos[1]: duplicate video id 1'
+  assert _gt_problem(change) == 'gt.json: videos[1]: duplicate video id 1 (also videos[0])'
 
 
 def test_ground_truth_that_is_not_an_object(tmp_path):
   gt_path, res_path = _write(tmp_path, [1, 2], [])
   with pytest.raises(ValueError, match=r'gt\.json: expected a YouTube-VIS JSON object, got list'):
     evaluate(gt_path, res_path)
+
+
+def test_duplicate_annotation_ids_in_the_ground_truth_name_both_records():
+  def change(gt):
+    gt['annotations'].append(dict(gt['annotations'][0]))
+  assert _gt_problem(change) == ('gt.json: annotations[1]: duplicate annotation id 7 (also '
+                                 'annotations[0])')

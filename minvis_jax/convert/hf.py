@@ -10,6 +10,7 @@ import numpy as np
 
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
+from minvis_jax import user_input
 from minvis_jax.configs import common
 from minvis_jax.convert import backbones
 from minvis_jax.convert import heads
@@ -84,8 +85,8 @@ def read_hf_config(path: str) -> dict:
   """An HF Mask2Former config.json as a dict; ValueError names the file when it is not one."""
   try:
     with open(path) as f:
-      data = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      data = user_input.parse_json(f.read(), path, 'config')
+  except UnicodeDecodeError as e:
     raise ValueError(f'{path}: not a JSON file ({e})') from None
   if not isinstance(data, dict) or data.get('model_type') != 'mask2former':
     kind = data.get('model_type') if isinstance(data, dict) else type(data).__name__

@@ -5,12 +5,13 @@ pycocotools trusts an RLE: counts that do not add up to height x width make its 
 its decode return uninitialised memory, so every RLE a user file supplies is checked here first.
 """
 
-import json
 import math
 import os
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from minvis_jax import user_input
 
 # ------------------------------------------------------------------------------------------------
 # JSON fields.
@@ -26,11 +27,8 @@ def load_json(path: str, what: str):
   (e.g. 'annotation', 'results')."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: {what} file not found')
-  try:
-    with open(path, 'rb') as f:
-      return json.loads(f.read())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{path}: not a JSON {what} file (malformed JSON: {e})') from None
+  with open(path, 'rb') as f:
+    return user_input.parse_json(f.read(), path, what)
 
 
 def field(obj: dict, key: str, where: str):

@@ -100,14 +100,21 @@ def _categories(data: dict, path: str) -> tuple[tuple[int, ...], tuple[str, ...]
   cats = rle.field(data, 'categories', path)
   if not isinstance(cats, list) or not cats:
     raise ValueError(f'{path}: "categories" must be a non-empty list')
-  by_id = {}
+  by_id, seen = {}, {}
   for j, c in enumerate(cats):
     cid = _int_field(c, 'id', f'{path}: categories[{j}]')
-    if cid in by_id:
-      raise ValueError(f'{path}: categories[{j}]: duplicate category id {cid}')
+    _unique(seen, cid, j, path, 'categories', 'category')
     by_id[cid] = str(c.get('name', cid))
   ids = tuple(sorted(by_id))
   return ids, tuple(by_id[i] for i in ids), {cid: i for i, cid in enumerate(ids)}
+
+
+def _unique(seen: dict, rid: int, j: int, path: str, key: str, what: str) -> None:
+  """Records id `rid` of record `key`[j]; ValueError naming both records when it was seen before
+  (two records with one id would both be trained on or scored)."""
+  if rid in seen:
+    raise ValueError(f'{path}: {key}[{j}]: duplicate {what} id {rid} (also {key}[{seen[rid]}])')
+  seen[rid] = j
 
 
 def _valid_polygons(seg: list, height: int, width: int, where: str) -> list | None:
@@ -179,12 +186,11 @@ def load_ytvis(json_path: str, image_root: str) -> VisDataset:
   category_ids, category_names, cat_index = _categories(data, json_path)
   raw_videos = _list_field(data, 'videos', json_path)
 
-  videos = {}  # id -> (name, h, w, frame paths)
+  videos, video_index = {}, {}  # id -> (name, h, w, frame paths); id -> record index
   for j, rv in enumerate(raw_videos):
     vid = _int_field(rv, 'id', f'{json_path}: videos[{j}]')
     where = f'{json_path}: video {vid}'
-    if vid in videos:
-      raise ValueError(f'{json_path}: videos[{j}]: duplicate video id {vid}')
+    _unique(video_index, vid, j, json_path, 'videos', 'video')
     files = rle.field(rv, 'file_names', where)
     if not isinstance(files, list) or not files:
       raise ValueError(f'{where}: video has no frames ("file_names" is empty)')
@@ -203,9 +209,10 @@ def load_ytvis(json_path: str, image_root: str) -> VisDataset:
   raw_anns = _annotations(data, json_path)
   has_annotations = raw_anns is not None
   instances = {vid: [] for vid in videos}
-  rles = _CompressedRles()
+  rles, ann_index = _CompressedRles(), {}
   for j, ann in enumerate(raw_anns or ()):
     aid = _int_field(ann, 'id', f'{json_path}: annotations[{j}]')
+    _unique(ann_index, aid, j, json_path, 'annotations', 'annotation')
     where = f'{json_path}: annotations[{j}] (id {aid})'
     vid = _int_field(ann, 'video_id', where)
     if vid not in videos:
@@ -241,12 +248,11 @@ def load_coco(json_path: str, image_root: str) -> VisDataset:
   data = _load_json(json_path)
   category_ids, category_names, cat_index = _categories(data, json_path)
   images = _list_field(data, 'images', json_path)
-  videos = {}
+  videos, image_index = {}, {}
   for j, im in enumerate(images):
     iid = _int_field(im, 'id', f'{json_path}: images[{j}]')
     where = f'{json_path}: image {iid}'
-    if iid in videos:
-      raise ValueError(f'{json_path}: images[{j}]: duplicate image id {iid}')
+    _unique(image_index, iid, j, json_path, 'images', 'image')
     fname = rle.field(im, 'file_name', where)
     if not isinstance(fname, str) or not fname:
       raise ValueError(f'{where}: "file_name" must be a non-empty string, got {fname!r}')
@@ -257,9 +263,10 @@ def load_coco(json_path: str, image_root: str) -> VisDataset:
 
   raw_anns = _annotations(data, json_path)
   instances = {iid: [] for iid in videos}
-  rles = _CompressedRles()
+  rles, ann_index = _CompressedRles(), {}
   for j, ann in enumerate(raw_anns or ()):
     aid = _int_field(ann, 'id', f'{json_path}: annotations[{j}]')
+    _unique(ann_index, aid, j, json_path, 'annotations', 'annotation')
     where = f'{json_path}: annotations[{j}] (id {aid})'
     iid = _int_field(ann, 'image_id', where)
     if iid not in videos:
