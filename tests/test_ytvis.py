@@ -554,3 +554,29 @@ def test_json_that_is_not_what_it_seems_names_the_file(tmp_path, content, messag
   with pytest.raises(ValueError, match=message) as info:
     ytvis.load_ytvis(str(path), str(tmp_path))
   assert '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('bad', ['../../../x/00000.png', '/etc/passwd', 'vid_a/../../00000.png'])
+def test_a_frame_path_that_leaves_the_dataset_root_is_refused(tmp_path, bad):
+  image_root = os.path.join(str(tmp_path), 'train', 'JPEGImages')
+  data = _ytvis(image_root)
+  data['videos'][0]['file_names'][1] = bad
+  with pytest.raises(ValueError, match=r"train\.json: video 5 \('vid_a'\): \"file_names\": path "
+                     + repr(bad).replace('.', r'\.') + ' leaves the dataset root ' + image_root):
+    _load(tmp_path, data)
+
+
+def test_paths_inside_the_root_and_symlinks_are_followed(tmp_path):
+  """A `..` that stays inside the root is fine; a symlinked folder inside the root may point
+  anywhere (datasets are often assembled from links): the text of the path is judged, not where
+  a link leads."""
+  image_root = os.path.join(str(tmp_path), 'train', 'JPEGImages')
+  data = _ytvis(image_root)
+  outside = tmp_path / 'elsewhere'
+  os.rename(os.path.join(image_root, 'vid_a'), outside)
+  os.symlink(outside, os.path.join(image_root, 'vid_a'))
+  data['videos'][0]['file_names'][0] = 'vid_a/../vid_a/00000.png'
+  ds = _load(tmp_path, data)
+  assert ds.videos[0].frame_paths[0] == os.path.join(image_root, 'vid_a', '00000.png')
+  image, _, _ = ytvis.FolderSource(ds).load(0, 0)
+  np.testing.assert_array_equal(image, np.asarray(Image.open(outside / '00000.png')))

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from minvis_jax import user_input
 from minvis_jax.data import rle
 
 _log = logging.getLogger(__name__)
@@ -204,7 +205,8 @@ def load_ytvis(json_path: str, image_root: str) -> VisDataset:
     if 'length' in rv and _int_field(rv, 'length', where) != len(files):
       raise ValueError(f'{where}: "length" is {rv["length"]} but "file_names" lists '
                        f'{len(files)} frames')
-    videos[vid] = (name, h, w, tuple(os.path.join(image_root, f) for f in files))
+    videos[vid] = (name, h, w, tuple(user_input.path_under(image_root, f, f'{where}: "file_names"')
+                                     for f in files))
 
   raw_anns = _annotations(data, json_path)
   has_annotations = raw_anns is not None
@@ -259,7 +261,8 @@ def load_coco(json_path: str, image_root: str) -> VisDataset:
     where = f'{json_path}: image {iid} ({fname!r})'
     h, w = _int_field(im, 'height', where, 1), _int_field(im, 'width', where, 1)
     rle.check_frame_pixels(h, w, where)
-    videos[iid] = (os.path.splitext(fname)[0], h, w, (os.path.join(image_root, fname),))
+    path = user_input.path_under(image_root, fname, f'{where}: "file_name"')
+    videos[iid] = (os.path.splitext(fname)[0], h, w, (path,))
 
   raw_anns = _annotations(data, json_path)
   instances = {iid: [] for iid in videos}
