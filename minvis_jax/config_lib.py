@@ -102,7 +102,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     raise ValueError(f'{path}: a config file must define get_config(arg=None)')
   with _user_code(path, 'get_config'):
     config = module.get_config(arg or None)
-  if not isinstance(config, ml_collections.ConfigDict):
+  if not isinstance(config, (ml_collections.ConfigDict, dict)):
     raise ValueError(f'{path}: get_config returned {type(config).__name__}, expected an '
                      f'ml_collections.ConfigDict')
   return validate(config, source=spec)

@@ -97,8 +97,11 @@ def predict_dataset(config, variables, dataset: ytvis.VisDataset, max_videos: in
           bar.update(1)
           yield image
       size = (video.height, video.width)
-      tracks = predictor(predictor_lib.preprocess(frames(), config.data),
-                         predictor_lib.valid_size(*size, config.data), size)
+      try:
+        valid = predictor_lib.valid_size(*size, config.data)
+      except ValueError as e:
+        raise ValueError(f'{where}: {e}') from None
+      tracks = predictor(predictor_lib.preprocess(frames(), config.data), valid, size)
       results[i] = predictor_lib.results_for_video(tracks, video.id, dataset.category_ids)
   if jax.process_count() > 1:
     results = _gather(results)

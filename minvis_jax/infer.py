@@ -78,14 +78,20 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
   """
   t0 = time.time()
   ids, names = _category_table(config)
+  check_output(out)
   video = video_io.open_video(video_path)
+  if video.skipped:   # said before the work, and again in the summary
+    print(f'{video_path}: {video_io.skipped_text(video)}')
   first = next(video.frames, None)
   if first is None:
     raise ValueError(f'{video_path}: the video has no frames')
   size = first.shape[:2]
   frames = video_io.same_size(itertools.chain([first], video.frames), size, video_path)
   predictor = predictor_lib.from_config(config, variables)
-  valid = predictor_lib.valid_size(*size, config.data)
+  try:
+    valid = predictor_lib.valid_size(*size, config.data)
+  except ValueError as e:
+    raise ValueError(f'{video_path}: {e}') from None
   # Updated once per window (a few per second at most): print every update.
   with tqdm(total=video.num_frames, unit='frame', desc='infer', dynamic_ncols=True, miniters=1,
             mininterval=0) as bar:
@@ -116,5 +122,24 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
         f'in {time.time() - t0:.1f} s')
   for track in tracks:
     print(f'  {names[track["category"]]:>16}  score {track["score"]:.3f}')
+  if video.ended_early:
+    print(f'warning: {video_path}: decoding stopped at frame {video.decoded} of the '
+          f'{video.num_frames} its container declares (a truncated file?): the results and the '
+          f'overlay cover frames 0..{video.decoded - 1}')
+  if video.skipped:
+    print(f'warning: {video_path}: {video_io.skipped_text(video)}')
+  for path in (results_path, overlay_path):   # never report a file that is not there
+    if not os.path.isfile(path) or not os.path.getsize(path):
+      raise OSError(f'{path}: not written (empty or missing after the run)')
   print(f'wrote {results_path} and {overlay_path} ({fps:g} fps)')
   return 0
+
+
+def check_output(out: str) -> None:
+  """The output directory exists (or is made) and is a writable directory: checked before the
+  work, so a bad --out never costs a run."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'{out}: --out exists and is not a directory')
+  os.makedirs(out, exist_ok=True)
+  if not os.access(out, os.W_OK | os.X_OK):
+    raise PermissionError(f'{out}: --out is not writable')

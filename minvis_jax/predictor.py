@@ -314,7 +314,8 @@ def preprocess(frames: Iterable[np.ndarray], data_config) -> Iterator[np.ndarray
 
 def valid_size(height: int, width: int, data_config) -> tuple[int, int]:
   return transforms.resize_shape(height, width, data_config.min_size_test,
-                                 data_config.max_size_test)
+                                 data_config.max_size_test,
+                                 ('data.min_size_test', 'data.max_size_test'))
 
 
 def from_config(config: ml_collections.ConfigDict, variables, devices=None) -> VideoPredictor:

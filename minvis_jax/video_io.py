@@ -13,7 +13,7 @@ from minvis_jax import visualize
 from minvis_jax.data import ytvis
 
 
-FRAME_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+FRAME_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 
 @dataclasses.dataclass
@@ -21,6 +21,15 @@ class VideoInput:
   frames: Iterator[np.ndarray]   # uint8 [H, W, 3] RGB, read lazily
   num_frames: int | None         # for ffmpeg input from its duration x fps; None when unknown
   fps: float | None              # None for a frame folder or when the container does not say
+  skipped: tuple[str, ...] = ()  # entries of a frame folder that are not frames (not read)
+  decoded: int | None = None     # frames the decoder gave, once the frames are exhausted
+
+  @property
+  def ended_early(self) -> bool:
+    """ffmpeg input that decoded fewer frames than its container declares (a cut file); one
+    frame of slack for the rounding of duration x fps."""
+    return (self.decoded is not None and self.num_frames is not None
+            and self.decoded < self.num_frames - 1)
 
 
 @contextlib.contextmanager
@@ -66,18 +75,23 @@ def _open_ffmpeg(path: str) -> VideoInput:
   # the end), not a count anything depends on.
   duration = float(meta.get('duration') or 0)
   count = round(duration * fps) if fps and duration > 0 else None
+  video = VideoInput(iter(()), count, fps)
 
   def frames():
+    i = 0
     try:
-      for i, data in enumerate(gen):
+      for data in gen:
         if len(data) != height * width * 3:
           raise ValueError(f'{path}: frame {i} has {len(data)} bytes, expected {height}x{width}x3')
         yield np.frombuffer(data, np.uint8).reshape(height, width, 3)
+        i += 1
+      video.decoded = i
     except (OSError, RuntimeError) as e:
       raise _ffmpeg_error(path, e) from None
     finally:
       gen.close()
-  return VideoInput(frames(), count, fps)
+  video.frames = frames()
+  return video
 
 
 def open_video(path: str) -> VideoInput:
@@ -89,10 +103,12 @@ def open_video(path: str) -> VideoInput:
   naming it.
   """
   if os.path.isdir(path):
-    files = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTENSIONS))
+    files, skipped = frame_files(sorted(os.listdir(path)))
     if not files:
-      raise FileNotFoundError(f'{path}: no {"/".join(FRAME_EXTENSIONS)} frames in this folder')
-    return VideoInput((ytvis.read_frame(os.path.join(path, f)) for f in files), len(files), None)
+      raise FileNotFoundError(f'{path}: no {"/".join(FRAME_EXTENSIONS)} frames in this folder'
+                              + (f' (found {_named(skipped)})' if skipped else ''))
+    return VideoInput((ytvis.read_frame(os.path.join(path, f)) for f in files), len(files), None,
+                      tuple(skipped))
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such video file or frame folder')
   if path.lower().endswith('.gif'):
@@ -107,6 +123,23 @@ def open_video(path: str) -> VideoInput:
     raise ValueError(f'{path}: reading video files needs the imageio-ffmpeg package '
                      f'(pip install imageio-ffmpeg); or pass a folder of jpg/png frames')
   return _open_ffmpeg(path)
+
+
+def frame_files(names: list[str]) -> tuple[list[str], list[str]]:
+  """(frames, skipped): the entries of a frame folder read as frames (by extension) and the
+  others, in the order given."""
+  frames = [n for n in names if n.lower().endswith(FRAME_EXTENSIONS)]
+  return frames, [n for n in names if not n.lower().endswith(FRAME_EXTENSIONS)]
+
+
+def _named(names, limit: int = 5) -> str:
+  shown = ', '.join(names[:limit]) + (f', ... ({len(names) - limit} more)' * (len(names) > limit))
+  return f'{len(names)} other file{"s" * (len(names) != 1)}: {shown}'
+
+
+def skipped_text(video: VideoInput) -> str:
+  """'skipped N other files: a.txt, ...' for a frame folder's non-frame entries, '' if none."""
+  return f'skipped {_named(list(video.skipped))}' if video.skipped else ''
 
 
 def read_video(path: str) -> Iterator[np.ndarray]:

@@ -110,7 +110,8 @@ def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
     y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
     image, masks = image[y:y + ch, x:x + cw], masks[:, y:y + ch, x:x + cw]
   short = data.min_size_train[rng.integers(len(data.min_size_train))]
-  size = _fit(transforms.resize_shape(*image.shape[:2], short, data.max_size_train), data.canvas)
+  size = _fit(transforms.resize_shape(*image.shape[:2], short, data.max_size_train,
+                                     ('data.min_size_train', 'data.max_size_train')), data.canvas)
   image = transforms.resize_image(image, size)
   masks = transforms.resize_masks(masks, size)
   if data.flip and rng.random() < 0.5:

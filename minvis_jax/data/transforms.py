@@ -7,17 +7,25 @@ import numpy as np
 from PIL import Image
 
 
-def resize_shape(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
+def resize_shape(height: int, width: int, short: int, max_size: int,
+                 keys: tuple[str, str] = ('short', 'max_size')) -> tuple[int, int]:
   """detectron2's ResizeShortestEdge: short side to `short`, long side at most `max_size`.
 
-  Returns the new (height, width), rounded half up as the original.
+  Returns the new (height, width), rounded half up as the original. A frame so elongated that a
+  side would become 0 raises ValueError naming its size and `keys` (the config keys of `short`,
+  `max_size`).
   """
   scale = short / min(height, width)
   new_h, new_w = height * scale, width * scale
   if max(new_h, new_w) > max_size:
     rescale = max_size / max(new_h, new_w)
     new_h, new_w = new_h * rescale, new_w * rescale
-  return int(new_h + 0.5), int(new_w + 0.5)
+  size = int(new_h + 0.5), int(new_w + 0.5)
+  if min(size) < 1:
+    raise ValueError(f'a {height}x{width} frame resizes to {size[0]}x{size[1]} with '
+                     f'{keys[0]}={short} and {keys[1]}={max_size}: its aspect ratio is too '
+                     f'extreme; crop it or raise {keys[1]}')
+  return size
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

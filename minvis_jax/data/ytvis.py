@@ -373,13 +373,35 @@ def decode_mask(segmentation, height: int, width: int, where: str) -> np.ndarray
   return np.ascontiguousarray(mask_utils.decode(compressed), np.uint8)
 
 
+# Pillow modes whose conversion to RGB keeps every colour: 1/L gray, P palette, alpha dropped,
+# CMYK/YCbCr converted. 16-bit gray (I;16*, and I within 0..65535) is scaled to 8 bits here.
+_RGB_MODES = ('RGB', '1', 'L', 'P', 'RGBA', 'RGBX', 'RGBa', 'LA', 'La', 'PA', 'CMYK', 'YCbCr')
+_GRAY16_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+
+
 def decode_frame(data: bytes, where: str) -> np.ndarray:
-  """Encoded image bytes (JPEG, PNG, ...) -> uint8 [H, W, 3] RGB; ValueError names `where`."""
+  """Encoded image bytes (JPEG, PNG, ...) -> uint8 [H, W, 3] RGB; ValueError names `where`.
+
+  Gray, palette, RGBA (alpha dropped), CMYK and YCbCr frames are converted to RGB, 16-bit gray
+  ones scaled to 8 bits (v * 255 / 65535, rounded); any other pixel format (32-bit float, values
+  beyond 16 bits) is refused naming it, never clipped."""
   try:
-    with Image.open(io.BytesIO(data)) as im:
-      return np.asarray(im.convert('RGB'))
+    im = Image.open(io.BytesIO(data))
+    im.load()
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f'{where}: corrupt or unreadable image ({e})') from None
+  with im:
+    if im.mode in _RGB_MODES:
+      return np.asarray(im.convert('RGB'))
+    if im.mode not in _GRAY16_MODES:
+      raise ValueError(f'{where}: a {im.format} image of pixel format {im.mode}, which has no '
+                       f'exact 8-bit RGB form: convert it to 8-bit RGB (or 8/16-bit gray)')
+    gray = np.asarray(im).astype(np.int64)
+    if gray.size and (gray.min() < 0 or gray.max() > 65535):
+      raise ValueError(f'{where}: a {im.format} image of pixel format {im.mode} with values '
+                       f'outside 0..65535: convert it to 8-bit RGB')
+    gray = ((gray * 255 + 32767) // 65535).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
 
 
 def read_frame(path: str) -> np.ndarray:
