@@ -93,3 +93,26 @@ def test_infer_on_mp4(tiny_checkpoint, tmp_path):
                                '--out', str(out), '--top_k', '2']) == 0
   _check_results(out / 'results.json', 4, (64, 96), 2)
   assert _frame_count(str(out / 'overlay.mp4')) == (4, (64, 96))
+
+
+def test_output_settings_are_checked_before_the_work_and_no_file_is_claimed(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys):
+  ckpt, _, _ = tiny_checkpoint
+  folder = videos.write_folder(tmp_path / 'frames', videos.moving_square_frames(3))
+  taken = tmp_path / 'taken'
+  taken.write_text('a file')
+  ran = []
+  monkeypatch.setattr(video_io, 'open_video', lambda *a: ran.append(a))
+  assert cli.main(['infer', '--checkpoint', ckpt, '--video', folder, '--out', str(taken)]) == 2
+  assert capsys.readouterr().err == (f'minvis-jax infer: error: {taken}: --out exists and is not '
+                                     'a directory\n')
+  assert not ran   # refused before the video was opened
+  monkeypatch.undo()
+  # An overlay writer that returns without writing: an error naming the file, never 'wrote'.
+  monkeypatch.setattr(visualize, 'overlay_video', lambda path, frames, *a: path)
+  out = tmp_path / 'out'
+  assert cli.main(['infer', '--checkpoint', ckpt, '--video', folder, '--out', str(out)]) == 2
+  captured = capsys.readouterr()
+  assert captured.err.splitlines()[-1] == (f'minvis-jax infer: error: {out / "overlay.mp4"}: not '
+                                           'written (empty or missing after the run)')
+  assert 'wrote' not in captured.out
