@@ -421,6 +421,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     raise ValueError('pass --checkpoint DIR (or --watch WORKDIR)')
   initialize_distributed(args)
   if args.watch:
+    if waiting := watch.waiting_for(args.watch):   # said at once, not after minutes of silence
+      print(waiting, flush=True)
     config = (config_lib.load_config(args.config) if args.config
               else watch.wait_for_config(args.watch, args.timeout))
     config_lib.apply_overrides(config, overrides(args))

@@ -32,8 +32,12 @@ def read_eval_rows(path: str) -> list[dict]:
   dropped from the file, so the next append starts on a line of its own."""
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    text = f.read()
+  try:
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path}: not UTF-8 text (byte {e.start}: {e.reason}); move the file away to '
+                     f'evaluate every step again') from None
   if text and not text.endswith('\n'):
     log.warning('%s: dropping an unfinished last line %r', path, text.rsplit('\n', 1)[-1][:80])
     text = text[:text.rfind('\n') + 1]
@@ -88,6 +92,23 @@ def _load_step(step_dir: str, grace_s: float):
     if os.path.isdir(step_dir):
       raise
     return None
+
+
+def waiting_for(workdir: str) -> str:
+  """What `evaluate --watch` waits for in `workdir`, in words ('' when the run's config.json is
+  there). A work directory whose parent does not exist is a mistyped path: ValueError."""
+  parent = os.path.dirname(os.path.abspath(workdir))
+  if not os.path.isdir(parent):
+    raise ValueError(f'{workdir}: --watch WORKDIR: its parent {parent} does not exist (a mistyped '
+                     f'path?)')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'{workdir}: --watch WORKDIR is a file, not a work directory')
+  path = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  if os.path.isfile(path):
+    return ''
+  where = 'does not exist yet' if not os.path.isdir(workdir) else 'has no config.json yet'
+  return (f'waiting for {path}: {workdir} {where}; it appears when `minvis-jax train --workdir '
+          f'{workdir}` starts (--timeout S to give up)')
 
 
 def wait_for_config(workdir: str, timeout: float | None = None, poll_s: float = 2.0):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -316,3 +317,28 @@ def test_eval_in_train_with_two_processes(tmp_path, data_dir):
   metrics = json.loads((out / 'metrics.json').read_text())
   assert evals[0] == pytest.approx({'step': 3, **{f'eval/{k}': v for k, v in metrics.items()}},
                                    abs=1e-6)
+
+
+def test_watch_says_at_once_what_it_waits_for_and_refuses_a_mistyped_path(tmp_path, capsys):
+  missing = tmp_path / 'no_parent' / 'run'
+  assert cli.main(['evaluate', '--watch', str(missing)]) == 2
+  assert capsys.readouterr().err == (f'minvis-jax evaluate: error: {missing}: --watch WORKDIR: its '
+                                     f'parent {tmp_path / "no_parent"} does not exist (a mistyped '
+                                     'path?)\n')
+  run = tmp_path / 'run'
+  with pytest.raises(TimeoutError):
+    cli.main(['evaluate', '--watch', str(run), '--timeout', '0.1', '--debug'])
+  assert capsys.readouterr().out.splitlines()[0] == (
+      f'waiting for {run / "config.json"}: {run} does not exist yet; it appears when `minvis-jax '
+      f'train --workdir {run}` starts (--timeout S to give up)')
+  (tmp_path / 'file').write_text('x')
+  assert cli.main(['evaluate', '--watch', str(tmp_path / 'file')]) == 2
+  assert 'file: --watch WORKDIR is a file, not a work directory' in capsys.readouterr().err
+
+
+def test_an_eval_jsonl_that_is_not_utf8_names_the_file(tmp_path):
+  path = tmp_path / watch.EVAL_JSONL
+  path.write_bytes(b'{"step": 1, "eval/AP": 0.5}\n{"step": 2, "x": "\xff"}\n')
+  with pytest.raises(ValueError, match=re.escape(str(path)) + r': not UTF-8 text \(byte 46: '
+                     'invalid start byte\\); move the file away'):
+    watch.read_eval_rows(str(path))
