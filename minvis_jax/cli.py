@@ -19,7 +19,6 @@ MINVIS_NO_REEXEC=1, or a GLIBC_TUNABLES naming a glibc.malloc tunable, to turn t
 """
 
 import argparse
-import contextlib
 import faulthandler
 import logging
 import os
@@ -29,6 +28,7 @@ import jax
 
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
+from minvis_jax import console
 from minvis_jax import convert
 from minvis_jax import demo
 from minvis_jax import evaluate
@@ -37,12 +37,11 @@ from minvis_jax import infer
 from minvis_jax import train
 from minvis_jax import user_input
 from minvis_jax import watch
+from minvis_jax import workdir_lock
 from minvis_jax.data import synthetic
 from minvis_jax.data import tfds_builders
 
-# What a command raises for bad input (a path, a file's content, a flag value): the message names
-# the file and field, so the traceback is noise. Anything else (a bug) keeps its traceback.
-USER_ERRORS = (ValueError, OSError, ImportError)
+run = console.run   # a user error: one line, exit status 2
 
 
 # --- flag value types: a range checked at parse time (0 never means "the default": None does) ---
@@ -62,17 +61,10 @@ positive_int, nonneg_int, positive_float, nonneg_float, finite_float, probabilit
     _flag_type, (user_input.positive_int, user_input.nonneg_int, user_input.positive_float,
                  user_input.nonneg_float, user_input.finite_float, user_input.probability))
 
-# Flags that mean something only beside another: command -> ((flag, the flag it needs), ...).
+# command -> ((flag, the flag it needs), ...): a flag that means something only beside another.
 NEEDS: dict[str, tuple[tuple[str, str], ...]] = {}
-_DISTRIBUTED_NEEDS = tuple((f, '--distributed')
-                           for f in ('--coordinator', '--num_processes', '--process_id'))
-
-
-def _check_needs(name: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-  for flag, needed in NEEDS.get(name, ()):
-    if getattr(args, flag.lstrip('-'), None) not in (None, '', False) and not getattr(
-        args, needed.lstrip('-'), None):
-      parser.error(f'{flag} applies only with {needed}')
+_DISTRIBUTED_NEEDS = tuple((f, '--distributed') for f in ('--coordinator', '--num_processes',
+                                                           '--process_id'))
 
 
 # --- flag groups shared by several commands ---------------------------------------------------
@@ -206,7 +198,8 @@ def _demo_flags(parser: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
   config = config_lib.load_config(args.config or 'tiny')
   config_lib.apply_overrides(config, overrides(args))
-  return demo.run(config, args.workdir, args.train_videos, args.valid_videos, args.frames)
+  with workdir_lock.held(args.workdir):
+    return demo.run(config, args.workdir, args.train_videos, args.valid_videos, args.frames)
 
 
 COMMANDS['demo'] = ('offline end-to-end run on generated videos: train, track, evaluate',
@@ -360,7 +353,8 @@ def _train(args: argparse.Namespace) -> int:
   initialize_distributed(args)
   config = config_lib.load_config(args.config)
   config_lib.apply_overrides(config, overrides(args))
-  train.train(config, args.workdir)
+  with workdir_lock.held(args.workdir, jax.process_index() == 0):
+    train.train(config, args.workdir)
   return 0
 
 
@@ -391,24 +385,6 @@ def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
   add_distributed_flags(parser)
 
 
-@contextlib.contextmanager
-def _progress_on_stdout(logger: logging.Logger):
-  """`logger`'s INFO lines on stdout, with their time, while the block runs (absl keeps the root
-  logger at WARNING; propagating would print them twice)."""
-  handler = logging.StreamHandler(sys.stdout)
-  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
-  level, propagate = logger.level, logger.propagate
-  logger.addHandler(handler)
-  logger.setLevel(logging.INFO)
-  logger.propagate = False
-  try:
-    yield
-  finally:
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = propagate
-
-
 def _split_and_max_videos(config) -> tuple[str, int]:
   """data.eval_split, eval.max_videos ('' and 0 where a checkpoint's config has no such key)."""
   return config.data.get('eval_split', ''), (config.get('eval', None) or {}).get('max_videos', 0)
@@ -426,7 +402,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     config = (config_lib.load_config(args.config) if args.config
               else watch.wait_for_config(args.watch, args.timeout))
     config_lib.apply_overrides(config, overrides(args))
-    with _progress_on_stdout(logging.getLogger('minvis_jax')):
+    with console.progress_on_stdout(logging.getLogger('minvis_jax')):
       return watch.run(config, args.watch, args.out, *_split_and_max_videos(config),
                        timeout=args.timeout)
   config, variables = checkpoints.load_model(args.checkpoint, args.config)
@@ -440,29 +416,6 @@ COMMANDS['evaluate'] = ('MinVIS on a dataset split -> OUT/results.json, scored (
                         _evaluate_flags, _evaluate)
 RENAMED_FLAGS['evaluate'] = {'--tracker': _TRACKER_SET}
 NEEDS['evaluate'] = (('--timeout', '--watch'),) + _DISTRIBUTED_NEEDS
-
-
-def run(prog: str, main_fn, argv) -> int:
-  """Calls `main_fn(argv)`; a user error becomes one line `prog: error: ...` on stderr and exit 2.
-
-  `--debug` anywhere in argv is removed and lets the exception (and its traceback) through.
-  """
-  argv = list(argv)
-  debug = '--debug' in argv
-  argv = [a for a in argv if a != '--debug']
-  try:
-    return main_fn([prog] + argv) or 0
-  except USER_ERRORS as e:
-    if debug:
-      raise
-    message = ' '.join(str(e).split()) or type(e).__name__
-    print(f'{prog}: error: {message}', file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    if debug:
-      raise
-    print(f'{prog}: interrupted', file=sys.stderr)
-    return 130
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -507,7 +460,8 @@ def _command_main(name: str):
     _check_renamed(name, argv[1:])
     parser = make_parser(name)
     args = parser.parse_args(argv[1:])
-    _check_needs(name, parser, args)
+    if problem := user_input.unmet_needs(NEEDS.get(name, ()), vars(args)):
+      parser.error(problem)
     return COMMANDS[name][2](args)
   return main
 
@@ -536,7 +490,10 @@ def main(argv: list[str] | None = None) -> int:
   if own_process and name in _REEXEC and not {'-h', '--help'} & set(argv):
     host_memory.reexec_keeping_freed_memory()
   # Each subcommand gets 'minvis-jax <cmd>' as its program name, absl-style.
-  return run(f'minvis-jax {name}', _command_main(name), argv[1:])
+  status = run(f'minvis-jax {name}', _command_main(name), argv[1:])
+  if own_process and status and name in _REEXEC:
+    console.exit_now(status)   # not at the join of threads a failed save left waiting
+  return status
 
 
 if __name__ == '__main__':

@@ -413,10 +413,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     print(f'process {jax.process_index()}: finished at step {step}, parameter fingerprint '
           f'{fingerprint(state.params)}', flush=True)
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    preemption.restore()
+    try:
+      manager.wait_until_finished()   # raises the error of a failed asynchronous save
+    finally:   # closed also then: its threads would otherwise keep the process alive
+      manager.close()
+      writer.close()
+      preemption.restore()
   return state
 
 

@@ -39,6 +39,15 @@ finite_float = _ranged('finite_float', float, 'a finite number', lambda x: True)
 probability = _ranged('probability', float, 'a number in [0, 1]', lambda x: 0 <= x <= 1)
 
 
+def unmet_needs(needs, values: dict) -> str:
+  """'--a applies only with --b' for the first (flag, needed flag) of `needs` whose flag has a
+  value in `values` (parsed flags by name) while the needed one has none; '' when all are met."""
+  for flag, needed in needs:
+    if values.get(flag.lstrip('-')) not in (None, '', False) and not values.get(needed.lstrip('-')):
+      return f'{flag} applies only with {needed}'
+  return ''
+
+
 # --- JSON --------------------------------------------------------------------------------------
 
 

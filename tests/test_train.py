@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -368,6 +369,7 @@ def _fingerprint(log: str) -> str:
 # SIGKILL: the process dies inside that save, with every array written to the temporary directory.
 _KILLED_IN_SAVE = """
 import os, signal, sys
+import socket
 from orbax.checkpoint._src.path import atomicity
 rename = atomicity.AtomicRenameTemporaryPath.finalize
 async def finalize(self):
@@ -453,3 +455,63 @@ def test_two_processes_with_local_launcher(tmp_path, synthetic_dir):
   assert 'finished at step 3' in logs[1]
   _, variables = checkpoints.load_for_inference(str(workdir))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+
+
+@pytest.mark.timeout(600)
+def test_a_failed_asynchronous_save_ends_the_run_with_its_error(tmp_path, monkeypatch, tiny_config):
+  """orbax finishes a save in its own threads; a failure there (here: the final rename of step 2
+  fails as on a full disk) ends train() with that error instead of leaving it waiting."""
+  from orbax.checkpoint._src.path import atomicity
+  rename = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize(self):
+    if self.get_final().name == '2':
+      raise OSError(28, 'No space left on device (injected)')
+    return await rename(self)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', finalize)
+  c = tiny_config
+  c.checkpoint.every_steps = 1
+
+  def input_fn(start):
+    for step in range(start, 100):
+      yield random_batch(c, step)
+  with pytest.raises(Exception, match=r'No space left on device \(injected\)'):
+    train.train(c, str(tmp_path), input_fn=input_fn, total_steps=4)
+  assert checkpoints.finished_steps(str(tmp_path)) == [1]
+  # The run is over: no save of it is still being worked on (orbax's threads are closed).
+  assert not [t for t in threading.enumerate() if 'checkpoint' in t.name.lower() and t.is_alive()
+              and not t.daemon]
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_the_same_workdir_refuses_to_start(tmp_path, synthetic_dir):
+  """Two real `train` processes on one --workdir: the second refuses at once, naming the first's
+  host and pid, and the first trains on unharmed."""
+  workdir = tmp_path / 'shared'
+  first = subprocess.Popen(_train_cmd(workdir, synthetic_dir, 1000, '--set',
+                                      'checkpoint.every_steps=1000', '--set', 'log_every=1'),
+                           cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  try:
+    metrics = workdir / 'metrics.jsonl'
+    deadline = time.time() + 300
+    while (not (metrics.exists() and metrics.read_text().count('\n') >= 1)
+           and time.time() < deadline and first.poll() is None):
+      time.sleep(0.05)
+    assert first.poll() is None and metrics.exists()   # the first run is training
+    config_before = (workdir / 'config.json').read_text()
+    start = time.time()
+    second = subprocess.run(_train_cmd(workdir, synthetic_dir, 5), cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert re.fullmatch(
+        f'minvis-jax train: error: {re.escape(str(workdir))}: in use by another training run '
+        rf'\(host {re.escape(socket.gethostname())}, pid {first.pid}, since [0-9 :-]+; lock '
+        rf'{re.escape(str(workdir / "train.lock"))}\); wait for it to end or pass another '
+        r'--workdir', second.stderr.splitlines()[-1]), second.stderr[-3000:]
+    assert time.time() - start < 120
+    assert first.poll() is None and (workdir / 'config.json').read_text() == config_before
+  finally:
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=300)
+  assert first.returncode == 0, out[-3000:]
