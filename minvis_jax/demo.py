@@ -21,6 +21,7 @@ from minvis_jax import checkpoints
 from minvis_jax import evaluate
 from minvis_jax import metrics_writer
 from minvis_jax import train
+from minvis_jax import video_io
 from minvis_jax import visualize
 from minvis_jax import ytvis_eval
 from minvis_jax.data import synthetic
@@ -73,7 +74,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, train_videos: int, vali
   metrics_writer.write_json(os.path.join(workdir, 'results.json'), results)
   metrics_writer.write_json(os.path.join(workdir, 'metrics.json'),
                        {'untrained': before, 'trained': metrics, 'steps': steps})
-  overlay = write_overlay(os.path.join(workdir, 'overlay.mp4'), valid, results)
+  with video_io.ffmpeg_without_preexec():   # no os.fork() warning of JAX for ffmpeg's start
+    overlay = write_overlay(os.path.join(workdir, 'overlay.mp4'), valid, results)
   curve = visualize.plot_losses(os.path.join(train_dir, 'metrics.jsonl'),
                                 os.path.join(workdir, 'loss.png'))
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20

@@ -459,16 +459,26 @@ def test_two_processes_with_local_launcher(tmp_path, synthetic_dir):
 
 @pytest.mark.timeout(600)
 def test_a_failed_asynchronous_save_ends_the_run_with_its_error(tmp_path, monkeypatch, tiny_config):
-  """orbax finishes a save in its own threads; a failure there (here: the final rename of step 2
-  fails as on a full disk) ends train() with that error instead of leaving it waiting."""
+  """orbax finishes a save in its own threads; a failure there (here: the final rename of the last
+  step's save fails as on a full disk) ends train() with that error, its threads closed, instead of
+  leaving the process waiting for them."""
   from orbax.checkpoint._src.path import atomicity
   rename = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def finalize(self):
-    if self.get_final().name == '2':
+    if self.get_final().name == '4':
       raise OSError(28, 'No space left on device (injected)')
     return await rename(self)
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', finalize)
+  managers = []
+  real_manager = checkpoints.checkpoint_manager
+
+  def manager(*args):
+    managers.append(real_manager(*args))
+    close = managers[-1].close
+    managers[-1].close = lambda: (managers.append('closed'), close())
+    return managers[-1]
+  monkeypatch.setattr(checkpoints, 'checkpoint_manager', manager)
   c = tiny_config
   c.checkpoint.every_steps = 1
 
@@ -477,7 +487,8 @@ def test_a_failed_asynchronous_save_ends_the_run_with_its_error(tmp_path, monkey
       yield random_batch(c, step)
   with pytest.raises(Exception, match=r'No space left on device \(injected\)'):
     train.train(c, str(tmp_path), input_fn=input_fn, total_steps=4)
-  assert checkpoints.finished_steps(str(tmp_path)) == [1]
+  assert checkpoints.finished_steps(str(tmp_path))[-1] == 3
+  assert managers[1:] == ['closed']
   # The run is over: no save of it is still being worked on (orbax's threads are closed).
   assert not [t for t in threading.enumerate() if 'checkpoint' in t.name.lower() and t.is_alive()
               and not t.daemon]
