@@ -315,8 +315,15 @@ def load_model(checkpoint: str, config_spec: str) -> tuple[ml_collections.Config
   if config is None:
     raise ValueError(f'{os.path.abspath(checkpoint)}: the checkpoint has no config.json; '
                      f'pass --config')
-  check_variables(variables, model_shapes(config.model), os.path.abspath(checkpoint),
-                  config_spec or f'{checkpoint}/{CONFIG_FILE}')
+  source = config_spec or f'{checkpoint}/{CONFIG_FILE}'
+  if not isinstance(config.get('model'), ml_collections.ConfigDict):
+    raise ValueError(f'{source}: no "model" group of fields: not a minvis-jax config')
+  try:
+    expected = model_shapes(config.model)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:   # a field the model needs
+    raise ValueError(f'{source}: model config does not build a model ({type(e).__name__}: '
+                     f'{e})') from None
+  check_variables(variables, expected, os.path.abspath(checkpoint), source)
   return config, variables
 
 

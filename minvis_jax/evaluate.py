@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from minvis_jax import metrics_writer
 from minvis_jax import predictor as predictor_lib
+from minvis_jax import user_input
 from minvis_jax import ytvis_eval
 from minvis_jax.data import categories
 from minvis_jax.data import rle
@@ -161,6 +162,7 @@ def run(config, variables, checkpoint: str, out: str = '', split: str = '',
   t0 = time.time()
   dataset = load_dataset(config, split, require_annotations=False)
   out = out or os.path.abspath(checkpoint)
+  user_input.check_output_dir(out, '--out')   # before the work, not after it
   results_path = os.path.join(out, 'results.json')
   results, metrics = score(config, variables, dataset, max_videos, progress=True,
                            results_name=results_path)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from minvis_jax import metrics_writer
 from minvis_jax import predictor as predictor_lib
+from minvis_jax import user_input
 from minvis_jax import video_io
 from minvis_jax import visualize
 
@@ -78,7 +79,7 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
   """
   t0 = time.time()
   ids, names = _category_table(config)
-  check_output(out)
+  user_input.check_output_dir(out, '--out')
   video = video_io.open_video(video_path)
   if video.skipped:   # said before the work, and again in the summary
     print(f'{video_path}: {video_io.skipped_text(video)}')
@@ -133,13 +134,3 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
       raise OSError(f'{path}: not written (empty or missing after the run)')
   print(f'wrote {results_path} and {overlay_path} ({fps:g} fps)')
   return 0
-
-
-def check_output(out: str) -> None:
-  """The output directory exists (or is made) and is a writable directory: checked before the
-  work, so a bad --out never costs a run."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f'{out}: --out exists and is not a directory')
-  os.makedirs(out, exist_ok=True)
-  if not os.access(out, os.W_OK | os.X_OK):
-    raise PermissionError(f'{out}: --out is not writable')

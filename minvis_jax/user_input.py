@@ -87,6 +87,19 @@ def read_json(path: str, what: str = 'data'):
     return parse_json(f.read(), path, what)
 
 
+# --- outputs ----------------------------------------------------------------------------------
+
+
+def check_output_dir(path: str, flag: str) -> None:
+  """The output directory `path` (of `flag`) exists, or is made, and is a writable directory:
+  checked before the work, so a bad output path never costs a run."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'{path}: {flag} exists and is not a directory')
+  os.makedirs(path, exist_ok=True)
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise PermissionError(f'{path}: {flag} is not writable')
+
+
 # --- paths listed in a dataset file ------------------------------------------------------------
 
 

@@ -162,3 +162,19 @@ def test_check_variables_allows_missing_parts_a_caller_initialises(tiny_checkpoi
                      r'model \(0 extra, 1 missing'):
     checkpoints.check_variables(variables, expected, 'ckpt', 'cfg')
   checkpoints.check_variables(variables, expected, 'ckpt', 'cfg', allow_missing=('params/reid',))
+
+
+def test_a_config_json_without_a_buildable_model_names_the_file(tmp_path, tiny_checkpoint):
+  _, config, variables = tiny_checkpoint
+  path = str(tmp_path / 'ckpt')
+  checkpoints.save_variables(path, variables)
+  data = json.loads(config.to_json())
+  del data['model']['hidden_dim']
+  (tmp_path / 'ckpt' / 'config.json').write_text(json.dumps(data))
+  with pytest.raises(ValueError, match=re.escape(f'{path}/config.json') + r': model config does '
+                     r"not build a model \(\w+Error: .*hidden_dim"):
+    checkpoints.load_model(path, '')
+  del data['model']
+  (tmp_path / 'ckpt' / 'config.json').write_text(json.dumps(data))
+  with pytest.raises(ValueError, match=re.escape(f'{path}/config.json') + ': no "model" group'):
+    checkpoints.load_model(path, '')
