@@ -375,7 +375,7 @@ def decode_mask(segmentation, height: int, width: int, where: str) -> np.ndarray
 
 # Pillow modes whose conversion to RGB keeps every colour: 1/L gray, P palette, alpha dropped,
 # CMYK/YCbCr converted. 16-bit gray (I;16*, and I within 0..65535) is scaled to 8 bits here.
-_RGB_MODES = ('RGB', '1', 'L', 'P', 'RGBA', 'RGBX', 'RGBa', 'LA', 'La', 'PA', 'CMYK', 'YCbCr')
+_RGB_MODES = ('RGB', '1', 'L', 'P', 'RGBA', 'RGBX', 'RGBa', 'LA', 'PA', 'CMYK', 'YCbCr')
 _GRAY16_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 
 
