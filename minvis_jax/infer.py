@@ -12,13 +12,13 @@ the association (inference.tracker) and the class names drawn. --set overrides a
 """
 
 import itertools
-import os
 import time
 
 import ml_collections
 from tqdm import tqdm
 
 from minvis_jax import metrics_writer
+from minvis_jax import paths
 from minvis_jax import predictor as predictor_lib
 from minvis_jax import video_io
 from minvis_jax import visualize
@@ -95,7 +95,7 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
     bar.set_postfix_str('', refresh=False)
     bar.update(num_frames - bar.n)
   results = predictor_lib.results_for_video(tracks, 1, ids)
-  results_path = os.path.join(out, 'results.json')
+  results_path = paths.join(out, 'results.json')
   metrics_writer.write_json(results_path, results)
 
   # Second pass over the video: the masks of a track are only known once it has ended.
@@ -104,7 +104,7 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
             total=num_frames, unit='frame', desc='overlay', dynamic_ncols=True) as again, \
        video_io.ffmpeg_without_preexec():
     overlay_path = visualize.overlay_video(
-        os.path.join(out, 'overlay.mp4'), again, tracks,
+        paths.join(out, 'overlay.mp4'), again, tracks,
         [names[t['category']] for t in tracks], score_threshold, fps)
   shown = sum(t['score'] >= score_threshold for t in tracks)
 

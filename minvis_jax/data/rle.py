@@ -7,10 +7,11 @@ its decode return uninitialised memory, so every RLE a user file supplies is che
 
 import json
 import math
-import os
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from minvis_jax import paths
 
 # ------------------------------------------------------------------------------------------------
 # JSON fields.
@@ -24,10 +25,10 @@ def is_int(x) -> bool:
 def load_json(path: str, what: str):
   """The parsed JSON of file `path`; FileNotFoundError / ValueError name the path and `what` it is
   (e.g. 'annotation', 'results')."""
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f'{path}: {what} file not found')
   try:
-    with open(path, 'rb') as f:
+    with paths.open(path, 'rb') as f:
       return json.loads(f.read())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f'{path}: not a JSON {what} file (malformed JSON: {e})') from None
