@@ -33,6 +33,7 @@ from minvis_jax import demo
 from minvis_jax import evaluate
 from minvis_jax import host_memory
 from minvis_jax import infer
+from minvis_jax import paths
 from minvis_jax import train
 from minvis_jax import watch
 from minvis_jax.data import synthetic
@@ -392,8 +393,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                        timeout=args.timeout)
   config, variables = checkpoints.load_model(args.checkpoint, args.config)
   config_lib.apply_overrides(config, overrides(args))
-  return evaluate.run(config, variables, args.checkpoint, args.out,
-                      *_split_and_max_videos(config))
+  return evaluate.run(config, variables, args.checkpoint, args.out, *_split_and_max_videos(config))
 
 
 COMMANDS['evaluate'] = ('MinVIS on a dataset split -> OUT/results.json, scored (OUT/metrics.json) '
@@ -466,6 +466,7 @@ def _command_main(name: str):
   def main(argv):
     _check_renamed(name, argv[1:])
     args = make_parser(name).parse_args(argv[1:])
+    paths.check_urls([*vars(args).values(), *overrides(args)])   # before anything is written
     return COMMANDS[name][2](args)
   return main
 

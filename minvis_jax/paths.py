@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO
 
+import fsspec
 from etils import epath
 
 _URL = re.compile(r'^([a-zA-Z][a-zA-Z0-9+.-]*)://')
@@ -50,11 +51,22 @@ def check(path: str) -> str:
   if s not in _EXTRAS:
     raise ValueError(f'{path}: unsupported URL scheme {s}:// (supported: local paths, '
                      + ', '.join(f'{k}://' for k in _EXTRAS) + ')')
+  _use_emulator()
   module, extra = _EXTRAS[s]
   if importlib.util.find_spec(module) is None:
     raise MissingExtraError(f'{path}: {s}:// paths need the {module} client library: '
                             f'pip install "minvis-jax[{extra}]"')
   return path
+
+
+def check_urls(values) -> None:
+  """`check_bucket` of every URL among `values` (flag values, and `key=value` config overrides):
+  a missing client library or bucket is one line before a command reads or writes anything."""
+  for value in values:
+    if isinstance(value, str):
+      value = value if is_remote(value) else value.split('=', 1)[-1]
+      if is_remote(value):
+        check_bucket(value)
 
 
 def bucket(path: str) -> str:
@@ -81,6 +93,30 @@ def check_bucket(path: str) -> str:
 
 def _p(path: str) -> epath.Path:
   return epath.Path(check(path))
+
+
+def emulator_settings() -> dict[str, str]:
+  """With STORAGE_EMULATOR_HOST set (a local storage emulator, which google-cloud-storage, gcsfs and
+  tensorboardX read), the variables that point TensorStore (orbax's arrays) at it too and keep
+  gcsfs from asking the emulator for a bucket layout over gRPC; {} without it."""
+  host = os.environ.get('STORAGE_EMULATOR_HOST', '')
+  if not host:
+    return {}
+  url = host if '://' in host else f'http://{host}'
+  return {'TENSORSTORE_GCS_HTTP_URL': url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',
+          'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false', 'FSSPEC_GCS_TOKEN': 'anon'}
+
+
+def _use_emulator() -> None:
+  """Applies `emulator_settings` (never overriding a variable already set); fsspec read its
+  FSSPEC_* variables on import, so its config gets the anonymous token directly."""
+  for key, value in emulator_settings().items():
+    os.environ.setdefault(key, value)
+    if key == 'FSSPEC_GCS_TOKEN':
+      fsspec.config.conf.setdefault('gcs', {}).setdefault('token', os.environ[key])
+
+
+_use_emulator()
 
 
 # --- names (no I/O) ------------------------------------------------------------------------------
