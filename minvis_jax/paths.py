@@ -117,6 +117,10 @@ def _use_emulator() -> None:
 
 
 _use_emulator()
+# A listing must show what other processes wrote since (the watcher polls for new steps, a resumed
+# run looks for the last one): no cached directory listings.
+for _protocol in ('gcs', 's3'):
+  fsspec.config.conf.setdefault(_protocol, {}).setdefault('use_listings_cache', False)
 
 
 # --- names (no I/O) ------------------------------------------------------------------------------
