@@ -11,7 +11,6 @@ alone.
 import contextlib
 import json
 import logging
-import os
 import re
 
 import jax
@@ -23,6 +22,7 @@ import orbax.checkpoint as ocp
 from minvis_jax import checksums
 from minvis_jax import config_lib
 from minvis_jax import metrics_writer
+from minvis_jax import paths
 from minvis_jax import user_input
 from minvis_jax.models import Mask2Former
 from minvis_jax.models import ModelConfig
@@ -90,7 +90,7 @@ def _read_failure(directory: str, e: BaseException, root: BaseException) -> str:
 def save_variables(path: str, variables) -> None:
   """Writes `variables` (a pytree of arrays) to the new directory `path` (atomically), with its
   checksum manifest `path/checksums.json`."""
-  path = os.path.abspath(path)
+  path = paths.abspath(path)
   # In the dtypes JAX gives them back (int64 -> int32 without x64), so the checksums match.
   variables = jax.tree.map(
       lambda x: np.asarray(x, jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)), variables)
@@ -99,15 +99,15 @@ def save_variables(path: str, variables) -> None:
     ckptr.wait_until_finished()
   # Written after orbax's rename: a crash in between leaves a complete checkpoint that loads with
   # a warning (no manifest), never a manifest without its checkpoint.
-  metrics_writer.write_json(os.path.join(path, checksums.MANIFEST_FILE),
+  metrics_writer.write_json(paths.join(path, checksums.MANIFEST_FILE),
                             checksums.manifest({'variables': variables}), indent=1)
 
 
 def load_variables(path: str):
   """Reads a checkpoint written by `save_variables` (or a trainer step's `variables` item) as numpy
   arrays, verified against its checksum manifest."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = paths.abspath(path)
+  if not paths.isdir(path):
     raise FileNotFoundError(f'{path}: no such checkpoint directory')
   found = checksums.find_manifest(path)
   with reading(path), ocp.StandardCheckpointer() as ckptr:
@@ -129,17 +129,17 @@ def load_variables(path: str):
 def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
   """Writes `config` as `directory/config.json`, atomically (fsync, then rename). The text is
   `config.to_json(indent=2)`'s (ConfigDict's encoder turns tuples and the like into JSON)."""
-  metrics_writer.write_json(os.path.join(directory, CONFIG_FILE), json.loads(config.to_json()),
+  metrics_writer.write_json(paths.join(directory, CONFIG_FILE), json.loads(config.to_json()),
                             indent=2)
 
 
 def read_config(directory: str) -> ml_collections.ConfigDict | None:
   """The ConfigDict saved by `save_config` in `directory`, or None if there is none."""
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = paths.join(directory, CONFIG_FILE)
+  if not paths.exists(path):
     return None
   try:
-    with open(path) as f:
+    with paths.open(path, 'rb') as f:
       data = user_input.parse_json(f.read(), path, 'config')
   except UnicodeDecodeError as e:
     raise ValueError(f'{path}: not a valid config JSON ({e})') from None
@@ -151,14 +151,14 @@ def read_config(directory: str) -> ml_collections.ConfigDict | None:
 def finished_steps(workdir: str) -> list[int]:
   """Steps of `workdir/checkpoints` that orbax has finalised (never `<step>.orbax-checkpoint-tmp-*`
   directories of a save in progress), ascending; [] when there is no such folder."""
-  root = os.path.join(workdir, CHECKPOINT_SUBDIR)
+  root = paths.join(workdir, CHECKPOINT_SUBDIR)
   try:
-    names = os.listdir(root)
+    names = paths.listdir(root)
   except FileNotFoundError:
     return []
   steps = []
   for name in names:
-    path = os.path.join(root, name)
+    path = paths.join(root, name)
     try:
       if name.isdigit() and ocp.path.step.is_path_finalized(path):
         steps.append(int(name))
@@ -177,7 +177,7 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   handlers = {'variables': ocp.StandardCheckpointHandler(),
               'train': ocp.StandardCheckpointHandler(),
               checksums.MANIFEST_ITEM: ocp.JsonCheckpointHandler(checksums.MANIFEST_FILE)}
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR),
+  return ocp.CheckpointManager(paths.join(paths.abspath(workdir), CHECKPOINT_SUBDIR),
                                options=options, item_handlers=handlers)
 
 
@@ -203,13 +203,13 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state, step: int | No
   state of the same type. A corrupt or unreadable step raises CheckpointError naming it and the
   array."""
   step = manager.latest_step() if step is None else step
-  step_dir = os.path.join(str(manager.directory), str(step))
+  step_dir = paths.join(str(manager.directory), str(step))
   a = _items(abstract_state)
-  manifest_file = os.path.join(step_dir, checksums.MANIFEST_ITEM, checksums.MANIFEST_FILE)
+  manifest_file = paths.join(step_dir, checksums.MANIFEST_ITEM, checksums.MANIFEST_FILE)
   expected = checksums.read_manifest(manifest_file)
   if expected is not None:   # a resume with another model or optimizer: say so before reading
     for item in ('variables', 'train'):
-      checksums.check_shapes(os.path.join(step_dir, item), a[item], expected.get(item, {}),
+      checksums.check_shapes(paths.join(step_dir, item), a[item], expected.get(item, {}),
                              ' (config.model / config.optim differ from the run that saved it)')
   try:
     with reading(step_dir):
@@ -217,7 +217,7 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state, step: int | No
           variables=ocp.args.StandardRestore(a['variables']),
           train=ocp.args.StandardRestore(a['train'])))
     for item in ('variables', 'train'):
-      checksums.verify(os.path.join(step_dir, item), restored[item],
+      checksums.verify(paths.join(step_dir, item), restored[item],
                        None if expected is None else expected.get(item, {}), manifest_file)
   except CheckpointError as e:
     raise CheckpointError(
@@ -238,18 +238,18 @@ def load_for_inference(path: str):
   written by `save_variables` (e.g. by `convert`). The config is the `config.json` found in `path`
   or in the work directory above a step directory; None when there is none.
   """
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = paths.abspath(path)
+  if not paths.isdir(path):
     raise FileNotFoundError(f'{path}: no such checkpoint directory')
   config = read_config(path)
   steps = finished_steps(path)
-  step_dir = os.path.join(path, CHECKPOINT_SUBDIR, str(steps[-1])) if steps else None
-  if step_dir is None and os.path.isdir(os.path.join(path, 'variables')):
+  step_dir = paths.join(path, CHECKPOINT_SUBDIR, str(steps[-1])) if steps else None
+  if step_dir is None and paths.isdir(paths.join(path, 'variables')):
     step_dir = path
-    config = config or read_config(os.path.dirname(os.path.dirname(path)))
+    config = config or read_config(paths.dirname(paths.dirname(path)))
   if step_dir is not None:
-    return config, load_variables(os.path.join(step_dir, 'variables'))
-  if os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
+    return config, load_variables(paths.join(step_dir, 'variables'))
+  if paths.isdir(paths.join(path, CHECKPOINT_SUBDIR)):
     raise FileNotFoundError(f'{path}: work directory without any finished checkpoint')
   return config, load_variables(path)
 
@@ -261,19 +261,19 @@ _WEIGHT_FILES = {'.safetensors': 'hf', '.bin': 'hf', '.pkl': 'detectron2', '.pth
 def check_checkpoint_kind(path: str) -> None:
   """A clear error when `path` is not a minvis-jax checkpoint but, e.g., weights to convert."""
   convert = 'convert it first: minvis-jax convert --source {} --input {} --output CKPT'
-  if os.path.isfile(path):
-    ext = os.path.splitext(path)[1].lower()
+  if paths.isfile(path):
+    ext = paths.splitext(path)[1].lower()
     if ext in _WEIGHT_FILES:
       raise ValueError(f'{path}: a {ext} weights file, not a minvis-jax checkpoint directory; '
                        + convert.format(_WEIGHT_FILES[ext], path))
     raise ValueError(f'{path}: a file, not a minvis-jax checkpoint directory')
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     return  # load_for_inference names the missing path
-  if any(os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHT_FILES):
+  if any(paths.isfile(paths.join(path, f)) for f in HF_WEIGHT_FILES):
     raise ValueError(f'{path}: an HF model folder, not a minvis-jax checkpoint; '
                      + convert.format('hf', path))
   markers = ('_METADATA', CHECKPOINT_SUBDIR, 'variables')
-  if not any(os.path.exists(os.path.join(path, m)) for m in markers):
+  if not any(paths.exists(paths.join(path, m)) for m in markers):
     raise ValueError(f'{path}: not a minvis-jax checkpoint (no orbax _METADATA, no checkpoints/ '
                      f'of a training work directory); write one with minvis-jax convert or train')
 
@@ -313,7 +313,7 @@ def load_model(checkpoint: str, config_spec: str) -> tuple[ml_collections.Config
       check_architecture(own.model, config.model, config_spec,
                          f'{checkpoint}/{CONFIG_FILE}')
   if config is None:
-    raise ValueError(f'{os.path.abspath(checkpoint)}: the checkpoint has no config.json; '
+    raise ValueError(f'{paths.abspath(checkpoint)}: the checkpoint has no config.json; '
                      f'pass --config')
   source = config_spec or f'{checkpoint}/{CONFIG_FILE}'
   if not isinstance(config.get('model'), ml_collections.ConfigDict):
@@ -323,7 +323,7 @@ def load_model(checkpoint: str, config_spec: str) -> tuple[ml_collections.Config
   except (AttributeError, KeyError, TypeError, ValueError) as e:   # a field the model needs
     raise ValueError(f'{source}: model config does not build a model ({type(e).__name__}: '
                      f'{e})') from None
-  check_variables(variables, expected, os.path.abspath(checkpoint), source)
+  check_variables(variables, expected, paths.abspath(checkpoint), source)
   return config, variables
 
 

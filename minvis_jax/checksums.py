@@ -3,11 +3,12 @@ every load, computed shard by shard on any mesh and any number of processes."""
 
 import json
 import logging
-import os
 
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+
+from minvis_jax import paths
 
 
 class CheckpointError(ValueError):
@@ -123,10 +124,10 @@ def manifest(items: dict) -> dict:
 
 def read_manifest(path: str) -> dict | None:
   """{item: {array path: entry}} of a manifest file, None if there is no such file."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return None
   try:
-    with open(path) as f:
+    with paths.open(path) as f:
       data = json.load(f)
     if data.get('format') != _FORMAT or not isinstance(data.get('items'), dict):
       raise ValueError(f'unknown format {data.get("format")!r}')
@@ -143,13 +144,13 @@ def read_manifest(path: str) -> dict | None:
 def find_manifest(directory: str) -> tuple[str, dict] | None:
   """(manifest file, {array path: entry}) of a `save_variables` directory or of one item directory
   (`<step>/variables`) of a trainer checkpoint; None for checkpoints written without one."""
-  directory = os.path.abspath(directory)
-  own = os.path.join(directory, MANIFEST_FILE)
+  directory = paths.abspath(directory)
+  own = paths.join(directory, MANIFEST_FILE)
   items = read_manifest(own)
   if items is not None:
     return own, items.get('variables', {})
-  parent, item = os.path.split(directory)
-  beside = os.path.join(parent, MANIFEST_ITEM, MANIFEST_FILE)
+  parent, item = paths.split(directory)
+  beside = paths.join(parent, MANIFEST_ITEM, MANIFEST_FILE)
   items = read_manifest(beside)
   if items is not None:
     if item not in items:

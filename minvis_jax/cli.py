@@ -34,6 +34,7 @@ from minvis_jax import demo
 from minvis_jax import evaluate
 from minvis_jax import host_memory
 from minvis_jax import infer
+from minvis_jax import paths
 from minvis_jax import train
 from minvis_jax import user_input
 from minvis_jax import watch
@@ -407,8 +408,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                        timeout=args.timeout)
   config, variables = checkpoints.load_model(args.checkpoint, args.config)
   config_lib.apply_overrides(config, overrides(args))
-  return evaluate.run(config, variables, args.checkpoint, args.out,
-                      *_split_and_max_videos(config))
+  return evaluate.run(config, variables, args.checkpoint, args.out, *_split_and_max_videos(config))
 
 
 COMMANDS['evaluate'] = ('MinVIS on a dataset split -> OUT/results.json, scored (OUT/metrics.json) '
@@ -462,6 +462,7 @@ def _command_main(name: str):
     args = parser.parse_args(argv[1:])
     if problem := user_input.unmet_needs(NEEDS.get(name, ()), vars(args)):
       parser.error(problem)
+    paths.check_urls([*vars(args).values(), *overrides(args)])   # before anything is written
     return COMMANDS[name][2](args)
   return main
 

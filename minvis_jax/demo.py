@@ -10,7 +10,6 @@ video and a PNG of the loss and eval AP curves. Everything runs on CPU, with no 
   minvis-jax demo --total_steps 1000 --workdir /tmp/demo_long
 """
 
-import os
 import resource
 import time
 
@@ -20,6 +19,7 @@ import ml_collections
 from minvis_jax import checkpoints
 from minvis_jax import evaluate
 from minvis_jax import metrics_writer
+from minvis_jax import paths
 from minvis_jax import train
 from minvis_jax import video_io
 from minvis_jax import visualize
@@ -31,7 +31,7 @@ def make_data(data_dir: str, train_videos: int, valid_videos: int, frames: int, 
               width: int, seed: int) -> None:
   """Writes the synthetic train and valid splits, unless they are already there."""
   for split, n in (('train', train_videos), ('valid', valid_videos)):
-    if not os.path.exists(os.path.join(data_dir, f'{split}.json')):
+    if not paths.exists(paths.join(data_dir, f'{split}.json')):
       synthetic.generate(data_dir, split, n, frames, height=height, width=width, seed=seed)
 
 
@@ -53,7 +53,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, train_videos: int, vali
   steps = config.total_steps
   # The step decay of the recipe at 2/3 of the run, whatever its length.
   config.optim.decay_steps = (max(1, 2 * steps // 3),)
-  config.data.manual_dir = data_dir = os.path.abspath(os.path.join(workdir, 'data'))
+  config.data.manual_dir = data_dir = paths.abspath(paths.join(workdir, 'data'))
   height, width = config.data.canvas
   make_data(data_dir, train_videos, valid_videos, frames, height, width, config.seed)
   valid = ytvis.load_split('synthetic', data_dir, 'valid')
@@ -65,22 +65,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, train_videos: int, vali
   _, before = evaluate.score(config, untrained, valid, progress=True)
   print(f'untrained model: AP {100 * before["AP"]:.2f}')
 
-  train_dir = os.path.join(workdir, 'train')
+  train_dir = paths.join(workdir, 'train')
   # config.eval (configs/tiny.py) scores the held-out videos during training: the AP curve of
   # loss.png.
   train.train(config, train_dir, total_steps=steps)
   _, variables = checkpoints.load_for_inference(train_dir)
   results, metrics = evaluate.score(config, variables, valid, progress=True)
-  metrics_writer.write_json(os.path.join(workdir, 'results.json'), results)
-  metrics_writer.write_json(os.path.join(workdir, 'metrics.json'),
+  metrics_writer.write_json(paths.join(workdir, 'results.json'), results)
+  metrics_writer.write_json(paths.join(workdir, 'metrics.json'),
                        {'untrained': before, 'trained': metrics, 'steps': steps})
   with video_io.ffmpeg_without_preexec():   # no os.fork() warning of JAX for ffmpeg's start
-    overlay = write_overlay(os.path.join(workdir, 'overlay.mp4'), valid, results)
-  curve = visualize.plot_losses(os.path.join(train_dir, 'metrics.jsonl'),
-                                os.path.join(workdir, 'loss.png'))
+    overlay = write_overlay(paths.join(workdir, 'overlay.mp4'), valid, results)
+  curve = visualize.plot_losses(paths.join(train_dir, 'metrics.jsonl'),
+                                paths.join(workdir, 'loss.png'))
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   print(f'\nheld-out videos after {steps} steps (untrained AP {100 * before["AP"]:.2f}):')
   print(ytvis_eval.format_table(metrics))
-  print(f'\nwrote {overlay}, {curve}, {os.path.join(workdir, "metrics.json")}')
+  print(f'\nwrote {overlay}, {curve}, {paths.join(workdir, "metrics.json")}')
   print(f'demo finished in {time.time() - t0:.0f} s, peak memory {peak_gib:.2f} GiB')
   return 0

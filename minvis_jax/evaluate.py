@@ -11,7 +11,6 @@ on one device. Files are written and metrics computed by process 0 only.
 """
 
 import json
-import os
 import sys
 import time
 
@@ -21,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minvis_jax import metrics_writer
+from minvis_jax import paths
 from minvis_jax import predictor as predictor_lib
 from minvis_jax import user_input
 from minvis_jax import ytvis_eval
@@ -161,9 +161,9 @@ def run(config, variables, checkpoint: str, out: str = '', split: str = '',
   truth); OUT defaults to the checkpoint directory. Every process calls it; process 0 writes."""
   t0 = time.time()
   dataset = load_dataset(config, split, require_annotations=False)
-  out = out or os.path.abspath(checkpoint)
+  out = out or paths.abspath(checkpoint)
   user_input.check_output_dir(out, '--out')   # before the work, not after it
-  results_path = os.path.join(out, 'results.json')
+  results_path = paths.join(out, 'results.json')
   results, metrics = score(config, variables, dataset, max_videos, progress=True,
                            results_name=results_path)
   if jax.process_index() != 0:
@@ -177,7 +177,7 @@ def run(config, variables, checkpoint: str, out: str = '', split: str = '',
   if metrics is None:
     print(f'{dataset.json_path} has no annotations: submit {results_path} to the evaluation server')
     return 0
-  metrics_writer.write_json(os.path.join(out, 'metrics.json'), metrics)
+  metrics_writer.write_json(paths.join(out, 'metrics.json'), metrics)
   print(ytvis_eval.format_table(metrics))
   sys.stdout.flush()
   return 0

@@ -12,13 +12,13 @@ the association (inference.tracker) and the class names drawn. --set overrides a
 """
 
 import itertools
-import os
 import time
 
 import ml_collections
 from tqdm import tqdm
 
 from minvis_jax import metrics_writer
+from minvis_jax import paths
 from minvis_jax import predictor as predictor_lib
 from minvis_jax import user_input
 from minvis_jax import video_io
@@ -102,7 +102,7 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
     bar.set_postfix_str('', refresh=False)
     bar.update(num_frames - bar.n)
   results = predictor_lib.results_for_video(tracks, 1, ids)
-  results_path = os.path.join(out, 'results.json')
+  results_path = paths.join(out, 'results.json')
   metrics_writer.write_json(results_path, results)
 
   # Second pass over the video: the masks of a track are only known once it has ended.
@@ -111,7 +111,7 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
             total=num_frames, unit='frame', desc='overlay', dynamic_ncols=True) as again, \
        video_io.ffmpeg_without_preexec():
     overlay_path = visualize.overlay_video(
-        os.path.join(out, 'overlay.mp4'), again, tracks,
+        paths.join(out, 'overlay.mp4'), again, tracks,
         [names[t['category']] for t in tracks], score_threshold, fps)
   shown = sum(t['score'] >= score_threshold for t in tracks)
 
@@ -130,7 +130,7 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
   if video.skipped:
     print(f'warning: {video_path}: {video_io.skipped_text(video)}')
   for path in (results_path, overlay_path):   # never report a file that is not there
-    if not os.path.isfile(path) or not os.path.getsize(path):
+    if not paths.isfile(path) or not paths.getsize(path):
       raise OSError(f'{path}: not written (empty or missing after the run)')
   print(f'wrote {results_path} and {overlay_path} ({fps:g} fps)')
   return 0

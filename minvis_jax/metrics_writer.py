@@ -1,18 +1,14 @@
 """Files a run writes as it goes: metric rows (JSON lines + TensorBoard) and atomic JSON files."""
 
 import json
-import os
+
+from minvis_jax import paths
 
 
 def write_json(path: str, obj, indent: int | None = None) -> None:
-  """Writes `obj` as JSON to `path` atomically: readers see the old file or the whole new one."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=indent)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """Writes `obj` as JSON to `path` atomically: readers see the old file or the whole new one
+  (a local path or a URL: paths.write_atomic)."""
+  paths.write_atomic(path, json.dumps(obj, indent=indent))
 
 
 class MetricWriter:
@@ -30,20 +26,17 @@ class MetricWriter:
     self._jsonl = None
     if active:
       from tensorboardX import SummaryWriter  # noqa: PLC0415  (heavy import, process 0 only)
-      os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+      self._jsonl = paths.Appender(jsonl_path)
       self._tb = SummaryWriter(tensorboard_dir)
-      self._jsonl = open(jsonl_path, 'a')
 
   def write(self, step: int, metrics: dict, echo: bool = False, tb_prefix: str = '') -> None:
     """One row at `step`; TensorBoard tags are `tb_prefix + key`; `echo` also prints it."""
     if not self.active:
       return
-    self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
-    self._jsonl.flush()
+    self._jsonl.append(json.dumps({'step': step, **metrics}) + '\n', fsync=self._fsync)
     for k, v in metrics.items():
       self._tb.add_scalar(f'{tb_prefix}{k}', v, step)
     if self._fsync:   # rows another process waits for (the watcher's): on disk before returning
-      os.fsync(self._jsonl.fileno())
       self._tb.flush()
     if echo:
       print(f'step {step:6d} | ' + ' '.join(

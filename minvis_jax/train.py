@@ -10,7 +10,6 @@ log step) and TensorBoard event files. `minvis-jax train` (cli.py) runs `train`.
 
 import hashlib
 import logging
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -31,6 +30,7 @@ from minvis_jax import criterion
 from minvis_jax import evaluate
 from minvis_jax import metrics_writer
 from minvis_jax import ops
+from minvis_jax import paths
 from minvis_jax import preemption as preemption_lib
 from minvis_jax.data import input_pipeline
 from minvis_jax.models import Mask2Former
@@ -375,7 +375,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   with that error; SIGTERM saves (if anything is new) and returns, also while waiting for input.
   """
   total_steps = _check_arguments(config, total_steps)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() == 0:
     saved = config.copy_and_resolve_references()
     saved.total_steps = total_steps   # the run's real last step (read by `evaluate --watch`)
@@ -388,8 +388,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       return input_pipeline.train_iterator(config, start_step, jax.process_index(),
                                            jax.process_count())
   manager = checkpoints.checkpoint_manager(workdir, config.checkpoint.keep)
-  writer = metrics_writer.MetricWriter(os.path.join(workdir, 'metrics.jsonl'),
-                                       os.path.join(workdir, 'tensorboard'),
+  writer = metrics_writer.MetricWriter(paths.join(workdir, 'metrics.jsonl'),
+                                       paths.join(workdir, 'tensorboard'),
                                        jax.process_index() == 0)
   preemption = preemption_lib.Preemption()
   try:

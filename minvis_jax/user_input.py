@@ -6,6 +6,9 @@ import collections
 import json
 import math
 import os
+import posixpath
+
+from minvis_jax import paths
 
 
 # --- flag values (cli.py wraps these as argparse types) ----------------------------------------
@@ -81,9 +84,9 @@ def parse_json(data: bytes | str, name: str, what: str = 'data'):
 
 def read_json(path: str, what: str = 'data'):
   """parse_json of the file `path`; FileNotFoundError names it when it is missing."""
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f'{path}: {what} file not found')
-  with open(path, 'rb') as f:
+  with paths.open(path, 'rb') as f:
     return parse_json(f.read(), path, what)
 
 
@@ -93,10 +96,10 @@ def read_json(path: str, what: str = 'data'):
 def check_output_dir(path: str, flag: str) -> None:
   """The output directory `path` (of `flag`) exists, or is made, and is a writable directory:
   checked before the work, so a bad output path never costs a run."""
-  if os.path.exists(path) and not os.path.isdir(path):
+  if paths.exists(path) and not paths.isdir(path):
     raise ValueError(f'{path}: {flag} exists and is not a directory')
-  os.makedirs(path, exist_ok=True)
-  if not os.access(path, os.W_OK | os.X_OK):
+  paths.makedirs(path)
+  if not paths.is_remote(path) and not os.access(path, os.W_OK | os.X_OK):
     raise PermissionError(f'{path}: {flag} is not writable')
 
 
@@ -107,8 +110,9 @@ def path_under(root: str, relative: str, where: str) -> str:
   """`root`/`relative`, refused (ValueError naming `where`) when it leaves `root`: an absolute
   path, or `..` reaching above it. Judged on the text, not on symlinks: a link inside the root may
   point anywhere (datasets are often assembled from links), a listed path may not."""
-  joined = os.path.normpath(os.path.join(root, relative))
-  base = os.path.normpath(root)
-  if os.path.isabs(relative) or os.path.commonpath([base, joined]) != base:
+  # On the relative text alone, so a URL root (gs://bucket/data) is judged like a local one.
+  normal = posixpath.normpath(relative.replace(os.sep, '/'))
+  if (os.path.isabs(relative) or paths.scheme(relative) or normal == '..'
+      or normal.startswith('../')):
     raise ValueError(f'{where}: path {relative!r} leaves the dataset root {root}')
-  return joined
+  return paths.join(root, normal)

@@ -6,12 +6,13 @@ Videos are written as mp4 when imageio-ffmpeg is installed, else as GIF (Pillow 
 import colorsys
 import json
 import logging
-import os
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
+
+from minvis_jax import paths
 
 
 def track_colors(n: int) -> np.ndarray:
@@ -87,10 +88,14 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: float = 10.0) -> s
 
   `.mp4` is written with H.264 when imageio-ffmpeg is installed; otherwise, and for `.gif`, the
   frames go to a GIF at the same path with the suffix `.gif` (Pillow merges identical
-  consecutive frames of a GIF into one longer frame).
+  consecutive frames of a GIF into one longer frame). A URL is written locally, then uploaded.
   """
-  root, ext = os.path.splitext(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  return paths.write_via_local(path, lambda local: _write_video(local, frames, fps))
+
+
+def _write_video(path: str, frames: Iterable[np.ndarray], fps: float) -> str:
+  root, ext = paths.splitext(path)
+  paths.makedirs(paths.dirname(paths.abspath(path)))
   if ext.lower() == '.mp4' and mp4_available():
     import imageio.v2 as imageio  # noqa: PLC0415
     # macro_block_size=1: no resizing by the plugin; we pad to the even size yuv420p needs.
@@ -140,7 +145,7 @@ def overlay_video(path: str, frames: Iterable[np.ndarray], tracks: Sequence[dict
 
 def _read_jsonl(path: str) -> list[dict]:
   rows = []
-  with open(path) as f:
+  with paths.open(path) as f:
     for i, line in enumerate(f):
       if not line.strip():
         continue
@@ -160,14 +165,14 @@ def plot_losses(metrics_jsonl_path: str, png_path: str, keys: Sequence[str] | No
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  if not os.path.isfile(metrics_jsonl_path):
+  if not paths.isfile(metrics_jsonl_path):
     raise FileNotFoundError(f'{metrics_jsonl_path}: no such metrics file')
   lines = _read_jsonl(metrics_jsonl_path)
   rows = [r for r in lines if 'step' in r and 'loss' in r]
   if not rows:
     raise ValueError(f'{metrics_jsonl_path}: no line with both "step" and "loss"')
-  watcher = os.path.join(os.path.dirname(os.path.abspath(metrics_jsonl_path)), 'eval.jsonl')
-  if os.path.isfile(watcher):
+  watcher = paths.join(paths.dirname(paths.abspath(metrics_jsonl_path)), 'eval.jsonl')
+  if paths.isfile(watcher):
     lines += _read_jsonl(watcher)
   ap = sorted({r['step']: r['eval/AP'] for r in lines
                if 'step' in r and r.get('eval/AP', -1) >= 0}.items())   # -1: undefined
@@ -191,7 +196,8 @@ def plot_losses(metrics_jsonl_path: str, png_path: str, keys: Sequence[str] | No
     handles, labels = handles + more[0], labels + more[1]
   ax.legend(handles, labels)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-  fig.savefig(png_path)
+  paths.makedirs(paths.dirname(paths.abspath(png_path)))
+  with paths.open(png_path, 'wb') as f:
+    fig.savefig(f, format=paths.splitext(png_path)[1][1:] or 'png')
   plt.close(fig)
   return png_path

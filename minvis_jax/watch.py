@@ -10,7 +10,6 @@ The watcher's outputs, beside the trainer's:
 
 import json
 import logging
-import os
 import time
 
 import jax
@@ -20,6 +19,7 @@ import numpy as np
 from minvis_jax import checkpoints
 from minvis_jax import evaluate
 from minvis_jax import metrics_writer
+from minvis_jax import paths
 
 log = logging.getLogger(__name__)   # the command layer shows it (absl keeps the root at WARNING)
 
@@ -30,19 +30,18 @@ BEST_FILE = 'best.json'
 def read_eval_rows(path: str) -> list[dict]:
   """The lines of an eval.jsonl. An unterminated last line (a watcher killed while writing it) is
   dropped from the file, so the next append starts on a line of its own."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return []
   try:
-    with open(path, encoding='utf-8') as f:
-      text = f.read()
+    with paths.open(path, 'rb') as f:
+      text = f.read().decode('utf-8')
   except UnicodeDecodeError as e:
     raise ValueError(f'{path}: not UTF-8 text (byte {e.start}: {e.reason}); move the file away to '
                      f'evaluate every step again') from None
   if text and not text.endswith('\n'):
     log.warning('%s: dropping an unfinished last line %r', path, text.rsplit('\n', 1)[-1][:80])
     text = text[:text.rfind('\n') + 1]
-    with open(path, 'w') as f:
-      f.write(text)
+    paths.write_atomic(path, text)
   rows = []
   for i, line in enumerate(text.splitlines()):
     if not line.strip():
@@ -87,9 +86,9 @@ def _load_step(step_dir: str, grace_s: float):
     return checkpoints.load_for_inference(step_dir)[1]
   except Exception:  # noqa: BLE001  (any orbax/tensorstore error of a half-deleted checkpoint)
     deadline = time.monotonic() + grace_s
-    while os.path.isdir(step_dir) and time.monotonic() < deadline:
+    while paths.isdir(step_dir) and time.monotonic() < deadline:
       time.sleep(0.05)
-    if os.path.isdir(step_dir):
+    if paths.isdir(step_dir):
       raise
     return None
 
@@ -97,16 +96,17 @@ def _load_step(step_dir: str, grace_s: float):
 def waiting_for(workdir: str) -> str:
   """What `evaluate --watch` waits for in `workdir`, in words ('' when the run's config.json is
   there). A work directory whose parent does not exist is a mistyped path: ValueError."""
-  parent = os.path.dirname(os.path.abspath(workdir))
-  if not os.path.isdir(parent):
+  parent = paths.dirname(paths.abspath(workdir))
+  # A bucket has no folders: only a local parent can be missing.
+  if not paths.is_remote(workdir) and not paths.isdir(parent):
     raise ValueError(f'{workdir}: --watch WORKDIR: its parent {parent} does not exist (a mistyped '
                      f'path?)')
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if paths.exists(workdir) and not paths.isdir(workdir):
     raise ValueError(f'{workdir}: --watch WORKDIR is a file, not a work directory')
-  path = os.path.join(workdir, checkpoints.CONFIG_FILE)
-  if os.path.isfile(path):
+  path = paths.join(workdir, checkpoints.CONFIG_FILE)
+  if paths.isfile(path):
     return ''
-  where = 'does not exist yet' if not os.path.isdir(workdir) else 'has no config.json yet'
+  where = 'does not exist yet' if not paths.isdir(workdir) else 'has no config.json yet'
   return (f'waiting for {path}: {workdir} {where}; it appears when `minvis-jax train --workdir '
           f'{workdir}` starts (--timeout S to give up)')
 
@@ -116,7 +116,7 @@ def wait_for_config(workdir: str, timeout: float | None = None, poll_s: float = 
   start = time.monotonic()
   while (config := checkpoints.read_config(workdir)) is None:
     if timeout is not None and time.monotonic() - start > timeout:
-      raise TimeoutError(f'{os.path.join(workdir, checkpoints.CONFIG_FILE)}: not written within '
+      raise TimeoutError(f'{paths.join(workdir, checkpoints.CONFIG_FILE)}: not written within '
                          f'{timeout:.0f} s; is a training run using this work directory?')
     time.sleep(poll_s)
   return config
@@ -149,19 +149,19 @@ def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | No
   `timeout` seconds without a new checkpoint. `config` gives the model and inference settings
   (usually the run's config.json). Every process calls it; process 0 decides and writes.
   """
-  workdir = os.path.abspath(workdir)
-  out_dir = out_dir or os.path.join(workdir, 'eval')
+  workdir = paths.abspath(workdir)
+  out_dir = out_dir or paths.join(workdir, 'eval')
   if not dataset.has_annotations:
     raise ValueError(f'{dataset.json_path} has no annotations: evaluating checkpoints needs a '
                      'split with ground truth')
   active = jax.process_index() == 0
-  jsonl_path, best_path = os.path.join(workdir, EVAL_JSONL), os.path.join(out_dir, BEST_FILE)
+  jsonl_path, best_path = paths.join(workdir, EVAL_JSONL), paths.join(out_dir, BEST_FILE)
   rows = read_eval_rows(jsonl_path) if active else []
   done = {r['step'] for r in rows}
   if done:
     log.info('%s: %d steps already evaluated (last %d)', jsonl_path, len(done), max(done))
   # Rows fsynced: another process (a training run's plots, a restarted watcher) reads them.
-  writer = metrics_writer.MetricWriter(jsonl_path, os.path.join(workdir, 'tensorboard', 'eval'),
+  writer = metrics_writer.MetricWriter(jsonl_path, paths.join(workdir, 'tensorboard', 'eval'),
                                        active, fsync=True)
   added = []
   idle_since = time.monotonic()
@@ -182,7 +182,7 @@ def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | No
         continue
       step = action
       done.add(step)
-      step_dir = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR, str(step))
+      step_dir = paths.join(workdir, checkpoints.CHECKPOINT_SUBDIR, str(step))
       variables = _load_step(step_dir, grace_s)
       if not _all_ok(variables is not None):
         log.warning('step %d: checkpoint %s was deleted before it could be read; skipped', step,
@@ -192,8 +192,8 @@ def watch(workdir: str, config, dataset, out_dir: str = '', max_videos: int | No
         results, metrics = evaluate.score(config, variables, dataset, max_videos)
         del variables
         if active:
-          metrics_writer.write_json(os.path.join(out_dir, str(step), 'results.json'), results)
-          metrics_writer.write_json(os.path.join(out_dir, str(step), 'metrics.json'), metrics)
+          metrics_writer.write_json(paths.join(out_dir, str(step), 'results.json'), results)
+          metrics_writer.write_json(paths.join(out_dir, str(step), 'metrics.json'), metrics)
           scalars = evaluate.eval_scalars(metrics)
           writer.write(step, scalars)
           row = {'step': step, **scalars}
@@ -214,10 +214,10 @@ def run(config, workdir: str, out: str = '', split: str = '', max_videos: int = 
   """The `evaluate --watch WORKDIR` command: `watch` on the split `split` (default
   `data.eval_split`, which needs ground truth), then the best step so far."""
   dataset = evaluate.load_dataset(config, split)
-  print(f'watching {os.path.abspath(workdir)}: {config.data.dataset} {dataset.json_path}',
+  print(f'watching {paths.abspath(workdir)}: {config.data.dataset} {dataset.json_path}',
         flush=True)
   added = watch(workdir, config, dataset, out, max_videos or None, timeout=timeout)
-  best = best_row(read_eval_rows(os.path.join(workdir, EVAL_JSONL)))
+  best = best_row(read_eval_rows(paths.join(workdir, EVAL_JSONL)))
   print(f'evaluated {len(added)} checkpoints' + (f'; best AP {100 * best["eval/AP"]:.2f} at step '
                                                  f'{best["step"]}' if best else ''), flush=True)
   return 0

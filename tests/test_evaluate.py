@@ -13,6 +13,7 @@ from minvis_jax import checkpoints
 from minvis_jax import cli
 from minvis_jax import config_lib
 from minvis_jax import evaluate
+from minvis_jax import paths
 from minvis_jax import ytvis_eval
 from minvis_jax.data import ytvis
 
@@ -126,3 +127,20 @@ def test_evaluate_on_generated_videos(tiny_checkpoint, tmp_path, capsys):
   one = json.load(open(tmp_path / 'one' / 'results.json'))
   assert {r['video_id'] for r in one} == {gt['videos'][0]['id']} and len(one) == 10
   assert set(json.load(open(tmp_path / 'one' / 'metrics.json'))) >= {'AP', 'AR10'}
+
+
+def test_evaluate_a_checkpoint_in_a_bucket(tiny_checkpoint, tmp_path, gcs_bucket):
+  synthetic = pytest.importorskip('minvis_jax.data.synthetic')
+  ckpt, config, variables = tiny_checkpoint
+  url = f'{gcs_bucket}/tiny'
+  checkpoints.save_variables(url, variables)
+  checkpoints.save_config(url, config)
+  data = tmp_path / 'data'
+  synthetic.generate(str(data), 'valid', num_videos=2, num_frames=3, height=64, width=96, seed=0)
+  flags = ['--manual_dir', str(data), '--top_k', '5', '--window', '1']
+  assert cli.main(['evaluate', '--checkpoint', ckpt, '--out', str(tmp_path / 'eval'), *flags]) == 0
+  assert cli.main(['evaluate', '--checkpoint', url, *flags]) == 0   # OUT: the checkpoint's URL
+  for name in ('results.json', 'metrics.json'):
+    with paths.open(f'{url}/{name}') as f:
+      assert json.load(f) == json.load(open(tmp_path / 'eval' / name)), name
+  assert not os.path.exists('gs:')

@@ -13,6 +13,8 @@ from pycocotools import mask as mask_utils
 from support import videos
 from support.tracks import assert_same_tracks
 from minvis_jax import cli
+from minvis_jax import checkpoints
+from minvis_jax import paths
 from minvis_jax import predictor
 from minvis_jax import tracking
 from minvis_jax import video_io
@@ -116,3 +118,19 @@ def test_output_settings_are_checked_before_the_work_and_no_file_is_claimed(
   assert captured.err.splitlines()[-1] == (f'minvis-jax infer: error: {out / "overlay.mp4"}: not '
                                            'written (empty or missing after the run)')
   assert 'wrote' not in captured.out
+
+
+def test_infer_from_and_to_a_bucket(tiny_checkpoint, tmp_path, gcs_bucket):
+  ckpt, config, variables = tiny_checkpoint
+  url = f'{gcs_bucket}/tiny'
+  checkpoints.save_variables(url, variables)
+  checkpoints.save_config(url, config)
+  folder = videos.write_folder(tmp_path / 'frames', videos.moving_square_frames(4))
+  flags = ['--video', folder, '--top_k', '3', '--score_threshold', '0']
+  assert cli.main(['infer', '--checkpoint', ckpt, '--out', str(tmp_path / 'out'), *flags]) == 0
+  assert cli.main(['infer', '--checkpoint', url, '--out', f'{gcs_bucket}/out', *flags]) == 0
+  with paths.open(f'{gcs_bucket}/out/results.json') as f:
+    assert json.load(f) == json.load(open(tmp_path / 'out' / 'results.json'))
+  overlay = [f for f in os.listdir(tmp_path / 'out') if f.startswith('overlay.')]
+  assert paths.listdir(f'{gcs_bucket}/out') == sorted(['results.json', *overlay])
+  assert paths.getsize(f'{gcs_bucket}/out/{overlay[0]}') > 0

@@ -9,7 +9,8 @@ import pytest
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'minvis_jax')
 
 # Optional or heavy dependencies that may be imported where they are used (the only lazy imports).
-LAZY_OK = ('torch', 'safetensors', 'tensorboardX', 'matplotlib', 'imageio', 'imageio_ffmpeg')
+LAZY_OK = ('torch', 'safetensors', 'tensorboardX', 'matplotlib', 'imageio', 'imageio_ffmpeg',
+           'google')
 # Modules that are a command's body only: nothing but cli.py imports them.
 COMMAND_MODULES = ('minvis_jax.infer', 'minvis_jax.demo')
 
@@ -93,3 +94,47 @@ def test_the_checks_catch_a_function_level_project_import(tmp_path):
   assert found == [(1, 'os', False), (4, 'minvis_jax', True), (5, 'torch', True),
                    (8, 'minvis_jax', False)]
   assert [line for line, _, _ in _imports(path, skip_main_block=True)] == [1, 4, 5]
+
+
+# File-system calls that take a path: outside paths.py they would bypass the path layer (a gs:// URL
+# would become a local folder named `gs:`).
+FS_CALLS = {'open', 'os.path', 'os.makedirs', 'os.mkdir', 'os.listdir', 'os.scandir', 'os.replace',
+            'os.rename', 'os.remove', 'os.unlink', 'os.stat', 'shutil', 'glob', 'pathlib'}
+# Modules whose file-system calls never see a user's data path, and why.
+FS_EXEMPT = {
+    'minvis_jax.paths': 'the path layer itself',
+    'minvis_jax.config_lib': 'config files are Python modules imported from a local folder',
+    'minvis_jax.host_memory': "the host's own /proc and /dev files",
+    'minvis_jax.video_io': '--video is decoded by ffmpeg / Pillow from a local file or folder',
+}
+
+
+def _fs_calls(path) -> list[tuple[int, str]]:
+  """(line, dotted callee) of every call of FS_CALLS in a file."""
+  def dotted(node):
+    parts = []
+    while isinstance(node, ast.Attribute):
+      parts.append(node.attr)
+      node = node.value
+    return '.'.join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ''
+  found = []
+  for node in ast.walk(ast.parse(open(path).read(), path)):
+    if isinstance(node, ast.Call):
+      name = dotted(node.func)
+      if any(name == c or name.startswith(c + '.') for c in FS_CALLS):
+        found.append((node.lineno, name))
+  return found
+
+
+@pytest.mark.parametrize('module', sorted(set(MODULES) - set(FS_EXEMPT)))
+def test_user_paths_go_through_the_path_layer(module):
+  bad = [f'{module}:{line} calls {name} (use minvis_jax.paths)'
+         for line, name in _fs_calls(MODULES[module])]
+  assert not bad, bad
+
+
+def test_the_path_layer_check_catches_a_direct_call(tmp_path):
+  path = tmp_path / 'm.py'
+  path.write_text('import os\nfrom PIL import Image\n\ndef f(p):\n  os.makedirs(p)\n'
+                  '  Image.open(p)\n  with open(os.path.join(p, "x")) as f:\n    return f\n')
+  assert _fs_calls(path) == [(5, 'os.makedirs'), (7, 'open'), (7, 'os.path.join')]

@@ -526,3 +526,47 @@ def test_a_second_trainer_on_the_same_workdir_refuses_to_start(tmp_path, synthet
     first.send_signal(signal.SIGTERM)
     out, _ = first.communicate(timeout=300)
   assert first.returncode == 0, out[-3000:]
+
+
+# As _KILLED_IN_SAVE, for a gs:// work directory: orbax marks a finished step there with a
+# commit_success.txt object (a rename is not atomic on a bucket); SIGKILL just before writing it.
+_KILLED_IN_BUCKET_SAVE = _KILLED_IN_SAVE.replace('AtomicRenameTemporaryPath',
+                                                 'CommitFileTemporaryPath')
+
+
+@pytest.mark.slow
+def test_gcs_workdir_sigkill_during_a_save_then_resume_is_bitwise_equal(tmp_path, synthetic_dir,
+                                                                        gcs_bucket, gcs_emulator):
+  from support import gcs_emulator as emulator  # noqa: PLC0415
+  steps, every = 7, 3
+  flags = ('--set', f'checkpoint.every_steps={every}')
+  full = subprocess.run(_train_cmd(tmp_path / 'full', synthetic_dir, steps, *flags),
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert full.returncode == 0, full.stderr[-3000:]
+
+  workdir = f'{gcs_bucket}/run1'
+  cmd = _train_cmd(workdir, synthetic_dir, steps, *flags)
+  killed = subprocess.run([sys.executable, '-c', _KILLED_IN_BUCKET_SAVE] + cmd[3:], cwd=REPO,
+                          env=dict(_env(), KILL_IN_SAVE_OF_STEP=str(2 * every)),
+                          capture_output=True, text=True, timeout=600)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  objects = emulator.list_objects(gcs_emulator, gcs_bucket[5:], 'run1/')
+  assert 'run1/config.json' in objects and 'run1/metrics.jsonl' in objects, objects
+  assert 'run1/checkpoints/3/commit_success.txt' in objects, objects
+  # The interrupted save wrote its arrays but not its commit file: not a finished step.
+  assert any(o.startswith('run1/checkpoints/6/variables/') for o in objects), objects
+  assert 'run1/checkpoints/6/commit_success.txt' not in objects
+  assert checkpoints.finished_steps(workdir) == [every]
+
+  resumed = subprocess.run(cmd, cwd=REPO, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'steps {every} -> {steps}' in resumed.stdout
+  assert _fingerprint(resumed.stdout) == _fingerprint(full.stdout)
+  assert checkpoints.finished_steps(workdir) == [every, 2 * every, steps]
+  a = checkpoints.load_for_inference(str(tmp_path / 'full'))[1]
+  config, b = checkpoints.load_for_inference(workdir)
+  assert config.total_steps == steps
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  assert not os.path.exists(os.path.join(REPO, 'gs:'))   # no local folder named after the URL

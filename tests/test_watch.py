@@ -342,3 +342,40 @@ def test_an_eval_jsonl_that_is_not_utf8_names_the_file(tmp_path):
   with pytest.raises(ValueError, match=re.escape(str(path)) + r': not UTF-8 text \(byte 46: '
                      'invalid start byte\\); move the file away'):
     watch.read_eval_rows(str(path))
+
+
+def test_watch_a_run_in_a_bucket(data_dir, gcs_bucket, gcs_emulator, tmp_path):
+  """The watcher on a gs:// work directory, the videos read from the bucket too: the steps orbax
+  has committed (listed, not probed file by file), its files in the bucket, equal to a local
+  watcher's."""
+  from support import gcs_emulator as emulator  # noqa: PLC0415
+  data = emulator.upload_tree(data_dir, f'{gcs_bucket}/data')
+  config = small_config(data)
+  config.total_steps = 4
+  workdir = f'{gcs_bucket}/run'
+  checkpoints.save_config(workdir, config)
+  base = jax.jit(lambda key: train.init_variables(config, key))(jax.random.PRNGKey(0))
+  # On a bucket orbax marks a finished step with a commit_success.txt object (no rename); step 3
+  # is a save in progress: arrays written, no marker yet.
+  for step, scale in ((2, 1.0), (3, 1.0), (4, 1.1)):
+    _save_step(workdir, step, jax.tree.map(lambda x, s=scale: np.asarray(x) * s, base))
+    if step != 3:
+      checkpoints.metrics_writer.write_json(f'{workdir}/checkpoints/{step}/commit_success.txt', 1)
+  assert checkpoints.finished_steps(workdir) == [2, 4]
+  added = watch.watch(workdir, config, evaluate.load_dataset(config), poll_s=0.05, grace_s=0.2)
+  assert [r['step'] for r in added] == [2, 4]
+  objects = emulator.list_objects(gcs_emulator, gcs_bucket[5:], 'run/')
+  assert {'run/eval.jsonl', 'run/eval/best.json', 'run/eval/4/results.json',
+          'run/eval/4/metrics.json'} <= set(objects), objects
+  with checkpoints.paths.open(f'{workdir}/eval.jsonl') as f:
+    assert [json.loads(line) for line in f.read().splitlines()] == added
+
+  # The same checkpoints and videos on local disk: the same rows.
+  local = str(tmp_path / 'run')
+  local_config = small_config(data_dir)
+  local_config.total_steps = 4
+  checkpoints.save_config(local, local_config)
+  _save_step(local, 2, base)
+  _save_step(local, 4, jax.tree.map(lambda x: np.asarray(x) * 1.1, base))
+  assert watch.watch(local, local_config, evaluate.load_dataset(local_config), poll_s=0.05,
+                     grace_s=0.2) == added

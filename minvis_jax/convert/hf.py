@@ -2,7 +2,6 @@
 files of a `save_pretrained` folder (sharded or not), the key map to our variables."""
 
 import json
-import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -16,6 +15,7 @@ from minvis_jax.convert import backbones
 from minvis_jax.convert import heads
 from minvis_jax.convert import weights
 from minvis_jax.data import categories
+from minvis_jax import paths
 
 # The weights of an HF `save_pretrained` folder, in the order they are looked for.
 HF_WEIGHT_FILES = checkpoints.HF_WEIGHT_FILES
@@ -63,28 +63,28 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigD
 def hf_files(path: str, hf_config: str = '') -> tuple[str, str | None]:
   """(weights file, HF config.json or None) of an HF checkpoint: a `save_pretrained` folder, or a
   weights file with `config.json` beside it; `hf_config` names the config.json explicitly."""
-  if os.path.isdir(path):
-    found = [os.path.join(path, f) for f in HF_WEIGHT_FILES
-             if os.path.isfile(os.path.join(path, f))]
+  if paths.isdir(path):
+    found = [paths.join(path, f) for f in HF_WEIGHT_FILES
+             if paths.isfile(paths.join(path, f))]
     if not found:
       raise FileNotFoundError(f'{path}: no {", ".join(HF_WEIGHT_FILES)} in this folder')
     weights_file = found[0]
-  elif os.path.isfile(path):
+  elif paths.isfile(path):
     weights_file = path
   else:
     raise FileNotFoundError(f'{path}: no such checkpoint file or folder')
   if hf_config:
-    if not os.path.isfile(hf_config):
+    if not paths.isfile(hf_config):
       raise FileNotFoundError(f'{hf_config}: no such HF config file')
     return weights_file, hf_config
-  beside = os.path.join(os.path.dirname(os.path.abspath(weights_file)), 'config.json')
-  return weights_file, (beside if os.path.isfile(beside) else None)
+  beside = paths.join(paths.dirname(paths.abspath(weights_file)), 'config.json')
+  return weights_file, (beside if paths.isfile(beside) else None)
 
 
 def read_hf_config(path: str) -> dict:
   """An HF Mask2Former config.json as a dict; ValueError names the file when it is not one."""
   try:
-    with open(path) as f:
+    with paths.open(path, 'rb') as f:
       data = user_input.parse_json(f.read(), path, 'config')
   except UnicodeDecodeError as e:
     raise ValueError(f'{path}: not a JSON file ({e})') from None
@@ -99,13 +99,13 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
   """`read_state_dict`, plus sharded HF safetensors (`model.safetensors.index.json`)."""
   if not path.endswith('.index.json'):
     return weights.read_state_dict(path)
-  with open(path) as f:
+  with paths.open(path) as f:
     shards = sorted(set(json.load(f).get('weight_map', {}).values()))
   if not shards:
     raise ValueError(f'{path}: no "weight_map" entries')
   state = {}
   for shard in shards:
-    state.update(weights.read_state_dict(os.path.join(os.path.dirname(path), shard)))
+    state.update(weights.read_state_dict(paths.join(paths.dirname(path), shard)))
   return state
 
 

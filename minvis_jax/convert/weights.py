@@ -1,7 +1,6 @@
 """Weight files -> {name: numpy array} -> the model's variables, checked key by key: the steps
 every source (HF, detectron2, an ImageNet backbone) shares."""
 
-import os
 import pickle
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -13,6 +12,7 @@ import numpy as np
 from minvis_jax.convert import backbones
 from minvis_jax.models import Mask2Former
 from minvis_jax.models import ModelConfig
+from minvis_jax import paths
 
 # Buffers of the original models that are recomputed or unused here.
 _IGNORED = ('criterion.empty_weight', 'pixel_mean', 'pixel_std')
@@ -102,9 +102,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
   A file that is empty, truncated or of another format raises one ValueError naming it.
   """
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f'{path}: no such checkpoint file')
-  if os.path.getsize(path) == 0:
+  if paths.getsize(path) == 0:
     raise ValueError(f'{path}: empty file, not a checkpoint')
   if path.endswith('.safetensors'):
     kind = 'safetensors'
@@ -121,7 +121,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       from safetensors.numpy import load_file  # noqa: PLC0415  (optional)
       data = dict(load_file(path))
     elif kind.startswith('pickle'):
-      with open(path, 'rb') as f:
+      with paths.open(path, 'rb') as f:
         data = pickle.load(f, encoding='latin1')
     else:
       data = torch.load(path, map_location='cpu', weights_only=True)

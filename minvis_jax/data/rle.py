@@ -6,11 +6,11 @@ its decode return uninitialised memory, so every RLE a user file supplies is che
 """
 
 import math
-import os
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from minvis_jax import paths
 from minvis_jax import user_input
 
 # ------------------------------------------------------------------------------------------------
@@ -25,9 +25,9 @@ def is_int(x) -> bool:
 def load_json(path: str, what: str):
   """The parsed JSON of file `path`; FileNotFoundError / ValueError name the path and `what` it is
   (e.g. 'annotation', 'results')."""
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f'{path}: {what} file not found')
-  with open(path, 'rb') as f:
+  with paths.open(path, 'rb') as f:
     return user_input.parse_json(f.read(), path, what)
 
 

@@ -8,13 +8,13 @@ in the exact YouTube-VIS 2019 layout: OUT/<split>/JPEGImages/<video>/<t>.jpg and
 """
 
 import json
-import os
 import zlib
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from minvis_jax import paths
 from minvis_jax.data import categories
 
 # Dataset category ids 1..4 (categories.SYNTHETIC); each category has its own shape AND its own
@@ -275,12 +275,12 @@ def generate(out_dir: str, split: str, num_videos: int, num_frames: int, height:
       if keep:
         break
     name = f'{split}_{i:05d}'
-    folder = os.path.join(out_dir, split, 'JPEGImages', name)
-    os.makedirs(folder, exist_ok=True)
+    folder = paths.join(out_dir, split, 'JPEGImages', name)
+    paths.makedirs(folder)
     file_names = []
     for t in range(num_frames):
       file_names.append(f'{name}/{t:05d}.jpg')
-      Image.fromarray(sim['frames'][t]).save(os.path.join(folder, f'{t:05d}.jpg'),
+      Image.fromarray(sim['frames'][t]).save(paths.join(folder, f'{t:05d}.jpg'),
                                              quality=_JPEG_QUALITY)
     vid = i + 1
     videos.append({'id': vid, 'width': width, 'height': height, 'length': num_frames,
@@ -300,9 +300,9 @@ def generate(out_dir: str, split: str, num_videos: int, num_frames: int, height:
       'categories': [{'supercategory': 'shape', 'id': cid, 'name': name}
                      for cid, name in CATEGORIES],
   }
-  json_path = os.path.join(out_dir, f'{split}.json')
-  os.makedirs(out_dir, exist_ok=True)
-  with open(json_path, 'w') as f:
+  json_path = paths.join(out_dir, f'{split}.json')
+  paths.makedirs(out_dir)
+  with paths.open(json_path, 'w') as f:
     json.dump(data, f)
   return json_path
 

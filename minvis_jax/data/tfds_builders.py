@@ -8,13 +8,13 @@ One example = one whole video: its encoded frames as stored on disk (never re-en
 identical to the folder's), and per instance one compressed RLE string per frame (b'' = absent).
 """
 
-import os
 from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from minvis_jax import paths
 from minvis_jax.data import ytvis
 
 _SPLITS = {
@@ -73,7 +73,7 @@ class _VisBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     datasets, roots = {}, {}
     for split in _SPLITS[self.DATASET]:
       json_path, roots[split] = ytvis.split_paths(self.DATASET, root, split)
-      if os.path.isfile(json_path):
+      if paths.isfile(json_path):
         datasets[split] = ytvis.load_split(self.DATASET, root, split)
     if not datasets:
       expected = [ytvis.split_paths(self.DATASET, root, s)[0] for s in _SPLITS[self.DATASET]]
@@ -99,9 +99,9 @@ def _video_example(dataset: ytvis.VisDataset, video: ytvis.Video, image_root: st
   where = f'{dataset.json_path}: video {video.id} ({video.name!r})'
   frames = []
   for t, path in enumerate(video.frame_paths):
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise FileNotFoundError(f'{path}: frame {t} of {where} not found')
-    with open(path, 'rb') as f:
+    with paths.open(path, 'rb') as f:
       data = f.read()
     # Decoded whole (a truncated JPEG has a valid header): a bad frame fails the build, not the
     # training run that reads it hours later.
@@ -120,7 +120,7 @@ def _video_example(dataset: ytvis.VisDataset, video: ytvis.Video, image_root: st
       'name': video.name,
       'height': video.height,
       'width': video.width,
-      'file_names': np.asarray([os.path.relpath(p, image_root).encode() for p in video.frame_paths],
+      'file_names': np.asarray([paths.relpath(p, image_root).encode() for p in video.frame_paths],
                                dtype=object),
       'frames': np.asarray(frames, dtype=object),
       'annotated': np.full(len(frames), dataset.has_annotations),

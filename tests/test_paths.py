@@ -1,0 +1,119 @@
+"""The path layer: local paths behave as before, URLs keep their scheme, a missing client library or
+bucket is one line before anything is written, and writes to a bucket (storage emulator) are whole
+objects, a growing JSON-lines file guarded by its generation."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minvis_jax import metrics_writer
+from minvis_jax import paths
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `python -m minvis_jax.cli` in a process where gcsfs cannot be imported (the gcs extra missing).
+_WITHOUT_GCSFS = ("import sys; sys.modules['gcsfs'] = None; from minvis_jax import cli; "
+                  "sys.exit(cli.main(sys.argv[1:]))")
+
+
+def test_names_of_local_paths_and_urls(tmp_path):
+  assert paths.abspath('gs://b/run1/') == 'gs://b/run1'
+  assert paths.abspath('rel') == os.path.join(os.getcwd(), 'rel')
+  assert paths.join('gs://b/run1', 'checkpoints', '3') == 'gs://b/run1/checkpoints/3'
+  assert paths.dirname('gs://b/run1/config.json') == 'gs://b/run1'
+  assert paths.split('gs://b/run1/variables') == ('gs://b/run1', 'variables')
+  assert paths.splitext('gs://b/x/overlay.mp4') == ('gs://b/x/overlay', '.mp4')
+  assert paths.join(str(tmp_path), 'a') == os.path.join(str(tmp_path), 'a')
+  assert (paths.scheme('gs://b'), paths.scheme('S3://b'), paths.scheme('/gs:/b')) == (
+      'gs', 's3', None)
+
+
+def test_local_writes_are_atomic_renames_and_appends(tmp_path):
+  path = str(tmp_path / 'sub' / 'best.json')
+  metrics_writer.write_json(path, {'a': 1})
+  metrics_writer.write_json(path, {'a': 2})
+  assert open(path).read() == '{"a": 2}'
+  assert os.listdir(tmp_path / 'sub') == ['best.json']   # the temporary file was renamed
+  log = paths.Appender(str(tmp_path / 'm.jsonl'))
+  log.append('1\n', fsync=True)
+  log.append('2\n')
+  log.close()
+  assert paths.Appender(str(tmp_path / 'm.jsonl')).append('3\n') is None
+  assert open(tmp_path / 'm.jsonl').read() == '1\n2\n3\n'
+
+
+def test_an_unknown_scheme_or_a_missing_library_is_one_line(monkeypatch):
+  with pytest.raises(ValueError, match=r'^ftp://h/x: unsupported URL scheme ftp://'):
+    paths.check('ftp://h/x')
+  real = paths.importlib.util.find_spec
+  monkeypatch.setattr(paths.importlib.util, 'find_spec',
+                      lambda name: None if name == 'gcsfs' else real(name))
+  with pytest.raises(paths.MissingExtraError) as e:
+    paths.exists('gs://bucket/run1/config.json')
+  assert str(e.value) == ('gs://bucket/run1/config.json: gs:// paths need the gcsfs client '
+                          'library: pip install "minvis-jax[gcs]"')
+  assert paths.check('/tmp/x') == '/tmp/x'
+
+
+@pytest.mark.parametrize('flags', [
+    ['train', '--config', 'tiny', '--workdir', 'gs://some-bucket/run1'],
+    ['evaluate', '--checkpoint', 'gs://some-bucket/run1'],
+    ['infer', '--checkpoint', 'ckpt', '--video', 'v.mp4', '--out', 'gs://some-bucket/out']])
+def test_without_the_gcs_extra_a_url_flag_fails_before_writing_anything(tmp_path, flags):
+  proc = subprocess.run([sys.executable, '-c', _WITHOUT_GCSFS, *flags], cwd=tmp_path,
+                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                        timeout=300)
+  url = next(f for f in flags if f.startswith('gs://'))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      f'minvis-jax {flags[0]}: error: {url}: gs:// paths need the gcsfs client library: '
+      'pip install "minvis-jax[gcs]"']
+  assert os.listdir(tmp_path) == []   # no local folder named gs:
+
+
+def test_bucket_writes_reads_and_listing(gcs_bucket, gcs_emulator):
+  from support import gcs_emulator as emulator  # noqa: PLC0415
+  run = paths.join(gcs_bucket, 'run1')
+  paths.makedirs(run)   # no directories on a bucket: nothing is created
+  assert emulator.list_objects(gcs_emulator, paths.bucket(run)) == []
+  metrics_writer.write_json(paths.join(run, 'eval', 'best.json'), {'step': 3})
+  metrics_writer.write_json(paths.join(run, 'eval', 'best.json'), {'step': 6})
+  with paths.open(paths.join(run, 'eval', 'best.json')) as f:
+    assert f.read() == '{"step": 6}'
+  # One object, written in one upload each time: no temporary object, no rename.
+  assert emulator.list_objects(gcs_emulator, paths.bucket(run)) == ['run1/eval/best.json']
+  assert paths.isdir(paths.join(run, 'eval')) and paths.isfile(paths.join(run, 'eval/best.json'))
+  assert paths.listdir(run) == ['eval']
+  with pytest.raises(FileNotFoundError):
+    paths.listdir(paths.join(run, 'nothing'))
+
+
+def test_a_bucket_jsonl_is_rewritten_whole_under_its_generation(gcs_bucket):
+  path = paths.join(gcs_bucket, 'run1', 'eval.jsonl')
+  first = paths.Appender(path)
+  first.append('{"step": 1}\n')
+  second = paths.Appender(path)   # a restarted writer continues the file ...
+  second.append('{"step": 2}\n')
+  with paths.open(path) as f:
+    assert f.read() == '{"step": 1}\n{"step": 2}\n'
+  # ... and a stale one fails instead of dropping the other's rows.
+  with pytest.raises(OSError, match=r'eval.jsonl: changed by another writer'):
+    first.append('{"step": 3}\n')
+  with paths.open(path) as f:
+    assert f.read() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_a_missing_bucket_is_one_line_and_nothing_is_written(gcs_emulator, tmp_path):
+  with pytest.raises(FileNotFoundError, match=r'^gs://no-such-bucket/run1/x.json: bucket '
+                     r'gs://no-such-bucket does not exist'):
+    metrics_writer.write_json('gs://no-such-bucket/run1/x.json', {})
+  proc = subprocess.run([sys.executable, '-m', 'minvis_jax.cli', 'train', '--config', 'tiny',
+                         '--workdir', 'gs://no-such-bucket/run1'], cwd=tmp_path,
+                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'minvis-jax train: error: gs://no-such-bucket/run1: bucket gs://no-such-bucket does not '
+      'exist (or these credentials cannot see it)')
+  assert os.listdir(tmp_path) == []
