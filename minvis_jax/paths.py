@@ -242,6 +242,30 @@ def write_via_local(path: str, write: Callable[[str], str]) -> str:
   return target
 
 
+def create_exclusive(path: str, data: bytes) -> bool:
+  """Writes `path` only if it does not exist; False when it does (another writer was first).
+  On gs:// one upload with the precondition 'no live generation', locally O_EXCL."""
+  if scheme(path) == 'gs':
+    from google.api_core import exceptions  # noqa: PLC0415  (the gcs extra)
+    try:
+      _gcs_blob(path).upload_from_string(data, if_generation_match=0)
+    except exceptions.PreconditionFailed:
+      return False
+    return True
+  if is_remote(path):   # stores without preconditions: check, then write (not race-free)
+    if _p(path).exists():
+      return False
+    _p(path).write_bytes(data)
+    return True
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, 'wb') as f:
+    f.write(data)
+  return True
+
+
 def remove(path: str) -> None:
   if is_remote(path):
     _p(path).unlink()

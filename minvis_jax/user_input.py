@@ -112,7 +112,7 @@ def path_under(root: str, relative: str, where: str) -> str:
   point anywhere (datasets are often assembled from links), a listed path may not."""
   # On the relative text alone, so a URL root (gs://bucket/data) is judged like a local one.
   normal = posixpath.normpath(relative.replace(os.sep, '/'))
-  if (os.path.isabs(relative) or paths.scheme(relative) or normal == '..'
+  if (posixpath.isabs(normal) or paths.scheme(relative) or normal == '..'
       or normal.startswith('../')):
     raise ValueError(f'{where}: path {relative!r} leaves the dataset root {root}')
   return paths.join(root, normal)

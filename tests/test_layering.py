@@ -106,6 +106,8 @@ FS_EXEMPT = {
     'minvis_jax.config_lib': 'config files are Python modules imported from a local folder',
     'minvis_jax.host_memory': "the host's own /proc and /dev files",
     'minvis_jax.video_io': '--video is decoded by ffmpeg / Pillow from a local file or folder',
+    'minvis_jax.workdir_lock': 'flock needs a local file (a URL work directory goes through the '
+                               'path layer: paths.create_exclusive)',
 }
 
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from minvis_jax import paths
 from minvis_jax import workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,3 +61,30 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path, caplog):
     assert json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())['pid'] == os.getpid()
   assert f'took over the lock of a run that died (host {socket.gethostname()}, pid ' \
          f'{holder.pid}' in caplog.text
+
+
+def test_a_bucket_workdir_is_locked_by_an_object_created_only_if_absent(gcs_bucket, caplog):
+  """On gs:// (no flock): the second holder is refused naming the first; a lock naming a dead pid
+  of this host is taken over; one naming another host is not (it cannot be told from a live run)."""
+  run = f'{gcs_bucket}/run'
+  lock = f'{run}/{workdir_lock.LOCK_FILE}'
+  with workdir_lock.held(run) as stale:
+    assert stale == ''
+    with paths.open(lock) as f:
+      assert json.load(f)['pid'] == os.getpid()
+    with pytest.raises(workdir_lock.WorkdirBusy, match=rf'{run}: in use by another training run '
+                       rf'\(host {socket.gethostname()}, pid {os.getpid()}, since .*delete {lock}'):
+      with workdir_lock.held(run):
+        pass
+  assert not paths.exists(lock)   # removed at the end
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  paths.write_atomic(lock, json.dumps({'host': socket.gethostname(), 'pid': int(dead),
+                                       'since': 'then'}))
+  with caplog.at_level(logging.WARNING), workdir_lock.held(run) as stale:
+    assert stale == f'host {socket.gethostname()}, pid {dead}, since then'
+  assert 'took over the lock of a run that died' in caplog.text
+  paths.write_atomic(lock, json.dumps({'host': 'another-host', 'pid': 1, 'since': 'then'}))
+  with pytest.raises(workdir_lock.WorkdirBusy, match='host another-host, pid 1'):
+    with workdir_lock.held(run):
+      pass
