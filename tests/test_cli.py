@@ -171,3 +171,14 @@ def test_flag_types_keep_the_values_in_range():
                       (cli.nonneg_float, '-0.1'), (cli.positive_float, 'x')):
     with pytest.raises(argparse.ArgumentTypeError):
       parse(text)
+
+
+def test_a_command_process_enables_faulthandler(tmp_path):
+  """A native crash (SIGSEGV, SIGABRT) of a command's own process leaves the Python stacks."""
+  code = ('import faulthandler, sys\nfrom minvis_jax import cli\n'
+          f"sys.argv = ['minvis-jax', 'evaluate', '--checkpoint', {str(tmp_path / 'none')!r}]\n"
+          'status = cli.main()\nprint(status, faulthandler.is_enabled())\n')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.stdout.split() == ['2', 'True'], proc.stderr[-2000:]
+  assert proc.stderr.endswith(f'{tmp_path / "none"}: no such checkpoint directory\n')
