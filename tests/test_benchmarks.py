@@ -34,6 +34,9 @@ CASES = {
     'tracking': (['tracking.py'], ['tracking_memory_vs_minvis_dry_run'], None),
     'input_pipeline': (['input_pipeline.py'], ['input_pipeline_vs_tiny_train_step_frames'], None),
     'long_video': (['long_video.py'], ['long_video_tiny_64x96_dry_run'], None),
+    'storage': (['storage.py'], ['input_s_per_frame_emulator_vs_local_72x128',
+                                 'tiny_checkpoint_save_emulator_vs_local',
+                                 'tiny_checkpoint_restore_emulator_vs_local'], None),
     'long_video_eval_fps': (['long_video.py', '--eval_fps'],
                             ['evaluate_fps_tiny_cpu_devices_dry_run'], None),
     'device': (['device.sh'], ['forward_tiny_64_b1_cpu', 'forward_tiny_64_b1_cpu_bfloat16',
@@ -41,7 +44,7 @@ CASES = {
                                'video_tiny_4f_64p_cpu'], _device_checks),
 }
 # Over about a minute each on two CPU cores (compiling a train step or several processes).
-SLOW = {'input_pipeline', 'long_video', 'long_video_eval_fps', 'device'}
+SLOW = {'input_pipeline', 'long_video', 'long_video_eval_fps', 'device', 'storage'}
 
 
 @pytest.mark.parametrize('case', [pytest.param(name, marks=pytest.mark.slow) if name in SLOW
