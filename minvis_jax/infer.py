@@ -19,20 +19,11 @@ import ml_collections
 from tqdm import tqdm
 
 from minvis_jax import metrics_writer
+from minvis_jax import model_forward
 from minvis_jax import predictor as predictor_lib
 from minvis_jax import video_io
 from minvis_jax import visualize
-
-def _category_table(config) -> tuple[list[int], list[str]]:
-  """(dataset category id, name) of class index 0..K-1: the config's if it has them, else 1..K."""
-  k = config.model.num_classes
-  data = config.get('data', {}) or {}
-  ids = list(data.get('category_ids', None) or range(1, k + 1))
-  names = list(data.get('category_names', None) or [f'class {i}' for i in ids])
-  if len(ids) != k or len(names) != k:
-    raise ValueError(f'config: data.category_ids/category_names have {len(ids)}/{len(names)} '
-                     f'entries for model.num_classes={k}')
-  return ids, names
+from minvis_jax.data import categories
 
 
 def count_processed(frames, bar, predictor: predictor_lib.VideoPredictor):
@@ -77,14 +68,14 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
     settings_from: where the config came from, for the summary line.
   """
   t0 = time.time()
-  ids, names = _category_table(config)
+  ids, names = categories.of_config(config)
   video = video_io.open_video(video_path)
   first = next(video.frames, None)
   if first is None:
     raise ValueError(f'{video_path}: the video has no frames')
   size = first.shape[:2]
   frames = video_io.same_size(itertools.chain([first], video.frames), size, video_path)
-  predictor = predictor_lib.from_config(config, variables)
+  predictor = model_forward.from_config(config, variables)
   valid = predictor_lib.valid_size(*size, config.data)
   # Updated once per window (a few per second at most): print every update.
   with tqdm(total=video.num_frames, unit='frame', desc='infer', dynamic_ncols=True, miniters=1,
