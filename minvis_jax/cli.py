@@ -3,6 +3,7 @@
   minvis-jax demo      [flags]   offline end-to-end run on generated videos (the main job)
   minvis-jax convert   --source hf --input HF_MODEL_DIR --out ckpt
   minvis-jax infer     --checkpoint ckpt --video clip.mp4 --out out
+  minvis-jax export    --checkpoint ckpt --out model.jax   (then infer --exported model.jax)
   minvis-jax train     --config minvis:dataset=ovis --workdir DIR
   minvis-jax evaluate  --checkpoint DIR [--config minvis] [--set data.manual_dir=DATA]
   minvis-jax data      synthetic --out DIR --videos N --frames T | build --dataset NAME ...
@@ -19,7 +20,6 @@ MINVIS_NO_REEXEC=1, or a GLIBC_TUNABLES naming a glibc.malloc tunable, to turn t
 """
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -31,10 +31,15 @@ from minvis_jax import config_lib
 from minvis_jax import convert
 from minvis_jax import demo
 from minvis_jax import evaluate
+from minvis_jax import export
+from minvis_jax import exported
 from minvis_jax import host_memory
 from minvis_jax import infer
+from minvis_jax import metrics_writer
+from minvis_jax import model_forward
 from minvis_jax import train
 from minvis_jax import watch
+from minvis_jax.data import categories
 from minvis_jax.data import synthetic
 from minvis_jax.data import tfds_builders
 
@@ -123,8 +128,9 @@ def parse_window(value: str) -> int | str:
 
 def _infer_flags(parser: argparse.ArgumentParser) -> None:
   parser.description = infer.__doc__.strip()
-  parser.add_argument('--checkpoint', required=True,
+  parser.add_argument('--checkpoint', default='',
                       help='minvis-jax checkpoint directory (written by convert or train)')
+  parser.add_argument('--exported', default='', help='instead: a file from `minvis-jax export`')
   parser.add_argument('--video', required=True, help='mp4/GIF file or folder of jpg/png frames')
   parser.add_argument('--out', required=True, help='output directory')
   add_config_flags(parser, default_help="the checkpoint's config.json")
@@ -140,15 +146,51 @@ def _infer_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _infer(args: argparse.Namespace) -> int:
+  if bool(args.checkpoint) == bool(args.exported):
+    raise ValueError('pass either --checkpoint DIR or --exported MODEL.jax')
+  if args.exported and (args.config or args.set):
+    raise ValueError('--exported: the artifact fixes the settings; --config/--set do not apply')
+  if args.exported:
+    return infer.run_exported(exported.load(args.exported), args.video, args.out,
+                              args.score_threshold, args.fps, args.top_k, args.window)
   config, variables = checkpoints.load_model(args.checkpoint, args.config)
   config_lib.apply_overrides(config, overrides(args))
   source = (args.config or "the checkpoint's config.json") + (' and flags' * bool(overrides(args)))
-  return infer.run(config, variables, args.video, args.out, args.score_threshold, args.fps, source)
+  return infer.run(model_forward.from_config(config, variables), config.data,
+                   categories.of_config(config), args.video, args.out, args.score_threshold,
+                   args.fps, source)
 
 
 COMMANDS['infer'] = ('MinVIS on one video file or frame folder: results JSON and overlay video',
                      _infer_flags, _infer)
 RENAMED_FLAGS['infer'] = {'--tracker': _TRACKER_SET}
+
+
+# --- export ---
+
+def _export_flags(parser: argparse.ArgumentParser) -> None:
+  parser.description = export.__doc__.strip()
+  parser.add_argument('--checkpoint', required=True, help='minvis-jax checkpoint directory')
+  parser.add_argument('--out', required=True, help='the artifact file, e.g. model.jax')
+  add_config_flags(parser, default_help="the checkpoint's config.json")
+  parser.add_argument('--frame_sizes', default='', metavar='HxW[,HxW...]',
+                      help='source frame sizes to serve: one module per padded input size they '
+                      'run at (default: 720x1280,480x640,480x480,640x480,1280x720)')
+  parser.add_argument('--platforms', default='cpu,cuda,tpu', help='platforms the modules run on')
+
+
+def _export(args: argparse.Namespace) -> int:
+  config, variables = checkpoints.load_model(args.checkpoint, args.config)
+  config_lib.apply_overrides(config, overrides(args))
+  info = export.write(args.out, config, variables, export.parse_frame_sizes(args.frame_sizes),
+                      args.platforms.split(','))
+  shown = ', '.join(f'{h}x{w}' for h, w in info['buckets'])
+  print(f'wrote {args.out}: {os.path.getsize(args.out) / 2**20:.1f} MiB, input sizes {shown} on '
+        f'{args.platforms}; jax {jax.__version__}, serialization {info["serialization_version"]}')
+  return 0
+
+
+COMMANDS['export'] = ('the model as one file that runs with JAX alone', _export_flags, _export)
 
 
 # --- demo ---
@@ -215,32 +257,9 @@ def _convert_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--seed', type=int, default=0, help='init of the head for backbone sources')
 
 
-def _convert_config(args: argparse.Namespace):
-  """(experiment config, weights file, HF config.json or ''), checked against each other."""
-  hf, origin, weights = None, '', args.input
-  if args.source == 'hf':
-    weights, hf_path = convert.hf_files(args.input, args.hf_config)
-    if hf_path:
-      hf, origin = convert.read_hf_config(hf_path), hf_path
-  elif args.hf_config:
-    raise ValueError('--hf_config is for --source hf')
-  model = convert.model_config_from_hf(hf) if hf else None
-  if args.config:
-    config = config_lib.load_config(args.config)
-    if model is not None:
-      checkpoints.check_architecture(model, config.model, args.config, origin)
-  elif model is not None:
-    config = convert.experiment_for(model, convert.hf_labels(hf, model.num_classes))
-  else:
-    raise ValueError(f'--source {args.source}: {args.input} carries no model config; pass '
-                     f'--config (e.g. --config coco:backbone=r50 for a COCO Mask2Former, '
-                     f'--config minvis:dataset=ovis for a MinVIS OVIS model)')
-  config_lib.apply_overrides(config, overrides(args))
-  return config, weights, origin
-
-
 def _convert(args: argparse.Namespace) -> int:
-  config, weights, origin = _convert_config(args)
+  config, weights, origin = convert.experiment_config(
+      args.source, args.input, args.hf_config, args.config, overrides(args))
   state = convert.read_weights(weights)
   if args.source == 'hf':
     convert.check_state_shapes(state, config.model, args.config or origin, weights)
@@ -354,24 +373,6 @@ def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
   add_distributed_flags(parser)
 
 
-@contextlib.contextmanager
-def _progress_on_stdout(logger: logging.Logger):
-  """`logger`'s INFO lines on stdout, with their time, while the block runs (absl keeps the root
-  logger at WARNING; propagating would print them twice)."""
-  handler = logging.StreamHandler(sys.stdout)
-  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
-  level, propagate = logger.level, logger.propagate
-  logger.addHandler(handler)
-  logger.setLevel(logging.INFO)
-  logger.propagate = False
-  try:
-    yield
-  finally:
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = propagate
-
-
 def _split_and_max_videos(config) -> tuple[str, int]:
   """data.eval_split, eval.max_videos ('' and 0 where a checkpoint's config has no such key)."""
   return config.data.get('eval_split', ''), (config.get('eval', None) or {}).get('max_videos', 0)
@@ -387,7 +388,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     config = (config_lib.load_config(args.config) if args.config
               else watch.wait_for_config(args.watch, args.timeout))
     config_lib.apply_overrides(config, overrides(args))
-    with _progress_on_stdout(logging.getLogger('minvis_jax')):
+    with metrics_writer.progress_on_stdout(logging.getLogger('minvis_jax')):
       return watch.run(config, args.watch, args.out, *_split_and_max_videos(config),
                        timeout=args.timeout)
   config, variables = checkpoints.load_model(args.checkpoint, args.config)

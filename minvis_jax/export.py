@@ -30,7 +30,10 @@ DEFAULT_FRAME_SIZES = ((720, 1280), (480, 640), (480, 480), (640, 480), (1280, 7
 
 
 def parse_frame_sizes(text: str) -> list[tuple[int, int]]:
-  """'720x1280,480x640' -> [(720, 1280), (480, 640)] (height x width of the source frames)."""
+  """'720x1280,480x640' -> [(720, 1280), (480, 640)] (height x width of the source frames);
+  '' -> DEFAULT_FRAME_SIZES."""
+  if not text:
+    return list(DEFAULT_FRAME_SIZES)
   sizes = []
   for item in text.split(','):
     h, _, w = item.strip().partition('x')

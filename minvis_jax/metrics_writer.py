@@ -1,7 +1,11 @@
-"""Files a run writes as it goes: metric rows (JSON lines + TensorBoard) and atomic JSON files."""
+"""Files a run writes as it goes: metric rows (JSON lines + TensorBoard) and atomic JSON files;
+progress lines on stdout."""
 
+import contextlib
 import json
+import logging
 import os
+import sys
 
 
 def write_json(path: str, obj, indent: int | None = None) -> None:
@@ -53,3 +57,21 @@ class MetricWriter:
     if self.active:
       self._tb.close()
       self._jsonl.close()
+
+
+@contextlib.contextmanager
+def progress_on_stdout(logger: logging.Logger):
+  """`logger`'s INFO lines on stdout, with their time, while the block runs (absl keeps the root
+  logger at WARNING; propagating would print them twice)."""
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+  level, propagate = logger.level, logger.propagate
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  try:
+    yield
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = propagate
