@@ -70,3 +70,14 @@ def tiny_checkpoint(tmp_path_factory):
   checkpoints.save_variables(path, variables)
   checkpoints.save_config(path, config)
   return path, config, variables
+
+
+@pytest.fixture(scope='session')
+def tiny_exported(tiny_checkpoint, tmp_path_factory):
+  """(artifact path, config, variables): `tiny_checkpoint`'s model exported (minvis_jax/export.py)
+  for 64x96 frames (one module, input 128x192) on the cpu, cuda and tpu platforms."""
+  from minvis_jax import export  # noqa: PLC0415  (jax only after the environment is set)
+  _, config, variables = tiny_checkpoint
+  path = str(tmp_path_factory.mktemp('exported') / 'model.jax')
+  export.write(path, config, variables, [(64, 96)])
+  return path, config, variables
