@@ -39,6 +39,21 @@ def padded_size(height: int, width: int, data) -> tuple[int, int]:
   return transforms.padded_size(h, w, data.size_divisibility)
 
 
+class _Modules:
+  """The modules of an artifact by padded input size; calling it is `Model.apply`. Apart from the
+  model (which holds the weights), so the predictor's cache of compiled steps keeps no weights."""
+
+  def __init__(self, path: str, modules: dict):
+    self.path, self.modules = path, modules   # (Hp, Wp) -> jax.export.Exported
+
+  def __call__(self, weights: list, images: jax.Array) -> dict:
+    size = tuple(int(s) for s in images.shape[1:3])
+    if size not in self.modules:
+      raise ValueError(f'{self.path}: no module for input size {size[0]}x{size[1]}; it holds '
+                       f'{_sizes(sorted(self.modules))} (export again with --frame_sizes)')
+    return self.modules[size].call(weights, images)
+
+
 class Model:
   """An exported model, loaded (`load`): its per-frame forward and what it needs around it.
 
@@ -46,28 +61,26 @@ class Model:
   weights: the model's variables as a list of arrays (the modules' first argument).
   data: the input settings (min_size_test, max_size_test, size_divisibility, mean, std), as
     `predictor.preprocess` and `predictor.valid_size` read them.
-  buckets: the padded input sizes (Hp, Wp) the artifact holds a module for.
+  modules: {(Hp, Wp): jax.export.Exported}, one per bucket (padded input size).
+  buckets: their sizes, sorted.
   """
 
   def __init__(self, path: str, manifest: dict, modules: dict, weights: list):
     self.path, self.manifest = path, manifest
-    self._modules = modules                 # (Hp, Wp) -> jax.export.Exported
+    self.modules = modules
+    self._modules = _Modules(path, modules)
     self.weights = [jax.device_put(w) for w in weights]
     self.data = types.SimpleNamespace(**manifest['input'])
     self.buckets = sorted(modules)
     self.category_ids = list(manifest['category_ids'])
     self.category_names = list(manifest['category_names'])
-    self._forward = jax.jit(self.apply)
+    self._forward = jax.jit(self._modules)
 
   def apply(self, weights: list, images: jax.Array) -> dict:
     """images float32 [N, Hp, Wp, 3] (normalised, zero padded: `preprocess`), N any, (Hp, Wp) one
     of `buckets` -> {'pred_logits' [N, Q, K+1], 'pred_masks' [N, Q, Hp/4, Wp/4], 'pred_embds'
     [N, Q, C]} (float32). Traceable: runs inside jit and shard_map."""
-    size = tuple(int(s) for s in images.shape[1:3])
-    if size not in self._modules:
-      raise ValueError(f'{self.path}: no module for input size {size[0]}x{size[1]}; it holds '
-                       f'{_sizes(self.buckets)} (export again with --frame_sizes)')
-    return self._modules[size].call(weights, images)
+    return self._modules(weights, images)
 
   def forward(self, images) -> dict:
     """`apply` with this model's weights, jitted: the per-frame forward [N, Hp, Wp, 3] -> dict."""
@@ -76,7 +89,7 @@ class Model:
   def predictor_forward(self) -> predictor.Forward:
     """The forward as `predictor.VideoPredictor` takes it."""
     m = self.manifest
-    return predictor.Forward(self.apply, int(m['num_queries']), int(m['hidden_dim']))
+    return predictor.Forward(self._modules, int(m['num_queries']), int(m['hidden_dim']))
 
   def tracker(self) -> tracking.Tracker:
     t = self.manifest['inference']['tracker']
@@ -93,7 +106,7 @@ class Model:
   def check_frame_size(self, height: int, width: int, where: str) -> None:
     """Raises a one-line error naming `where` when frames of this size have no module."""
     hp, wp = padded_size(height, width, self.data)
-    if (hp, wp) not in self._modules:
+    if (hp, wp) not in self.modules:
       raise ValueError(
           f'{where}: frames of {height}x{width} run at {hp}x{wp}, which {self.path} has no module '
           f'for (it holds {_sizes(self.buckets)}); export again with --frame_sizes '

@@ -89,7 +89,7 @@ def test_manifest_and_modules(tiny_exported):
       'window': 'auto', 'top_k': config.inference.top_k,
       'tracker': {'kind': config.inference.tracker, 'momentum': config.inference.memory_momentum,
                   'min_score': config.inference.memory_min_score}}
-  module = exported.load(path)._modules[(128, 192)]
+  module = exported.load(path).modules[(128, 192)]
   assert module.platforms == ('cpu', 'cuda', 'tpu')
   images = module.in_avals[-1]
   assert jax.export.is_symbolic_dim(images.shape[0]) and images.shape[1:] == (128, 192, 3)
