@@ -148,7 +148,17 @@ def _deserialize(path: str, name: str, data: bytes, manifest: dict):
     raise ValueError(
         f'{path}: {name}: jax {jax.__version__} cannot read this module, exported by jax '
         f'{manifest.get("jax_version")} with serialization version '
-        f'{manifest.get("serialization_version")} ({type(e).__name__}: {e})') from e
+        f'{manifest.get("serialization_version")} ({type(e).__name__}: {" ".join(str(e).split())})'
+    ) from e
+
+
+def _read_weights(path: str, data: bytes) -> list[np.ndarray]:
+  try:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+      return [npz[f'arr_{i}'] for i in range(len(npz.files))]
+  except (ValueError, OSError, zipfile.BadZipFile) as e:   # truncated or not an npz
+    raise ValueError(f'{path}: {WEIGHTS} is unreadable ({" ".join(str(e).split())}); export the '
+                     'model again') from e
 
 
 def read_manifest(path: str, archive: zipfile.ZipFile) -> dict:
@@ -180,8 +190,7 @@ def load(path: str) -> Model:
     try:
       modules = {tuple(b): _deserialize(path, module_name(b), archive.read(module_name(b)),
                                         manifest) for b in manifest['buckets']}
-      with np.load(io.BytesIO(archive.read(WEIGHTS)), allow_pickle=False) as npz:
-        weights = [npz[f'arr_{i}'] for i in range(len(npz.files))]
+      weights = _read_weights(path, archive.read(WEIGHTS))
     except KeyError as e:
       raise _not_artifact(path, f'missing {e}') from e
   return Model(path, manifest, modules, weights)

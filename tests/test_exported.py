@@ -102,6 +102,20 @@ def test_not_an_artifact(tmp_path, tiny_exported):
     b.writestr('manifest.json', a.read('manifest.json'))
   with pytest.raises(ValueError, match=f'^{missing}: not a minvis-jax .*forward_128x192.bin'):
     exported.load(missing)
+  truncated = tmp_path / 'truncated.jax'
+  truncated.write_bytes(open(tiny_exported[0], 'rb').read()[:100_000])   # an interrupted copy
+  with pytest.raises(ValueError, match=f'^{truncated}: not a minvis-jax .*not a zip archive'):
+    exported.load(str(truncated))
+  for member, message in (('forward_128x192.bin', 'forward_128x192.bin: jax .* cannot read this '
+                           'module, exported by jax .* with serialization version'),
+                          ('weights.npz', 'weights.npz is unreadable')):
+    broken = str(tmp_path / f'broken_{member}.jax')
+    with zipfile.ZipFile(tiny_exported[0]) as a, zipfile.ZipFile(broken, 'w') as b:
+      for name in a.namelist():
+        b.writestr(name, b'garbage' if name == member else a.read(name))
+    with pytest.raises(ValueError, match=f'^{broken}: {message}') as e:
+      exported.load(broken)
+    assert '\n' not in str(e.value)
 
 
 def test_infer_exported_with_a_bad_file_is_one_line(tmp_path, capsys):
