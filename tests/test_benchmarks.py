@@ -33,6 +33,7 @@ CASES = {
     'deform_attn': (['deform_attn.py'], ['deform_attn_fwd_bwd_b1_s64_levels4_8'], None),
     'tracking': (['tracking.py'], ['tracking_memory_vs_minvis_dry_run'], None),
     'input_pipeline': (['input_pipeline.py'], ['input_pipeline_vs_tiny_train_step_frames'], None),
+    'export': (['export.py'], ['exported_video_tiny_2f_64x96'], None),
     'long_video': (['long_video.py'], ['long_video_tiny_64x96_dry_run'], None),
     'long_video_eval_fps': (['long_video.py', '--eval_fps'],
                             ['evaluate_fps_tiny_cpu_devices_dry_run'], None),
@@ -41,7 +42,7 @@ CASES = {
                                'video_tiny_4f_64p_cpu'], _device_checks),
 }
 # Over about a minute each on two CPU cores (compiling a train step or several processes).
-SLOW = {'input_pipeline', 'long_video', 'long_video_eval_fps', 'device'}
+SLOW = {'input_pipeline', 'long_video', 'long_video_eval_fps', 'device', 'export'}
 
 
 @pytest.mark.parametrize('case', [pytest.param(name, marks=pytest.mark.slow) if name in SLOW
