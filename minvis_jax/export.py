@@ -98,6 +98,9 @@ def write(path: str, config: ml_collections.ConfigDict, variables, frame_sizes,
           platforms=PLATFORMS) -> dict:
   """Exports the model of `config`/`variables` for frames of `frame_sizes` [(H, W)] to the file
   `path` (written to a temporary name, then renamed: never half a file). Returns the manifest."""
+  unknown = [p for p in platforms if p not in ('cpu', 'cuda', 'rocm', 'tpu')]
+  if unknown or not platforms:
+    raise ValueError(f'--platforms: expected some of cpu, cuda, rocm, tpu; got {list(platforms)}')
   model_config = ModelConfig.from_config(config.model)
   sizes = buckets(frame_sizes, config.data)
   modules = {b: export_forward(model_config, variables, b, platforms) for b in sizes}

@@ -213,7 +213,8 @@ class VideoPredictor:
   top_k: tracks kept per video.
   tracker: the association (`tracking.Tracker`).
   devices: the devices a window is sharded over (default: all local devices).
-  The values come from `config.inference` (`from_config`), checked by `config_lib.validate`.
+  The values come from `config.inference` (`model_forward.from_config`), checked by
+  `config_lib.validate`.
   """
 
   def __init__(self, forward: Forward, variables, window: int | str, top_k: int,
@@ -330,4 +331,3 @@ def preprocess(frames: Iterable[np.ndarray], data_config) -> Iterator[np.ndarray
 def valid_size(height: int, width: int, data_config) -> tuple[int, int]:
   return transforms.resize_shape(height, width, data_config.min_size_test,
                                  data_config.max_size_test)
-

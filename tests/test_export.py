@@ -29,6 +29,14 @@ def test_parse_frame_sizes():
       export.parse_frame_sizes(bad)
 
 
+def test_unknown_platform(tiny_checkpoint, tmp_path):
+  _, config, variables = tiny_checkpoint
+  with pytest.raises(ValueError, match=r"--platforms: expected some of cpu, cuda, rocm, tpu; got "
+                     r"\['cpu', 'gpu'\]"):
+    export.write(str(tmp_path / 'm.jax'), config, variables, [(64, 96)], ['cpu', 'gpu'])
+  assert not os.listdir(tmp_path)
+
+
 def test_buckets_are_the_padded_test_sizes():
   data = config_lib.load_config('tiny').data   # short side 128, long side <= 224, multiple of 32
   assert (data.min_size_test, data.max_size_test, data.size_divisibility) == (128, 224, 32)
