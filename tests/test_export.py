@@ -129,7 +129,7 @@ def test_export_command_then_infer_exported(tiny_checkpoint, tmp_path, capsys):
   folder = videos.write_folder(tmp_path / 'frames', videos.moving_square_frames(4))
   artifact = str(tmp_path / 'model.jax')
   assert cli.main(['export', '--checkpoint', ckpt, '--out', artifact, '--frame_sizes',
-                   '64x96,480x640', '--platforms', 'cpu']) == 0
+                   '64x96,720x1280', '--platforms', 'cpu']) == 0
   line = capsys.readouterr().out.strip()
   assert line.startswith(f'wrote {artifact}: ') and 'input sizes 128x192, 128x224 on cpu' in line
   assert not os.path.exists(artifact + '.tmp')
