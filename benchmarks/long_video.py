@@ -32,6 +32,7 @@ from support.variables import random_variables  # noqa: E402
 
 from minvis_jax import config_lib  # noqa: E402
 from minvis_jax import evaluate  # noqa: E402
+from minvis_jax import model_forward  # noqa: E402
 from minvis_jax import predictor  # noqa: E402
 from minvis_jax import tracking  # noqa: E402
 from minvis_jax.models import ModelConfig  # noqa: E402
@@ -55,8 +56,9 @@ def _child(num_frames: int, window, dry_run: bool) -> dict:
       yield np.roll(base, t, axis=1) * (base != 0)
 
   start = time.perf_counter()
-  tracks = predictor.VideoPredictor(model, variables, window, config.inference.top_k,
-                                    tracking.tracker_from_config(config))(frames(), (h, w), (h, w))
+  tracks = predictor.VideoPredictor(model_forward.forward(model), variables, window,
+                                    config.inference.top_k, tracking.tracker_from_config(config))(
+      frames(), (h, w), (h, w))
   end = time.perf_counter()
   pw = predictor.auto_window((hp, w), jax.local_devices()) if window == 'auto' else window
   # Frames/s after the first window (compilation).

@@ -31,7 +31,7 @@ from reference_models import converted  # noqa: E402
 from timing import result_line  # noqa: E402
 
 from minvis_jax import host_memory  # noqa: E402
-from minvis_jax import cli, config_lib, predictor, tracking  # noqa: E402
+from minvis_jax import cli, config_lib, model_forward, predictor, tracking  # noqa: E402
 from minvis_jax.models import ModelConfig  # noqa: E402
 
 
@@ -155,9 +155,9 @@ def main(argv=None):
   model.to(device)
   data = data_config(args.short, max(args.short * 1333 // 800, args.short))
   frames = generated_video(args.frames, args.height, args.width)
-  video_predictor = predictor.VideoPredictor(ModelConfig.from_config(model_config),
-                                             jax.device_put(variables), args.window, args.top_k,
-                                             tracking.Tracker('minvis', 0.0, 0.0))
+  video_predictor = predictor.VideoPredictor(
+      model_forward.forward(ModelConfig.from_config(model_config)), jax.device_put(variables),
+      args.window, args.top_k, tracking.Tracker('minvis', 0.0, 0.0))
 
   def run_ours():
     return ours(video_predictor, frames, data)

@@ -3,6 +3,7 @@
   minvis-jax demo      [flags]   offline end-to-end run on generated videos (the main job)
   minvis-jax convert   --source hf --input HF_MODEL_DIR --out ckpt
   minvis-jax infer     --checkpoint ckpt --video clip.mp4 --out out
+  minvis-jax export    --checkpoint ckpt --out model.jax   (then infer --exported model.jax)
   minvis-jax train     --config minvis:dataset=ovis --workdir DIR
   minvis-jax evaluate  --checkpoint DIR [--config minvis] [--set data.manual_dir=DATA]
   minvis-jax data      synthetic --out DIR --videos N --frames T | build --dataset NAME ...
@@ -32,13 +33,17 @@ from minvis_jax import console
 from minvis_jax import convert
 from minvis_jax import demo
 from minvis_jax import evaluate
+from minvis_jax import export
+from minvis_jax import exported
 from minvis_jax import host_memory
 from minvis_jax import infer
+from minvis_jax import model_forward
 from minvis_jax import paths
 from minvis_jax import train
 from minvis_jax import user_input
 from minvis_jax import watch
 from minvis_jax import workdir_lock
+from minvis_jax.data import categories
 from minvis_jax.data import synthetic
 from minvis_jax.data import tfds_builders
 
@@ -149,8 +154,9 @@ def parse_window(value: str) -> int | str:
 
 def _infer_flags(parser: argparse.ArgumentParser) -> None:
   parser.description = infer.__doc__.strip()
-  parser.add_argument('--checkpoint', required=True,
+  parser.add_argument('--checkpoint', default='',
                       help='minvis-jax checkpoint directory (written by convert or train)')
+  parser.add_argument('--exported', default='', help='instead: a file from `minvis-jax export`')
   parser.add_argument('--video', required=True, help='mp4/GIF file or folder of jpg/png frames')
   parser.add_argument('--out', required=True, help='output directory')
   add_config_flags(parser, default_help="the checkpoint's config.json")
@@ -166,15 +172,51 @@ def _infer_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _infer(args: argparse.Namespace) -> int:
+  if bool(args.checkpoint) == bool(args.exported):
+    raise ValueError('pass either --checkpoint DIR or --exported MODEL.jax')
+  if args.exported and (args.config or args.set):
+    raise ValueError('--exported: the artifact fixes the settings; --config/--set do not apply')
+  if args.exported:
+    return infer.run_exported(exported.load(args.exported), args.video, args.out,
+                              args.score_threshold, args.fps, args.top_k, args.window)
   config, variables = checkpoints.load_model(args.checkpoint, args.config)
   config_lib.apply_overrides(config, overrides(args))
   source = (args.config or "the checkpoint's config.json") + (' and flags' * bool(overrides(args)))
-  return infer.run(config, variables, args.video, args.out, args.score_threshold, args.fps, source)
+  return infer.run(model_forward.from_config(config, variables), config.data,
+                   categories.of_config(config), args.video, args.out, args.score_threshold,
+                   args.fps, source)
 
 
 COMMANDS['infer'] = ('MinVIS on one video file or frame folder: results JSON and overlay video',
                      _infer_flags, _infer)
 RENAMED_FLAGS['infer'] = {'--tracker': _TRACKER_SET}
+
+
+# --- export ---
+
+def _export_flags(parser: argparse.ArgumentParser) -> None:
+  parser.description = export.__doc__.strip()
+  parser.add_argument('--checkpoint', required=True, help='minvis-jax checkpoint directory')
+  parser.add_argument('--out', required=True, help='the artifact file, e.g. model.jax')
+  add_config_flags(parser, default_help="the checkpoint's config.json")
+  parser.add_argument('--frame_sizes', default='', metavar='HxW[,HxW...]',
+                      help='source frame sizes to serve: one module per padded input size they '
+                      'run at (default: 720x1280,480x640,480x480,640x480,1280x720)')
+  parser.add_argument('--platforms', default='cpu,cuda,tpu', help='platforms the modules run on')
+
+
+def _export(args: argparse.Namespace) -> int:
+  config, variables = checkpoints.load_model(args.checkpoint, args.config)
+  config_lib.apply_overrides(config, overrides(args))
+  info = export.write(args.out, config, variables, export.parse_frame_sizes(args.frame_sizes),
+                      args.platforms.split(','))
+  shown = ', '.join(f'{h}x{w}' for h, w in info['buckets'])
+  print(f'wrote {args.out}: {os.path.getsize(args.out) / 2**20:.1f} MiB, input sizes {shown} on '
+        f'{args.platforms}; jax {jax.__version__}, serialization {info["serialization_version"]}')
+  return 0
+
+
+COMMANDS['export'] = ('the model as one file that runs with JAX alone', _export_flags, _export)
 
 
 # --- demo ---
@@ -245,32 +287,9 @@ def _convert_flags(parser: argparse.ArgumentParser) -> None:
                       help='init of the head for backbone sources')
 
 
-def _convert_config(args: argparse.Namespace):
-  """(experiment config, weights file, HF config.json or ''), checked against each other."""
-  hf, origin, weights = None, '', args.input
-  if args.source == 'hf':
-    weights, hf_path = convert.hf_files(args.input, args.hf_config)
-    if hf_path:
-      hf, origin = convert.read_hf_config(hf_path), hf_path
-  elif args.hf_config:
-    raise ValueError('--hf_config is for --source hf')
-  model = convert.model_config_from_hf(hf) if hf else None
-  if args.config:
-    config = config_lib.load_config(args.config)
-    if model is not None:
-      checkpoints.check_architecture(model, config.model, args.config, origin)
-  elif model is not None:
-    config = convert.experiment_for(model, convert.hf_labels(hf, model.num_classes))
-  else:
-    raise ValueError(f'--source {args.source}: {args.input} carries no model config; pass '
-                     f'--config (e.g. --config coco:backbone=r50 for a COCO Mask2Former, '
-                     f'--config minvis:dataset=ovis for a MinVIS OVIS model)')
-  config_lib.apply_overrides(config, overrides(args))
-  return config, weights, origin
-
-
 def _convert(args: argparse.Namespace) -> int:
-  config, weights, origin = _convert_config(args)
+  config, weights, origin = convert.experiment_config(
+      args.source, args.input, args.hf_config, args.config, overrides(args))
   state = convert.read_weights(weights)
   if args.source == 'hf':
     convert.check_state_shapes(state, config.model, args.config or origin, weights)

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minvis_jax import metrics_writer
+from minvis_jax import model_forward
 from minvis_jax import paths
 from minvis_jax import predictor as predictor_lib
 from minvis_jax import user_input
@@ -81,7 +82,7 @@ def predict_dataset(config, variables, dataset: ytvis.VisDataset, max_videos: in
       raise ValueError(f'{dataset.json_path}: video {video.id} ({video.name!r}): no frames')
   mine = assign_videos([len(v.frame_paths) for v in videos],
                        jax.process_count())[jax.process_index()]
-  predictor = predictor_lib.from_config(config, variables, devices)
+  predictor = model_forward.from_config(config, variables, devices)
   results = {}
   bar = tqdm(total=sum(len(videos[i].frame_paths) for i in mine), unit='frame', desc='evaluate',
              disable=not progress or jax.process_index() != 0, dynamic_ncols=True)

@@ -5,35 +5,27 @@ The model's config (the checkpoint's config.json, or --config) fixes how the vid
 resolution (frames are resized to short side data.min_size_test, long side at most
 data.max_size_test), the frames per forward (inference.window), the tracks kept (inference.top_k),
 the association (inference.tracker) and the class names drawn. --set overrides any config field.
+With --exported model.jax (from `minvis-jax export`) the artifact's manifest fixes them instead
+(--top_k and --window still apply) and the Flax model code is not imported (docs/export.md).
 
   minvis-jax infer --checkpoint ckpt --video clip.mp4 --out out
   minvis-jax infer --checkpoint ckpt --video frames/ --out out --fps 6 --score_threshold 0.5
   minvis-jax infer --checkpoint ckpt --video clip.mp4 --out out --set data.min_size_test=480
+  minvis-jax infer --exported model.jax --video clip.mp4 --out out
 """
 
 import itertools
 import time
 
-import ml_collections
 from tqdm import tqdm
 
+from minvis_jax import exported
 from minvis_jax import metrics_writer
 from minvis_jax import paths
 from minvis_jax import predictor as predictor_lib
 from minvis_jax import user_input
 from minvis_jax import video_io
 from minvis_jax import visualize
-
-def _category_table(config) -> tuple[list[int], list[str]]:
-  """(dataset category id, name) of class index 0..K-1: the config's if it has them, else 1..K."""
-  k = config.model.num_classes
-  data = config.get('data', {}) or {}
-  ids = list(data.get('category_ids', None) or range(1, k + 1))
-  names = list(data.get('category_names', None) or [f'class {i}' for i in ids])
-  if len(ids) != k or len(names) != k:
-    raise ValueError(f'config: data.category_ids/category_names have {len(ids)}/{len(names)} '
-                     f'entries for model.num_classes={k}')
-  return ids, names
 
 
 def count_processed(frames, bar, predictor: predictor_lib.VideoPredictor):
@@ -63,22 +55,25 @@ def _window_text(predictor: predictor_lib.VideoPredictor) -> str:
   return f'{per_device} frame{"s" * (per_device > 1)} per device x {n} device{"s" * (n > 1)}'
 
 
-def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out: str,
-        score_threshold: float, fps: float | None, settings_from: str) -> int:
-  """Runs the model of `config`/`variables` on one video and writes OUT/results.json (YouTube-VIS
-  results format, dataset category ids) and OUT/overlay.mp4 (or .gif); prints a summary.
+def run(predictor: predictor_lib.VideoPredictor, data, table: tuple[list[int], list[str]],
+        video_path: str, out: str, score_threshold: float, fps: float | None,
+        settings_from: str, check_frame_size=None) -> int:
+  """Runs `predictor` on one video and writes OUT/results.json (YouTube-VIS results format,
+  dataset category ids) and OUT/overlay.mp4 (or .gif); prints a summary.
 
   Args:
-    config: the experiment (model, data.min/max_size_test, inference.window/top_k/tracker).
-    variables: the model's variables.
+    predictor: the live model's (`model_forward.from_config`) or an exported one's.
+    data: its input settings (min_size_test, max_size_test, size_divisibility, mean, std).
+    table: (dataset category id, name) of each class index (`categories.of_config`).
     video_path: an mp4 (anything ffmpeg reads), a GIF, or a folder of jpg/png frames.
     out: output directory.
     score_threshold: tracks drawn on the overlay need at least this score (all are in the JSON).
     fps: the overlay's frame rate; None: the source video's, 10 for a frame folder.
-    settings_from: where the config came from, for the summary line.
+    settings_from: where the settings came from, for the summary line.
+    check_frame_size: (h, w, where) -> None, raises for a frame size the model cannot run.
   """
+  ids, names = table
   t0 = time.time()
-  ids, names = _category_table(config)
   user_input.check_output_dir(out, '--out')
   video = video_io.open_video(video_path)
   if video.skipped:   # said before the work, and again in the summary
@@ -87,17 +82,18 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
   if first is None:
     raise ValueError(f'{video_path}: the video has no frames')
   size = first.shape[:2]
+  if check_frame_size is not None:
+    check_frame_size(*size, video_path)
   frames = video_io.same_size(itertools.chain([first], video.frames), size, video_path)
-  predictor = predictor_lib.from_config(config, variables)
   try:
-    valid = predictor_lib.valid_size(*size, config.data)
+    valid = predictor_lib.valid_size(*size, data)
   except ValueError as e:
     raise ValueError(f'{video_path}: {e}') from None
   # Updated once per window (a few per second at most): print every update.
   with tqdm(total=video.num_frames, unit='frame', desc='infer', dynamic_ncols=True, miniters=1,
             mininterval=0) as bar:
     tracks = predictor(
-        count_processed(predictor_lib.preprocess(frames, config.data), bar, predictor), valid, size)
+        count_processed(predictor_lib.preprocess(frames, data), bar, predictor), valid, size)
     num_frames = len(tracks[0]['segmentations']) if tracks else 0
     bar.set_postfix_str('', refresh=False)
     bar.update(num_frames - bar.n)
@@ -117,8 +113,8 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
 
   rate = f' at {video.fps:g} fps' if video.fps else ''
   print(f'{video_path}: {num_frames} frames of {size[0]}x{size[1]}{rate}, run at {valid[0]}x'
-        f'{valid[1]} (data.min_size_test={config.data.min_size_test}, max_size_test='
-        f'{config.data.max_size_test}), window {_window_text(predictor)}, top {predictor.top_k} '
+        f'{valid[1]} (data.min_size_test={data.min_size_test}, max_size_test='
+        f'{data.max_size_test}), window {_window_text(predictor)}, top {predictor.top_k} '
         f'(from {settings_from}): {len(tracks)} tracks ({shown} with score >= {score_threshold}) '
         f'in {time.time() - t0:.1f} s')
   for track in tracks:
@@ -134,3 +130,13 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
       raise OSError(f'{path}: not written (empty or missing after the run)')
   print(f'wrote {results_path} and {overlay_path} ({fps:g} fps)')
   return 0
+
+
+def run_exported(model: exported.Model, video_path: str, out: str, score_threshold: float,
+                 fps: float | None, top_k: int | None, window: int | str | None) -> int:
+  """`run` with an exported model (`exported.load`): the artifact's input settings, classes and
+  tracker, without the model code, config files or checkpoint; top_k and window: None for the
+  manifest's."""
+  predictor = model.video_predictor(window, top_k)
+  return run(predictor, model.data, (model.category_ids, model.category_names), video_path, out,
+             score_threshold, fps, model.path, model.check_frame_size)

@@ -18,22 +18,35 @@ written sequentially and read back for k queries.
 import functools
 import os
 import tempfile
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from minvis_jax import ops
 from minvis_jax import tracking
 from minvis_jax.data import transforms
-from minvis_jax.models import Mask2Former
-from minvis_jax.models import ModelConfig
 
 P = jax.sharding.PartitionSpec
+
+
+class Forward(NamedTuple):
+  """The per-frame computation the predictor runs: the live Flax model (`model_forward.forward`)
+  or an exported one (`exported.load(path).predictor_forward()`); the predictor needs nothing else
+  of the model.
+
+  apply(variables, images [N, Hp, Wp, 3] normalised and zero padded) -> {'pred_logits'
+    [N, Q, K+1], 'pred_masks' [N, Q, Hp/4, Wp/4], 'pred_embds' [N, Q, C]} (float32; other keys
+    are ignored); traced inside the predictor's jitted step. Hashable: the step is compiled once
+    per Forward, mesh and tracker.
+  num_queries, hidden_dim: Q and C (the association's state).
+  """
+  apply: Callable[[Any, jax.Array], dict]
+  num_queries: int
+  hidden_dim: int
 
 
 def _windows(images: Iterable[np.ndarray], window: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -70,10 +83,9 @@ def _mask_logits_t(m: jnp.ndarray, padded_size, valid_size, out_size) -> jnp.nda
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(model_config: ModelConfig, mesh: jax.sharding.Mesh, tracker: tracking.Tracker):
-  """The jitted window step of a model config, mesh and tracker, shared by every predictor (so a
-  new predictor, e.g. per video, command or test, reuses the compiled step)."""
-  model = Mask2Former(model_config)
+def _step_fn(model: Forward, mesh: jax.sharding.Mesh, tracker: tracking.Tracker):
+  """The jitted window step of a forward, mesh and tracker, shared by every predictor (so a new
+  predictor, e.g. per video, command or test, reuses the compiled step)."""
   frames = P('frames')
 
   def forward(variables, images):    # on each device: its own frames
@@ -190,6 +202,9 @@ def local_replica(tree, mesh: jax.sharding.Mesh):
 class VideoPredictor:
   """Runs MinVIS on one video at a time with a fixed model, window size and local devices.
 
+  forward: the per-frame computation (`Forward`); variables: its first argument (the model's
+    variables, or an exported model's weights), replicated over the devices.
+
   window: frames per device per forward, or 'auto'; a window of the video is `window` times the
     number of devices, split along the frame axis. A per-device batch rather than a total one:
     XLA's convolutions round differently at different batch sizes (by an ulp, enough to flip a
@@ -198,10 +213,11 @@ class VideoPredictor:
   top_k: tracks kept per video.
   tracker: the association (`tracking.Tracker`).
   devices: the devices a window is sharded over (default: all local devices).
-  The values come from `config.inference` (`from_config`), checked by `config_lib.validate`.
+  The values come from `config.inference` (`model_forward.from_config`), checked by
+  `config_lib.validate`.
   """
 
-  def __init__(self, model_config: ModelConfig, variables, window: int | str, top_k: int,
+  def __init__(self, forward: Forward, variables, window: int | str, top_k: int,
                tracker: tracking.Tracker, devices=None):
     devices = list(devices or jax.local_devices())
     self.mesh = jax.sharding.Mesh(np.array(devices), ('frames',))
@@ -209,8 +225,8 @@ class VideoPredictor:
     self.window = window if window == 'auto' else window * len(devices)
     self.top_k = top_k
     self.tracker = tracker
-    self.model_config = model_config
-    self._init_state = tracking.init_state(model_config.num_queries, model_config.hidden_dim)
+    self.forward = forward
+    self._init_state = tracking.init_state(forward.num_queries, forward.hidden_dim)
 
   def frames_per_window(self, padded_size: tuple[int, int]) -> int:
     """Frames of one forward (all devices) for inputs of `padded_size` [Hp, Wp]."""
@@ -233,7 +249,7 @@ class VideoPredictor:
     padded_size = tuple(np.shape(first)[:2])
     valid_size, out_size = tuple(valid_size), tuple(out_size)
     window = self.frames_per_window(padded_size)
-    step = _step_fn(self.model_config, self.mesh, self.tracker)
+    step = _step_fn(self.forward, self.mesh, self.tracker)
     frames = jax.sharding.NamedSharding(self.mesh, P('frames'))
 
     state, logit_sum, pending, store = self._init_state, None, None, _LogitStore()
@@ -316,11 +332,3 @@ def valid_size(height: int, width: int, data_config) -> tuple[int, int]:
   return transforms.resize_shape(height, width, data_config.min_size_test,
                                  data_config.max_size_test,
                                  ('data.min_size_test', 'data.max_size_test'))
-
-
-def from_config(config: ml_collections.ConfigDict, variables, devices=None) -> VideoPredictor:
-  """The predictor of a full experiment config: `config.model` and `config.inference` (window,
-  top_k, tracker); `devices`: this process's devices to use (default: all local devices)."""
-  inf = config.inference
-  return VideoPredictor(ModelConfig.from_config(config.model), variables, inf.window, inf.top_k,
-                        tracking.tracker_from_config(config), devices)

@@ -92,3 +92,14 @@ def gcs_bucket(gcs_emulator, request):
   from support import gcs_emulator as emulator  # noqa: PLC0415
   name = 'test-' + ''.join(c if c.isalnum() else '-' for c in request.node.name.lower())[:50]
   return emulator.create_bucket(gcs_emulator, name.strip('-'))
+
+
+@pytest.fixture(scope='session')
+def tiny_exported(tiny_checkpoint, tmp_path_factory):
+  """(artifact path, config, variables): `tiny_checkpoint`'s model exported (minvis_jax/export.py)
+  for 64x96 frames (one module, input 128x192) on the cpu, cuda and tpu platforms."""
+  from minvis_jax import export  # noqa: PLC0415  (jax only after the environment is set)
+  _, config, variables = tiny_checkpoint
+  path = str(tmp_path_factory.mktemp('exported') / 'model.jax')
+  export.write(path, config, variables, [(64, 96)])
+  return path, config, variables

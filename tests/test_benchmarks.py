@@ -33,6 +33,7 @@ CASES = {
     'deform_attn': (['deform_attn.py'], ['deform_attn_fwd_bwd_b1_s64_levels4_8'], None),
     'tracking': (['tracking.py'], ['tracking_memory_vs_minvis_dry_run'], None),
     'input_pipeline': (['input_pipeline.py'], ['input_pipeline_vs_tiny_train_step_frames'], None),
+    'export': (['export.py'], ['exported_video_tiny_2f_64x96'], None),
     'long_video': (['long_video.py'], ['long_video_tiny_64x96_dry_run'], None),
     'storage': (['storage.py'], ['input_s_per_frame_emulator_vs_local_72x128',
                                  'tiny_checkpoint_save_emulator_vs_local',
@@ -44,7 +45,7 @@ CASES = {
                                'video_tiny_4f_64p_cpu'], _device_checks),
 }
 # Over about a minute each on two CPU cores (compiling a train step or several processes).
-SLOW = {'input_pipeline', 'long_video', 'long_video_eval_fps', 'device', 'storage'}
+SLOW = {'input_pipeline', 'long_video', 'long_video_eval_fps', 'device', 'storage', 'export'}
 
 
 @pytest.mark.parametrize('case', [pytest.param(name, marks=pytest.mark.slow) if name in SLOW

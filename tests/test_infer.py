@@ -14,6 +14,7 @@ from support import videos
 from support.tracks import assert_same_tracks
 from minvis_jax import cli
 from minvis_jax import checkpoints
+from minvis_jax import model_forward
 from minvis_jax import paths
 from minvis_jax import predictor
 from minvis_jax import tracking
@@ -62,8 +63,9 @@ def test_infer_on_frame_folder(tiny_checkpoint, tmp_path, capsys):
   inputs = [transforms.test_frame(f, 128, 224, config.data.mean, config.data.std)[0]
             for f in frames]
   assert inputs[0].shape == (128, 192, 3)
-  direct = predictor.VideoPredictor(ModelConfig.from_config(config.model), variables, 1, 3,
-                                    tracking.tracker_from_config(config), jax.devices()[:1])(
+  direct = predictor.VideoPredictor(
+      model_forward.forward(ModelConfig.from_config(config.model)), variables, 1, 3,
+      tracking.tracker_from_config(config), jax.devices()[:1])(
       inputs, (128, 192), (64, 96))
   assert_same_tracks(results, predictor.results_for_video(direct, 1, [1, 2, 3, 4]))
   # A results file the evaluator accepts for a 5-frame 64x96 video.

@@ -14,6 +14,7 @@ from scipy.optimize import linear_sum_assignment
 
 from support.tracks import assert_same_tracks
 from minvis_jax import config_lib  # noqa: F401  (registers minvis_jax.configs in a checkout)
+from minvis_jax import model_forward
 from minvis_jax import predictor
 from minvis_jax import tracking
 from minvis_jax.configs import common
@@ -35,11 +36,11 @@ def _setup(t=7):
 def test_windows_equal_one_pass_and_shapes():
   cfg, variables, images = _setup()
   one_device = jax.devices()[:1]
-  one = predictor.VideoPredictor(cfg, variables, window=7, top_k=5, tracker=MINVIS,
-                                 devices=one_device)(
+  one = predictor.VideoPredictor(model_forward.forward(cfg), variables, window=7, top_k=5,
+                                 tracker=MINVIS, devices=one_device)(
       images, (56, 96), (112, 192))
-  win = predictor.VideoPredictor(cfg, variables, window=3, top_k=5, tracker=MINVIS,
-                                 devices=one_device)(
+  win = predictor.VideoPredictor(model_forward.forward(cfg), variables, window=3, top_k=5,
+                                 tracker=MINVIS, devices=one_device)(
       images, (56, 96), (112, 192))
   assert len(one) == 5
   for a, b in zip(one, win):
@@ -109,8 +110,8 @@ def test_same_tracks_as_the_dense_logits_reference():
   size, valid_size, out_size = (64, 96), (56, 96), (100, 150)
   variables = jax.jit(Mask2Former(cfg).init)(jax.random.PRNGKey(5),
                                              np.zeros((1, *size, 3), np.float32))
-  one_device = predictor.VideoPredictor(cfg, variables, window=4, top_k=6, tracker=MINVIS,
-                                        devices=jax.devices()[:1])
+  one_device = predictor.VideoPredictor(model_forward.forward(cfg), variables, window=4, top_k=6,
+                                        tracker=MINVIS, devices=jax.devices()[:1])
   for t in (1, 6, 14):
     images = rng.normal(size=(t, *size, 3)).astype(np.float32)
     images[:, valid_size[0]:] = 0
@@ -126,8 +127,9 @@ def test_same_tracks_as_the_dense_logits_reference():
 
 def test_scores_and_masks_match_a_direct_computation():
   cfg, variables, images = _setup()
-  tracks = predictor.VideoPredictor(cfg, variables, window=4, top_k=3, tracker=MINVIS,
-                                    devices=jax.devices()[:1])(images, (56, 96), (56, 96))
+  tracks = predictor.VideoPredictor(model_forward.forward(cfg), variables, window=4, top_k=3,
+                                    tracker=MINVIS, devices=jax.devices()[:1])(
+      images, (56, 96), (56, 96))
   out = jax.tree.map(np.asarray, Mask2Former(cfg).apply(variables, images))
   e = out['pred_embds'] / np.linalg.norm(out['pred_embds'], axis=-1, keepdims=True)
   perm = [np.arange(e.shape[1])]
@@ -162,8 +164,8 @@ def test_full_temporary_disk_is_a_clear_error(monkeypatch):
   cfg, variables, images = _setup(t=2)
   monkeypatch.setattr(predictor.tempfile, 'TemporaryFile', FullDisk)
   with pytest.raises(OSError, match=r'frame 0 .*No space left on device.*MiB .*TMPDIR'):
-    predictor.VideoPredictor(cfg, variables, window=2, top_k=10, tracker=MINVIS)(
-        images, (56, 96), (56, 96))
+    predictor.VideoPredictor(model_forward.forward(cfg), variables, window=2, top_k=10,
+                             tracker=MINVIS)(images, (56, 96), (56, 96))
 
 
 def test_results_for_video_uses_dataset_category_ids():
@@ -191,8 +193,9 @@ def test_2000_frames_with_flat_device_and_host_memory(monkeypatch):
   frames = (np.full((64, 64, 3), np.sin(t / 50.0), np.float32) for t in range(2000))
   tracemalloc.start()
   try:
-    tracks = predictor.VideoPredictor(cfg, variables, window=100, top_k=2, tracker=MINVIS,
-                                      devices=jax.devices()[:1])(frames, (64, 64), (64, 64))
+    tracks = predictor.VideoPredictor(model_forward.forward(cfg), variables, window=100, top_k=2,
+                                      tracker=MINVIS, devices=jax.devices()[:1])(
+        frames, (64, 64), (64, 64))
   finally:
     tracemalloc.stop()
   assert len(tracks) == 2 and all(len(t['segmentations']) == 2000 for t in tracks)

@@ -8,6 +8,7 @@ from scipy.optimize import linear_sum_assignment
 
 from support.references import scipy_loop
 from minvis_jax import config_lib
+from minvis_jax import model_forward
 from minvis_jax import predictor
 from minvis_jax import tracking
 
@@ -245,7 +246,7 @@ class _FakeModel:
 def test_video_predictor_uses_the_memory_tracker(monkeypatch):
   """VideoPredictor(tracker=memory) through its jitted windowed step: windows of 3 equal one window
   of 10, and the video scores are those of the numpy reference association (not minvis')."""
-  monkeypatch.setattr(predictor, 'Mask2Former', _FakeModel)
+  monkeypatch.setattr(model_forward, 'Mask2Former', _FakeModel)
   q, c, k, t = 12, 8, 3, 10
   cfg = _FakeConfig(num_queries=q, hidden_dim=c, num_classes=k,
                     fake='test_video_predictor_uses_the_memory_tracker')
@@ -266,8 +267,8 @@ def test_video_predictor_uses_the_memory_tracker(monkeypatch):
 
   cats, probs = video_scores(memory_loop(embds, scores, 0.6, 0.4))
   assert not np.allclose(probs, video_scores(scipy_loop(embds))[1], rtol=1e-3)
-  runs = [predictor.VideoPredictor(cfg, {}, window=w, top_k=4, tracker=tracker)(
-      images, (8, 8), (8, 8)) for w in (10, 3)]
+  runs = [predictor.VideoPredictor(model_forward.forward(cfg), {}, window=w, top_k=4,
+                                   tracker=tracker)(images, (8, 8), (8, 8)) for w in (10, 3)]
   for tracks in runs:
     assert [tr['category'] for tr in tracks] == cats
     np.testing.assert_allclose([tr['score'] for tr in tracks], probs, rtol=1e-5)

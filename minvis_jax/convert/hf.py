@@ -132,3 +132,30 @@ def hf_labels(hf: dict, num_classes: int) -> list[str]:
   """Class names 0..K-1 from an HF config's id2label (`class i+1` where it has none)."""
   id2label = {int(k): str(v) for k, v in (hf.get('id2label') or {}).items()}
   return [id2label.get(i, f'class {i + 1}') for i in range(num_classes)]
+
+
+def experiment_config(source: str, input_path: str, hf_config: str, config_name: str,
+                      overrides: list[str]) -> tuple[ml_collections.ConfigDict, str, str]:
+  """`minvis-jax convert`'s experiment: (config, weights file, HF config.json or ''), checked
+  against each other. source/input_path/hf_config/config_name: its --source, --input, --hf_config
+  and --config; overrides: its --set items."""
+  hf, origin, weights_path = None, '', input_path
+  if source == 'hf':
+    weights_path, hf_path = hf_files(input_path, hf_config)
+    if hf_path:
+      hf, origin = read_hf_config(hf_path), hf_path
+  elif hf_config:
+    raise ValueError('--hf_config is for --source hf')
+  model = model_config_from_hf(hf) if hf else None
+  if config_name:
+    config = config_lib.load_config(config_name)
+    if model is not None:
+      checkpoints.check_architecture(model, config.model, config_name, origin)
+  elif model is not None:
+    config = experiment_for(model, hf_labels(hf, model.num_classes))
+  else:
+    raise ValueError(f'--source {source}: {input_path} carries no model config; pass '
+                     f'--config (e.g. --config coco:backbone=r50 for a COCO Mask2Former, '
+                     f'--config minvis:dataset=ovis for a MinVIS OVIS model)')
+  config_lib.apply_overrides(config, overrides)
+  return config, weights_path, origin

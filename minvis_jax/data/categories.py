@@ -104,3 +104,16 @@ def check(data_config, source, where: str = ''):
     raise ValueError(f'{where}: category id {got_ids[i]} is named {got_names[i]!r}, the config\'s '
                      f'{dataset} table says {names[i]!r}{fix}')
   return source
+
+
+def of_config(config) -> tuple[list[int], list[str]]:
+  """(dataset category id, name) of class index 0..K-1: the config's if it has them
+  (data.category_ids/category_names), else 1..K."""
+  k = config.model.num_classes
+  data = config.get('data', {}) or {}
+  ids = list(data.get('category_ids', None) or range(1, k + 1))
+  names = list(data.get('category_names', None) or [f'class {i}' for i in ids])
+  if len(ids) != k or len(names) != k:
+    raise ValueError(f'config: data.category_ids/category_names have {len(ids)}/{len(names)} '
+                     f'entries for model.num_classes={k}')
+  return ids, names
