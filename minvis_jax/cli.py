@@ -211,7 +211,7 @@ def _export(args: argparse.Namespace) -> int:
   info = export.write(args.out, config, variables, export.parse_frame_sizes(args.frame_sizes),
                       args.platforms.split(','))
   shown = ', '.join(f'{h}x{w}' for h, w in info['buckets'])
-  print(f'wrote {args.out}: {os.path.getsize(args.out) / 2**20:.1f} MiB, input sizes {shown} on '
+  print(f'wrote {args.out}: {paths.getsize(args.out) / 2**20:.1f} MiB, input sizes {shown} on '
         f'{args.platforms}; jax {jax.__version__}, serialization {info["serialization_version"]}')
   return 0
 

@@ -10,7 +10,6 @@ module per padded input size (docs/export.md says why and how sizes map to bucke
 
 import io
 import json
-import os
 import zipfile
 
 import jax
@@ -20,6 +19,7 @@ import numpy as np
 
 from minvis_jax import exported
 from minvis_jax import model_forward
+from minvis_jax import paths
 from minvis_jax import tracking
 from minvis_jax.data import categories
 from minvis_jax.models import ModelConfig
@@ -97,7 +97,8 @@ def manifest(config: ml_collections.ConfigDict, sizes, platforms, version: int) 
 def write(path: str, config: ml_collections.ConfigDict, variables, frame_sizes,
           platforms=PLATFORMS) -> dict:
   """Exports the model of `config`/`variables` for frames of `frame_sizes` [(H, W)] to the file
-  `path` (written to a temporary name, then renamed: never half a file). Returns the manifest."""
+  `path`, a local path or a URL (written whole at once: paths.write_atomic, never half a file).
+  Returns the manifest."""
   unknown = [p for p in platforms if p not in ('cpu', 'cuda', 'rocm', 'tpu')]
   if unknown or not platforms:
     raise ValueError(f'--platforms: expected some of cpu, cuda, rocm, tpu; got {list(platforms)}')
@@ -108,11 +109,11 @@ def write(path: str, config: ml_collections.ConfigDict, variables, frame_sizes,
   info = manifest(config, sizes, platforms, version)
   weights = io.BytesIO()
   np.savez(weights, *[np.asarray(x) for x in jax.tree.leaves(variables)])
-  tmp = f'{path}.tmp'
-  with zipfile.ZipFile(tmp, 'w') as archive:
+  data = io.BytesIO()
+  with zipfile.ZipFile(data, 'w') as archive:
     archive.writestr(exported.MANIFEST, json.dumps(info, indent=1), zipfile.ZIP_DEFLATED)
     for b, module in modules.items():
       archive.writestr(exported.module_name(b), bytes(module.serialize()), zipfile.ZIP_DEFLATED)
     archive.writestr(exported.WEIGHTS, weights.getvalue())   # floats: stored, not compressed
-  os.replace(tmp, path)
+  paths.write_atomic(path, data.getvalue())
   return info

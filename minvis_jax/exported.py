@@ -15,6 +15,7 @@ import zipfile
 import jax
 import numpy as np
 
+from minvis_jax import paths
 from minvis_jax import predictor
 from minvis_jax import tracking
 from minvis_jax.data import transforms
@@ -181,8 +182,8 @@ def load(path: str) -> Model:
   Raises ValueError (one line naming the file) for a file that is not such an artifact, or one
   this jax cannot run (naming the artifact's jax and serialization versions and this jax's).
   """
-  try:
-    archive = zipfile.ZipFile(path)
+  try:   # a URL through the path layer (a seekable file object), a local file directly
+    archive = zipfile.ZipFile(paths.open(path, 'rb') if paths.is_remote(path) else path)
   except zipfile.BadZipFile as e:
     raise _not_artifact(path, 'not a zip archive') from e
   with archive:
