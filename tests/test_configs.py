@@ -98,6 +98,7 @@ BAD_OVERRIDES = [
     'model.dtype="float16"', 'data.workers=0', 'data.annotation_fraction=0.0',
     'data.std=(1.0,0.0,1.0)', 'optim.lr=0.0', 'checkpoint.every_steps=0', 'batch_size=0',
     'data.max_instances=0', 'data.flip=1']
+BAD_OVERRIDES += ['inference.online_report_score=1.5', 'inference.online_retire_frames=0']
 
 
 @pytest.mark.parametrize('override', BAD_OVERRIDES)
