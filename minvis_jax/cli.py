@@ -123,26 +123,27 @@ def parse_window(value: str) -> int | str:
 
 def _infer_flags(parser: argparse.ArgumentParser) -> None:
   parser.description = infer.__doc__.strip()
-  parser.add_argument('--checkpoint', required=True,
-                      help='minvis-jax checkpoint directory (written by convert or train)')
-  parser.add_argument('--video', required=True, help='mp4/GIF file or folder of jpg/png frames')
+  parser.add_argument('--checkpoint', required=True, help='minvis-jax checkpoint directory')
+  parser.add_argument('--video', required=True, help='video file or URL, jpg/png folder, - stdin')
   parser.add_argument('--out', required=True, help='output directory')
   add_config_flags(parser, default_help="the checkpoint's config.json")
   add_shorthand(parser, '--top_k', 'inference.top_k', 'tracks kept', type=int)
   add_shorthand(parser, '--window', 'inference.window', 'frames per device per forward, or auto',
                 type=parse_window)
-  parser.add_argument('--score_threshold', type=float, default=0.3,
-                      help='tracks drawn on the overlay need at least this score (all are in '
-                      'results.json)')
-  parser.add_argument('--fps', type=float, default=None,
-                      help="frame rate of the overlay (default: the source video's; 10 for a "
-                      'frame folder)')
+  parser.add_argument('--score_threshold', type=float, default=0.3, help='tracks drawn on the '
+                      'overlay need at least this score (all are in results.json)')
+  parser.add_argument('--fps', type=float, default=None, help="frame rate of the overlay "
+                      "(default: the source video's; 10 for a frame folder)")
+  parser.add_argument('--online', nargs='*', choices=('summary', 'overlay'), help='frame by frame: '
+                      'OUT/frames.jsonl; summary: + results.json, overlay: + overlay.mp4')
 
 
 def _infer(args: argparse.Namespace) -> int:
   config, variables = checkpoints.load_model(args.checkpoint, args.config)
   config_lib.apply_overrides(config, overrides(args))
   source = (args.config or "the checkpoint's config.json") + (' and flags' * bool(overrides(args)))
+  if args.online is not None:
+    return infer.run_online(config, variables, args.video, args.out, args.online, args.fps, source)
   return infer.run(config, variables, args.video, args.out, args.score_threshold, args.fps, source)
 
 
