@@ -131,12 +131,12 @@ class OnlineTracker:
     self._unseen = np.zeros(q, np.int64)     # frames in a row each slot has not been seen
 
   def _preprocess(self, frames: Sequence[np.ndarray]) -> np.ndarray:
-    images = []
+    images, stream = [], self.out_size or tuple(np.shape(frames[0])[:2])
     for i, frame in enumerate(frames):
       size = tuple(np.shape(frame)[:2])
-      if self.out_size is not None and size != self.out_size:
+      if size != stream:
         raise ValueError(f'frame {self.frames + i} is {size[0]}x{size[1]}, the stream is '
-                         f'{self.out_size[0]}x{self.out_size[1]}')
+                         f'{stream[0]}x{stream[1]}')
       s = self.spec
       images.append(transforms.test_frame(np.asarray(frame), s.min_size, s.max_size, s.mean,
                                           s.std, s.size_divisibility)[0])
@@ -153,16 +153,17 @@ class OnlineTracker:
     if first is not None:
       self._start(first, out)
       self.padded_size = images.shape[1:3]
+      self._compile_masks(out['pred_masks'].shape[2:])
     self._state, logits, chunk_sum, masks = _associate(
         self.tracker, self._state, out['pred_logits'], out['pred_embds'], out['pred_masks'])
     self._video_sum = chunk_sum if self._video_sum is None else self._video_sum + chunk_sum
     results = []
     # On the host once: per-frame indexing of device arrays would be eager jax ops, whose caches
     # grow with the stream.
-    for frame_logits, frame_masks_ in zip(np.asarray(logits), np.asarray(masks)):
+    for frame_logits, mask_logits in zip(np.asarray(logits), np.asarray(masks)):
       if self._store is not None:
-        self._store.add(frame_masks_)
-      results.append(self._frame(frame_logits, frame_masks_))
+        self._store.add(mask_logits)
+      results.append(self._frame(frame_logits, mask_logits))
     return results
 
   def _frame(self, logits: np.ndarray, masks: np.ndarray) -> FrameTracks:
@@ -190,6 +191,14 @@ class OnlineTracker:
       self._seg_sum[slot], self._seg_count[slot], self._unseen[slot] = 0, 0, 0
     self.frames += 1
     return FrameTracks(self.frames - 1, sorted(tracks, key=lambda t: t['id']))
+
+  def _compile_masks(self, mask_size) -> None:
+    """Compiles the mask step for every number of rows `_masks` may use, on the first frame:
+    otherwise a frame with more visible tracks than any before would wait for a compile."""
+    to_bits = frame_masks.masks_fn(self._mesh, tuple(self.padded_size), tuple(self.valid_size),
+                                   self.out_size)
+    for rows in sorted({_bucket(n, self.num_queries) for n in range(1, self.num_queries + 1)}):
+      to_bits(np.zeros((1, rows, *mask_size), np.float16))
 
   def _masks(self, masks: np.ndarray, slots: np.ndarray) -> list[dict | None]:
     """RLEs at the original size of `slots`' masks (None where empty); masks [Q, h, w]."""

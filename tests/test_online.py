@@ -114,6 +114,10 @@ def test_a_frame_of_another_size_is_an_error_naming_it():
   tracker.process(_frames(2))
   with pytest.raises(ValueError, match=r'^frame 3 is 32x48, the stream is 64x96$'):
     tracker.process([np.zeros((64, 96, 3), np.uint8), np.zeros((32, 48, 3), np.uint8)])
+  # Within the first chunk too.
+  fresh = online.OnlineTracker(ScriptedForward(), MINVIS, SPEC)
+  with pytest.raises(ValueError, match=r'^frame 1 is 32x48, the stream is 64x96$'):
+    fresh.process([np.zeros((64, 96, 3), np.uint8), np.zeros((32, 48, 3), np.uint8)])
   with pytest.raises(ValueError, match='summary=True'):
     tracker.finish()
 
