@@ -125,9 +125,13 @@ def _clear_mot(tracker: online.OnlineTracker, frames, video: ytvis.Video) -> np.
   return counts
 
 
-def sweep(checkpoint: str, videos: int, num_frames: int) -> None:
+SCORES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+RETIRES = (1, 2, 3, 5, 10, 20)
+
+
+def sweep(config, variables, where: str, videos: int, num_frames: int, scores=SCORES,
+          retires=RETIRES) -> None:
   """The rules' MOTA on the synthetic valid splits, for a grid of values (see the docstring)."""
-  config, variables = checkpoints.load_model(checkpoint, '')
   model = ModelConfig.from_config(config.model)
   forward = live_model.frame_forward(model, variables)
   spec, tracker_kind = online.input_spec_from_config(config.data), tracking.tracker_from_config(
@@ -143,12 +147,12 @@ def sweep(checkpoint: str, videos: int, num_frames: int) -> None:
         outputs = [jax.tree.map(np.asarray, forward(np.stack(list(predictor.preprocess(
             [f], config.data))))) for f in frames]
         recorded.append((occlusion, video, frames, outputs))
-  print(f'{checkpoint}: {videos} plain + {videos} occlusion-heavy synthetic videos of {num_frames} '
+  print(f'{where}: {videos} plain + {videos} occlusion-heavy synthetic videos of {num_frames} '
         f'frames ({h}x{w})')
   print('report_score retire_frames | MOTA plain  occlusion  all | misses false id_switches')
   best = None
-  for score in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
-    for retire in (1, 2, 3, 5, 10):
+  for score in scores:
+    for retire in retires:
       totals = {False: np.zeros(4, int), True: np.zeros(4, int)}
       for occlusion, video, frames, outputs in recorded:
         tracker = online.OnlineTracker(_replay(outputs), tracker_kind, spec,
@@ -178,7 +182,8 @@ def main() -> None:
   # Keep freed memory mapped on CPU (minvis_jax/host_memory.py), as the other benchmarks.
   host_memory.reexec_keeping_freed_memory()
   if args.sweep:
-    return sweep(args.sweep, args.videos, args.frames or 24)
+    config, variables = checkpoints.load_model(args.sweep, '')
+    return sweep(config, variables, args.sweep, args.videos, args.frames or 24)
   args.frames = args.frames or 20
   if args.dry_run:
     args.config, args.frames, args.size, args.runs = 'tiny', 4, '64x96', 2
@@ -208,6 +213,9 @@ def main() -> None:
     print(f'run {run + 1}: online p50 {1000 * p50:.1f} ms, p95 {1000 * p95:.1f} ms a frame '
           f'({shown:.1f} tracks reported a frame); offline {1000 * per_frame:.1f} ms a frame; '
           f'online/offline {p50 / per_frame:.3f}')
+  if args.dry_run:   # the sweep's code too, on this random model (a table of noise)
+    config.data.canvas = (64, 96)
+    sweep(config, variables, 'random tiny model', 1, 12, (0.3, 0.6), (1, 3))
   name = f'online_vs_offline_per_frame_{args.config}_{h}x{w}' + ('_dry_run' * args.dry_run)
   print(result_line(name, statistics.median(p50s), statistics.median(offline),
                     runs=[[round(a, 5), round(b, 5)] for a, b in zip(p50s, offline)]))
