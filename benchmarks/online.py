@@ -161,7 +161,7 @@ def sweep(config, variables, where: str, videos: int, num_frames: int, scores=SC
       mota = {k: 1 - v[1:].sum() / v[0] for k, v in totals.items()}
       both = totals[False] + totals[True]
       mota_all = 1 - both[1:].sum() / both[0]
-      print(f'{score:12.1f} {retire:13d} | {mota[False]:10.3f} {mota[True]:10.3f} {mota_all:5.3f}'
+      print(f'{score:12.2f} {retire:13d} | {mota[False]:10.3f} {mota[True]:10.3f} {mota_all:5.3f}'
             f' | {both[1]:6d} {both[2]:5d} {both[3]:11d}')
       if best is None or mota_all > best[0]:
         best = (mota_all, score, retire)

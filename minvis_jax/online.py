@@ -37,8 +37,8 @@ Forward = Callable[[np.ndarray], dict]
 class Rules(NamedTuple):
   """When a track is reported and retired (`config.inference.online_*`; these defaults are
   configs/common.py's, for configs saved before the keys existed)."""
-  report_score: float = 0.3   # running score a slot needs to be seen
-  retire_frames: int = 5      # unseen frames in a row after which a track is retired
+  report_score: float = 0.9   # running score a slot needs to be seen
+  retire_frames: int = 2      # unseen frames in a row after which a track is retired
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> Rules:
