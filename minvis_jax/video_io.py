@@ -122,7 +122,7 @@ def read_png_stream(stream: BinaryIO, where: str = 'stdin') -> Iterator[np.ndarr
     try:
       with Image.open(io.BytesIO(b''.join(data))) as image:
         yield np.asarray(image.convert('RGB'))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SyntaxError) as e:   # Pillow: SyntaxError for a broken PNG
       raise ValueError(f'{where}: frame {index}: unreadable PNG ({e})') from None
 
 
