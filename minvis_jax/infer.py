@@ -140,8 +140,8 @@ def run(config: ml_collections.ConfigDict, variables: dict, video_path: str, out
 def _online_lines(tracker: online.OnlineTracker, frames, lines, ids, names, fps, latencies,
                   overlay: bool):
   """Runs `tracker` frame by frame, writing and flushing each frame's JSON line to `lines` and its
-  processing time (frame in hand -> line written) to `latencies`; yields the overlay frames (or
-  nothing, without `overlay`)."""
+  processing time (frame in hand -> its tracks encoded) to `latencies`; yields the overlay frames
+  (or nothing, without `overlay`)."""
   for i, frame in enumerate(frames):
     t0 = time.perf_counter()
     [result] = tracker.process([frame])
@@ -163,14 +163,15 @@ def _online_lines(tracker: online.OnlineTracker, frames, lines, ids, names, fps,
 
 
 def latency_text(latencies: list[float], seconds: float) -> str:
-  """'N frames, latency p50 X ms / p95 Y ms (after the first frame: Z s with compiling), F
-  frames/s'."""
+  """'N frames, latency p50 X ms / p95 Y ms per frame; first frame Z s with compiling; F frames/s
+  overall': the percentiles over the frames after the first (whose time includes compiling)."""
+  if not latencies:
+    return '0 frames'
   rest = latencies[1:] or latencies
   p50, p95 = (1000 * np.percentile(rest, q) for q in (50, 95))
-  first = f'; first frame {latencies[0]:.2f} s with compiling' if latencies else ''
   rate = len(latencies) / seconds if seconds > 0 else 0.0
-  return (f'{len(latencies)} frames, latency p50 {p50:.1f} ms / p95 {p95:.1f} ms per frame'
-          f'{first}; {rate:.2f} frames/s overall')
+  return (f'{len(latencies)} frames, latency p50 {p50:.1f} ms / p95 {p95:.1f} ms per frame; first '
+          f'frame {latencies[0]:.2f} s with compiling; {rate:.2f} frames/s overall')
 
 
 def run_online(config: ml_collections.ConfigDict, variables: dict, video_path: str, out: str,

@@ -17,6 +17,7 @@ from pycocotools import mask as mask_utils
 from support import videos
 from support.tracks import assert_same_tracks
 from minvis_jax import cli
+from minvis_jax import infer
 from minvis_jax import predictor
 from minvis_jax import tracking
 from minvis_jax import video_io
@@ -224,3 +225,12 @@ def test_infer_online_on_a_frame_folder_with_overlay(tiny_checkpoint, tmp_path, 
   overlay = [f for f in os.listdir(out) if f.startswith('overlay.')]
   assert _frame_count(str(out / overlay[0])) == (4, (64, 96))
   assert 'report score >= 0.0' in capsys.readouterr().out
+
+
+def test_latency_text_leaves_out_the_compiling_frame():
+  latencies = [3.0] + [0.01 * i for i in range(1, 101)]
+  text = infer.latency_text(latencies, 10.1)
+  p50, p95 = np.percentile(latencies[1:], [50, 95]) * 1000
+  assert text == (f'101 frames, latency p50 {p50:.1f} ms / p95 {p95:.1f} ms per frame; first '
+                  'frame 3.00 s with compiling; 10.00 frames/s overall')
+  assert infer.latency_text([], 1.0) == '0 frames'
