@@ -1,6 +1,9 @@
 """The online tracker: per-frame tracks under the report and retire rules (a scripted forward whose
 answers are known), and its end-of-stream summary against the offline predictor (tiny model)."""
 
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import jax
@@ -20,6 +23,7 @@ from minvis_jax.models import ModelConfig
 
 SPEC = online.InputSpec(64, 96, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 32)   # 64x96 stays 64x96
 MINVIS = tracking.Tracker('minvis', 0.0, 0.0)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJECT, BACKGROUND = np.array([8.0, -8.0, -8.0]), np.array([-8.0, -8.0, 8.0])   # K = 2 classes
 
 
@@ -187,3 +191,30 @@ def test_summary_equals_the_offline_predictor(tiny_config, tracker_kind, chunk):
       seg = track['segmentations'][t]
       if mask_utils.area(dict(seg, counts=seg['counts'].encode())):
         assert seg['counts'] in reported, (t, track['category'])
+
+
+def test_the_online_module_needs_no_model_code():
+  """An exported model plugs in as the forward: importing and running the tracker with the Flax
+  model modules blocked from import works."""
+  code = """
+import sys
+for name in ('minvis_jax.models', 'flax'):
+  sys.modules[name] = None   # any import of them raises ImportError
+import numpy as np
+from minvis_jax import online, tracking
+logits = np.array([[[8.0, -8.0, -8.0], [-8.0, -8.0, 8.0]]], np.float32)   # slot 0 an object
+masks = np.full((1, 2, 16, 24), -10.0, np.float32)
+masks[:, :, 2:6, 3:9] = 10.0
+out = {'pred_logits': logits, 'pred_masks': masks, 'pred_embds': np.eye(2, dtype=np.float32)[None]}
+tracker = online.OnlineTracker(lambda images: out, tracking.Tracker('minvis', 0.0, 0.0),
+                               online.InputSpec(64, 96, (0, 0, 0), (1, 1, 1)), summary=True)
+frames = [np.zeros((64, 96, 3), np.uint8)] * 3
+print([[t['id'] for t in tracker.process([f])[0].tracks] for f in frames])
+print(len(tracker.finish()))
+"""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
+                        env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split('\n')[:2] == ['[[1], [1], [1]]', '4']   # top-k: 2 slots x 2 classes
