@@ -76,15 +76,22 @@ class FrameTracks:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _associate(tracker: tracking.Tracker, state: tracking.TrackState, logits, embds, masks):
-  """One chunk's forward output -> (state, logits [N, Q, K+1] and float16 masks [N, Q, h, w] in
-  track order, their logits summed over the chunk [Q, K+1]): the offline window step without the
-  forward."""
+def _associate(tracker: tracking.Tracker, state: tracking.TrackState, video_sum, logits, embds,
+               masks):
+  """One chunk's forward output -> (state, video_sum plus the chunk's logits summed [Q, K+1],
+  logits [N, Q, K+1] and float16 masks [N, Q, h, w] in track order): the offline window step
+  without the forward."""
   state, perm = tracking.track_chunk(tracker, state, embds, logits,
                                      jnp.ones(logits.shape[0], bool))
   logits = tracking.reorder(logits, perm)
   masks = tracking.reorder(masks, perm).astype(jnp.float16)
-  return state, logits, jnp.sum(logits, axis=0), masks
+  return state, video_sum + jnp.sum(logits, axis=0), logits, masks
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _initial(num_queries: int, dim: int, num_logits: int):
+  """The association state and the zero logit sum [Q, K+1]."""
+  return tracking.init_state(num_queries, dim), jnp.zeros((num_queries, num_logits), jnp.float32)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -113,7 +120,8 @@ class OnlineTracker:
     self.out_size = None            # (H, W) of the stream, from its first frame
     self._store = frame_masks.LogitStore() if summary else None
     self._state = self._video_sum = None
-    self._mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ('frames',))
+    self._device = jax.local_devices()[0]
+    self._mesh = jax.sharding.Mesh(np.array([self._device]), ('frames',))
     self._next_id = 1
     self._live: dict[int, int] = {}   # slot -> track id of its live track
 
@@ -124,8 +132,9 @@ class OnlineTracker:
                                               self.spec.max_size)
     q, c = out['pred_embds'].shape[1:]
     self.num_queries = q
-    self._state = tracking.init_state(q, c)
     k1 = out['pred_logits'].shape[2]
+    # Committed to the device, as every later state is: the step then compiles once.
+    self._state, self._video_sum = jax.device_put(_initial(q, c, k1), self._device)
     self._seg_sum = np.zeros((q, k1))        # class logits summed over each slot's segment
     self._seg_count = np.zeros(q, np.int64)  # frames in each slot's segment
     self._unseen = np.zeros(q, np.int64)     # frames in a row each slot has not been seen
@@ -154,9 +163,9 @@ class OnlineTracker:
       self._start(first, out)
       self.padded_size = images.shape[1:3]
       self._compile_masks(out['pred_masks'].shape[2:])
-    self._state, logits, chunk_sum, masks = _associate(
-        self.tracker, self._state, out['pred_logits'], out['pred_embds'], out['pred_masks'])
-    self._video_sum = chunk_sum if self._video_sum is None else self._video_sum + chunk_sum
+    self._state, self._video_sum, logits, masks = _associate(
+        self.tracker, self._state, self._video_sum, out['pred_logits'], out['pred_embds'],
+        out['pred_masks'])
     results = []
     # On the host once: per-frame indexing of device arrays would be eager jax ops, whose caches
     # grow with the stream.
