@@ -130,6 +130,10 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # memory_momentum / memory_min_score chosen with benchmarks/tracking.py).
   c.inference = ml_collections.ConfigDict(dict(window='auto', top_k=10, tracker='minvis',
                                                memory_momentum=0.7, memory_min_score=0.0))
+  # Online tracking (minvis_jax/online.py, `infer --online`, docs/online.md): which tracks each
+  # frame reports. Defaults measured on the synthetic splits (docs/online.md).
+  c.inference.online_report_score = 0.9   # a slot's running score needed to report its track
+  c.inference.online_retire_frames = 2    # unseen frames in a row that retire a track (its id ends)
   # Evaluation inside `train` on the training mesh, logged as eval/* at its step (metrics.jsonl,
   # TensorBoard). Off by default: `minvis-jax evaluate --watch WORKDIR` does it beside the run.
   c.eval = ml_collections.ConfigDict(dict(

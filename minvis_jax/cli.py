@@ -22,7 +22,6 @@ MINVIS_NO_REEXEC=1, or a GLIBC_TUNABLES naming a glibc.malloc tunable, to turn t
 import argparse
 import faulthandler
 import logging
-import os
 import sys
 
 import jax
@@ -47,107 +46,28 @@ from minvis_jax.data import categories
 from minvis_jax.data import synthetic
 from minvis_jax.data import tfds_builders
 
+from minvis_jax.flags import DISTRIBUTED_NEEDS
+from minvis_jax.flags import NEEDS
+from minvis_jax.flags import RENAMED_FLAGS
+from minvis_jax.flags import add_config_flags
+from minvis_jax.flags import add_distributed_flags
+from minvis_jax.flags import add_shorthand
+from minvis_jax.flags import check_renamed
+from minvis_jax.flags import initialize_distributed
+from minvis_jax.flags import nonneg_int
+from minvis_jax.flags import overrides
+from minvis_jax.flags import parse_window
+from minvis_jax.flags import positive_float
+from minvis_jax.flags import positive_int
+from minvis_jax.flags import probability
+
 run = console.run   # a user error: one line, exit status 2
-
-
-# --- flag value types: a range checked at parse time (0 never means "the default": None does) ---
-
-def _flag_type(parse):
-  """An argparse type from a user_input parser; its message follows 'argument --flag:'."""
-  def typed(text: str):
-    try:
-      return parse(text)
-    except ValueError as e:
-      raise argparse.ArgumentTypeError(str(e)) from None
-  typed.__name__ = parse.__name__
-  return typed
-
-
-positive_int, nonneg_int, positive_float, nonneg_float, finite_float, probability = map(
-    _flag_type, (user_input.positive_int, user_input.nonneg_int, user_input.positive_float,
-                 user_input.nonneg_float, user_input.finite_float, user_input.probability))
-
-# command -> ((flag, the flag it needs), ...): a flag that means something only beside another.
-NEEDS: dict[str, tuple[tuple[str, str], ...]] = {}
-_DISTRIBUTED_NEEDS = tuple((f, '--distributed') for f in ('--coordinator', '--num_processes',
-                                                           '--process_id'))
-
-
-# --- flag groups shared by several commands ---------------------------------------------------
-
-def add_config_flags(parser: argparse.ArgumentParser, required: bool = False,
-                     default_help: str = '') -> None:
-  """--config NAME[:ARG]|FILE and --set KEY=VALUE (repeatable)."""
-  parser.add_argument('--config', required=required, default='',
-                      help='config name[:arg] or file, e.g. tiny or minvis:dataset=ovis'
-                      + (f'; default: {default_help}' if default_help else ''))
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='override a config field, e.g. --set batch_size=16 (repeatable)')
-
-
-def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
-  """--distributed and its explicit values (TPU pods and SLURM detect them)."""
-  parser.add_argument('--distributed', action='store_true',
-                      help='jax.distributed.initialize(): one process per host of a TPU pod, '
-                      'SLURM job or local launcher (launch/)')
-  parser.add_argument('--coordinator', default=None, help='host:port for --distributed')
-  parser.add_argument('--num_processes', type=positive_int, default=None,
-                      help='for --distributed')
-  parser.add_argument('--process_id', type=nonneg_int, default=None, help='for --distributed')
-
-
-def initialize_distributed(args: argparse.Namespace) -> None:
-  """jax.distributed with auto-detection (TPU, SLURM) or the explicit flag values."""
-  if not args.distributed:
-    return
-  if 'cpu' in os.environ.get('JAX_PLATFORMS', ''):
-    # Many back-to-back CPU collectives under async dispatch can deadlock in gloo.
-    jax.config.update('jax_cpu_enable_async_dispatch', False)
-  jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-
-
-def add_shorthand(parser: argparse.ArgumentParser, flag: str, key: str, help: str,
-                  **kwargs) -> None:
-  """`flag VALUE` as shorthand for `--set key=VALUE` (see `overrides`)."""
-  dest = flag.lstrip('-')
-  parser.add_argument(flag, dest=dest, default=None, help=f'{help} (shorthand for --set {key}=...)',
-                      **kwargs)
-  parser.set_defaults(shorthands=tuple(parser.get_default('shorthands') or ()) + ((dest, key),))
-
-
-def overrides(args: argparse.Namespace) -> list[str]:
-  """The command's config overrides as KEY=VALUE strings: --set items, then the shorthand flags
-  that were given (a later item wins)."""
-  items = list(getattr(args, 'set', []))
-  for dest, key in getattr(args, 'shorthands', ()):
-    value = getattr(args, dest)
-    if value is not None:
-      items.append(f'{key}={value}')
-  return items
-
-
-# Flags that were renamed or removed: command -> {old flag: what to use now}. Passing one is a
-# one-line error naming the replacement (docs/cli.md "Changes" lists them).
-RENAMED_FLAGS: dict[str, dict[str, str]] = {}
-
-
-def _check_renamed(name: str, argv: list[str]) -> None:
-  for old, new in RENAMED_FLAGS.get(name, {}).items():
-    if any(a == old or a.startswith(old + '=') for a in argv):
-      raise ValueError(f'{old} was renamed: use {new}')
 
 
 # --- commands ---------------------------------------------------------------------------------
 # Each command: (one-line help, flags(parser), run(args) -> exit status).
 COMMANDS: dict = {}
 _TRACKER_SET = '--set inference.tracker=memory|minvis'
-
-
-def parse_window(value: str) -> int | str:
-  """A `--window` flag: 'auto' or a positive frame count per device."""
-  if value != 'auto' and (not value.isdigit() or int(value) < 1):
-    raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
-  return value if value == 'auto' else int(value)
 
 
 # --- infer ---
@@ -157,7 +77,7 @@ def _infer_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--checkpoint', default='',
                       help='minvis-jax checkpoint directory (written by convert or train)')
   parser.add_argument('--exported', default='', help='instead: a file from `minvis-jax export`')
-  parser.add_argument('--video', required=True, help='mp4/GIF file or folder of jpg/png frames')
+  parser.add_argument('--video', required=True, help='video file or URL, jpg/png folder, - stdin')
   parser.add_argument('--out', required=True, help='output directory')
   add_config_flags(parser, default_help="the checkpoint's config.json")
   add_shorthand(parser, '--top_k', 'inference.top_k', 'tracks kept', type=positive_int)
@@ -169,6 +89,8 @@ def _infer_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--fps', type=positive_float, default=None,
                       help="frame rate of the overlay (default: the source video's; 10 for a "
                       'frame folder)')
+  parser.add_argument('--online', nargs='*', choices=('summary', 'overlay'), help='frame by frame: '
+                      'OUT/frames.jsonl; summary: + results.json, overlay: + overlay.mp4')
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -176,12 +98,21 @@ def _infer(args: argparse.Namespace) -> int:
     raise ValueError('pass either --checkpoint DIR or --exported MODEL.jax')
   if args.exported and (args.config or args.set):
     raise ValueError('--exported: the artifact fixes the settings; --config/--set do not apply')
+  if args.exported and args.online is not None:
+    model = exported.load(args.exported)
+    return infer.run_online(model.online_tracker(args.top_k, 'summary' in args.online),
+                            (model.category_ids, model.category_names), args.video, args.out,
+                            args.online, args.fps, model.path, model.check_frame_size)
   if args.exported:
     return infer.run_exported(exported.load(args.exported), args.video, args.out,
                               args.score_threshold, args.fps, args.top_k, args.window)
   config, variables = checkpoints.load_model(args.checkpoint, args.config)
   config_lib.apply_overrides(config, overrides(args))
   source = (args.config or "the checkpoint's config.json") + (' and flags' * bool(overrides(args)))
+  if args.online is not None:
+    tracker = model_forward.online_tracker(config, variables, 'summary' in args.online)
+    return infer.run_online(tracker, categories.of_config(config), args.video, args.out,
+                            args.online, args.fps, source)
   return infer.run(model_forward.from_config(config, variables), config.data,
                    categories.of_config(config), args.video, args.out, args.score_threshold,
                    args.fps, source)
@@ -380,7 +311,7 @@ def _train(args: argparse.Namespace) -> int:
 
 COMMANDS['train'] = ('train Mask2Former on single frames (resumes from WORKDIR)', _train_flags,
                      _train)
-NEEDS['train'] = _DISTRIBUTED_NEEDS
+NEEDS['train'] = DISTRIBUTED_NEEDS
 
 
 # --- evaluate ---
@@ -434,7 +365,7 @@ COMMANDS['evaluate'] = ('MinVIS on a dataset split -> OUT/results.json, scored (
                         'when it has ground truth; or --watch a training run\'s checkpoints.',
                         _evaluate_flags, _evaluate)
 RENAMED_FLAGS['evaluate'] = {'--tracker': _TRACKER_SET}
-NEEDS['evaluate'] = (('--timeout', '--watch'),) + _DISTRIBUTED_NEEDS
+NEEDS['evaluate'] = (('--timeout', '--watch'),) + DISTRIBUTED_NEEDS
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -476,7 +407,7 @@ def markdown() -> str:
 
 def _command_main(name: str):
   def main(argv):
-    _check_renamed(name, argv[1:])
+    check_renamed(name, argv[1:])
     parser = make_parser(name)
     args = parser.parse_args(argv[1:])
     if problem := user_input.unmet_needs(NEEDS.get(name, ()), vars(args)):

@@ -235,6 +235,9 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config'
   check('inference.memory_momentum', lambda x: _is_number(x) and 0 <= x < 1, 'a number in [0, 1)')
   check('inference.memory_min_score', lambda x: _is_number(x) and 0 <= x <= 1,
         'a number in [0, 1]')
+  check('inference.online_report_score', lambda x: _is_number(x) and 0 <= x <= 1,
+        'a number in [0, 1]')
+  check('inference.online_retire_frames', positive_int, 'an integer >= 1')
   for key in ('eval.every_steps', 'eval.max_videos', 'data.slot_multiple'):
     check(key, lambda x: _is_int(x) and x >= 0, 'an integer >= 0')
   for key in ('model.enc_layers', 'model.dec_layers', 'total_steps', 'optim.warmup_steps'):

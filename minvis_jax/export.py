@@ -19,6 +19,7 @@ import numpy as np
 
 from minvis_jax import exported
 from minvis_jax import model_forward
+from minvis_jax import online
 from minvis_jax import paths
 from minvis_jax import tracking
 from minvis_jax.data import categories
@@ -90,7 +91,8 @@ def manifest(config: ml_collections.ConfigDict, sizes, platforms, version: int) 
                     'frames of its class logits)[:K]; the top_k (query, class) pairs are kept',
       'inference': {'window': inf.window, 'top_k': int(inf.top_k),
                     'tracker': {'kind': tracker.kind, 'momentum': tracker.momentum,
-                                'min_score': tracker.min_score}},
+                                'min_score': tracker.min_score},
+                    'online': online.rules_from_config(config)._asdict()},
   }
 
 

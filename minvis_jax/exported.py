@@ -15,6 +15,7 @@ import zipfile
 import jax
 import numpy as np
 
+from minvis_jax import online
 from minvis_jax import paths
 from minvis_jax import predictor
 from minvis_jax import tracking
@@ -103,6 +104,17 @@ class Model:
     return predictor.VideoPredictor(
         self.predictor_forward(), self.weights, inf['window'] if window is None else window,
         inf['top_k'] if top_k is None else top_k, self.tracker(), devices)
+
+  def online_tracker(self, top_k: int | None = None, summary: bool = False) -> online.OnlineTracker:
+    """The online tracker of this model (docs/online.md): the manifest's input settings, tracker
+    and report/retire rules (the defaults where an older artifact has none); top_k: the summary's
+    tracks (default: the manifest's)."""
+    inf, d = self.manifest['inference'], self.data
+    spec = online.InputSpec(int(d.min_size_test), int(d.max_size_test), tuple(d.mean), tuple(d.std),
+                            int(d.size_divisibility))
+    rules = online.Rules(**inf.get('online', {}))
+    return online.OnlineTracker(self.forward, self.tracker(), spec, rules,
+                                inf['top_k'] if top_k is None else top_k, summary)
 
   def check_frame_size(self, height: int, width: int, where: str) -> None:
     """Raises a one-line error naming `where` when frames of this size have no module."""

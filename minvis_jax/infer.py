@@ -12,15 +12,27 @@ With --exported model.jax (from `minvis-jax export`) the artifact's manifest fix
   minvis-jax infer --checkpoint ckpt --video frames/ --out out --fps 6 --score_threshold 0.5
   minvis-jax infer --checkpoint ckpt --video clip.mp4 --out out --set data.min_size_test=480
   minvis-jax infer --exported model.jax --video clip.mp4 --out out
+
+--online reports each frame's visible tracks as soon as it is processed (OUT/frames.jsonl, one JSON
+line a frame, flushed), from a file, a frame folder, a URL ffmpeg opens, or PNG frames on stdin
+(--video -); docs/online.md:
+
+  ffmpeg -i rtsp://camera/stream -f image2pipe -c:v png - | \
+      minvis-jax infer --checkpoint ckpt --video - --out out --online
 """
 
 import itertools
+import json
 import time
+from typing import Sequence
 
+import numpy as np
+from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from minvis_jax import exported
 from minvis_jax import metrics_writer
+from minvis_jax import online
 from minvis_jax import paths
 from minvis_jax import predictor as predictor_lib
 from minvis_jax import user_input
@@ -75,6 +87,8 @@ def run(predictor: predictor_lib.VideoPredictor, data, table: tuple[list[int], l
   ids, names = table
   t0 = time.time()
   user_input.check_output_dir(out, '--out')
+  if video_path == '-':
+    raise ValueError('--video -: frames on stdin need --online (offline infer reads a video twice)')
   video = video_io.open_video(video_path)
   if video.skipped:   # said before the work, and again in the summary
     print(f'{video_path}: {video_io.skipped_text(video)}')
@@ -140,3 +154,91 @@ def run_exported(model: exported.Model, video_path: str, out: str, score_thresho
   predictor = model.video_predictor(window, top_k)
   return run(predictor, model.data, (model.category_ids, model.category_names), video_path, out,
              score_threshold, fps, model.path, model.check_frame_size)
+
+
+def _online_lines(tracker: online.OnlineTracker, frames, lines, ids, names, fps, latencies,
+                  overlay: bool):
+  """Runs `tracker` frame by frame, writing and flushing each frame's JSON line to `lines` and its
+  processing time (frame in hand -> its tracks encoded) to `latencies`; yields the overlay frames
+  (or nothing, without `overlay`)."""
+  for i, frame in enumerate(frames):
+    t0 = time.perf_counter()
+    [result] = tracker.process([frame])
+    tracks = [{'id': t['id'], 'category_id': int(ids[t['category']]),
+               'category': names[t['category']], 'score': round(t['score'], 5),
+               'segmentation': t['segmentation']} for t in result.tracks]
+    latency = time.perf_counter() - t0
+    lines.write(json.dumps({'frame': i, 'time': round(i / fps, 6) if fps else None,
+                            'latency_ms': round(1000 * latency, 2), 'tracks': tracks}) + '\n')
+    lines.flush()
+    latencies.append(latency)
+    if overlay:
+      masks = np.array([mask_utils.decode(dict(t['segmentation'],
+                                               counts=t['segmentation']['counts'].encode()))
+                        for t in tracks], bool).reshape(-1, *frame.shape[:2])
+      colors = [visualize.track_colors(t['id'])[-1] for t in tracks]
+      yield visualize.overlay(frame, masks, [f'{t["id"]} {t["category"]}' for t in tracks],
+                              [t['score'] for t in tracks], np.array(colors, np.uint8))
+
+
+def latency_text(latencies: list[float], seconds: float) -> str:
+  """'N frames, latency p50 X ms / p95 Y ms per frame; first frame Z s with compiling; F frames/s
+  overall': the percentiles over the frames after the first (whose time includes compiling)."""
+  if not latencies:
+    return '0 frames'
+  rest = latencies[1:] or latencies
+  p50, p95 = (1000 * np.percentile(rest, q) for q in (50, 95))
+  rate = len(latencies) / seconds if seconds > 0 else 0.0
+  return (f'{len(latencies)} frames, latency p50 {p50:.1f} ms / p95 {p95:.1f} ms per frame; first '
+          f'frame {latencies[0]:.2f} s with compiling; {rate:.2f} frames/s overall')
+
+
+def run_online(tracker: online.OnlineTracker, table: tuple[list[int], list[str]],
+               video_path: str, out: str, options: Sequence[str], fps: float | None,
+               settings_from: str, check_frame_size=None) -> int:
+  """Online MinVIS on a stream (`video_io.open_video`, '-' for PNG frames on stdin): each frame's
+  visible tracks go to OUT/frames.jsonl as soon as it is processed (flushed; Ctrl-C or the end of
+  the stream closes the file with every line written); options: 'summary' writes OUT/results.json
+  (the offline result) at the end, 'overlay' OUT/overlay.mp4 as it goes. Prints the latency.
+
+  tracker: built on the live model's forward or an exported one's (cli.py), with summary=True when
+  options has 'summary'; table and check_frame_size as in `run`.
+  """
+  summary, overlay = 'summary' in options, 'overlay' in options
+  ids, names = table
+  user_input.check_output_dir(out, '--out')
+  video = video_io.open_video(video_path)
+  first = next(video.frames, None)
+  if first is None:
+    raise ValueError(f'{video_path}: the video has no frames')
+  size = first.shape[:2]
+  if check_frame_size is not None:
+    check_frame_size(*size, video_path)
+  frames = video_io.same_size(itertools.chain([first], video.frames), size, video_path)
+  lines_path, latencies, interrupted = paths.join(out, 'frames.jsonl'), [], False
+  t0 = time.perf_counter()
+  try:
+    # On a bucket the lines arrive as one object when the file closes (an object is written whole).
+    with paths.open(lines_path, 'w') as lines:
+      stream = _online_lines(tracker, frames, lines, ids, names, video.fps, latencies, overlay)
+      if overlay:
+        with video_io.ffmpeg_without_preexec():
+          visualize.write_video(paths.join(out, 'overlay.mp4'), stream, fps or video.fps or 10)
+      else:
+        for _ in stream:
+          pass
+  except KeyboardInterrupt:   # a live stream's usual end: the lines so far are all written
+    interrupted = True
+  seconds = time.perf_counter() - t0
+  rules = tracker.rules
+  print(f'{video_path}: {latency_text(latencies, seconds)} (report score >= {rules.report_score}, '
+        f'retire after {rules.retire_frames} unseen frames; from {settings_from})'
+        + (' -- interrupted' * interrupted))
+  print(f'wrote {lines_path}')
+  if summary and not interrupted:
+    results = predictor_lib.results_for_video(tracker.finish(), 1, ids)
+    results_path = paths.join(out, 'results.json')
+    metrics_writer.write_json(results_path, results)
+    print(f'wrote {results_path} ({len(results)} tracks)')
+  tracker.close()
+  return 130 if interrupted else 0

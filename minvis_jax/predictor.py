@@ -16,17 +16,14 @@ written sequentially and read back for k queries.
 """
 
 import functools
-import os
-import tempfile
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-from pycocotools import mask as mask_utils
 
-from minvis_jax import ops
+from minvis_jax import frame_masks
 from minvis_jax import tracking
 from minvis_jax.data import transforms
 
@@ -63,25 +60,6 @@ def _windows(images: Iterable[np.ndarray], window: int) -> Iterator[tuple[np.nda
     yield np.stack(batch + pad), np.arange(window) < n
 
 
-def _mask_logits_t(m: jnp.ndarray, padded_size, valid_size, out_size) -> jnp.ndarray:
-  """Mask logits [Q, Hp/4, Wp/4] -> [Q, W, H] (transposed: pycocotools' column-major order) at the
-  original size: to the padded input size, crop the valid image, to the original size (bilinear,
-  no antialias; docs/method.md §1).
-
-  The three steps are linear along each axis, so they are applied as one product per axis with the
-  composed [H, Hp/4] and [W, Wp/4] matrices (computed in float64): the same values as resizing
-  twice up to float32 rounding, with far fewer flops.
-  """
-  (hp, wp), (h, w) = padded_size, valid_size
-  rows = ops.bilinear_matrix(h, out_size[0]) @ ops.bilinear_matrix(m.shape[1], hp)[:h]  # [H, Hp/4]
-  cols = ops.bilinear_matrix(w, out_size[1]) @ ops.bilinear_matrix(m.shape[2], wp)[:w]  # [W, Wp/4]
-  # float16 first: the logits the earlier host-side implementation kept, so results are unchanged.
-  m = m.astype(jnp.float16).astype(jnp.float32)
-  highest = jax.lax.Precision.HIGHEST   # as jax.image.resize: no bfloat16 passes on TPU
-  m = jnp.einsum('qhx,Xx->qXh', m, jnp.asarray(cols, jnp.float32), precision=highest)
-  return jnp.einsum('qXh,Yh->qXY', m, jnp.asarray(rows, jnp.float32), precision=highest)
-
-
 @functools.lru_cache(maxsize=16)
 def _step_fn(model: Forward, mesh: jax.sharding.Mesh, tracker: tracking.Tracker):
   """The jitted window step of a forward, mesh and tracker, shared by every predictor (so a new
@@ -107,65 +85,6 @@ def _step_fn(model: Forward, mesh: jax.sharding.Mesh, tracker: tracking.Tracker)
         out['pred_masks'], perm)                                  # [W, Q, Hp/4, Wp/4] float16
     return state, logit_sum, masks
   return step
-
-
-@functools.lru_cache(maxsize=16)
-def _masks_fn(mesh: jax.sharding.Mesh, padded_size, valid_size, out_size):
-  """Jitted: float16 logits [W, k, Hp/4, Wp/4] -> masks (docs/method.md §1) packed 8 pixels to a
-  byte, column major (pycocotools' order) [W, k, ceil(H*W/8)] uint8, sharded over the frames."""
-  def to_bits(masks):                # on each device: its own frames, one frame at a time
-    def one(m):
-      binary = _mask_logits_t(m, padded_size, valid_size, out_size) > 0    # [k, W, H]
-      return jnp.packbits(binary.reshape(binary.shape[0], -1), axis=-1)
-    return jax.lax.map(one, masks)
-  frames = P('frames')
-  return jax.jit(jax.shard_map(to_bits, mesh=mesh, in_specs=frames, out_specs=frames))
-
-
-def _encode(bits: np.ndarray, out_size) -> list[bytes]:
-  """Packed masks [k, ceil(H*W/8)] of one frame -> the RLE counts of each."""
-  h, w = out_size
-  masks = np.unpackbits(bits, axis=-1, count=h * w).reshape(-1, w, h)
-  rles = mask_utils.encode(masks.transpose(2, 1, 0))   # [H, W, k] Fortran order, no copy
-  return [r['counts'] for r in rles]
-
-
-class _LogitStore:
-  """Every frame's float16 mask logits [Q, h, w] in an anonymous temporary file: the host keeps
-  nothing per frame (dense logits in memory would grow with the video)."""
-
-  def __init__(self):
-    self._file = tempfile.TemporaryFile()
-    self.shape, self.frames = None, 0
-
-  def add(self, masks: np.ndarray) -> None:
-    """masks: float16 [Q, h, w] of the next frame."""
-    if self.shape is None:
-      self.shape = masks.shape
-    data = np.ascontiguousarray(masks, np.float16).tobytes()
-    try:
-      self._file.write(data)
-    except OSError as e:   # e.g. a full disk: say where and how much, not a bare errno
-      raise OSError(e.errno, f'cannot write the mask logits of frame {self.frames} to a temporary '
-                    f'file in {tempfile.gettempdir()} ({e.strerror}); the video needs '
-                    f'{len(data) / 2**20:.1f} MiB of it a frame: point TMPDIR at a disk with '
-                    'room') from e
-    self.frames += 1
-
-  def read(self, frame: int, queries) -> np.ndarray:
-    """float16 [len(queries), h, w]: the logits of `queries` in `frame`."""
-    self._file.flush()
-    q, h, w = self.shape
-    size = h * w * 2
-    fd = self._file.fileno()
-    out = np.empty((len(queries), h, w), np.float16)
-    for i, query in enumerate(queries):
-      out[i] = np.frombuffer(os.pread(fd, size, (frame * q + int(query)) * size),
-                             np.float16).reshape(h, w)
-    return out
-
-  def close(self) -> None:
-    self._file.close()
 
 
 # Device bytes of one frame in the R50 forward per input pixel: an upper bound from the CPU peak
@@ -252,7 +171,7 @@ class VideoPredictor:
     step = _step_fn(self.forward, self.mesh, self.tracker)
     frames = jax.sharding.NamedSharding(self.mesh, P('frames'))
 
-    state, logit_sum, pending, store = self._init_state, None, None, _LogitStore()
+    state, logit_sum, pending, store = self._init_state, None, None, frame_masks.LogitStore()
     try:
       for batch, valid in _windows(_chain(first, images), window):
         state, s, masks = step(self.variables, state, jax.device_put(batch, frames),
@@ -278,7 +197,7 @@ class VideoPredictor:
 
   def _top_k_masks(self, store, queries, window, padded_size, valid_size, out_size):
     """The RLEs of `queries` in every frame of `store`: [len(queries)][frames] dicts."""
-    to_bits = _masks_fn(self.mesh, padded_size, valid_size, out_size)
+    to_bits = frame_masks.masks_fn(self.mesh, padded_size, valid_size, out_size)
     frames = jax.sharding.NamedSharding(self.mesh, P('frames'))
     size = list(out_size)
     segs = [[] for _ in queries]
@@ -298,14 +217,14 @@ class VideoPredictor:
     return segs
 
 
-def _store_window(store: _LogitStore, masks: jax.Array, valid: np.ndarray) -> None:
+def _store_window(store: frame_masks.LogitStore, masks: jax.Array, valid: np.ndarray) -> None:
   for m in np.asarray(masks)[valid]:
     store.add(m)
 
 
 def _encode_window(segs: list[list[dict]], bits: jax.Array, n: int, size: list[int]) -> None:
   for frame_bits in np.asarray(bits)[:n]:
-    for track, counts in zip(segs, _encode(frame_bits, size)):
+    for track, counts in zip(segs, frame_masks.encode(frame_bits, size)):
       track.append({'size': size, 'counts': counts.decode()})
 
 

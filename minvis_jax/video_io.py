@@ -1,9 +1,13 @@
-"""Reading a user's video: a frame folder, an mp4 (or anything ffmpeg reads) or a GIF."""
+"""Reading a user's video: a frame folder, an mp4 (or anything ffmpeg reads, URLs included), a GIF,
+or a stream of PNG frames on stdin."""
 
 import contextlib
 import dataclasses
+import io
+import itertools
 import os
-from typing import Iterable, Iterator
+import sys
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -94,14 +98,63 @@ def _open_ffmpeg(path: str) -> VideoInput:
   return video
 
 
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def _read_exactly(stream: BinaryIO, n: int) -> bytes:
+  data = b''
+  while len(data) < n:
+    part = stream.read(n - len(data))
+    if not part:
+      break
+    data += part
+  return data
+
+
+def read_png_stream(stream: BinaryIO, where: str = 'stdin') -> Iterator[np.ndarray]:
+  """uint8 [H, W, 3] RGB frames of concatenated PNG files (ffmpeg's `-f image2pipe -c:v png -`),
+  each decoded as soon as its last chunk has arrived. A stream that stops inside a frame, or bytes
+  that are not a PNG, raise ValueError naming `where` and the frame."""
+  for index in itertools.count():
+    head = _read_exactly(stream, len(PNG_SIGNATURE))
+    if not head:
+      return
+    if head != PNG_SIGNATURE[:len(head)] or len(head) < len(PNG_SIGNATURE):
+      what = 'stopped inside' if head == PNG_SIGNATURE[:len(head)] else 'is not a PNG at'
+      raise ValueError(f'{where}: frame {index}: the stream {what} its start ({head[:8]!r}); '
+                       'pipe PNG frames, e.g. ffmpeg -i INPUT -f image2pipe -c:v png -')
+    data, chunk_type = [head], b''
+    while chunk_type != b'IEND':    # chunks: length (4 bytes, big endian), type, data, CRC
+      header = _read_exactly(stream, 8)
+      length = int.from_bytes(header[:4], 'big') if len(header) == 8 else 0
+      body = _read_exactly(stream, length + 4) if len(header) == 8 else b''
+      data += [header, body]
+      if len(header) < 8 or len(body) < length + 4:
+        raise ValueError(f'{where}: frame {index}: the stream stopped mid-frame (after '
+                         f'{sum(map(len, data))} bytes of its PNG)')
+      chunk_type = header[4:]
+    try:
+      with Image.open(io.BytesIO(b''.join(data))) as image:
+        yield np.asarray(image.convert('RGB'))
+    except (OSError, ValueError, SyntaxError) as e:   # Pillow: SyntaxError for a broken PNG
+      raise ValueError(f'{where}: frame {index}: unreadable PNG ({e})') from None
+
+
 def open_video(path: str) -> VideoInput:
   """The frames of a video with their count and frame rate where known; checks the input up front.
 
   `path` is a folder of frames (its .jpg/.jpeg/.png files in sorted name order), an mp4 (or another
   format ffmpeg reads; needs imageio-ffmpeg; the count is the container's duration x fps, for a
-  progress bar) or a GIF. A missing or unreadable input raises FileNotFoundError / ValueError
-  naming it.
+  progress bar) or a GIF; a URL ffmpeg opens (rtsp://, http://, ...); '-': PNG frames on stdin
+  (`read_png_stream`). A missing or unreadable input raises FileNotFoundError / ValueError naming
+  it.
   """
+  if path == '-':
+    return VideoInput(read_png_stream(sys.stdin.buffer, 'stdin'), None, None)
+  if '://' in path:    # a stream or URL: only ffmpeg can say whether it opens
+    if not visualize.mp4_available():
+      raise ValueError(f'{path}: reading a URL needs the imageio-ffmpeg package')
+    return _open_ffmpeg(path)
   if os.path.isdir(path):
     files, skipped = frame_files(sorted(os.listdir(path)))
     if not files:

@@ -44,6 +44,7 @@ CASES = {
                                'train_step_tiny_64_b2_cpu', 'train_step_tiny_64_b2_cpu_bfloat16',
                                'video_tiny_4f_64p_cpu'], _device_checks),
 }
+CASES['online'] = (['online.py'], ['online_vs_offline_per_frame_tiny_64x96_dry_run'], None)
 # Over about a minute each on two CPU cores (compiling a train step or several processes).
 SLOW = {'input_pipeline', 'long_video', 'long_video_eval_fps', 'device', 'storage', 'export'}
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from minvis_jax import cli
+from minvis_jax import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,20 +96,20 @@ def test_shorthands_are_set_overrides():
   args = cli.make_parser('infer').parse_args(
       ['--checkpoint', 'c', '--video', 'v', '--out', 'o', '--window', 'auto', '--top_k', '3',
        '--set', 'inference.tracker=memory'])
-  assert cli.overrides(args) == ['inference.tracker=memory', 'inference.top_k=3',
+  assert flags.overrides(args) == ['inference.tracker=memory', 'inference.top_k=3',
                                  'inference.window=auto']
   args = cli.make_parser('demo').parse_args(['--total_steps', '7', '--seed', '2'])
-  assert cli.overrides(args) == ['total_steps=7', 'seed=2'] and args.config == ''
+  assert flags.overrides(args) == ['total_steps=7', 'seed=2'] and args.config == ''
   with pytest.raises(SystemExit):
     cli.make_parser('infer').parse_args(['--checkpoint', 'c', '--video', 'v', '--out', 'o',
                                          '--window', '0'])
 
 
 def test_parse_window():
-  assert cli.parse_window('auto') == 'auto' and cli.parse_window('12') == 12
+  assert flags.parse_window('auto') == 'auto' and flags.parse_window('12') == 12
   for bad in ('0', '-1', 'x', '1.5'):
     with pytest.raises(argparse.ArgumentTypeError):
-      cli.parse_window(bad)
+      flags.parse_window(bad)
 
 
 def test_committed_cli_md_is_generated_from_the_parsers():
@@ -163,12 +164,12 @@ def test_numeric_flags_are_range_checked_at_parse_time(argv, message, capsys):
 
 
 def test_flag_types_keep_the_values_in_range():
-  assert cli.positive_int('3') == 3 and cli.nonneg_int('0') == 0
-  assert cli.probability('0') == 0.0 and cli.probability('1') == 1.0
-  assert cli.positive_float('0.5') == 0.5 and cli.nonneg_float('0') == 0.0
-  assert cli.finite_float('-2.5') == -2.5
-  for parse, text in ((cli.positive_int, '0'), (cli.nonneg_int, '-1'), (cli.finite_float, 'inf'),
-                      (cli.nonneg_float, '-0.1'), (cli.positive_float, 'x')):
+  assert flags.positive_int('3') == 3 and flags.nonneg_int('0') == 0
+  assert flags.probability('0') == 0.0 and flags.probability('1') == 1.0
+  assert flags.positive_float('0.5') == 0.5 and flags.nonneg_float('0') == 0.0
+  assert flags.finite_float('-2.5') == -2.5
+  for parse, text in ((flags.positive_int, '0'), (flags.nonneg_int, '-1'), (flags.finite_float, 'inf'),
+                      (flags.nonneg_float, '-0.1'), (flags.positive_float, 'x')):
     with pytest.raises(argparse.ArgumentTypeError):
       parse(text)
 

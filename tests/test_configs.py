@@ -128,6 +128,7 @@ BAD_OVERRIDES = [
     'data.std=(1.0,0.0,1.0)', 'optim.lr=0.0', 'checkpoint.every_steps=0', 'batch_size=0',
     'data.max_instances=0', 'data.flip=1', 'model.backbone.depths=(1,1)',
     'model.backbone.widths=(32,0,128,256)', 'model.backbone.stem_width=0']
+BAD_OVERRIDES += ['inference.online_report_score=1.5', 'inference.online_retire_frames=0']
 
 
 @pytest.mark.parametrize('override', BAD_OVERRIDES)

@@ -14,6 +14,7 @@ from scipy.optimize import linear_sum_assignment
 
 from support.tracks import assert_same_tracks
 from minvis_jax import config_lib  # noqa: F401  (registers minvis_jax.configs in a checkout)
+from minvis_jax import frame_masks
 from minvis_jax import model_forward
 from minvis_jax import predictor
 from minvis_jax import tracking
@@ -162,7 +163,7 @@ def test_full_temporary_disk_is_a_clear_error(monkeypatch):
       pass
 
   cfg, variables, images = _setup(t=2)
-  monkeypatch.setattr(predictor.tempfile, 'TemporaryFile', FullDisk)
+  monkeypatch.setattr(frame_masks.tempfile, 'TemporaryFile', FullDisk)
   with pytest.raises(OSError, match=r'frame 0 .*No space left on device.*MiB .*TMPDIR'):
     predictor.VideoPredictor(model_forward.forward(cfg), variables, window=2, top_k=10,
                              tracker=MINVIS)(images, (56, 96), (56, 96))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minvis_jax import predictor
+from minvis_jax import frame_masks
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
@@ -25,7 +25,7 @@ def test_mask_logits_equal_torch_interpolate_twice(padded, valid, out):
   rng = np.random.default_rng(sum(out))
   m = rng.normal(size=(3, low[0] // 6 + 2, low[1] // 6 + 2)).astype(np.float32) * 8
   m = np.asarray(jax.image.resize(m, (3, *low), 'cubic')).astype(np.float16)  # smooth, like masks
-  got = np.asarray(predictor._mask_logits_t(jnp.asarray(m), padded, valid, out))
+  got = np.asarray(frame_masks.mask_logits_t(jnp.asarray(m), padded, valid, out))
   up = torch.nn.functional.interpolate(torch.from_numpy(m.astype(np.float32))[None], size=padded,
                                        mode='bilinear', align_corners=False)
   want = torch.nn.functional.interpolate(up[:, :, :valid[0], :valid[1]], size=out,

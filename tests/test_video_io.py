@@ -1,6 +1,7 @@
 """video_io: frame folders in name order; missing, empty, corrupt and unequal inputs fail naming the
 file (also through `minvis-jax infer`)."""
 
+import io
 import os
 
 import numpy as np
@@ -158,3 +159,52 @@ def test_an_aspect_ratio_that_resizes_a_side_to_zero_names_size_and_keys(tiny_ch
                      r'extreme'):
     cli.main(['infer', '--debug', '--checkpoint', ckpt, '--video', folder, '--out',
               str(tmp_path / 'o')])
+
+
+def _png_bytes(frame) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(frame).save(out, format='PNG')
+  return out.getvalue()
+
+
+class _Trickle:
+  """A pipe that hands out at most `step` bytes a read, as a pipe may."""
+
+  def __init__(self, data: bytes, step: int = 7):
+    self.data, self.pos, self.step = data, 0, step
+
+  def read(self, n):
+    out = self.data[self.pos:self.pos + min(n, self.step)]
+    self.pos += len(out)
+    return out
+
+
+def test_png_stream_frames_and_cuts():
+  frames = videos.moving_square_frames(3) + [np.zeros((20, 30, 3), np.uint8)]
+  data = b''.join(_png_bytes(f) for f in frames)
+  read = list(video_io.read_png_stream(_Trickle(data), 'pipe'))
+  assert len(read) == 4
+  for a, b in zip(read, frames):
+    np.testing.assert_array_equal(a, b)   # lossless, and each frame keeps its own size
+  assert list(video_io.read_png_stream(_Trickle(b''), 'pipe')) == []
+  first = len(_png_bytes(frames[0]))
+  # Cut inside a chunk, inside a chunk header, inside the signature, right after the signature.
+  for cut in (first + 100, first + 8 + 10, first + 3, first + 8):
+    stream = video_io.read_png_stream(_Trickle(data[:cut]), 'pipe')
+    assert next(stream).shape == (64, 96, 3)     # frame 0 arrives whole
+    with pytest.raises(ValueError, match=r'^pipe: frame 1: the stream (stopped mid-frame|stopped '
+                       r'inside its start)'):
+      next(stream)
+  with pytest.raises(ValueError, match=r'^pipe: frame 0: the stream is not a PNG at its start'):
+    next(video_io.read_png_stream(_Trickle(b'\xff\xd8\xff\xe0 a JPEG'), 'pipe'))
+  # A PNG whose chunks are all there but whose data is damaged.
+  bad = bytearray(_png_bytes(frames[0]))
+  bad[60:80] = b'\0' * 20
+  with pytest.raises(ValueError, match=r'^pipe: frame 0: unreadable PNG'):
+    next(video_io.read_png_stream(_Trickle(bytes(bad)), 'pipe'))
+
+
+@pytest.mark.skipif(not visualize.mp4_available(), reason='imageio-ffmpeg not installed')
+def test_a_url_goes_to_ffmpeg_and_fails_naming_it():
+  with pytest.raises(ValueError, match=r'^http://127.0.0.1:9/clip.mp4: not a readable video'):
+    video_io.open_video('http://127.0.0.1:9/clip.mp4')
