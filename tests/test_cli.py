@@ -168,8 +168,9 @@ def test_flag_types_keep_the_values_in_range():
   assert flags.probability('0') == 0.0 and flags.probability('1') == 1.0
   assert flags.positive_float('0.5') == 0.5 and flags.nonneg_float('0') == 0.0
   assert flags.finite_float('-2.5') == -2.5
-  for parse, text in ((flags.positive_int, '0'), (flags.nonneg_int, '-1'), (flags.finite_float, 'inf'),
-                      (flags.nonneg_float, '-0.1'), (flags.positive_float, 'x')):
+  for parse, text in ((flags.positive_int, '0'), (flags.nonneg_int, '-1'),
+                      (flags.finite_float, 'inf'), (flags.nonneg_float, '-0.1'),
+                      (flags.positive_float, 'x')):
     with pytest.raises(argparse.ArgumentTypeError):
       parse(text)
 

@@ -96,7 +96,9 @@ def test_manifest_and_modules(tiny_exported):
   assert manifest['inference'] == {
       'window': 'auto', 'top_k': config.inference.top_k,
       'tracker': {'kind': config.inference.tracker, 'momentum': config.inference.memory_momentum,
-                  'min_score': config.inference.memory_min_score}}
+                  'min_score': config.inference.memory_min_score},
+      'online': {'report_score': config.inference.online_report_score,
+                 'retire_frames': config.inference.online_retire_frames}}
   module = exported.load(path).modules[(128, 192)]
   assert module.platforms == ('cpu', 'cuda', 'tpu')
   images = module.in_avals[-1]
