@@ -87,8 +87,8 @@ def _step_fn(model_config: ModelConfig, mesh: jax.sharding.Mesh, tracker: tracki
     out = jax.shard_map(forward, mesh=mesh, in_specs=(P(), frames), out_specs=frames)(
         variables, images)
     # The association is sequential over frames: it runs on the gathered embeddings [W, Q, C].
-    state, perm = tracking.track_chunk(tracker, state, out['pred_embds'], out['pred_logits'],
-                                       valid)
+    state, perm = tracking.track_chunk(tracker, state, tracking.select_embeddings(tracker, out),
+                                       out['pred_logits'], valid)
     logits = tracking.reorder(out['pred_logits'], perm)           # [W, Q, K+1]
     logit_sum = jnp.sum(jnp.where(valid[:, None, None], logits, 0.0), axis=0)
     masks = jax.shard_map(reorder_masks, mesh=mesh, in_specs=(frames, frames), out_specs=frames)(
@@ -210,7 +210,8 @@ class VideoPredictor:
     self.top_k = top_k
     self.tracker = tracker
     self.model_config = model_config
-    self._init_state = tracking.init_state(model_config.num_queries, model_config.hidden_dim)
+    self._init_state = tracking.init_state(model_config.num_queries,
+                                           tracking.embedding_dim(tracker, model_config))
 
   def frames_per_window(self, padded_size: tuple[int, int]) -> int:
     """Frames of one forward (all devices) for inputs of `padded_size` [Hp, Wp]."""
