@@ -166,12 +166,13 @@ def _demo_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--train_videos', type=int, default=40, help='generated training videos')
   parser.add_argument('--valid_videos', type=int, default=8, help='generated held-out videos')
   parser.add_argument('--frames', type=int, default=12, help='frames per generated video')
+  parser.add_argument('--reid', action='store_true', help='then a reid head too (docs/reid.md)')
 
 
-def _demo(args: argparse.Namespace) -> int:
-  config = config_lib.load_config(args.config or 'tiny')
-  config_lib.apply_overrides(config, overrides(args))
-  return demo.run(config, args.workdir, args.train_videos, args.valid_videos, args.frames)
+def _demo(a: argparse.Namespace) -> int:
+  config = config_lib.load_config(a.config or 'tiny')
+  config_lib.apply_overrides(config, overrides(a))
+  return demo.run(config, a.workdir, a.train_videos, a.valid_videos, a.frames, a.reid)
 
 
 COMMANDS['demo'] = ('offline end-to-end run on generated videos: train, track, evaluate',
