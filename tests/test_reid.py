@@ -1,11 +1,16 @@
 """Re-identification training: the contrastive loss against numpy, the detached head, the
 initialisation from a checkpoint without a head, the detector kept by the updates."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
+from minvis_jax import checkpoints
+from minvis_jax import config_lib
 from minvis_jax import criterion
 from minvis_jax import reid
 from minvis_jax import train
@@ -166,3 +171,28 @@ def test_detached_updates_keep_the_detector_bit_identical(tiny_config):
   kept = reid.apply_updates(tiny_config, params, updates)
   assert kept['decoder'] is params['decoder']
   np.testing.assert_array_equal(kept['reid_head']['w'], 1.25)
+
+
+@pytest.mark.slow
+def test_detached_fine_tune_from_a_detector_checkpoint_trains_only_the_head(tiny_config, tmp_path,
+                                                                           synthetic_split):
+  """Two steps of `train` with model.reid + reid_detach from a checkpoint without a head: the
+  detector's parameters come out bit-identical, the head moved, the log has the reid terms."""
+  tiny_config.data.manual_dir = synthetic_split('train', 3, 4, 64, 96, seed=2)
+  tiny_config.batch_size = 4
+  detector = random_variables(tiny_config.model, seed=4)
+  init = str(tmp_path / 'init')
+  checkpoints.save_variables(init, detector)
+  tiny_config.model.update(reid=True, reid_detach=True)
+  tiny_config.init.update(checkpoint=init, reinit_class_head=False)
+  tiny_config.log_every = 1
+  state = train.train(config_lib.validate(tiny_config), str(tmp_path / 'run'), total_steps=2)
+  params = jax.tree.map(np.asarray, state.params)
+  for k in detector['params']:
+    jax.tree.map(np.testing.assert_array_equal, params[k], detector['params'][k])
+  start = train.Trainer(tiny_config).init_state().params['reid_head']
+  assert optax.global_norm(jax.tree.map(lambda a, b: a - b, params['reid_head'], start)) > 0
+  with open(tmp_path / 'run' / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  assert {'loss_reid', 'loss_reid_aux', 'slot_agreement'} <= set(rows[-1])
+  assert 'loss_ce' not in rows[-1]   # detached: the detection loss is not computed
