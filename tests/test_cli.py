@@ -10,6 +10,8 @@ import sys
 import pytest
 
 from minvis_jax import cli
+from minvis_jax import config_lib
+from minvis_jax import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,3 +126,18 @@ def test_markdown_does_not_depend_on_the_terminal_width():
                         text=True, timeout=300, env=env, cwd=REPO)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout == cli.markdown()
+
+
+def test_demo_reid_fine_tunes_the_head_of_the_demo_checkpoint_and_tracks_with_it(monkeypatch):
+  config = config_lib.load_config('tiny')
+  c = config_lib.validate(demo.reid_config(config, '/w/train', 300))
+  assert (c.model.reid, c.model.reid_detach, c.init.reinit_class_head) == (True, True, False)
+  assert c.init.checkpoint == f'/w/train/checkpoints/{config.total_steps}/variables'
+  assert (c.inference.tracker, c.inference.embedding) == ('memory', 'reid')
+  assert config.model.reid is False and config.inference.embedding == 'decoder'   # not modified
+  # --reid reaches demo.run; without it the demo is unchanged.
+  calls = []
+  monkeypatch.setattr(demo, 'run', lambda *a: calls.append(a) or 0)
+  assert cli.main(['demo', '--workdir', '/tmp/x', '--reid']) == 0
+  assert cli.main(['demo', '--workdir', '/tmp/x']) == 0
+  assert [a[-1] for a in calls] == [True, False]
