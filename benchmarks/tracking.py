@@ -35,6 +35,7 @@ Last measured: docs/tracking_study.md.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -88,12 +89,18 @@ def fine_tune_reid(workdir: str, base_steps: int, steps: int, detach: bool):
   return config, variables
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(model_config: ModelConfig, key: str, variables, images):
+  """images [T, H, W, 3] -> (mask logits [T, Q, H/4, W/4], embeddings `key` [T, Q, C])."""
+  out = Mask2Former(model_config).apply(variables, images)
+  return out['pred_masks'], out[key]
+
+
 def reappearances(config, variables, dataset, gt: dict, embedding: str) -> dict:
   """Re-appearance statistics of `embedding` over `dataset` (module docstring): {gaps, own_cos,
   slot_cos (means), own_nearest (percent of gaps)}."""
-  model = Mask2Former(ModelConfig.from_config(config.model))
+  model_config = ModelConfig.from_config(config.model)
   key = 'pred_reid' if embedding == 'reid' else 'pred_embds'
-  forward = jax.jit(lambda v, x: {k: model.apply(v, x)[k] for k in ('pred_masks', key)})
   own, slot = [], []
   by_video = {}
   for ann in gt['annotations']:
@@ -101,12 +108,13 @@ def reappearances(config, variables, dataset, gt: dict, embedding: str) -> dict:
   for video in dataset.videos:
     frames = [ytvis.read_frame(p) for p in video.frame_paths]
     h, w = frames[0].shape[:2]
-    out = forward(variables, np.stack(list(predictor.preprocess(frames, config.data))))
+    pred_masks, embeddings = _forward(model_config, key, variables,
+                                      np.stack(list(predictor.preprocess(frames, config.data))))
     # Mask logits (at 1/4 of the padded input) -> the valid part -> the frame's size.
     hv, wv = predictor.valid_size(h, w, config.data)
-    logits = out['pred_masks'][:, :, :-(-hv // 4), :-(-wv // 4)]
+    logits = pred_masks[:, :, :-(-hv // 4), :-(-wv // 4)]
     masks = np.asarray(jax.image.resize(logits, logits.shape[:2] + (h, w), 'bilinear') > 0)
-    e = np.asarray(out[key], np.float64)
+    e = np.asarray(embeddings, np.float64)
     e /= np.linalg.norm(e, axis=-1, keepdims=True)
     for ann in by_video.get(video.id, []):
       seen = []   # (frame, query) where the instance is detected
