@@ -144,8 +144,8 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.reid = ml_collections.ConfigDict(dict(
       con_weight=2.0,              # cross-entropy over the dot products (anchor vs other view)
       aux_weight=3.0,              # squared (cosine - label) over the other view's queries
-      move_prob=0.5,               # chance that view B moves one instance elsewhere
-      cover_prob=0.5,              # chance that another instance is then pasted over its old place
+      move_prob=1.0,               # chance that view B moves one instance elsewhere
+      cover_prob=1.0,              # chance that another instance is then pasted over its old place
   ))
   # Evaluation inside `train` on the training mesh, logged as eval/* at its step (metrics.jsonl,
   # TensorBoard). Off by default: `minvis-jax evaluate --watch WORKDIR` does it beside the run.
