@@ -340,9 +340,10 @@ def _print_tables(args, seeds, table, gaps, momentum, min_score) -> dict:
     n = sum(r['gaps'] for r in rs)
     mean = lambda k: (sum(r[k] * r['gaps'] for r in rs if r['gaps']) / n) if n else float('nan')  # noqa: E731
     own, slot, nearest = mean('own_cos'), mean('slot_cos'), mean('own_nearest')
-    summary[f'reappear/{label}/{emb}'] = {'gaps': n, 'own_cos': round(own, 3),
-                                          'slot_cos': round(slot, 3),
-                                          'own_nearest': round(nearest, 1)}
+    # None, not NaN, when there is no gap (the RESULT line stays strict JSON).
+    summary[f'reappear/{label}/{emb}'] = {'gaps': n, 'own_cos': round(own, 3) if n else None,
+                                          'slot_cos': round(slot, 3) if n else None,
+                                          'own_nearest': round(nearest, 1) if n else None}
     print(f'{label:>15} {emb:>7} {n:5d} {own:8.3f} {slot:8.3f} {nearest:13.1f}')
   return summary
 
