@@ -1,8 +1,18 @@
 """Association modes on occlusion: 'minvis' vs 'memory' (config.inference.tracker), on the demo's
-tiny checkpoint.
+tiny checkpoint, and with `--reid` the re-identification embeddings (docs/reid.md).
 
-  python benchmarks/tracking.py --workdir /tmp/minvis_tracking [--sweep] [--steps 1000]
+  python benchmarks/tracking.py --workdir /tmp/minvis_tracking [--sweep] [--steps 1000] [--reid]
   python benchmarks/tracking.py --dry-run   # random tiny weights, 2 videos of 12 frames, seed 1
+
+--reid fine-tunes (or reuses) two reid checkpoints from the demo's one, `--reid_steps` steps on
+the demo's training data with view pairs (data/pairs.py): 'reid detached' (model.reid_detach: only
+the head trains, the detector stays bit-identical) and 'reid fine-tuned' (everything trains). The
+table then has a row per checkpoint x embedding (inference.embedding) x tracker, and for each
+checkpoint and embedding the re-appearance statistics on the occlusion split: for every
+ground-truth instance that comes back after 3 or more frames hidden or undetected in a different
+query than before (detected = a query with mask IoU >= 0.5; the best one is its query), the cosine
+of its embedding with its own before the gap and with what its new query held before the gap, and
+the share of such gaps where its own is the nearer.
 
 1. Trains the demo's tiny model in WORKDIR/train exactly as `minvis-jax demo` does (its data, 300
    steps), or reuses the checkpoint found there (the dry run uses random weights instead).
@@ -25,6 +35,7 @@ Last measured: docs/tracking_study.md.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -38,17 +49,93 @@ from pycocotools import mask as mask_utils
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
 from support.variables import random_variables  # noqa: E402
 
+import jax
+
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
 from minvis_jax import evaluate
 from minvis_jax import demo
+from minvis_jax import predictor
 from minvis_jax import train
 from minvis_jax.data import synthetic
 from minvis_jax.data import ytvis
+from minvis_jax.models import Mask2Former
+from minvis_jax.models import ModelConfig
 from minvis_jax.ytvis_eval import evaluate_dicts
 
 SPLITS = ('standard', 'occlusion')
 TRACKERS = ('minvis', 'memory')
+MIN_GAP = 3   # hidden or undetected frames before a re-appearance
+
+
+def fine_tune_reid(workdir: str, base_steps: int, steps: int, detach: bool):
+  """(config, variables) of a reid checkpoint fine-tuned from the demo's one (WORKDIR/train at
+  `base_steps`) for `steps` steps on the same training data, trained once in
+  WORKDIR/reid_{detached,finetuned}_{steps}."""
+  config = config_lib.load_config('tiny')
+  config.model.reid = True
+  config.model.reid_detach = detach
+  config.init.checkpoint = os.path.join(workdir, 'train', 'checkpoints', str(base_steps),
+                                        'variables')
+  config.init.reinit_class_head = False
+  config.data.manual_dir = os.path.abspath(os.path.join(workdir, 'data'))
+  config.optim.decay_steps = (max(1, 2 * steps // 3),)
+  config.eval.every_steps = 0
+  config_lib.validate(config)
+  out = os.path.join(workdir, f'reid_{"detached" if detach else "finetuned"}_{steps}')
+  if not os.path.isdir(os.path.join(out, 'checkpoints', str(steps))):
+    train.train(config, out, total_steps=steps)
+  _, variables = checkpoints.load_for_inference(out)
+  return config, variables
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(model_config: ModelConfig, key: str, variables, images):
+  """images [T, H, W, 3] -> (mask logits [T, Q, H/4, W/4], embeddings `key` [T, Q, C])."""
+  out = Mask2Former(model_config).apply(variables, images)
+  return out['pred_masks'], out[key]
+
+
+def reappearances(config, variables, dataset, gt: dict, embedding: str) -> dict:
+  """Re-appearance statistics of `embedding` over `dataset` (module docstring): {gaps, own_cos,
+  slot_cos (means), own_nearest (percent of gaps)}."""
+  model_config = ModelConfig.from_config(config.model)
+  key = 'pred_reid' if embedding == 'reid' else 'pred_embds'
+  own, slot = [], []
+  by_video = {}
+  for ann in gt['annotations']:
+    by_video.setdefault(ann['video_id'], []).append(ann)
+  for video in dataset.videos:
+    frames = [ytvis.read_frame(p) for p in video.frame_paths]
+    h, w = frames[0].shape[:2]
+    pred_masks, embeddings = _forward(model_config, key, variables,
+                                      np.stack(list(predictor.preprocess(frames, config.data))))
+    # Mask logits (at 1/4 of the padded input) -> the valid part -> the frame's size.
+    hv, wv = predictor.valid_size(h, w, config.data)
+    logits = pred_masks[:, :, :-(-hv // 4), :-(-wv // 4)]
+    masks = np.asarray(jax.image.resize(logits, logits.shape[:2] + (h, w), 'bilinear') > 0)
+    e = np.asarray(embeddings, np.float64)
+    e /= np.linalg.norm(e, axis=-1, keepdims=True)
+    for ann in by_video.get(video.id, []):
+      seen = []   # (frame, query) where the instance is detected
+      for t, seg in enumerate(ann['segmentations']):
+        if seg is None:
+          continue
+        if isinstance(seg['counts'], list):
+          seg = mask_utils.frPyObjects(seg, *seg['size'])
+        g = mask_utils.decode(seg).astype(bool)
+        inter = (masks[t] & g).sum((1, 2))
+        iou = inter / np.maximum((masks[t] | g).sum((1, 2)), 1)
+        if iou.max() >= 0.5:
+          seen.append((t, int(np.argmax(iou))))
+      for (t1, q1), (t2, q2) in zip(seen, seen[1:]):
+        if t2 - t1 - 1 >= MIN_GAP and q1 != q2:
+          own.append(e[t2, q2] @ e[t1, q1])
+          slot.append(e[t2, q2] @ e[t1, q2])
+  own, slot = np.array(own), np.array(slot)
+  return {'gaps': len(own), 'own_cos': float(own.mean()) if len(own) else float('nan'),
+          'slot_cos': float(slot.mean()) if len(own) else float('nan'),
+          'own_nearest': 100 * float(np.mean(own > slot)) if len(own) else float('nan')}
 
 
 def train_or_reuse(workdir: str, steps: int | None = None, seed: int = 0):
@@ -100,11 +187,12 @@ def id_switches(gt: dict, results: list[dict], min_iou: float = 0.5) -> int:
 
 
 def score(config, variables, dataset, gt: dict, tracker: str, momentum: float | None = None,
-          min_score: float | None = None) -> dict:
-  """Runs MinVIS over `dataset` with `tracker` (and the memory's settings, default the config's):
-  {AP, AP50, AR10 (percent), switches (per video), seconds (of the prediction)}."""
+          min_score: float | None = None, embedding: str = 'decoder') -> dict:
+  """Runs MinVIS over `dataset` with `tracker` on `embedding` (and the memory's settings, default
+  the config's): {AP, AP50, AR10 (percent), switches (per video), seconds (of the prediction)}."""
   config = config.copy_and_resolve_references()
   config.inference.tracker = tracker
+  config.inference.embedding = embedding
   if momentum is not None:
     config.inference.memory_momentum = momentum
   if min_score is not None:
@@ -126,6 +214,13 @@ def main(argv=None) -> int:
   p.add_argument('--frames', type=int, default=24)
   p.add_argument('--sweep', action='store_true',
                  help='grid of memory_momentum x memory_min_score on tuning seed 0')
+  p.add_argument('--reid', action='store_true',
+                 help='also the reid checkpoints (detached, fine-tuned) and embeddings')
+  p.add_argument('--reid_steps', type=int, default=300, help='fine-tuning steps of --reid')
+  p.add_argument('--reid_momentum', type=float, default=0.7,
+                 help="the memory tracker's momentum on reid embeddings")
+  p.add_argument('--reid_min_score', type=float, default=0.5,
+                 help="the memory tracker's min_score on reid embeddings")
   p.add_argument('--dry-run', action='store_true',
                  help='random tiny weights, 2 videos of 12 frames, seed 1, in a temporary workdir')
   args = p.parse_args(argv)
@@ -134,15 +229,34 @@ def main(argv=None) -> int:
     if args.dry_run:
       args.workdir, args.seeds, args.videos, args.frames, args.sweep = tmp, '1', 2, 12, False
       config = config_lib.load_config('tiny')
+      config.model.reid = True
       variables = random_variables(config.model)
+      models = [('random', config, variables, ('decoder', 'reid'))]
     else:
       config, variables = train_or_reuse(args.workdir, args.steps)
-    print(f'checkpoint ready in {time.time() - t0:.0f} s', flush=True)
-    return _report(args, config, variables, t0)
+      models = [('demo', config, variables, ('decoder',))]
+      if args.reid:
+        base = args.steps or config.total_steps
+        for detach, label, embeddings in ((True, 'reid detached', ('reid',)),
+                                          (False, 'reid fine-tuned', ('decoder', 'reid'))):
+          models.append((label, *fine_tune_reid(args.workdir, base, args.reid_steps, detach),
+                         embeddings))
+        detector = {k: v for k, v in models[1][2]['params'].items() if k != 'reid_head'}
+        same = jax.tree.all(jax.tree.map(np.array_equal, detector, variables['params']))
+        print(f'reid detached: detector bit-identical to the demo checkpoint: {same}')
+    print(f'checkpoints ready in {time.time() - t0:.0f} s', flush=True)
+    return _report(args, models, t0)
 
 
-def _report(args, config, variables, t0: float) -> int:
-  """Scores every split and tracker, prints the table and the RESULT line (see the docstring)."""
+def _memory(args, embedding: str):
+  """(momentum, min_score) of the memory tracker on `embedding` (None: the config's)."""
+  return (args.reid_momentum, args.reid_min_score) if embedding == 'reid' else (None, None)
+
+
+def _report(args, models, t0: float) -> int:
+  """Scores every split, checkpoint, embedding and tracker, prints the tables and the RESULT line
+  (see the docstring)."""
+  _, config, variables, _ = models[0]
   momentum, min_score = config.inference.memory_momentum, config.inference.memory_min_score
   seeds = [int(s) for s in args.seeds.split(',')]
 
@@ -152,42 +266,30 @@ def _report(args, config, variables, t0: float) -> int:
       return dataset, json.load(f)
 
   if args.sweep:
-    grid = [(m, s) for m in (0.0, 0.5, 0.7, 0.9) for s in (0.0, 0.3, 0.5, 0.7)]
-    for kind in SPLITS:
-      dataset, gt = split(kind, 0)
-      base = score(config, variables, dataset, gt, 'minvis')
-      print(f'sweep {kind} seed 0: minvis AP {base["AP"]:.2f} switches {base["switches"]:.2f}')
-      for m, s in grid:
-        r = score(config, variables, dataset, gt, 'memory', m, s)
-        print(f'  memory momentum {m:.1f} min_score {s:.1f}: AP {r["AP"]:6.2f} '
-              f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} switches {r["switches"]:.2f}',
-              flush=True)
-
-  table = {kind: {name: [] for name in TRACKERS} for kind in SPLITS}
+    _sweep(args, models, split)
+  rows = [(label, emb, name) for label, _, _, embs in models for emb in embs for name in TRACKERS]
+  table = {kind: {row: [] for row in rows} for kind in SPLITS}
+  gaps = {(label, emb): [] for label, _, _, embs in models for emb in embs}
   for seed in seeds:
     for kind in SPLITS:
       dataset, gt = split(kind, seed)
-      for name in TRACKERS:
-        r = score(config, variables, dataset, gt, name)
-        table[kind][name].append(r)
-        print(f'{kind:>9} seed {seed} {name:>6}: AP {r["AP"]:6.2f} AP50 {r["AP50"]:6.2f} '
-              f'AR10 {r["AR10"]:6.2f} ID switches/video {r["switches"]:.2f}', flush=True)
-
-  print(f'\nmean over seeds {seeds} ({args.videos} videos x {args.frames} frames each); memory: '
-        f'momentum {momentum}, min_score {min_score}')
-  print(f'{"split":>9} {"tracker":>7} {"AP":>6} {"AP50":>6} {"AR10":>6} {"IDsw/video":>10}')
-  summary = {}
+      for label, cfg, var, embs in models:
+        for emb in embs:
+          if kind == 'occlusion':
+            gaps[label, emb].append(reappearances(cfg, var, dataset, gt, emb))
+          for name in TRACKERS:
+            r = score(cfg, var, dataset, gt, name, *_memory(args, emb), embedding=emb)
+            table[kind][label, emb, name].append(r)
+            print(f'{kind:>9} seed {seed} {label:>15} {emb:>7} {name:>6}: AP {r["AP"]:6.2f} '
+                  f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} ID switches/video '
+                  f'{r["switches"]:.2f}', flush=True)
+  summary = _print_tables(args, seeds, table, gaps, momentum, min_score)
+  base = {name: (models[0][0], 'decoder', name) for name in TRACKERS}
   for kind in SPLITS:
-    for name in TRACKERS:
-      rows = table[kind][name]
-      mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != 'seconds'}
-      summary[f'{kind}/{name}'] = {k: round(v, 2) for k, v in mean.items()}
-      print(f'{kind:>9} {name:>7} {mean["AP"]:6.2f} {mean["AP50"]:6.2f} {mean["AR10"]:6.2f} '
-            f'{mean["switches"]:10.2f}')
-  for kind in SPLITS:
-    per_seed = [m['AP'] - b['AP'] for m, b in zip(table[kind]['memory'], table[kind]['minvis'])]
+    per_seed = [m['AP'] - b['AP'] for m, b in zip(table[kind][base['memory']],
+                                                   table[kind][base['minvis']])]
     summary[f'{kind}/memory_minus_minvis_AP'] = [round(d, 2) for d in per_seed]
-  seconds = {name: sum(r['seconds'] for kind in SPLITS for r in table[kind][name])
+  seconds = {name: sum(r['seconds'] for kind in SPLITS for r in table[kind][base[name]])
              for name in TRACKERS}
   print(f'finished in {time.time() - t0:.0f} s')
   print('RESULT ' + json.dumps({
@@ -196,6 +298,54 @@ def _report(args, config, variables, t0: float) -> int:
       'ratio': round(seconds['memory'] / seconds['minvis'], 3),
       'momentum': momentum, 'min_score': min_score, **summary}))
   return 0
+
+
+def _sweep(args, models, split) -> None:
+  """memory_momentum x memory_min_score on tuning seed 0, per checkpoint and embedding."""
+  grid = [(m, s) for m in (0.0, 0.5, 0.7, 0.9) for s in (0.0, 0.3, 0.5, 0.7)]
+  for kind in SPLITS:
+    dataset, gt = split(kind, 0)
+    for label, cfg, var, embs in models:
+      for emb in embs:
+        base = score(cfg, var, dataset, gt, 'minvis', embedding=emb)
+        print(f'sweep {kind} seed 0 {label} {emb}: minvis AP {base["AP"]:.2f} switches '
+              f'{base["switches"]:.2f}')
+        for m, s in grid:
+          r = score(cfg, var, dataset, gt, 'memory', m, s, embedding=emb)
+          print(f'  memory momentum {m:.1f} min_score {s:.1f}: AP {r["AP"]:6.2f} '
+                f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} switches {r["switches"]:.2f}',
+                flush=True)
+
+
+def _print_tables(args, seeds, table, gaps, momentum, min_score) -> dict:
+  """The means over seeds: tracking per split and row, re-appearances per checkpoint/embedding."""
+  print(f'\nmean over seeds {seeds} ({args.videos} videos x {args.frames} frames each); memory: '
+        f'momentum {momentum}, min_score {min_score} (reid: {args.reid_momentum}, '
+        f'{args.reid_min_score})')
+  print(f'{"split":>9} {"checkpoint":>15} {"embed":>7} {"tracker":>7} {"AP":>6} {"AP50":>6} '
+        f'{"AR10":>6} {"IDsw/video":>10}')
+  summary = {}
+  for kind in SPLITS:
+    for (label, emb, name), rs in table[kind].items():
+      mean = {k: float(np.mean([r[k] for r in rs])) for k in rs[0] if k != 'seconds'}
+      key = f'{kind}/{name}' if label in ('demo', 'random') and emb == 'decoder' else (
+          f'{kind}/{label}/{emb}/{name}')
+      summary[key] = {k: round(v, 2) for k, v in mean.items()}
+      print(f'{kind:>9} {label:>15} {emb:>7} {name:>7} {mean["AP"]:6.2f} {mean["AP50"]:6.2f} '
+            f'{mean["AR10"]:6.2f} {mean["switches"]:10.2f}')
+  print(f'\nre-appearances on the occlusion split (after >= {MIN_GAP} frames, in another query)')
+  print(f'{"checkpoint":>15} {"embed":>7} {"gaps":>5} {"own cos":>8} {"slot cos":>8} '
+        f'{"own nearest %":>13}')
+  for (label, emb), rs in gaps.items():
+    n = sum(r['gaps'] for r in rs)
+    mean = lambda k: (sum(r[k] * r['gaps'] for r in rs if r['gaps']) / n) if n else float('nan')  # noqa: E731
+    own, slot, nearest = mean('own_cos'), mean('slot_cos'), mean('own_nearest')
+    # None, not NaN, when there is no gap (the RESULT line stays strict JSON).
+    summary[f'reappear/{label}/{emb}'] = {'gaps': n, 'own_cos': round(own, 3) if n else None,
+                                          'slot_cos': round(slot, 3) if n else None,
+                                          'own_nearest': round(nearest, 1) if n else None}
+    print(f'{label:>15} {emb:>7} {n:5d} {own:8.3f} {slot:8.3f} {nearest:13.1f}')
+  return summary
 
 
 if __name__ == '__main__':

@@ -44,6 +44,11 @@ def mask2former_model(backbone: ml_collections.ConfigDict, num_classes: int = 40
       dec_ffn_dim=2048,
       # 'float32' or 'bfloat16' compute; parameters stay float32.
       dtype='float32',
+      # Re-identification head (docs/reid.md): an MLP on the last decoder layer's normalised
+      # output -> 'pred_reid' [B, Q, reid_dim]. Off: the model is exactly MinVIS's.
+      reid=False,
+      reid_dim=256,
+      reid_detach=False,                 # train only the head: masks and classes stay as loaded
   ))
 
 
@@ -53,7 +58,7 @@ def tiny_model(num_classes: int = 40) -> ml_collections.ConfigDict:
       name='resnet', depths=(1, 1, 1, 1), stem_width=16, widths=(32, 64, 128, 256)))
   model = mask2former_model(backbone, num_classes=num_classes, num_queries=20)
   model.update(dict(hidden_dim=64, mask_dim=64, enc_layers=2, enc_heads=4, enc_ffn_dim=128,
-                    enc_points=4, dec_layers=3, dec_heads=4, dec_ffn_dim=128))
+                    enc_points=4, dec_layers=3, dec_heads=4, dec_ffn_dim=128, reid_dim=64))
   return model
 
 
@@ -129,11 +134,23 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # tracker: 'minvis' (docs/method.md §1) or 'memory' (per-track EMA memory; minvis_jax/tracking.py;
   # memory_momentum / memory_min_score chosen with benchmarks/tracking.py).
   c.inference = ml_collections.ConfigDict(dict(window='auto', top_k=10, tracker='minvis',
-                                               memory_momentum=0.7, memory_min_score=0.0))
+                                               memory_momentum=0.7, memory_min_score=0.0,
+                                               embedding='decoder'))
+  # embedding: what the tracker matches: 'decoder' (MinVIS: the last decoder layer's normalised
+  # output) or 'reid' (the re-identification head's output; needs model.reid).
   # Online tracking (minvis_jax/online.py, `infer --online`, docs/online.md): which tracks each
   # frame reports. Defaults measured on the synthetic splits (docs/online.md).
   c.inference.online_report_score = 0.9   # a slot's running score needed to report its track
   c.inference.online_retire_frames = 2    # unseen frames in a row that retire a track (its id ends)
+  # Re-identification training (docs/reid.md), read only with model.reid: a step's batch_size
+  # images are batch_size / 2 annotated frames seen twice (views A and B, rows 2i and 2i + 1),
+  # and the contrastive loss between the views is added to the detection loss.
+  c.reid = ml_collections.ConfigDict(dict(
+      con_weight=2.0,              # cross-entropy over the dot products (anchor vs other view)
+      aux_weight=3.0,              # squared (cosine - label) over the other view's queries
+      move_prob=1.0,               # chance that view B moves one instance elsewhere
+      cover_prob=1.0,              # chance that another instance is then pasted over its old place
+  ))
   # Evaluation inside `train` on the training mesh, logged as eval/* at its step (metrics.jsonl,
   # TensorBoard). Off by default: `minvis-jax evaluate --watch WORKDIR` does it beside the run.
   c.eval = ml_collections.ConfigDict(dict(

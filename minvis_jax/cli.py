@@ -167,13 +167,15 @@ def _demo_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--valid_videos', type=positive_int, default=8,
                       help='generated held-out videos')
   parser.add_argument('--frames', type=positive_int, default=12, help='frames per generated video')
+  parser.add_argument('--reid', action='store_true', help='then a reid head too (docs/reid.md)')
 
 
 def _demo(args: argparse.Namespace) -> int:
   config = config_lib.load_config(args.config or 'tiny')
   config_lib.apply_overrides(config, overrides(args))
   with workdir_lock.held(args.workdir):
-    return demo.run(config, args.workdir, args.train_videos, args.valid_videos, args.frames)
+    return demo.run(config, args.workdir, args.train_videos, args.valid_videos, args.frames,
+                    args.reid)
 
 
 COMMANDS['demo'] = ('offline end-to-end run on generated videos: train, track, evaluate',

@@ -196,6 +196,24 @@ def _get(config, key: str):
 _MISSING = object()
 
 
+def _validate_reid(config, check, fail, positive_int) -> None:
+  """The re-identification keys (model.reid*, reid.*, inference.embedding)."""
+  for key in ('model.reid', 'model.reid_detach'):
+    check(key, lambda x: isinstance(x, bool), 'True or False')
+  check('model.reid_dim', positive_int, 'an integer >= 1')
+  for key in ('reid.con_weight', 'reid.aux_weight'):
+    check(key, lambda x: _is_number(x) and x >= 0, 'a finite number >= 0')
+  for key in ('reid.move_prob', 'reid.cover_prob'):
+    check(key, lambda x: _is_number(x) and 0 <= x <= 1, 'a number in [0, 1]')
+  embedding = check('inference.embedding', lambda x: x in tracking.EMBEDDINGS,
+                    f'one of {tracking.EMBEDDINGS}')
+  if embedding == 'reid' and _get(config, 'model.reid') is not True:
+    fail('inference.embedding', embedding, "'decoder': the model has no reid head (model.reid)")
+  batch = _get(config, 'batch_size')
+  if _get(config, 'model.reid') is True and batch is not _MISSING and batch % 2:
+    fail('batch_size', batch, 'an even number with model.reid (two views of each frame)')
+
+
 def validate(config: ml_collections.ConfigDict, source: str = 'config'
              ) -> ml_collections.ConfigDict:
   """Checks the values that shape the model, the input and the loop; returns `config`.
@@ -254,6 +272,7 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config'
     check(key, lambda x: isinstance(x, (tuple, list)) and len(x) == 3 and all(
         _is_number(v) for v in x), 'three finite numbers (R, G, B)')
   check('data.std', lambda x: all(v > 0 for v in x), 'positive values')
+  _validate_reid(config, check, fail, positive_int)
   for key in ('data.flip', 'data.crop', 'mesh.fsdp', 'init.reinit_class_head'):
     check(key, lambda x: isinstance(x, bool), 'True or False')
   for key in ('optim.lr', 'optim.weight_decay', 'optim.clip_norm', 'optim.backbone_lr_mult',

@@ -8,6 +8,7 @@ video and a PNG of the loss and eval AP curves. Everything runs on CPU, with no 
 
   minvis-jax demo                          # the tiny config's steps, minutes on a laptop CPU
   minvis-jax demo --total_steps 1000 --workdir /tmp/demo_long
+  minvis-jax demo --reid                   # then a reid head (docs/reid.md), both reported
 """
 
 import resource
@@ -44,11 +45,41 @@ def write_overlay(path: str, dataset, results: list[dict], threshold: float = 0.
                                  [names[r['category_id']] for r in tracks], threshold, fps=4.0)
 
 
+def reid_config(config: ml_collections.ConfigDict, train_dir: str, steps: int
+                ) -> ml_collections.ConfigDict:
+  """The reid fine-tune of the demo's checkpoint (docs/reid.md): the head alone
+  (model.reid_detach) on view pairs of the same data for `steps` steps, tracked by the memory
+  tracker on reid embeddings."""
+  c = config.copy_and_resolve_references()
+  c.model.reid, c.model.reid_detach = True, True
+  c.init.checkpoint = paths.join(train_dir, 'checkpoints', str(config.total_steps), 'variables')
+  c.init.reinit_class_head = False
+  c.eval.every_steps = 0
+  c.inference.update(tracker='memory', embedding='reid', memory_min_score=0.5)
+  return c
+
+
+def run_reid(config: ml_collections.ConfigDict, workdir: str, valid, before: dict) -> dict:
+  """Fine-tunes the reid head from WORKDIR/train into WORKDIR/reid and scores the held-out
+  videos with it; prints MinVIS's and its AP side by side. Returns its metrics."""
+  c = reid_config(config, paths.join(workdir, 'train'), config.total_steps)
+  reid_dir = paths.join(workdir, 'reid')
+  train.train(c, reid_dir, total_steps=config.total_steps)
+  _, variables = checkpoints.load_for_inference(reid_dir)
+  results, metrics = evaluate.score(c, variables, valid, progress=True)
+  metrics_writer.write_json(paths.join(workdir, 'results_reid.json'), results)
+  print(f'\nheld-out AP: MinVIS {100 * before["AP"]:.2f}, reid head + memory tracker '
+        f'{100 * metrics["AP"]:.2f} (docs/reid.md)')
+  print(ytvis_eval.format_table(metrics))
+  return metrics
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, train_videos: int, valid_videos: int,
-        frames: int) -> int:
+        frames: int, reid: bool = False) -> int:
   """The demo with `config` (the tiny one by default; `seed`, `batch_size`, `total_steps` from it):
   `train_videos` + `valid_videos` generated videos of `frames` frames under WORKDIR/data, training
-  under WORKDIR/train, the held-out results, metrics, overlay and loss curve in WORKDIR."""
+  under WORKDIR/train, the held-out results, metrics, overlay and loss curve in WORKDIR. With
+  `reid`, then `run_reid` (metrics.json gains 'reid')."""
   t0 = time.time()
   steps = config.total_steps
   # The step decay of the recipe at 2/3 of the run, whatever its length.
@@ -72,8 +103,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, train_videos: int, vali
   _, variables = checkpoints.load_for_inference(train_dir)
   results, metrics = evaluate.score(config, variables, valid, progress=True)
   metrics_writer.write_json(paths.join(workdir, 'results.json'), results)
-  metrics_writer.write_json(paths.join(workdir, 'metrics.json'),
-                       {'untrained': before, 'trained': metrics, 'steps': steps})
+  summary = {'untrained': before, 'trained': metrics, 'steps': steps}
+  if reid:
+    summary['reid'] = run_reid(config, workdir, valid, metrics)
+  metrics_writer.write_json(paths.join(workdir, 'metrics.json'), summary)
   with video_io.ffmpeg_without_preexec():   # no os.fork() warning of JAX for ffmpeg's start
     overlay = write_overlay(paths.join(workdir, 'overlay.mp4'), valid, results)
   curve = visualize.plot_losses(paths.join(train_dir, 'metrics.jsonl'),

@@ -60,7 +60,7 @@ def export_forward(model_config: ModelConfig, variables, bucket: tuple[int, int]
 
   def forward(weights, images):
     out = apply(jax.tree.unflatten(treedef, weights), images)
-    return {k: out[k] for k in exported.OUTPUTS}
+    return {k: out[k] for k in exported.OUTPUTS + ('pred_reid',) * model_config.reid}
 
   specs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves]
   images = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f'n, {bucket[0]}, {bucket[1]}, 3'),
@@ -86,6 +86,7 @@ def manifest(config: ml_collections.ConfigDict, sizes, platforms, version: int) 
                     'to a multiple of size_divisibility: [Hp, Wp, 3] float32, one of buckets',
       'num_classes': int(model.num_classes), 'num_queries': int(model.num_queries),
       'hidden_dim': int(model.hidden_dim),
+      'reid_dim': int(model.get('reid_dim', 0)) * bool(model.get('reid', False)),
       'category_ids': [int(i) for i in ids], 'category_names': [str(n) for n in names],
       'score_rule': 'a track (query after association) scores softmax(mean over the video\'s '
                     'frames of its class logits)[:K]; the top_k (query, class) pairs are kept',

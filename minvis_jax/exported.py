@@ -91,7 +91,8 @@ class Model:
   def predictor_forward(self) -> predictor.Forward:
     """The forward as `predictor.VideoPredictor` takes it."""
     m = self.manifest
-    return predictor.Forward(self._modules, int(m['num_queries']), int(m['hidden_dim']))
+    return predictor.Forward(self._modules, int(m['num_queries']), int(m['hidden_dim']),
+                             int(m.get('reid_dim', 0)))
 
   def tracker(self) -> tracking.Tracker:
     t = self.manifest['inference']['tracker']

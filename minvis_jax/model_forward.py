@@ -20,7 +20,8 @@ def forward(model_config: ModelConfig) -> predictor.Forward:
   """`Mask2Former(model_config).apply` as a `predictor.Forward` (one object per config, so every
   predictor of a config shares its compiled step)."""
   return predictor.Forward(Mask2Former(model_config).apply, model_config.num_queries,
-                           model_config.hidden_dim)
+                           model_config.hidden_dim,
+                           model_config.reid_dim if model_config.reid else 0)
 
 
 def from_config(config: ml_collections.ConfigDict, variables,

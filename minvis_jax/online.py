@@ -130,7 +130,7 @@ class OnlineTracker:
     self.out_size = tuple(frame.shape[:2])
     self.valid_size = transforms.resize_shape(*self.out_size, self.spec.min_size,
                                               self.spec.max_size)
-    q, c = out['pred_embds'].shape[1:]
+    q, c = tracking.select_embeddings(self.tracker, out).shape[1:]
     self.num_queries = q
     k1 = out['pred_logits'].shape[2]
     # Committed to the device, as every later state is: the step then compiles once.
@@ -164,7 +164,8 @@ class OnlineTracker:
       self.padded_size = images.shape[1:3]
       self._compile_masks(out['pred_masks'].shape[2:])
     self._state, self._video_sum, logits, masks = _associate(
-        self.tracker, self._state, self._video_sum, out['pred_logits'], out['pred_embds'],
+        self.tracker, self._state, self._video_sum, out['pred_logits'],
+        tracking.select_embeddings(self.tracker, out),
         out['pred_masks'])
     results = []
     # On the host once: per-frame indexing of device arrays would be eager jax ops, whose caches

@@ -40,10 +40,12 @@ class Forward(NamedTuple):
     are ignored); traced inside the predictor's jitted step. Hashable: the step is compiled once
     per Forward, mesh and tracker.
   num_queries, hidden_dim: Q and C (the association's state).
+  reid_dim: D of 'pred_reid' [N, Q, D] when the model has a reid head (docs/reid.md), else 0.
   """
   apply: Callable[[Any, jax.Array], dict]
   num_queries: int
   hidden_dim: int
+  reid_dim: int = 0
 
 
 def _windows(images: Iterable[np.ndarray], window: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -77,8 +79,8 @@ def _step_fn(model: Forward, mesh: jax.sharding.Mesh, tracker: tracking.Tracker)
     out = jax.shard_map(forward, mesh=mesh, in_specs=(P(), frames), out_specs=frames)(
         variables, images)
     # The association is sequential over frames: it runs on the gathered embeddings [W, Q, C].
-    state, perm = tracking.track_chunk(tracker, state, out['pred_embds'], out['pred_logits'],
-                                       valid)
+    state, perm = tracking.track_chunk(tracker, state, tracking.select_embeddings(tracker, out),
+                                       out['pred_logits'], valid)
     logits = tracking.reorder(out['pred_logits'], perm)           # [W, Q, K+1]
     logit_sum = jnp.sum(jnp.where(valid[:, None, None], logits, 0.0), axis=0)
     masks = jax.shard_map(reorder_masks, mesh=mesh, in_specs=(frames, frames), out_specs=frames)(
@@ -145,7 +147,8 @@ class VideoPredictor:
     self.top_k = top_k
     self.tracker = tracker
     self.forward = forward
-    self._init_state = tracking.init_state(forward.num_queries, forward.hidden_dim)
+    self._init_state = tracking.init_state(forward.num_queries,
+                                           tracking.embedding_dim(tracker, forward))
 
   def frames_per_window(self, padded_size: tuple[int, int]) -> int:
     """Frames of one forward (all devices) for inputs of `padded_size` [Hp, Wp]."""

@@ -32,23 +32,47 @@ from minvis_jax import matching
 
 
 TRACKERS = ('minvis', 'memory')
+# What every tracker matches: the decoder's query embeddings (MinVIS) or the reid head's output.
+EMBEDDINGS = ('decoder', 'reid')
+_OUTPUT_KEY = {'decoder': 'pred_embds', 'reid': 'pred_reid'}
 
 
 class Tracker(NamedTuple):
   """The association mode and its parameters (hashable: a static argument of jitted steps).
 
-  kind: one of TRACKERS; momentum and min_score are read by 'memory' only.
+  kind: one of TRACKERS; momentum and min_score are read by 'memory' only; embedding: one of
+  EMBEDDINGS.
   """
   kind: str
   momentum: float
   min_score: float
+  embedding: str = 'decoder'
 
 
 def tracker_from_config(config: ml_collections.ConfigDict) -> Tracker:
-  """`config.inference` (tracker, memory_momentum, memory_min_score; checked by
-  `config_lib.validate`) -> Tracker."""
+  """`config.inference` (tracker, memory_momentum, memory_min_score, embedding; checked by
+  `config_lib.validate`) -> Tracker. A config without `embedding` (written before it) matches the
+  decoder's embeddings."""
   inf = config.inference
-  return Tracker(str(inf.tracker), float(inf.memory_momentum), float(inf.memory_min_score))
+  return Tracker(str(inf.tracker), float(inf.memory_momentum), float(inf.memory_min_score),
+                 str(inf.get('embedding', 'decoder')))
+
+
+def embedding_dim(tracker: Tracker, model_config) -> int:
+  """The width of the embeddings `tracker` matches for a `models.ModelConfig`."""
+  return model_config.reid_dim if tracker.embedding == 'reid' else model_config.hidden_dim
+
+
+def select_embeddings(tracker: Tracker, outputs: dict) -> jnp.ndarray:
+  """The model outputs' embeddings [T, Q, C] that `tracker` matches ('pred_embds' or
+  'pred_reid')."""
+  if tracker.embedding not in _OUTPUT_KEY:
+    raise ValueError(f'unknown embedding {tracker.embedding!r}; choose one of {EMBEDDINGS}')
+  key = _OUTPUT_KEY[tracker.embedding]
+  if key not in outputs:
+    raise ValueError(f"inference.embedding={tracker.embedding!r} needs a model with a reid head "
+                     '(model.reid=True)')
+  return outputs[key]
 
 
 class TrackState(NamedTuple):

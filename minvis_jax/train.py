@@ -32,7 +32,7 @@ from minvis_jax import metrics_writer
 from minvis_jax import ops
 from minvis_jax import paths
 from minvis_jax import preemption as preemption_lib
-from minvis_jax.data import input_pipeline
+from minvis_jax import reid
 from minvis_jax.models import Mask2Former
 from minvis_jax.models import ModelConfig
 
@@ -155,6 +155,7 @@ def load_init_variables(config, like: dict) -> dict:
   loaded = jax.tree.map(np.asarray, checkpoints.load_variables(config.init.checkpoint))
   if config.init.reinit_class_head:
     loaded['params']['decoder']['class_embed'] = like['params']['decoder']['class_embed']
+  reid.add_missing_head(loaded, like)   # a detector checkpoint for a model with a reid head
   # Strict both ways: every stored array is used, every parameter is found, shapes agree.
   checkpoints.check_variables(loaded, checkpoints.variable_shapes(like), f'{config.init.checkpoint}'
                               ': variables do not match config.model', 'this config')
@@ -192,15 +193,15 @@ def make_train_step(config):
     def loss_fn(params):
       outputs = model.apply({'params': params, 'frozen': state.frozen}, images, train=True,
                             rngs={'dropout': dropout_key})
-      return criterion.set_criterion(outputs, targets, loss_key, loss_config)
+      return reid.training_loss(outputs, targets, loss_key, loss_config, config)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
 
     def update():
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           opt_state=opt_state)
+      return state.replace(step=state.step + 1, opt_state=opt_state,
+                           params=reid.apply_updates(config, state.params, updates))
 
     # A non-finite loss or gradient leaves the state as it was: the loop then stops with an error,
     # and no checkpoint can hold the poisoned parameters. (A cond, not a select over every leaf,
@@ -209,7 +210,7 @@ def make_train_step(config):
     new = jax.lax.cond(finite, update, lambda: state)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
                'num_masks': jnp.sum(batch['valid'])}
-    metrics.update({k: terms[k] for k in ('loss_ce', 'loss_mask', 'loss_dice')})
+    metrics.update({k: terms[k] for k in reid.LOGGED if k in terms})
     return new, metrics
   return train_step
 
@@ -385,8 +386,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   eval_data = _eval_dataset(config, start, total_steps)
   if input_fn is None:
     def input_fn(start_step):
-      return input_pipeline.train_iterator(config, start_step, jax.process_index(),
-                                           jax.process_count())
+      return reid.train_iterator(config, start_step, jax.process_index(), jax.process_count())
   manager = checkpoints.checkpoint_manager(workdir, config.checkpoint.keep)
   writer = metrics_writer.MetricWriter(paths.join(workdir, 'metrics.jsonl'),
                                        paths.join(workdir, 'tensorboard'),

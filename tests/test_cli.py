@@ -10,6 +10,8 @@ import sys
 import pytest
 
 from minvis_jax import cli
+from minvis_jax import config_lib
+from minvis_jax import demo
 from minvis_jax import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,3 +186,18 @@ def test_a_command_process_enables_faulthandler(tmp_path):
                         timeout=120)
   assert proc.stdout.split() == ['2', 'True'], proc.stderr[-2000:]
   assert proc.stderr.endswith(f'{tmp_path / "none"}: no such checkpoint directory\n')
+
+
+def test_demo_reid_fine_tunes_the_head_of_the_demo_checkpoint_and_tracks_with_it(monkeypatch):
+  config = config_lib.load_config('tiny')
+  c = config_lib.validate(demo.reid_config(config, '/w/train', 300))
+  assert (c.model.reid, c.model.reid_detach, c.init.reinit_class_head) == (True, True, False)
+  assert c.init.checkpoint == f'/w/train/checkpoints/{config.total_steps}/variables'
+  assert (c.inference.tracker, c.inference.embedding) == ('memory', 'reid')
+  assert config.model.reid is False and config.inference.embedding == 'decoder'   # not modified
+  # --reid reaches demo.run; without it the demo is unchanged.
+  calls = []
+  monkeypatch.setattr(demo, 'run', lambda *a: calls.append(a) or 0)
+  assert cli.main(['demo', '--workdir', '/tmp/x', '--reid']) == 0
+  assert cli.main(['demo', '--workdir', '/tmp/x']) == 0
+  assert [a[-1] for a in calls] == [True, False]

@@ -83,3 +83,40 @@ def test_variant_tables_build_the_presets():
   assert common.resnet_backbone(101).depths == resnet.VARIANTS[101]['depths'] == (3, 4, 23, 3)
   assert common.swin_backbone('T').embed_dim == swin.VARIANTS['T']['embed_dim'] == 96
   assert config_lib.load_config('coco:backbone=swin_l').model.backbone.window_size == 12
+
+
+def test_reid_off_is_todays_model_and_on_adds_only_the_head():
+  assert common.tiny_model().reid is False   # the default: MinVIS's model
+  off_cfg = ModelConfig.from_config(common.tiny_model())
+  on_cfg = dataclasses.replace(off_cfg, reid=True)
+  # A config written before the reid fields (a checkpoint's config.json) builds the same model.
+  old = common.tiny_model()
+  for key in ('reid', 'reid_dim', 'reid_detach'):
+    del old[key]
+  assert ModelConfig.from_config(old) == dataclasses.replace(off_cfg, reid_dim=256)
+  x = jnp.asarray(np.random.RandomState(3).randn(2, 64, 96, 3), jnp.float32)
+  off_vars = jax.jit(Mask2Former(off_cfg).init)(jax.random.PRNGKey(0), x)
+  on_vars = jax.jit(Mask2Former(on_cfg).init)(jax.random.PRNGKey(0), x)
+  assert 'reid_head' not in off_vars['params']
+  assert set(on_vars['params']) == set(off_vars['params']) | {'reid_head'}
+  shapes = lambda tree: jax.tree.map(lambda a: a.shape, tree)  # noqa: E731
+  assert shapes(on_vars['params']['reid_head']) == {
+      f'dense_{i}': {'kernel': (64, 64), 'bias': (64,)} for i in range(3)}
+  # The detector's variables of the reid model, with today's model: the same outputs, bit for bit.
+  detector = {'params': {k: v for k, v in on_vars['params'].items() if k != 'reid_head'},
+              'frozen': on_vars['frozen']}
+  assert jax.tree.structure(detector) == jax.tree.structure(off_vars)
+  off_out = jax.jit(Mask2Former(off_cfg).apply)(detector, x)
+  on_out = jax.jit(Mask2Former(on_cfg).apply)(on_vars, x)
+  assert 'pred_reid' not in off_out and on_out['pred_reid'].shape == (2, 20, 64)
+  on_out.pop('pred_reid')
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               off_out, on_out)
+  # The head is the documented MLP on the decoder's embeddings.
+  h = np.asarray(on_out['pred_embds'], np.float64)
+  for i in range(3):
+    layer = on_vars['params']['reid_head'][f'dense_{i}']
+    h = h @ np.asarray(layer['kernel'], np.float64) + np.asarray(layer['bias'], np.float64)
+    h = np.maximum(h, 0) if i < 2 else h
+  got = np.asarray(jax.jit(Mask2Former(on_cfg).apply)(on_vars, x)['pred_reid'])
+  np.testing.assert_allclose(got, h, rtol=1e-4, atol=1e-4)

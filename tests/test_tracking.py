@@ -301,3 +301,65 @@ def test_evaluate_command_tracker_flag(tmp_path, monkeypatch):
     cli.main(argv + ['--set', 'inference.tracker=sort', '--debug'])
   with pytest.raises(ValueError, match='--tracker was renamed: use --set inference.tracker='):
     cli.main(argv + ['--tracker', 'memory', '--debug'])
+
+
+def _track(tracker, outputs, window):
+  """Every frame of `outputs` ([T, ...] arrays) through `track_chunk` in windows -> perm [T, Q]."""
+  t, q = outputs['pred_logits'].shape[:2]
+  embds = tracking.select_embeddings(tracker, outputs)
+  state = tracking.init_state(q, embds.shape[-1])
+  perms = []
+  for start in range(0, t, window):
+    e, lg = embds[start:start + window], outputs['pred_logits'][start:start + window]
+    state, perm = tracking.track_chunk(tracker, state, e, lg, np.ones(len(e), bool))
+    perms.append(np.asarray(perm))
+  return np.concatenate(perms)
+
+
+def test_returning_object_in_another_slot_is_reidentified_with_reid_embeddings():
+  """Object A holds query 0 in frames 0-2, is hidden in frames 3-5 (query 0 then holds the
+  background x) and comes back in query 2 (before: background n1) in frames 6-8, while x stays in
+  query 0. As in the trained models, the decoder embedding identifies the query slot (one vector
+  per query index, whatever it holds) and the reid embedding the instance.
+
+  With 'decoder' embeddings every tracker follows the slots: A's track (0) ends on x. With 'reid'
+  embeddings the memory tracker (x never enters A's memory: below min_score) gives A's track
+  query 2 again; 'minvis' with reid follows x, the last content of A's track (no memory).
+  """
+  a, b, n1, n2, x = np.eye(5)
+  rng = np.random.default_rng(0)
+  content, fg = [], []
+  for t in range(9):
+    content.append([a, b, n1, n2] if t < 3 else [x, b, n1, n2] if t < 6 else [x, b, a, n2])
+    fg.append([0.9 if t < 3 else 0.05, 0.9, 0.05 if t < 6 else 0.9, 0.05])
+  noise = lambda: 0.02 * rng.normal(size=(9, 4, 5))  # noqa: E731
+  reid = np.asarray(content) + noise()
+  decoder = np.broadcast_to(np.eye(5)[[0, 1, 2, 3]], (9, 4, 5)) + noise()
+  scores = np.asarray(fg)
+  outputs = {'pred_embds': decoder.astype(np.float32), 'pred_reid': reid.astype(np.float32),
+             'pred_logits': np.log(np.stack([scores, 1 - scores], -1)).astype(np.float32)}
+  runs = {}
+  for kind in ('minvis', 'memory'):
+    for embedding in ('decoder', 'reid'):
+      tracker = tracking.Tracker(kind, 0.5, 0.5, embedding)
+      runs[kind, embedding] = _track(tracker, outputs, 9)
+      np.testing.assert_array_equal(_track(tracker, outputs, 4), runs[kind, embedding])  # chunks
+  a_query = np.array([0, 0, 0, -1, -1, -1, 2, 2, 2])
+  np.testing.assert_array_equal(runs['memory', 'reid'][6:, 0], a_query[6:])   # re-identified
+  np.testing.assert_array_equal(runs['memory', 'reid'][:3, 0], a_query[:3])
+  np.testing.assert_array_equal(runs['memory', 'reid'][:, 1], np.ones(9))     # B kept
+  for key in (('minvis', 'decoder'), ('memory', 'decoder'), ('minvis', 'reid')):
+    np.testing.assert_array_equal(runs[key][6:, 0], [0, 0, 0])                # A's track on x
+  # The memory run on reid embeddings is the numpy reference's.
+  np.testing.assert_array_equal(runs['memory', 'reid'], memory_loop(reid, scores, 0.5, 0.5))
+
+
+def test_reid_embedding_needs_a_reid_model():
+  tracker = tracking.Tracker('minvis', 0.7, 0.0, 'reid')
+  with pytest.raises(ValueError, match='model.reid=True'):
+    tracking.select_embeddings(tracker, {'pred_embds': np.zeros((1, 2, 3))})
+  c = config_lib.load_config('tiny')
+  with pytest.raises(ValueError, match="inference.embedding='reid'.*no reid head"):
+    config_lib.apply_overrides(c, ['inference.embedding="reid"'])
+  c = config_lib.apply_overrides(c, ['model.reid=True', 'inference.embedding="reid"'])
+  assert tracking.tracker_from_config(c) == tracking.Tracker('minvis', 0.7, 0.0, 'reid')

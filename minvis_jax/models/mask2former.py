@@ -4,6 +4,7 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from minvis_jax.models import backbone as backbone_lib
@@ -32,26 +33,38 @@ class ModelConfig:
   dec_heads: int
   dec_ffn_dim: int
   dtype: str                         # compute dtype 'float32' | 'bfloat16'; parameters stay float32
+  # The re-identification head (docs/reid.md). Defaults, unlike the fields above: configs written
+  # before it existed (a checkpoint's config.json) build today's model.
+  reid: bool = False                 # MLP head on the last decoder layer -> 'pred_reid'
+  reid_dim: int = 256                # D of 'pred_reid'
+  reid_detach: bool = False          # no gradient from the head into the detector
 
   @classmethod
   def from_config(cls, model: 'Mapping[str, Any] | ModelConfig') -> 'ModelConfig':
     """`config.model` (a ConfigDict or mapping, as in configs/common.py) -> ModelConfig; a
-    ModelConfig is returned as it is. Keys the model does not read (none today) are ignored."""
+    ModelConfig is returned as it is. Keys the model does not read (none today) are ignored; the
+    reid fields may be absent (then off)."""
     if isinstance(model, ModelConfig):
       return model
-    names = [f.name for f in dataclasses.fields(cls) if f.name != 'backbone']
+    optional = {f.name: f.default for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
+    names = [f.name for f in dataclasses.fields(cls)
+             if f.name != 'backbone' and f.name not in optional]
     missing = [n for n in names + ['backbone'] if n not in model]
     if missing:
       raise ValueError(f'model config: missing {", ".join(missing)}')
-    return cls(backbone=backbone_lib.backbone_config(model['backbone']),
-               **{n: str(model[n]) if n == 'dtype' else int(model[n]) for n in names})
+    values = {n: str(model[n]) if n == 'dtype' else int(model[n]) for n in names}
+    for name, default in optional.items():
+      values[name] = type(default)(model.get(name, default))
+    return cls(backbone=backbone_lib.backbone_config(model['backbone']), **values)
 
 
 class Mask2Former(nn.Module):
   """images [B, H, W, 3] (normalised, zero padded, H and W multiples of 32) -> predictions.
 
   Returns {'pred_logits' [B, Q, K+1], 'pred_masks' [B, Q, H/4, W/4], 'pred_embds' [B, Q, C],
-  'aux_outputs': [{'pred_logits', 'pred_masks'}] earliest first} (all float32).
+  'aux_outputs': [{'pred_logits', 'pred_masks'}] earliest first} (all float32), and with
+  `config.reid` 'pred_reid' [B, Q, D] (D = reid_dim).
   """
   config: ModelConfig
 
@@ -74,4 +87,26 @@ class Mask2Former(nn.Module):
     out = dict(preds[-1])
     out['pred_embds'] = embds
     out['aux_outputs'] = preds[:-1]
+    if cfg.reid:
+      # An add-on: with it off the parameter tree and every output above are exactly as without.
+      head_input = jax.lax.stop_gradient(embds) if cfg.reid_detach else embds
+      out['pred_reid'] = ReidHead(cfg.hidden_dim, cfg.reid_dim, dtype, name='reid_head')(
+          head_input)
     return out
+
+
+class ReidHead(nn.Module):
+  """Re-identification embedding: 3 Dense layers (ReLU between) on the last decoder layer's
+  normalised query states [B, Q, C] -> [B, Q, D] float32, trained by the contrastive loss
+  (reid_loss.py). Kernels kaiming-uniform with a = 1 (fan-in variance scaling), biases 0."""
+  hidden: int
+  out_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
+    for i, d in enumerate((self.hidden, self.hidden, self.out_dim)):
+      x = nn.Dense(d, dtype=self.dtype, kernel_init=init, name=f'dense_{i}')(x)
+      x = nn.relu(x) if i < 2 else x
+    return x.astype(jnp.float32)
