@@ -1,6 +1,7 @@
 """Files a run writes as it goes: metric rows (JSON lines + TensorBoard) and atomic JSON files."""
 
 import json
+import tempfile
 
 from minvis_jax import paths
 
@@ -27,7 +28,11 @@ class MetricWriter:
     if active:
       from tensorboardX import SummaryWriter  # noqa: PLC0415  (heavy import, process 0 only)
       self._jsonl = paths.Appender(jsonl_path)
-      self._tb = SummaryWriter(tensorboard_dir)
+      # A bucket's events are written locally and uploaded whole (tensorboardX's own gs:// writer
+      # uploads again when garbage-collected, long after the run).
+      self._tb_remote = tensorboard_dir if paths.is_remote(tensorboard_dir) else None
+      self._tb_local = tempfile.TemporaryDirectory() if self._tb_remote else None
+      self._tb = SummaryWriter(self._tb_local.name if self._tb_local else tensorboard_dir)
 
   def write(self, step: int, metrics: dict, echo: bool = False, tb_prefix: str = '') -> None:
     """One row at `step`; TensorBoard tags are `tb_prefix + key`; `echo` also prints it."""
@@ -36,13 +41,24 @@ class MetricWriter:
     self._jsonl.append(json.dumps({'step': step, **metrics}) + '\n', fsync=self._fsync)
     for k, v in metrics.items():
       self._tb.add_scalar(f'{tb_prefix}{k}', v, step)
-    if self._fsync:   # rows another process waits for (the watcher's): on disk before returning
+    if self._fsync or self._tb_remote:   # rows another process waits for (the watcher's), or
+      # a bucket's (a preempted worker loses nothing logged): stored before returning
       self._tb.flush()
+      self._upload_events()
     if echo:
       print(f'step {step:6d} | ' + ' '.join(
           f'{k} {v:.4g}' for k, v in metrics.items()), flush=True)
 
+  def _upload_events(self) -> None:
+    if self._tb_local is not None:
+      for name in paths.listdir(self._tb_local.name):
+        with paths.open(paths.join(self._tb_local.name, name), 'rb') as f:
+          paths.write_atomic(paths.join(self._tb_remote, name), f.read())
+
   def close(self) -> None:
     if self.active:
       self._tb.close()
+      self._upload_events()
       self._jsonl.close()
+      if self._tb_local is not None:
+        self._tb_local.cleanup()

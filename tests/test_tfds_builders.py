@@ -204,3 +204,8 @@ def test_python_m_forwards_to_the_data_build_subcommand():
                         capture_output=True, text=True, timeout=300, cwd=REPO)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith('usage: minvis-jax data build') and '--manual_dir' in proc.stdout
+
+
+def test_prepared_dataset_in_a_bucket_is_one_line_not_a_hang():
+  with pytest.raises(ValueError, match=r'^gs://b/tfds: data.tfds_dir must be a local folder'):
+    tfds_builders.TfdsSource('synthetic', 'train', 'gs://b/tfds')

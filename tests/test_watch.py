@@ -367,6 +367,7 @@ def test_watch_a_run_in_a_bucket(data_dir, gcs_bucket, gcs_emulator, tmp_path):
   objects = emulator.list_objects(gcs_emulator, gcs_bucket[5:], 'run/')
   assert {'run/eval.jsonl', 'run/eval/best.json', 'run/eval/4/results.json',
           'run/eval/4/metrics.json'} <= set(objects), objects
+  assert any(o.startswith('run/tensorboard/eval/events.out.tfevents.') for o in objects), objects
   with checkpoints.paths.open(f'{workdir}/eval.jsonl') as f:
     assert [json.loads(line) for line in f.read().splitlines()] == added
 

@@ -183,6 +183,10 @@ class TfdsSource:
   """Random access to the frames of a prepared TFDS split; the interface of ytvis.FolderSource."""
 
   def __init__(self, dataset: str, split: str, data_dir: str):
+    if paths.is_remote(data_dir):   # array_record's reader opens local files only (it hangs)
+      raise ValueError(f'{data_dir}: data.tfds_dir must be a local folder (array_record reads '
+                       'local files); copy the prepared dataset to each host, or stream the frames '
+                       'from the bucket with data.manual_dir')
     name = builder_name(dataset)
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
