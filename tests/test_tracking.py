@@ -222,6 +222,8 @@ class _FakeConfig(NamedTuple):
   hidden_dim: int
   num_classes: int
   fake: str
+  reid: bool = False
+  reid_dim: int = 0
 
 
 class _FakeModel:
