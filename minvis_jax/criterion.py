@@ -213,8 +213,13 @@ def top_k_indices(values: jax.Array, k: int) -> jax.Array:
   The same set as lax.top_k (up to ties), faster on CPU for the criterion's sizes: the k-th
   largest value is found exactly by a 32-step bitwise search on the order-preserving integer image
   of the floats, then the entries above it (and enough equal ones) are compacted by their prefix
-  count.
+  count. Compiled for another platform it is lax.top_k's indices, sorted (`ops.per_platform`).
   """
+  return ops.per_platform(lambda v: _top_k_by_bits(v, k),
+                          lambda v: jnp.sort(jax.lax.top_k(v, k)[1]).astype(jnp.int32), values)
+
+
+def _top_k_by_bits(values: jax.Array, k: int) -> jax.Array:
   bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
   # Negative floats order backwards as integers: flip their magnitude bits; then shift to unsigned.
   key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)

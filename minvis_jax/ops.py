@@ -7,11 +7,20 @@ coordinates. Point sampling (`bilinear_corners`) reads 0 outside the raster; res
 (`resize_bilinear`, `bilinear_matrix`) clamps at the edges, as torch's interpolate does.
 """
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def per_platform(cpu: Callable, other: Callable, *args):
+  """`cpu(*args)` in a program compiled for CPU, `other(*args)` for any other platform: the one
+  switch of the CPU-tuned forms (conv gradients, the criterion's top-k). The choice is made when
+  the program is lowered for its devices (`jax.lax.platform_dependent`), never by the host's
+  default backend, and only the chosen branch is compiled."""
+  return jax.lax.platform_dependent(*args, cpu=cpu, default=other)
+
 
 # Corner offsets (dx, dy) in the order every caller sums them: the sums' rounding depends on it.
 CORNERS = ((0, 0), (1, 0), (0, 1), (1, 1))
