@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from minvis_jax import accumulate
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
 from minvis_jax import criterion
@@ -189,16 +190,18 @@ def make_train_step(config):
     # Randomness is a function of (seed, step) only, so a resumed run repeats it exactly.
     key = jax.random.fold_in(base_key, state.step)
     loss_key, dropout_key = jax.random.split(key)
-    images = ops.normalize(batch['image'], batch['image_size'], config.data.mean,
-                           config.data.std)
-    targets = {k: batch[k] for k in ('labels', 'masks', 'valid')}
 
-    def loss_fn(params):
+    def loss_fn(params, part, whole):   # whole: see accumulate (None: the batch is all of it)
+      images = ops.normalize(part['image'], part['image_size'], config.data.mean, config.data.std)
+      targets = {k: part[k] for k in ('labels', 'masks', 'valid')}
+      rng = dropout_key if whole is None else jax.random.fold_in(dropout_key, whole.index)
       outputs = model.apply({'params': params, 'frozen': state.frozen}, images, train=True,
-                            rngs={'dropout': dropout_key})
-      return criterion.set_criterion(outputs, targets, loss_key, loss_config)
+                            rngs={'dropout': rng})
+      return criterion.set_criterion(outputs, targets, loss_key, loss_config, whole)
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, terms), grads = accumulate.value_and_grad(
+        loss_fn, state.params, batch, config.optim.get('accumulate_steps', 1),
+        config.model.num_queries, loss_config)
     grad_norm = optax.global_norm(grads)
 
     def update():

@@ -3,9 +3,9 @@ for XLA:CPU; the same numbers as XLA's own forms up to float rounding.
 
 Why: XLA:CPU computes a kernel gradient as another convolution, many times slower than the forward,
 and its max-pool gradient as a scatter. Tuned and measured on CPU only (benchmarks/ has the
-timings). The CPU-only parts of the gradients (materialising barriers, per-image kernel
-gradients) sit behind `ops.per_platform`, chosen by the platform the program is compiled for: a
-TPU program gets XLA's plain gradient forms, also when compiled on a CPU host (`minvis-jax plan`).
+timings). The tuned parts of the gradients (materialising barriers, per-image kernel gradients)
+sit behind `ops.per_platform`, chosen by the platform the program is compiled for (also when a
+TPU program is compiled on a CPU host, `minvis-jax plan`); other platforms get XLA's plain forms.
 """
 
 import functools
@@ -47,19 +47,18 @@ def _conv_kxk_grads(x, kernel, dy, stride, pad, per_image: bool):
 
 def _conv_kxk_bwd(stride, pad, res, dy):
   x, kernel = res
+  grads = lambda per_image: lambda *a: _conv_kxk_grads(*a, stride, pad, per_image)  # noqa: E731
 
-  def cpu(x, kernel, dy):
+  def tuned(x, kernel, dy):
     # Both materialised first: fused into the gradient convolutions, their producers (the FPN's
     # upsample-and-add, a norm's gradient) were recomputed at every read.
     x, dy = jax.lax.optimization_barrier((x, dy))
     # XLA:CPU's kernel gradient of a large map is slower for a batch than for its images one by
-    # one, so large maps go one image at a time; small maps stay batched.
-    per_image = dy.shape[0] > 1 and math.prod(dy.shape[1:]) >= 1 << 21
-    return _conv_kxk_grads(x, kernel, dy, stride, pad, per_image)
-
-  def other(x, kernel, dy):
-    return _conv_kxk_grads(x, kernel, dy, stride, pad, False)
-  return per_platform(cpu, other, x, kernel, dy)
+    # one, so large maps go one image at a time there; small maps (and other platforms) batched.
+    if dy.shape[0] > 1 and math.prod(dy.shape[1:]) >= 1 << 21:
+      return jax.lax.platform_dependent(x, kernel, dy, cpu=grads(True), default=grads(False))
+    return grads(False)(x, kernel, dy)
+  return per_platform(tuned, grads(False), x, kernel, dy)
 
 
 _conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
@@ -88,15 +87,15 @@ def _pointwise_bwd(res, dy):
   # YNNPACK's.
   x2, dy2 = x.reshape(-1, cin), dy.reshape(-1, cout)
 
-  def cpu(x2, dy2):
+  def tuned(x2, dy2):
     if cin <= cout:
       return jnp.dot(jax.lax.optimization_barrier(x2.T), dy2, preferred_element_type=jnp.float32)
     return jax.lax.optimization_barrier(
         jnp.dot(jax.lax.optimization_barrier(dy2.T), x2, preferred_element_type=jnp.float32)).T
 
-  def other(x2, dy2):   # XLA's own choice of layout
+  def plain(x2, dy2):   # XLA's own choice of layout
     return jnp.einsum('nc,nd->cd', x2, dy2, preferred_element_type=jnp.float32)
-  dkernel = per_platform(cpu, other, x2, dy2)
+  dkernel = per_platform(tuned, plain, x2, dy2)
   return dx, dkernel.astype(kernel.dtype)
 
 
