@@ -117,7 +117,7 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       decay_steps=(4000,),
       decay_factor=0.1,
       # Gradient accumulation: each step's global batch runs as this many interleaved microbatches
-      # (the same update up to float rounding, less memory; minvis_jax/accumulate.py).
+      # (the same update up to float rounding, less memory; minvis_jax/optim.py).
       accumulate_steps=1,
   ))
   c.total_steps = 6000

@@ -45,7 +45,7 @@ class LossConfig:
 @dataclasses.dataclass(frozen=True)
 class Whole:
   """The criterion's batch is microbatch `index` of `steps` (rows index, index + steps, ... of the
-  whole batch, `accumulate.microbatch`): it draws the whole batch's random points for its rows and
+  whole batch, `optim.microbatch`): it draws the whole batch's random points for its rows and
   divides by the whole batch's normalisers, so the microbatches' losses sum to the whole one's."""
   index: jax.Array              # int32 scalar
   steps: int

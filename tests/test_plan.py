@@ -157,13 +157,14 @@ def test_plan_of_tiny_on_v5e_matches_the_compiled_step(tpu_site, compiled_direct
 def test_data_parallel_all_reduces_the_gradient_and_fsdp_gathers_parameters(compiled_directly):
   dp, fsdp = compiled_directly['dp'], compiled_directly['fsdp']
   assert dp['platform'] == 'tpu'
-  # Data parallel: the gradient's all-reduce is about the parameters' bytes (plus a few scalars:
-  # the loss terms and the matched-mask count); no all-gather, all-to-all or permute of activations.
+  # Data parallel: all-reduces only, about the parameters' bytes (the gradient, plus the loss
+  # terms and counts; 5% more on this config, docs/tpu.md): no activation gathers or permutes.
   assert set(dp['collectives']) == {'all-reduce'}
   count, nbytes = dp['collectives']['all-reduce']
-  assert dp['param_bytes'] <= nbytes <= dp['param_bytes'] * 1.02 + 4096
-  # FSDP: parameters gathered for the forward, gradients reduce-scattered back to their shards.
-  assert fsdp['collectives'].get('all-gather', [0])[0] > 0
-  assert fsdp['collectives'].get('reduce-scatter', [0])[0] > 0
-  # ... and the sharded state takes less argument memory than the replicated one.
+  assert dp['param_bytes'] <= nbytes <= dp['param_bytes'] * 1.1
+  # FSDP: parameters all-gathered for the forward (at least their bytes, once per use), and the
+  # sharded state takes less argument memory than the replicated one. (XLA:TPU reduces this tiny
+  # config's gradients with all-reduces, not reduce-scatters: docs/tpu.md.)
+  gathers, gathered = fsdp['collectives']['all-gather']
+  assert gathers > 0 and gathered >= 0.5 * fsdp['param_bytes']
   assert fsdp['memory']['argument_size_in_bytes'] < dp['memory']['argument_size_in_bytes']

@@ -1,4 +1,4 @@
-"""Gradient accumulation: the microbatched loss and gradient equal the whole batch's (float
+"""optim: gradient accumulation: the microbatched loss and gradient equal the whole batch's (float
 tolerance), through the real model and criterion of the tiny config."""
 
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minvis_jax import accumulate
 from minvis_jax import criterion
+from minvis_jax import optim
 from minvis_jax import ops
 from minvis_jax import train
 from minvis_jax.models import Mask2Former
@@ -33,7 +33,7 @@ def _batch(config, seed=0):
 
 def test_microbatch_takes_interleaved_rows():
   batch = {'x': jnp.arange(12).reshape(6, 2)}
-  np.testing.assert_array_equal(accumulate.microbatch(batch, jnp.int32(1), 3)['x'],
+  np.testing.assert_array_equal(optim.microbatch(batch, jnp.int32(1), 3)['x'],
                                 [[2, 3], [8, 9]])
 
 
@@ -45,7 +45,7 @@ def test_whole_class_weight_sum_is_loss_labels_denominator():
   assert float(whole.num_masks) == 2.0
 
 
-def test_accumulated_gradient_equals_the_large_batch(tiny_config, steps=4):
+def test_optimd_gradient_equals_the_large_batch(tiny_config, steps=4):
   config = tiny_config
   model = Mask2Former(ModelConfig.from_config(config.model))
   loss_config = criterion.LossConfig.from_config(config.loss)
@@ -60,7 +60,7 @@ def test_accumulated_gradient_equals_the_large_batch(tiny_config, steps=4):
     targets = {k: part[k] for k in ('labels', 'masks', 'valid')}
     return criterion.set_criterion(outputs, targets, key, loss_config, whole)
 
-  run = jax.jit(lambda p, b, s: accumulate.value_and_grad(
+  run = jax.jit(lambda p, b, s: optim.value_and_grad(
       loss_fn, p, b, s, config.model.num_queries, loss_config), static_argnums=2)
   (loss1, terms1), grads1 = run(variables['params'], batch, 1)
   (loss_k, terms_k), grads_k = run(variables['params'], batch, steps)
@@ -72,7 +72,7 @@ def test_accumulated_gradient_equals_the_large_batch(tiny_config, steps=4):
   for g1, gk in zip(flat1, flat_k):
     np.testing.assert_allclose(np.asarray(gk), np.asarray(g1), rtol=1e-4, atol=1e-5 * scale)
   # The check can fail: microbatches normalised by their own counts give another loss.
-  own = sum(float(loss_fn(variables['params'], accumulate.microbatch(batch, jnp.int32(i), steps),
+  own = sum(float(loss_fn(variables['params'], optim.microbatch(batch, jnp.int32(i), steps),
                           None)[0]) for i in range(steps)) / steps
   assert abs(own - float(loss1)) > 1e-3 * abs(float(loss1))
 
@@ -81,7 +81,7 @@ def test_train_step_with_accumulation_matches_one_batch(tiny_config):
   metrics = {}
   for steps in (1, 2):
     config = tiny_config.copy_and_resolve_references()
-    config.optim.accumulate_steps = steps
+    config.optim.optim_steps = steps
     trainer = train.Trainer(config)
     _, metrics[steps] = trainer.step(trainer.init_state(), trainer.global_batch(_batch(config)))
   for name in ('loss', 'grad_norm', 'loss_ce', 'loss_mask', 'loss_dice', 'num_masks'):
