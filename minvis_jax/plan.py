@@ -56,8 +56,8 @@ class PlanError(ValueError):
 @contextlib.contextmanager
 def quiet_stderr():
   """Silences file descriptor 2 (libtpu's C++ start-up warnings about a host that is not a TPU
-  VM); what was written is dropped unless the body raises, then it is appended to nothing: the
-  exception's own message says what failed."""
+  VM, the compiler's logging) for the body; what was written there is dropped. An error of the
+  body still raises, and its message says what failed."""
   saved = os.dup(2)
   with tempfile.TemporaryFile() as sink:
     os.dup2(sink.fileno(), 2)
