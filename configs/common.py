@@ -121,6 +121,9 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       warmup_steps=0,
       decay_steps=(4000,),
       decay_factor=0.1,
+      # Gradient accumulation: each step's global batch runs as this many interleaved microbatches
+      # (the same update up to float rounding, less memory; minvis_jax/optim.py).
+      accumulate_steps=1,
   ))
   c.total_steps = 6000
 

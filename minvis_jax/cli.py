@@ -6,6 +6,7 @@
   minvis-jax export    --checkpoint ckpt --out model.jax   (then infer --exported model.jax)
   minvis-jax train     --config minvis:dataset=ovis --workdir DIR
   minvis-jax evaluate  --checkpoint DIR [--config minvis] [--set data.manual_dir=DATA]
+  minvis-jax plan      --config minvis --topology v5e:4x4 [--json]   (needs the tpu extra)
   minvis-jax data      synthetic --out DIR --videos N --frames T | build --dataset NAME ...
 
 `--config` takes a shipped config by name (`minvis`, `coco`, `tiny`), with an argument after a
@@ -21,7 +22,9 @@ MINVIS_NO_REEXEC=1, or a GLIBC_TUNABLES naming a glibc.malloc tunable, to turn t
 
 import argparse
 import faulthandler
+import json
 import logging
+import os
 import sys
 
 import jax
@@ -38,6 +41,7 @@ from minvis_jax import host_memory
 from minvis_jax import infer
 from minvis_jax import model_forward
 from minvis_jax import paths
+from minvis_jax import plan
 from minvis_jax import train
 from minvis_jax import user_input
 from minvis_jax import watch
@@ -314,6 +318,32 @@ def _train(args: argparse.Namespace) -> int:
 COMMANDS['train'] = ('train Mask2Former on single frames (resumes from WORKDIR)', _train_flags,
                      _train)
 NEEDS['train'] = DISTRIBUTED_NEEDS
+
+
+# --- plan ---
+
+def _plan_flags(parser: argparse.ArgumentParser) -> None:
+  add_config_flags(parser, required=True)
+  parser.add_argument('--topology', required=True,
+                      help='TPU slice as libtpu names it: v5e:2x2 (v5e-4), v5e:4x4 (v5e-16), '
+                      'v4:2x2x1 (v4-8), v5p:2x2x1 (v5p-8), v6e:2x4')
+  parser.add_argument('--json', action='store_true', help='print the plan as JSON')
+  parser.add_argument('--no_eval', action='store_true',
+                      help='only the train step (no evaluation window search)')
+
+
+def _plan(args: argparse.Namespace) -> int:
+  if not os.environ.get('JAX_PLATFORMS'):   # with libtpu installed jax would try a local TPU
+    jax.config.update('jax_platforms', 'cpu')
+  config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides(args))
+  report = plan.plan_config(config, args.topology, not args.no_eval,
+                            log=lambda line: print(line, file=sys.stderr, flush=True))
+  print(json.dumps(plan.to_json(report), indent=1) if args.json else plan.format_report(report))
+  return 0
+
+
+COMMANDS['plan'] = ('compile the train step and evaluation for a TPU slice on this host: memory, '
+                    'flops, collectives, roofline bound', _plan_flags, _plan)
 
 
 # --- evaluate ---

@@ -291,6 +291,12 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config'
   batch = _get(config, 'batch_size')
   if _MISSING not in (data, batch) and data != -1 and batch % data:
     fail('batch_size', batch, f'a multiple of mesh.data={data}')
+  steps = check('optim.accumulate_steps', positive_int, 'an integer >= 1 (microbatches a step)')
+  if _MISSING not in (steps, batch) and batch % (steps * (1 if data in (-1, _MISSING) else data)):
+    fail('batch_size', batch, f'a multiple of optim.accumulate_steps={steps} x mesh.data={data}')
+  if steps not in (_MISSING, 1) and _get(config, 'model.reid') is True:
+    fail('optim.accumulate_steps', steps, '1 with model.reid (a microbatch would split the view '
+         'pairs)')
   return config
 
 

@@ -9,6 +9,7 @@ resolutions are sampled at the same places (PointRend's `point_sample`: `ops.bil
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -37,6 +38,35 @@ class LossConfig:
     for field in dataclasses.fields(cls):
       values[field.name] = int(loss[field.name]) if field.type is int else float(loss[field.name])
     return cls(**values)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=['index', 'num_masks', 'class_weight_sum'], meta_fields=['steps'])
+@dataclasses.dataclass(frozen=True)
+class Whole:
+  """The criterion's batch is microbatch `index` of `steps` (rows index, index + steps, ... of the
+  whole batch, `optim.microbatch`): it draws the whole batch's random points for its rows and
+  divides by the whole batch's normalisers, so the microbatches' losses sum to the whole one's."""
+  index: jax.Array              # int32 scalar
+  steps: int
+  num_masks: jax.Array          # max(sum(valid), 1) of the whole batch
+  class_weight_sum: jax.Array   # loss_labels' denominator of the whole batch
+
+  @classmethod
+  def of(cls, valid: jax.Array, num_queries: int, steps: int,
+         loss_config: 'LossConfig') -> 'Whole':
+    """valid [B, N] of the whole batch. Every real target is matched to its own query (Q >= N),
+    so B * Q queries weigh no_object_weight except sum(valid), which weigh 1."""
+    real = jnp.sum(valid.astype(jnp.float32))
+    w = loss_config.no_object_weight
+    return cls(jnp.zeros((), jnp.int32), steps, jnp.maximum(real, 1.0),
+               valid.shape[0] * num_queries * w + (1.0 - w) * real)
+
+
+def _rows_of(x: jax.Array, whole: Whole) -> jax.Array:
+  """Rows index, index + steps, ... of x [B * steps, ...]."""
+  x = x.reshape(x.shape[0] // whole.steps, whole.steps, *x.shape[1:])
+  return jax.lax.dynamic_index_in_dim(x, whole.index, axis=1, keepdims=False)
 
 
 def sample_rows(rows: jax.Array, coords: jax.Array, height: int, width: int) -> jax.Array:
@@ -170,7 +200,7 @@ def match(pred_logits: jax.Array, pred_rows: jax.Array, mask_size: tuple[int, in
 
 
 def loss_labels(pred_logits: jax.Array, labels: jax.Array, valid: jax.Array, src: jax.Array,
-                no_object_weight: float) -> jax.Array:
+                no_object_weight: float, weight_sum: jax.Array | None = None) -> jax.Array:
   """Class cross-entropy over K+1 with weight `no_object_weight` on the no-object class.
 
   Matched queries target their target's class, the rest "no object" (index K). A weighted mean over
@@ -178,6 +208,7 @@ def loss_labels(pred_logits: jax.Array, labels: jax.Array, valid: jax.Array, src
 
   Args:
     pred_logits: [B, Q, K+1]; labels, valid, src: [B, N].
+    weight_sum: the denominator when the batch is part of a larger one (`Whole`).
   """
   batch, num_queries, num_classes = pred_logits.shape
   no_object = num_classes - 1
@@ -188,7 +219,7 @@ def loss_labels(pred_logits: jax.Array, labels: jax.Array, valid: jax.Array, src
   log_probs = jax.nn.log_softmax(pred_logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
   weight = jnp.where(target == no_object, no_object_weight, 1.0)
-  return jnp.sum(weight * nll) / jnp.sum(weight)
+  return jnp.sum(weight * nll) / (jnp.sum(weight) if weight_sum is None else weight_sum)
 
 
 def prefix_count(mask: jax.Array, block: int = 128) -> jax.Array:
@@ -213,8 +244,13 @@ def top_k_indices(values: jax.Array, k: int) -> jax.Array:
   The same set as lax.top_k (up to ties), faster on CPU for the criterion's sizes: the k-th
   largest value is found exactly by a 32-step bitwise search on the order-preserving integer image
   of the floats, then the entries above it (and enough equal ones) are compacted by their prefix
-  count.
+  count. Compiled for a GPU it is lax.top_k's indices, sorted (`ops.per_platform`).
   """
+  return ops.per_platform(lambda v: _top_k_by_bits(v, k),
+                          lambda v: jnp.sort(jax.lax.top_k(v, k)[1]).astype(jnp.int32), values)
+
+
+def _top_k_by_bits(values: jax.Array, k: int) -> jax.Array:
   bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
   # Negative floats order backwards as integers: flip their magnitude bits; then shift to unsigned.
   key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
@@ -342,7 +378,8 @@ def draw_points(key: jax.Array, batch: int, num_slots: int,
 
 def prediction_set_losses(pred_logits: jax.Array, pred_rows: jax.Array, mask_size: tuple[int, int],
                           targets: dict[str, jax.Array], points: dict[str, jax.Array],
-                          num_masks: jax.Array, loss_config: LossConfig) -> dict[str, jax.Array]:
+                          num_masks: jax.Array, loss_config: LossConfig,
+                          class_weight_sum: jax.Array | None = None) -> dict[str, jax.Array]:
   """loss_ce, loss_mask, loss_dice of one prediction set, with its own matching.
 
   Args:
@@ -361,12 +398,13 @@ def prediction_set_losses(pred_logits: jax.Array, pred_rows: jax.Array, mask_siz
   loss_mask, loss_dice = loss_masks(pred_rows, mask_size, targets['masks'], targets['valid'], src,
                                     coords, num_masks)
   loss_ce = loss_labels(pred_logits, targets['labels'], targets['valid'], src,
-                        loss_config.no_object_weight)
+                        loss_config.no_object_weight, class_weight_sum)
   return {'loss_ce': loss_ce, 'loss_mask': loss_mask, 'loss_dice': loss_dice}
 
 
 def set_criterion(outputs: dict[str, Any], targets: dict[str, jax.Array], key: jax.Array,
-                  loss_config: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  loss_config: LossConfig, whole: Whole | None = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The Mask2Former training loss with deep supervision (docs/method.md §3).
 
   Args:
@@ -376,6 +414,7 @@ def set_criterion(outputs: dict[str, Any], targets: dict[str, jax.Array], key: j
     key: PRNG key; prediction set i (final first, then aux in order) draws its points with
       `draw_points(jax.random.split(key, num_sets)[i], ...)`.
     loss_config: the weights and point counts (`LossConfig.from_config(config.loss)`).
+    whole: set when the batch is a microbatch of a larger one (gradient accumulation).
 
   Returns:
     (loss, metrics): the weighted sum over all prediction sets, and a flat dict with loss_ce,
@@ -387,6 +426,9 @@ def set_criterion(outputs: dict[str, Any], targets: dict[str, jax.Array], key: j
   their queries target "no object", their mask terms are 0).
   """
   num_masks = jnp.maximum(jnp.sum(targets['valid'].astype(jnp.float32)), 1.0)
+  steps, weight_sum = 1, None
+  if whole is not None:
+    steps, num_masks, weight_sum = whole.steps, whole.num_masks, whole.class_weight_sum
   sets = [(outputs['pred_logits'], outputs['pred_masks'])]
   sets += [(aux['pred_logits'], aux['pred_masks']) for aux in outputs.get('aux_outputs') or []]
   keys = jax.random.split(key, len(sets))
@@ -396,9 +438,11 @@ def set_criterion(outputs: dict[str, Any], targets: dict[str, jax.Array], key: j
 
   def one_set(carry, xs):
     logits, rows, set_key = xs
-    points = draw_points(set_key, logits.shape[0], num_slots, loss_config)
+    points = draw_points(set_key, logits.shape[0] * steps, num_slots, loss_config)
+    if whole is not None:
+      points = {k: _rows_of(v, whole) for k, v in points.items()}
     return carry, prediction_set_losses(logits, rows, mask_size, targets, points, num_masks,
-                                        loss_config)
+                                        loss_config, weight_sum)
 
   # One scan over the (equally shaped) prediction sets: the same numbers as a Python loop, but XLA
   # compiles the matcher and the losses once instead of once per set.

@@ -98,13 +98,16 @@ def pair_loss(reid: jax.Array, src: jax.Array, valid: jax.Array, con_weight: flo
 
 
 def training_loss(outputs: dict[str, Any], targets: dict[str, jax.Array], key: jax.Array,
-                  loss_config: criterion.LossConfig, config: ml_collections.ConfigDict
-                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  loss_config: criterion.LossConfig, config: ml_collections.ConfigDict,
+                  whole: criterion.Whole | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training loss of `config`'s model: `criterion.set_criterion` without a reid head; with
   one (batches of view pairs) the detection loss on every view plus `pair_loss`, or with
-  `model.reid_detach` `pair_loss` alone (only the head trains: `apply_updates`)."""
+  `model.reid_detach` `pair_loss` alone (only the head trains: `apply_updates`). whole: a
+  microbatch's share of the batch under gradient accumulation (`optim.value_and_grad`; not with a
+  reid head, whose view pairs a microbatch would split: config_lib.validate refuses it)."""
   if not config.model.get('reid'):
-    return criterion.set_criterion(outputs, targets, key, loss_config)
+    return criterion.set_criterion(outputs, targets, key, loss_config,
+                                   **({} if whole is None else {'whole': whole}))
   src = last_layer_match(outputs, targets, key, loss_config)
   loss, terms = pair_loss(outputs['pred_reid'], src, targets['valid'], config.reid.con_weight,
                           config.reid.aux_weight)

@@ -30,11 +30,15 @@ from minvis_jax import criterion
 from minvis_jax import evaluate
 from minvis_jax import metrics_writer
 from minvis_jax import ops
+from minvis_jax import optim
 from minvis_jax import paths
 from minvis_jax import preemption as preemption_lib
 from minvis_jax import reid
 from minvis_jax.models import Mask2Former
 from minvis_jax.models import ModelConfig
+# The optimizer's pieces, also reachable as train.X.
+from minvis_jax.optim import (decay_mask, learning_rate_schedule, make_optimizer,  # noqa: F401
+                              param_groups)
 
 
 @flax.struct.dataclass
@@ -47,51 +51,6 @@ class TrainState:
 
 class NonFiniteLossError(RuntimeError):
   """A step's loss or gradient norm was not finite (the run stops before saving anything after)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer (docs/method.md §4).
-
-
-def _path_names(path) -> tuple[str, ...]:
-  return tuple(getattr(k, 'key', str(k)) for k in path)
-
-
-def decay_mask(params):
-  """True where weight decay applies: conv and dense kernels only (no norms, embeddings, biases)."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: _path_names(p)[-1] == 'kernel', params)
-
-
-def param_groups(params):
-  """'backbone' or 'head' for every leaf (the backbone trains at lr * backbone_lr_mult)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: 'backbone' if _path_names(p)[0] == 'backbone' else 'head', params)
-
-
-def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0 over `warmup_steps`, then x `decay_factor` at each of `decay_steps`."""
-  boundaries = jnp.asarray(sorted(optim.decay_steps) or [np.iinfo(np.int32).max])
-
-  def schedule(step):
-    decays = jnp.sum(step >= boundaries) if optim.decay_steps else 0
-    lr = optim.lr * optim.decay_factor ** decays
-    if optim.warmup_steps:
-      lr = lr * jnp.minimum(1.0, (step + 1) / optim.warmup_steps)
-    return lr
-  return schedule
-
-
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Global-norm clipping of all parameters, then AdamW per group (backbone at a reduced lr)."""
-  schedule = learning_rate_schedule(optim)
-
-  def adamw(mult):
-    return optax.adamw(lambda step: schedule(step) * mult, b1=optim.b1, b2=optim.b2,
-                       weight_decay=optim.weight_decay, mask=decay_mask)
-  return optax.chain(
-      optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity(),
-      optax.multi_transform({'backbone': adamw(optim.backbone_lr_mult), 'head': adamw(1.0)},
-                            param_groups))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,16 +145,19 @@ def make_train_step(config):
     # Randomness is a function of (seed, step) only, so a resumed run repeats it exactly.
     key = jax.random.fold_in(base_key, state.step)
     loss_key, dropout_key = jax.random.split(key)
-    images = ops.normalize(batch['image'], batch['image_size'], config.data.mean,
-                           config.data.std)
-    targets = {k: batch[k] for k in ('labels', 'masks', 'valid')}
 
-    def loss_fn(params):
+    def loss_fn(params, part, whole):   # whole: see optim.value_and_grad (None: all the batch)
+      images = ops.normalize(part['image'], part['image_size'], config.data.mean, config.data.std)
+      targets = {k: part[k] for k in ('labels', 'masks', 'valid')}
+      rng, extra = ((dropout_key, {}) if whole is None else
+                    (jax.random.fold_in(dropout_key, whole.index), {'whole': whole}))
       outputs = model.apply({'params': params, 'frozen': state.frozen}, images, train=True,
-                            rngs={'dropout': dropout_key})
-      return reid.training_loss(outputs, targets, loss_key, loss_config, config)
+                            rngs={'dropout': rng})
+      return reid.training_loss(outputs, targets, loss_key, loss_config, config, **extra)
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, terms), grads = optim.value_and_grad(
+        loss_fn, state.params, batch, config.optim.get('accumulate_steps', 1),
+        config.model.num_queries, loss_config)
     grad_norm = optax.global_norm(grads)
 
     def update():
@@ -445,10 +407,11 @@ def _loop(config, workdir, trainer, state, step, total_steps, batches, pending, 
     if slots not in step_fns:   # the first step, or a new target slot count
       step_fns[slots] = _compile_everywhere(trainer, state, batch)
       tick, tick_step = time.perf_counter(), step
-    # The previous step must be done before the next is dispatched (the next batch is prepared
-    # meanwhile): a step dispatched early takes its buffers at once, so on CPU two steps'
-    # temporaries would coexist in host memory. Nothing is fetched.
-    jax.block_until_ready(in_flight)
+    # On CPU the previous step must be done before the next is dispatched: a step dispatched early
+    # takes its buffers at once, and two steps' temporaries would coexist in host memory. An
+    # accelerator queues steps (nothing is fetched or awaited between log steps).
+    if waits_for_each_step(trainer.mesh):
+      jax.block_until_ready(in_flight)
     state, metrics = step_fns[slots](state, batch)
     non_finite = _note_non_finite(non_finite, metrics, step)
     in_flight = metrics
@@ -477,6 +440,10 @@ def _loop(config, workdir, trainer, state, step, total_steps, batches, pending, 
       logging.warning('SIGTERM: saved step %d, exiting', step)
       break
   return state, step
+
+
+def waits_for_each_step(mesh) -> bool:
+  return mesh.devices.flat[0].platform == 'cpu'
 
 
 def _save_on_input_interrupt(manager, state: TrainState, step: int, saved_step: int | None) -> None:

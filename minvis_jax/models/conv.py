@@ -3,7 +3,9 @@ for XLA:CPU; the same numbers as XLA's own forms up to float rounding.
 
 Why: XLA:CPU computes a kernel gradient as another convolution, many times slower than the forward,
 and its max-pool gradient as a scatter. Tuned and measured on CPU only (benchmarks/ has the
-timings); whether accelerators want the plain forms is not measured yet.
+timings). The tuned parts of the gradients (materialising barriers, per-image kernel gradients)
+sit behind `ops.per_platform`, chosen by the platform the program is compiled for (also when a
+TPU program is compiled on a CPU host, `minvis-jax plan`); other platforms get XLA's plain forms.
 """
 
 import functools
@@ -13,6 +15,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from minvis_jax.ops import per_platform
 
 
 def _xla_conv(x, kernel, stride, pad):
@@ -29,24 +33,32 @@ def _conv_kxk_fwd(x, kernel, stride, pad):
   return _xla_conv(x, kernel, stride, pad), (x, kernel)
 
 
-def _conv_kxk_bwd(stride, pad, res, dy):
-  x, kernel = res
-  # Both materialised first: fused into the gradient convolutions, their producers (the FPN's
-  # upsample-and-add, a norm's gradient) were recomputed at every read.
-  x, dy = jax.lax.optimization_barrier((x, dy))
+def _conv_kxk_grads(x, kernel, dy, stride, pad, per_image: bool):
   _, input_vjp = jax.vjp(lambda a: _xla_conv(a, kernel, stride, pad), x)
   (dx,) = input_vjp(dy)
 
   def kernel_grad(xb, dyb):
     return jax.vjp(lambda k: _xla_conv(xb, k, stride, pad), kernel)[1](dyb)[0]
 
-  # XLA:CPU's kernel gradient of a large map is slower for a batch than for its images one by one,
-  # so large maps go one image at a time; small maps stay batched.
-  if jax.default_backend() == 'cpu' and dy.shape[0] > 1 and math.prod(dy.shape[1:]) >= 1 << 21:
-    dkernel = sum(kernel_grad(x[b:b + 1], dy[b:b + 1]) for b in range(dy.shape[0]))
-  else:
-    dkernel = kernel_grad(x, dy)
-  return dx, dkernel
+  if per_image:
+    return dx, sum(kernel_grad(x[b:b + 1], dy[b:b + 1]) for b in range(dy.shape[0]))
+  return dx, kernel_grad(x, dy)
+
+
+def _conv_kxk_bwd(stride, pad, res, dy):
+  x, kernel = res
+  grads = lambda per_image: lambda *a: _conv_kxk_grads(*a, stride, pad, per_image)  # noqa: E731
+
+  def tuned(x, kernel, dy):
+    # Both materialised first: fused into the gradient convolutions, their producers (the FPN's
+    # upsample-and-add, a norm's gradient) were recomputed at every read.
+    x, dy = jax.lax.optimization_barrier((x, dy))
+    # XLA:CPU's kernel gradient of a large map is slower for a batch than for its images one by
+    # one, so large maps go one image at a time there; small maps (and other platforms) batched.
+    if dy.shape[0] > 1 and math.prod(dy.shape[1:]) >= 1 << 21:
+      return jax.lax.platform_dependent(x, kernel, dy, cpu=grads(True), default=grads(False))
+    return grads(False)(x, kernel, dy)
+  return per_platform(tuned, grads(False), x, kernel, dy)
 
 
 _conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
@@ -74,11 +86,16 @@ def _pointwise_bwd(res, dy):
   # contracting over its operands' leading dimension runs on XLA:CPU's generic GEMM instead of
   # YNNPACK's.
   x2, dy2 = x.reshape(-1, cin), dy.reshape(-1, cout)
-  if cin <= cout:
-    dkernel = jnp.dot(jax.lax.optimization_barrier(x2.T), dy2, preferred_element_type=jnp.float32)
-  else:
-    dkernel = jax.lax.optimization_barrier(
+
+  def tuned(x2, dy2):
+    if cin <= cout:
+      return jnp.dot(jax.lax.optimization_barrier(x2.T), dy2, preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(
         jnp.dot(jax.lax.optimization_barrier(dy2.T), x2, preferred_element_type=jnp.float32)).T
+
+  def plain(x2, dy2):   # XLA's own choice of layout
+    return jnp.einsum('nc,nd->cd', x2, dy2, preferred_element_type=jnp.float32)
+  dkernel = per_platform(tuned, plain, x2, dy2)
   return dx, dkernel.astype(kernel.dtype)
 
 

@@ -1,0 +1,373 @@
+"""What a config costs on a TPU slice, measured by the compiler on this host (no TPU needed).
+
+`plan_config` compiles, ahead of time for the slice's devices (libtpu's topology description, the
+`tpu` extra), the config's train step on its mesh and the evaluation forward at the test
+resolution, and reads back per chip: memory (`memory_analysis`), flops and HBM bytes
+(`cost_analysis`), the collectives of the compiled HLO, a roofline bound of the step time
+(chips.py), and the largest evaluation window that fits. `minvis-jax plan` (cli.py) prints it.
+"""
+
+import contextlib
+import dataclasses
+import importlib.util
+import os
+import re
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import topologies
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from minvis_jax import chips
+from minvis_jax import predictor
+from minvis_jax import tracking
+from minvis_jax import train
+from minvis_jax.models import ModelConfig
+
+INSTALL_HINT = ("planning for TPUs needs libtpu: pip install 'minvis-jax[tpu]' (or "
+                "'jax[tpu]' of the installed jax version)")
+
+# The evaluation frame: YouTube-VIS videos are mostly 720x1280; the test transform resizes it to
+# the config's min_size_test and pads to size_divisibility.
+EVAL_FRAME = (720, 1280)
+# Windows beyond this many frames a chip are not searched (the forward's memory is linear in it;
+# the predictor's 'auto' window stops there too).
+MAX_WINDOW = 16
+
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
+                'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+# An HLO instruction whose opcode is a collective (or its async -start): the shape text before it.
+_COLLECTIVE_RE = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+ = (.*?) ('
+                            + '|'.join(COLLECTIVES) + r')(-start)?\(', re.M)
+_ARRAY_RE = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
+
+
+class PlanError(ValueError):
+  """The topology or the plan's inputs are wrong (a user error: one line)."""
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+  """Silences file descriptor 2 (libtpu's C++ start-up warnings about a host that is not a TPU
+  VM, the compiler's logging) for the body; what was written there is dropped. An error of the
+  body still raises, and its message says what failed."""
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as sink:
+    os.dup2(sink.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+def libtpu_installed() -> bool:
+  return importlib.util.find_spec('libtpu') is not None
+
+
+def topology_devices(topology: str) -> list:
+  """The TPU devices of a slice such as 'v5e:2x2' (compile targets only: nothing runs on them)."""
+  chips.chip_of(topology)
+  if not libtpu_installed():
+    raise ImportError(INSTALL_HINT)
+  try:
+    with quiet_stderr():
+      desc = topologies.get_topology_desc(platform='tpu', topology_name=topology)
+  except Exception as e:  # noqa: BLE001  (libtpu raises plain runtime errors for bad names)
+    raise PlanError(f'--topology {topology!r}: libtpu does not know it ({_first_line(e)})'
+                    ) from None
+  return list(desc.devices)
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a compiled program says about itself.
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of every array in an HLO shape text, e.g. '(f32[8,16]{1,0}, bf16[4]{0})' -> 520."""
+  total = 0
+  for dtype, dims in _ARRAY_RE.findall(text):
+    total += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(',') if d]))
+  return total
+
+
+def collectives(hlo_text: str) -> dict:
+  """{kind: {'count', 'bytes'}} of the collective instructions of a compiled HLO module (bytes of
+  their results; an async -start counts once, with its output: the last array of its tuple for
+  all-gather and collective-permute, whose -start tuples carry the operand too). Static counts:
+  an instruction inside a loop body counts once."""
+  out = {}
+  for shape, kind, start in _COLLECTIVE_RE.findall(hlo_text):
+    arrays = _ARRAY_RE.findall(shape)
+    if start and kind in ('all-gather', 'collective-permute') and len(arrays) > 1:
+      shape = '{}[{}]'.format(*arrays[-1])
+    entry = out.setdefault(kind, {'count': 0, 'bytes': 0})
+    entry['count'] += 1
+    entry['bytes'] += shape_bytes(shape)
+  return out
+
+
+def memory(compiled) -> dict:
+  """Per-chip bytes of a compiled program: its arguments, outputs, temporaries and code; total
+  counts a donated argument once (its output reuses it)."""
+  m = compiled.memory_analysis()
+  out = {'arguments': int(m.argument_size_in_bytes), 'outputs': int(m.output_size_in_bytes),
+         'temporaries': int(m.temp_size_in_bytes), 'aliased': int(m.alias_size_in_bytes),
+         'code': int(m.generated_code_size_in_bytes)}
+  out['total'] = (out['arguments'] + out['outputs'] - out['aliased'] + out['temporaries']
+                  + out['code'])
+  return out
+
+
+def cost(compiled) -> dict:
+  """{'flops', 'hbm_bytes'} of one run of a compiled program on one chip (the compiler's count)."""
+  c = compiled.cost_analysis()
+  c = c[0] if isinstance(c, (list, tuple)) else c
+  return {'flops': float(c.get('flops', 0.0)), 'hbm_bytes': float(c.get('bytes accessed', 0.0))}
+
+
+_OOM_RE = re.compile(r'([\d.]+)\s*([KMGT]?)i?B?\)? (?:exceeds|of) (?:available )?HBM \(?([\d.]+)'
+                     r'\s*([KMGT]?)', re.I)
+_USED_RE = re.compile(r'Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm', re.I)
+_UNITS = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+
+
+def out_of_memory(error: BaseException) -> dict | None:
+  """{'required', 'available', 'message'} from the compiler's RESOURCE_EXHAUSTED error (bytes; None
+  where the message has no figure), or None for any other error."""
+  text = str(error)
+  if 'RESOURCE_EXHAUSTED' not in text and 'out of memory' not in text.lower():
+    return None
+  found = _USED_RE.search(text) or _OOM_RE.search(text)
+  line = next((s.strip() for s in text.splitlines() if 'HBM' in s or 'hbm' in s), _first_line(
+      error))
+  if not found:
+    return {'required': None, 'available': None, 'message': line[:300]}
+  a, ua, b, ub = found.groups()
+  return {'required': int(float(a) * _UNITS[ua.upper()]),
+          'available': int(float(b) * _UNITS[ub.upper()]), 'message': line[:300]}
+
+
+@dataclasses.dataclass
+class Compiled:
+  """One program compiled for the slice, or the compiler's reason it does not fit."""
+  seconds: float
+  compiled: Any = None
+  oom: dict | None = None
+
+  @property
+  def fits(self) -> bool:
+    return self.compiled is not None
+
+
+def compile_for(fn: Callable[[], Any]) -> Compiled:
+  """Lowers and compiles `fn()` (a `Lowered`), timing it; an out-of-memory is a result."""
+  start = time.perf_counter()
+  try:
+    with quiet_stderr():
+      compiled = fn().compile()
+  except Exception as e:  # noqa: BLE001
+    oom = out_of_memory(e)
+    if oom is None:
+      raise
+    return Compiled(time.perf_counter() - start, oom=oom)
+  return Compiled(time.perf_counter() - start, compiled)
+
+
+# ---------------------------------------------------------------------------------------------
+# The programs.
+
+
+def abstract_batch(config: ml_collections.ConfigDict, sharding) -> dict:
+  """ShapeDtypeStructs of a global training batch (every target slot: the largest step)."""
+  b, (h, w), n = config.batch_size, config.data.canvas, config.data.max_instances
+  shapes = {'image': ((b, h, w, 3), jnp.uint8), 'image_size': ((b, 2), jnp.int32),
+            'labels': ((b, n), jnp.int32), 'masks': ((b, n, h, w), jnp.uint8),
+            'valid': ((b, n), jnp.bool_)}
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> tuple[Compiled, Any]:
+  """The config's train step on its mesh over `devices`: (compiled, the trainer)."""
+  mesh = train.make_mesh(config.mesh, devices)
+  if config.batch_size % mesh.shape['data']:
+    raise PlanError(f'batch_size={config.batch_size} is not a multiple of the mesh\'s '
+                    f'{mesh.shape["data"]} data shards')
+  trainer = train.Trainer(config, mesh)
+  batch = abstract_batch(config, trainer.batch_sharding)
+  return compile_for(lambda: trainer.step.lower(trainer.abstract_state, batch)), trainer
+
+
+def eval_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """The padded test input [Hp, Wp] of an `EVAL_FRAME` video."""
+  h, w = predictor.valid_size(*EVAL_FRAME, config.data)
+  d = config.data.size_divisibility
+  return -(-h // d) * d, -(-w // d) * d
+
+
+def compile_eval(config: ml_collections.ConfigDict, devices: list, window: int) -> Compiled:
+  """The predictor's window step (forward, association, mask reorder) with `window` frames on
+  every chip, at the test resolution."""
+  model_config = ModelConfig.from_config(config.model)
+  mesh = jax.sharding.Mesh(np.array(devices), ('frames',))
+  replicated, frames = NamedSharding(mesh, P()), NamedSharding(mesh, P('frames'))
+  variables = jax.eval_shape(lambda: train.init_variables(config, jax.random.PRNGKey(0)))
+  state = tracking.init_state(model_config.num_queries, model_config.hidden_dim)
+  spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+  n = window * len(devices)
+  args = (jax.tree.map(lambda x: spec(x, replicated), variables),
+          jax.tree.map(lambda x: spec(x, replicated), state),
+          jax.ShapeDtypeStruct((n, *eval_size(config), 3), jnp.float32, sharding=frames),
+          jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=replicated))
+  step = predictor._step_fn(model_config, mesh, tracking.tracker_from_config(config))
+  return compile_for(lambda: step.lower(*args))
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan.
+
+
+def _chip_dict(chip: chips.Chip) -> dict:
+  return dataclasses.asdict(chip)
+
+
+def train_report(config: ml_collections.ConfigDict, result: Compiled, chip: chips.Chip,
+                 n_chips: int) -> dict:
+  """The JSON of a compiled (or refused) train step: memory against HBM, cost, collectives and the
+  roofline bound (`chips.roofline`), per chip and per image."""
+  per_chip = config.batch_size / n_chips
+  out = {'fits': result.fits, 'compile_s': round(result.seconds, 1), 'images_per_chip': per_chip}
+  if not result.fits:
+    return dict(out, oom=result.oom)
+  mem = memory(result.compiled)
+  work = cost(result.compiled)
+  colls = collectives(result.compiled.as_text())
+  # A ring all-reduce sends about twice its bytes out of each chip; the others about once.
+  wire = sum(v['bytes'] * (2 if k == 'all-reduce' else 1) for k, v in colls.items())
+  bound = chips.roofline(chip, work['flops'], work['hbm_bytes'], wire)
+  bound['images_per_s'] = config.batch_size / bound['step_s'] if bound['step_s'] else None
+  bound['mfu'] = bound['compute_s'] / bound['step_s'] if bound['step_s'] else None
+  return dict(out, memory=mem, hbm_fraction=mem['total'] / chip.hbm_bytes,
+              headroom_bytes=chip.hbm_bytes - mem['total'],
+              flops=work['flops'], hbm_bytes=work['hbm_bytes'],
+              flops_per_image=work['flops'] / per_chip,
+              hbm_bytes_per_image=work['hbm_bytes'] / per_chip,
+              collectives=colls, collective_bytes=sum(v['bytes'] for v in colls.values()),
+              roofline=bound)
+
+
+def largest_window(config: ml_collections.ConfigDict, devices: list, chip: chips.Chip,
+                   log: Callable[[str], None]) -> dict:
+  """The largest evaluation window (frames a chip) whose compiled window step fits in HBM: the
+  memory of windows 1 and 2 gives the cost of a frame (the forward is linear in it), the window it
+  allows is then compiled to confirm (halved until it fits)."""
+  first = compile_eval(config, devices, 1)
+  log(f'  eval window 1: {first.seconds:.0f} s')
+  if not first.fits:
+    return {'window': 0, 'fits': False, 'oom': first.oom, 'compile_s': round(first.seconds, 1)}
+  second = compile_eval(config, devices, 2)
+  log(f'  eval window 2: {second.seconds:.0f} s')
+  one = memory(first.compiled)
+  if not second.fits:
+    best, best_mem = 1, one
+  else:
+    per_frame = max(memory(second.compiled)['total'] - one['total'], 1)
+    guess = int(min(MAX_WINDOW, 1 + (chip.hbm_bytes - one['total']) // per_frame))
+    best, best_mem = (2, memory(second.compiled)) if guess >= 2 else (1, one)
+    while guess > 2:
+      tried = compile_eval(config, devices, guess)
+      log(f'  eval window {guess}: {tried.seconds:.0f} s')
+      if tried.fits and memory(tried.compiled)['total'] <= chip.hbm_bytes:
+        best, best_mem = guess, memory(tried.compiled)
+        break
+      guess //= 2
+  work = cost(first.compiled)   # one frame a chip
+  return {'window': best, 'fits': True, 'size': list(eval_size(config)), 'memory': best_mem,
+          'memory_window_1': one, 'flops_per_frame': work['flops'],
+          'hbm_bytes_per_frame': work['hbm_bytes'],
+          'compile_s': round(first.seconds + second.seconds, 1)}
+
+
+def plan_config(config: ml_collections.ConfigDict, topology: str, evaluation: bool = True,
+                log: Callable[[str], None] = lambda s: None) -> dict:
+  """The plan of `config` on `topology` (e.g. 'v5e:2x2'): see the module docstring. `log` gets a
+  line per compile (they take minutes for the model-zoo configs)."""
+  chip = chips.chip_of(topology)
+  devices = topology_devices(topology)
+  log(f'compiling the train step for {topology} ({len(devices)} chips) ...')
+  result, trainer = compile_train_step(config, devices)
+  n = trainer.mesh.shape['data']
+  log(f'  train step: {result.seconds:.0f} s')
+  report = {'topology': topology, 'chip': _chip_dict(chip), 'chips': len(devices),
+            'mesh': dict(trainer.mesh.shape),
+            'setup': {'batch_size': config.batch_size, 'canvas': list(config.data.canvas),
+                      'fsdp': bool(config.mesh.fsdp), 'dtype': config.model.dtype},
+            'train': train_report(config, result, chip, n)}
+  if result.fits:
+    report['_compiled_train'] = result.compiled
+  if evaluation:
+    log('compiling the evaluation window step ...')
+    report['eval'] = largest_window(config, devices, chip, log)
+  return report
+
+
+def to_json(report: dict) -> dict:
+  """The report without its private entries (the compiled objects)."""
+  return {k: v for k, v in report.items() if not k.startswith('_')}
+
+
+def _gib(x) -> str:
+  return 'n/a' if x is None else f'{x / 2 ** 30:.2f} GiB'
+
+
+def format_report(report: dict) -> str:
+  """The plan as the lines `minvis-jax plan` prints."""
+  chip, t, s = report['chip'], report['train'], report['setup']
+  lines = [f"{report['topology']}: {report['chips']} chips of {chip['name']} "
+           f"({_gib(chip['hbm_bytes'])} HBM, {chip['peak_flops'] / 1e12:.0f} TFLOP/s bf16, "
+           f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s HBM; {chip['source']}), mesh {report['mesh']}",
+           f"train step: batch {s['batch_size']} ({t['images_per_chip']:g} a chip) on "
+           f"{s['canvas'][0]}x{s['canvas'][1]}, fsdp={s['fsdp']}, dtype={s['dtype']}; compiled in "
+           f"{t['compile_s']:.0f} s"]
+  if not t['fits']:
+    oom = t['oom']
+    lines.append(f"  DOES NOT FIT: the compiler needs {_gib(oom['required'])} a chip, "
+                 f"{_gib(oom['available'])} available ({oom['message']})")
+  else:
+    m = t['memory']
+    lines += [f"  memory a chip: arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])} "
+              f"({_gib(m['aliased'])} donated), temporaries {_gib(m['temporaries'])}, code "
+              f"{_gib(m['code'])}; total {_gib(m['total'])} = {100 * t['hbm_fraction']:.0f}% of "
+              f"HBM, headroom {_gib(t['headroom_bytes'])}",
+              f"  a chip per step: {t['flops'] / 1e9:.1f} GFLOP, {t['hbm_bytes'] / 1e9:.2f} GB of "
+              f"HBM traffic; per image {t['flops_per_image'] / 1e9:.1f} GFLOP, "
+              f"{t['hbm_bytes_per_image'] / 1e9:.2f} GB",
+              '  collectives: ' + (', '.join(
+                  f"{k} x{v['count']} {v['bytes'] / 2 ** 20:.1f} MiB"
+                  for k, v in sorted(t['collectives'].items())) or 'none')]
+    r = t['roofline']
+    lines.append(f"  roofline bound (not a measurement): step >= {1e3 * r['step_s']:.1f} ms "
+                 f"(compute {1e3 * r['compute_s']:.1f}, HBM {1e3 * r['hbm_s']:.1f}, ICI "
+                 f"{1e3 * r['ici_s']:.1f} ms; {r['limited_by']}-bound) -> at most "
+                 f"{r['images_per_s']:.0f} images/s, MFU at most {100 * r['mfu']:.0f}%")
+  e = report.get('eval')
+  if e is not None:
+    if not e['fits']:
+      lines.append(f"eval: one frame a chip does not fit ({e['oom']['message']})")
+    else:
+      lines.append(f"eval at {e['size'][0]}x{e['size'][1]}: largest window {e['window']} frames a "
+                   f"chip ({_gib(e['memory']['total'])}; one frame "
+                   f"{e['flops_per_frame'] / 1e9:.1f} GFLOP, {e['hbm_bytes_per_frame'] / 1e9:.2f} "
+                   f"GB) -> --set inference.window={e['window']}")
+  return '\n'.join(lines)
