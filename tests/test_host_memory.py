@@ -120,7 +120,8 @@ def test_only_train_and_demo_reexecute_and_say_so_on_stderr():
                         timeout=300, env=env, cwd=ROOT)
   assert demo.returncode == 2, demo.stderr
   assert demo.stderr.count('restarting this process once with GLIBC_TUNABLES=') == 1
-  assert 'MINVIS_NO_REEXEC=1' in demo.stderr and "argument --total_steps: expected an integer >= 0, got 'many'" in demo.stderr
+  assert 'MINVIS_NO_REEXEC=1' in demo.stderr
+  assert "argument --total_steps: expected an integer >= 0, got 'many'" in demo.stderr
   quiet = subprocess.run(run + ['demo', '--total_steps', 'many'], capture_output=True, text=True,
                          timeout=300, env=dict(env, MINVIS_NO_REEXEC='1'), cwd=ROOT)
   assert quiet.returncode == 2 and 'restarting' not in quiet.stderr, quiet.stderr
