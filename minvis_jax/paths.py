@@ -11,6 +11,7 @@ and a file that grows (a JSON-lines log) is rewritten whole under a generation p
 import builtins
 import functools
 import importlib.util
+import logging
 import os
 import posixpath
 import re
@@ -85,7 +86,22 @@ def check_bucket(path: str) -> str:
   path = check(path)
   if is_remote(path):
     root = f'{scheme(path)}://{bucket(path)}'
-    if not _bucket_exists(root):
+    # The client logs each failed retry with a traceback; the one line below says it all.
+    quiet = [logging.getLogger(name) for name in ('gcsfs', 's3fs', 'fsspec')]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+      log.setLevel(logging.CRITICAL)
+    try:
+      exists = _bucket_exists(root)
+    except (FileNotFoundError, PermissionError):
+      raise
+    except Exception as e:   # network, DNS or credential failures of whichever client library
+      message = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise OSError(f'{path}: cannot reach bucket {root} ({message})') from None
+    finally:
+      for log, level in zip(quiet, levels):
+        log.setLevel(level)
+    if not exists:
       raise FileNotFoundError(f'{path}: bucket {root} does not exist (or these credentials cannot '
                               'see it)')
   return path

@@ -117,3 +117,21 @@ def test_a_missing_bucket_is_one_line_and_nothing_is_written(gcs_emulator, tmp_p
       'minvis-jax train: error: gs://no-such-bucket/run1: bucket gs://no-such-bucket does not '
       'exist (or these credentials cannot see it)')
   assert os.listdir(tmp_path) == []
+
+
+def test_an_unreachable_store_is_one_line_naming_the_url(monkeypatch, caplog):
+  """No network or no credentials: the client's own error, once, after the URL and bucket; the
+  client's per-retry tracebacks stay out of the log."""
+  import logging
+
+  def unreachable(root):
+    logging.getLogger('gcsfs').error('_request out of retries (a traceback follows)')
+    raise ConnectionError('Cannot connect to host storage.googleapis.com:443\nmore detail')
+  monkeypatch.setattr(paths, '_bucket_exists', unreachable)
+  monkeypatch.setattr(paths, 'check', lambda path: path)   # as if the gcs extra were installed
+  with caplog.at_level(logging.INFO):
+    with pytest.raises(OSError, match=r'^gs://far/run1: cannot reach bucket gs://far \(Cannot '
+                       r'connect to host storage\.googleapis\.com:443\)$'):
+      paths.check_bucket('gs://far/run1')
+  assert 'out of retries' not in caplog.text
+  assert logging.getLogger('gcsfs').level == logging.NOTSET   # restored
