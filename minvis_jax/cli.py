@@ -141,10 +141,10 @@ def _export_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+  sizes = export.parse_frame_sizes(args.frame_sizes)   # before the checkpoint is read
   config, variables = checkpoints.load_model(args.checkpoint, args.config)
   config_lib.apply_overrides(config, overrides(args))
-  info = export.write(args.out, config, variables, export.parse_frame_sizes(args.frame_sizes),
-                      args.platforms.split(','))
+  info = export.write(args.out, config, variables, sizes, args.platforms.split(','))
   shown = ', '.join(f'{h}x{w}' for h, w in info['buckets'])
   print(f'wrote {args.out}: {paths.getsize(args.out) / 2**20:.1f} MiB, input sizes {shown} on '
         f'{args.platforms}; jax {jax.__version__}, serialization {info["serialization_version"]}')
