@@ -67,6 +67,21 @@ def _window_text(predictor: predictor_lib.VideoPredictor) -> str:
   return f'{per_device} frame{"s" * (per_device > 1)} per device x {n} device{"s" * (n > 1)}'
 
 
+def _open_frames(video_path: str, check_frame_size=None):
+  """(video_io.VideoInput, (H, W), its frames [H, W, 3] uint8 checked to keep that size): the
+  first frame read to learn the size; skipped files said before the work."""
+  video = video_io.open_video(video_path)
+  if video.skipped:   # said before the work, and again in the summary
+    print(f'{video_path}: {video_io.skipped_text(video)}')
+  first = next(video.frames, None)
+  if first is None:
+    raise ValueError(f'{video_path}: the video has no frames')
+  size = first.shape[:2]
+  if check_frame_size is not None:
+    check_frame_size(*size, video_path)
+  return video, size, video_io.same_size(itertools.chain([first], video.frames), size, video_path)
+
+
 def run(predictor: predictor_lib.VideoPredictor, data, table: tuple[list[int], list[str]],
         video_path: str, out: str, score_threshold: float, fps: float | None,
         settings_from: str, check_frame_size=None) -> int:
@@ -89,16 +104,7 @@ def run(predictor: predictor_lib.VideoPredictor, data, table: tuple[list[int], l
   user_input.check_output_dir(out, '--out')
   if video_path == '-':
     raise ValueError('--video -: frames on stdin need --online (offline infer reads a video twice)')
-  video = video_io.open_video(video_path)
-  if video.skipped:   # said before the work, and again in the summary
-    print(f'{video_path}: {video_io.skipped_text(video)}')
-  first = next(video.frames, None)
-  if first is None:
-    raise ValueError(f'{video_path}: the video has no frames')
-  size = first.shape[:2]
-  if check_frame_size is not None:
-    check_frame_size(*size, video_path)
-  frames = video_io.same_size(itertools.chain([first], video.frames), size, video_path)
+  video, size, frames = _open_frames(video_path, check_frame_size)
   try:
     valid = predictor_lib.valid_size(*size, data)
   except ValueError as e:
@@ -207,14 +213,7 @@ def run_online(tracker: online.OnlineTracker, table: tuple[list[int], list[str]]
   summary, overlay = 'summary' in options, 'overlay' in options
   ids, names = table
   user_input.check_output_dir(out, '--out')
-  video = video_io.open_video(video_path)
-  first = next(video.frames, None)
-  if first is None:
-    raise ValueError(f'{video_path}: the video has no frames')
-  size = first.shape[:2]
-  if check_frame_size is not None:
-    check_frame_size(*size, video_path)
-  frames = video_io.same_size(itertools.chain([first], video.frames), size, video_path)
+  video, size, frames = _open_frames(video_path, check_frame_size)
   lines_path, latencies, interrupted = paths.join(out, 'frames.jsonl'), [], False
   t0 = time.perf_counter()
   try:
