@@ -13,8 +13,10 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from tensorflow_datasets.core.data_sources.base import file_instructions
 
 from minvis_jax import paths
+from minvis_jax.data import bucket_records
 from minvis_jax.data import ytvis
 
 _SPLITS = {
@@ -180,13 +182,11 @@ def build(dataset: str, manual_dir: str, data_dir: str) -> tfds.core.DatasetBuil
 
 
 class TfdsSource:
-  """Random access to the frames of a prepared TFDS split; the interface of ytvis.FolderSource."""
+  """Random access to the frames of a prepared TFDS split; the interface of ytvis.FolderSource.
+  `data_dir` is a local folder (tfds.data_source) or a URL (records read one byte range at a time
+  through `bucket_records`, never a local copy of the shards)."""
 
   def __init__(self, dataset: str, split: str, data_dir: str):
-    if paths.is_remote(data_dir):   # array_record's reader opens local files only (it hangs)
-      raise ValueError(f'{data_dir}: data.tfds_dir must be a local folder (array_record reads '
-                       'local files); copy the prepared dataset to each host, or stream the frames '
-                       'from the bucket with data.manual_dir')
     name = builder_name(dataset)
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
@@ -195,7 +195,12 @@ class TfdsSource:
     if split not in builder.info.splits:
       raise ValueError(f'{builder.data_dir}: no split {split!r} (has {list(builder.info.splits)})')
     self.name, self.split = name, split
-    self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    if paths.is_remote(data_dir):
+      # array_record's reader opens local files only: records are read one range at a time.
+      self.source = bucket_records.BucketRecords(
+          file_instructions(builder.info, split), builder.info.features.deserialize_example_np)
+    else:
+      self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     meta = builder.info.metadata
     self.category_ids = tuple(meta['category_ids'])
     self.category_names = tuple(meta['category_names'])
