@@ -437,6 +437,20 @@ def markdown() -> str:
   return '\n'.join(out) + '\n'
 
 
+# The flags (argparse dests) naming where a command writes: --workdir, --out, data build's
+# --data_dir, and the watcher's work directory (its eval.jsonl and eval/).
+_OUTPUT_FLAGS = ('workdir', 'out', 'data_dir', 'watch')
+
+
+def _outputs(name: str, args) -> list:
+  """The values of `_OUTPUT_FLAGS`, and evaluate's checkpoint when --out is left to its default
+  (the checkpoint's own directory)."""
+  outputs = [getattr(args, dest, None) for dest in _OUTPUT_FLAGS]
+  if name == 'evaluate' and not args.out and not args.watch:
+    outputs.append(args.checkpoint)
+  return outputs
+
+
 def _command_main(name: str):
   def main(argv):
     check_renamed(name, argv[1:])
@@ -444,7 +458,8 @@ def _command_main(name: str):
     args = parser.parse_args(argv[1:])
     if problem := user_input.unmet_needs(NEEDS.get(name, ()), vars(args)):
       parser.error(problem)
-    paths.check_urls([*vars(args).values(), *overrides(args)])   # before anything is written
+    # Before anything is read or written: every URL's bucket, and a write probe of the outputs.
+    paths.check_urls([*vars(args).values(), *overrides(args)], _outputs(name, args))
     return COMMANDS[name][2](args)
   return main
 

@@ -60,14 +60,19 @@ def check(path: str) -> str:
   return path
 
 
-def check_urls(values) -> None:
-  """`check_bucket` of every URL among `values` (flag values, and `key=value` config overrides):
-  a missing client library or bucket is one line before a command reads or writes anything."""
+def check_urls(values, outputs=()) -> None:
+  """`check_bucket` of every URL among `values` (flag values, and `key=value` config overrides),
+  and `check_writable` of those among `outputs` (the locations the command writes): a missing
+  client library or bucket, or a refused permission, is one line before a command reads or writes
+  anything."""
   for value in values:
     if isinstance(value, str):
       value = value if is_remote(value) else value.split('=', 1)[-1]
       if is_remote(value):
         check_bucket(value)
+  for value in outputs:
+    if isinstance(value, str) and is_remote(value):
+      check_writable(value)
 
 
 def bucket(path: str) -> str:
@@ -80,30 +85,84 @@ def _bucket_exists(root: str) -> bool:
   return epath.Path(root).exists()
 
 
+def _refusal(e: BaseException) -> str | None:
+  """The store's message when `e` is a refused permission (HTTP 403) of a client library, else
+  None. gcsfs raises OSError('Forbidden: PATH\nMESSAGE'), google-cloud-storage a Forbidden."""
+  text = str(e)
+  if type(e).__name__ == 'Forbidden':
+    errors = getattr(e, 'errors', None) or [{}]
+    message = errors[0].get('message') if isinstance(errors[0], dict) else None
+    return (message or getattr(e, 'message', '') or text).splitlines()[0]
+  if isinstance(e, PermissionError):
+    return text.splitlines()[0] if text else 'permission denied'
+  if isinstance(e, OSError) and text.startswith('Forbidden'):
+    lines = text.splitlines()
+    return lines[1] if len(lines) > 1 and lines[1] else lines[0]
+  return None
+
+
+class _QuietClients:
+  """The clients log each failed retry with a traceback; the one line raised says it all."""
+
+  def __enter__(self):
+    self._logs = [logging.getLogger(name) for name in ('gcsfs', 's3fs', 'fsspec')]
+    self._levels = [log.level for log in self._logs]
+    for log in self._logs:
+      log.setLevel(logging.CRITICAL)
+
+  def __exit__(self, *exc):
+    for log, level in zip(self._logs, self._levels):
+      log.setLevel(level)
+
+
 def check_bucket(path: str) -> str:
   """`check(path)`, and for a URL a FileNotFoundError naming it when its bucket does not exist (or
-  this account cannot see it). Writes nothing."""
+  this account cannot see it), a PermissionError when the store refuses to list it (the read
+  probe: one listing request, cached per bucket). Writes nothing."""
   path = check(path)
   if is_remote(path):
     root = f'{scheme(path)}://{bucket(path)}'
-    # The client logs each failed retry with a traceback; the one line below says it all.
-    quiet = [logging.getLogger(name) for name in ('gcsfs', 's3fs', 'fsspec')]
-    levels = [log.level for log in quiet]
-    for log in quiet:
-      log.setLevel(logging.CRITICAL)
     try:
-      exists = _bucket_exists(root)
-    except (FileNotFoundError, PermissionError):
+      with _QuietClients():
+        exists = _bucket_exists(root)
+    except FileNotFoundError:
       raise
-    except Exception as e:   # network, DNS or credential failures of whichever client library
+    except Exception as e:   # network, DNS, credential or permission failures of the client
+      if (refused := _refusal(e)) is not None:
+        raise PermissionError(f'{path}: permission refused: cannot read bucket {root} '
+                              f'({refused})') from None
       message = str(e).splitlines()[0] if str(e) else type(e).__name__
       raise OSError(f'{path}: cannot reach bucket {root} ({message})') from None
-    finally:
-      for log, level in zip(quiet, levels):
-        log.setLevel(level)
     if not exists:
       raise FileNotFoundError(f'{path}: bucket {root} does not exist (or these credentials cannot '
                               'see it)')
+  return path
+
+
+WRITE_PROBE = '.minvis-write-probe'
+
+
+def check_writable(path: str) -> str:
+  """`check_bucket(path)`, and for a URL the write probe: an empty object WRITE_PROBE uploaded
+  beside `path` (in its parent, so never inside an output file's name) and deleted; a refused
+  upload is a PermissionError naming `path`. Locally nothing (the commands check their folders)."""
+  path = check_bucket(path)
+  if is_remote(path):
+    parent = dirname(path) if '/' in _URL.sub('', path).rstrip('/') else path.rstrip('/')
+    probe = join(parent, WRITE_PROBE)
+    try:
+      with _QuietClients():
+        _p(probe).write_bytes(b'')
+    except Exception as e:
+      if (refused := _refusal(e)) is None:
+        raise
+      raise PermissionError(f'{path}: permission refused: cannot write there ({refused})') from None
+    try:
+      with _QuietClients():
+        _p(probe).unlink()
+    except Exception as e:   # create without delete permission: the empty probe object stays
+      if _refusal(e) is None:
+        raise
   return path
 
 

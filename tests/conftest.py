@@ -95,6 +95,21 @@ def gcs_bucket(gcs_emulator, request):
 
 
 @pytest.fixture(scope='session')
+def gcs_refusing(gcs_emulator):
+  """The URL of a proxy in front of `gcs_emulator` that answers 403 as Cloud Storage does for
+  bucket REFUSED_ALL (no permission) and for writes to bucket REFUSED_WRITES (read-only) of
+  tests/support/gcs_emulator.py; both
+  buckets exist. This process's clients keep talking to the emulator itself: point a subprocess's
+  STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL at the proxy."""
+  from support import gcs_emulator as emulator  # noqa: PLC0415
+  for name in (emulator.REFUSED_ALL, emulator.REFUSED_WRITES):
+    emulator.create_bucket(gcs_emulator, name)
+  with emulator.refusing_proxy(gcs_emulator, {emulator.REFUSED_ALL: 'all',
+                                              emulator.REFUSED_WRITES: 'write'}) as url:
+    yield url
+
+
+@pytest.fixture(scope='session')
 def tiny_exported(tiny_checkpoint, tmp_path_factory):
   """(artifact path, config, variables): `tiny_checkpoint`'s model exported (minvis_jax/export.py)
   for 64x96 frames (one module, input 128x192) on the cpu, cuda and tpu platforms."""

@@ -96,8 +96,9 @@ def test_convert_command_writes_a_checkpoint_that_restores(tiny, tmp_path):
   assert np.abs(np.asarray(ours['pred_masks']) - theirs['pred_masks']).max() < 1e-4
 
 
-def test_evaluate_from_a_converted_minvis_checkpoint(tmp_path, capsys):
-  """An original-layout (detectron2) MinVIS checkpoint -> convert -> `minvis-jax evaluate`."""
+def _minvis_checkpoint(tmp_path):
+  """(an original-layout (detectron2) MinVIS .pth of a tiny R50-style model with 4 classes, a
+  config file for it whose data.manual_dir holds 2 synthetic valid videos)."""
   hf_cfg = ref.hf_config('resnet_tiny', num_labels=4)
   state = to_detectron2(ref.state_dict_numpy(ref.hf_model(hf_cfg, seed=4)))
   torch.save({'model': {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
@@ -113,9 +114,14 @@ def test_evaluate_from_a_converted_minvis_checkpoint(tmp_path, capsys):
       '  c.model = convert.model_config_from_hf(HF)\n'
       f'  c.data.manual_dir = {str(data_dir)!r}\n'
       '  return c\n')
+  return str(tmp_path / 'minvis_model_final.pth'), str(cfg_file)
+
+
+def test_evaluate_from_a_converted_minvis_checkpoint(tmp_path, capsys):
+  """An original-layout (detectron2) MinVIS checkpoint -> convert -> `minvis-jax evaluate`."""
+  pth, cfg_file = _minvis_checkpoint(tmp_path)
   ckpt = tmp_path / 'ckpt'
-  assert cli.main(['convert', '--source', 'detectron2', '--input',
-                   str(tmp_path / 'minvis_model_final.pth'), '--config', str(cfg_file),
+  assert cli.main(['convert', '--source', 'detectron2', '--input', pth, '--config', cfg_file,
                    '--out', str(ckpt)]) == 0
   out = tmp_path / 'eval'
   assert cli.main(['evaluate', '--checkpoint', str(ckpt), '--out', str(out)]) == 0
@@ -124,6 +130,34 @@ def test_evaluate_from_a_converted_minvis_checkpoint(tmp_path, capsys):
   results = json.loads((out / 'results.json').read_text())
   assert len(results) == 2 * 10 and all(len(r['segmentations']) == 3 for r in results)
   assert 'AP50' in capsys.readouterr().out
+
+
+def test_convert_into_a_bucket_then_evaluate_from_it_like_the_local_conversion(
+    tmp_path, gcs_bucket, gcs_emulator):
+  """`minvis-jax convert --out gs://...` (the storage emulator), then `evaluate --checkpoint` from
+  the bucket with its outputs there too: the same variables, config, results and metrics as the
+  local conversion and evaluation."""
+  from minvis_jax import paths  # noqa: PLC0415
+  from support import gcs_emulator as emulator  # noqa: PLC0415
+  pth, cfg_file = _minvis_checkpoint(tmp_path)
+  local, url = str(tmp_path / 'ckpt'), f'{gcs_bucket}/models/minvis'
+  for out in (local, url):
+    assert cli.main(['convert', '--source', 'detectron2', '--input', pth, '--config', cfg_file,
+                     '--out', out]) == 0
+  objects = emulator.list_objects(gcs_emulator, paths.bucket(url))
+  assert 'models/minvis/config.json' in objects and paths.WRITE_PROBE not in objects, objects
+  assert not os.path.exists('gs:')
+  config_url, variables_url = checkpoints.load_for_inference(url)
+  config_local, variables_local = checkpoints.load_for_inference(local)
+  assert config_url.to_json() == config_local.to_json()
+  _same_tree(variables_url, variables_local)
+  evals = {}
+  for ckpt, out in ((local, str(tmp_path / 'eval')), (url, f'{gcs_bucket}/eval')):
+    assert cli.main(['evaluate', '--checkpoint', ckpt, '--out', out]) == 0
+    evals[ckpt] = [json.loads(paths.open(paths.join(out, name)).read())
+                   for name in ('results.json', 'metrics.json')]
+  assert evals[url] == evals[local]
+  assert len(evals[url][0]) == 2 * 10
 
 
 def test_unreadable_torch_checkpoint_files_name_the_file(tmp_path):

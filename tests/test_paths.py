@@ -2,9 +2,11 @@
 bucket is one line before anything is written, and writes to a bucket (storage emulator) are whole
 objects, a growing JSON-lines file guarded by its generation."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -135,3 +137,87 @@ def test_an_unreachable_store_is_one_line_naming_the_url(monkeypatch, caplog):
       paths.check_bucket('gs://far/run1')
   assert 'out of retries' not in caplog.text
   assert logging.getLogger('gcsfs').level == logging.NOTSET   # restored
+
+
+# Runs `cli.main` on each JSON argv read from stdin, in one process; prints {"rc", "err"} per line.
+_EACH_COMMAND = """
+import contextlib, io, json, sys
+from minvis_jax import cli
+for line in sys.stdin:
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    rc = cli.main(json.loads(line))
+  print(json.dumps({'rc': rc, 'err': err.getvalue()}), flush=True)
+"""
+
+
+def test_a_refused_permission_is_one_line_naming_the_url_before_anything_is_written(
+    gcs_refusing, gcs_emulator, tiny_checkpoint, synthetic_split, tmp_path):
+  """Every user path on a bucket whose permission is refused (a proxy in front of the emulator
+  answers 403 as Cloud Storage does): one line naming the URL and the refusal, exit status 2,
+  nothing written locally or in the bucket; a read-only bucket still serves a checkpoint."""
+  from support import gcs_emulator as emulator  # noqa: PLC0415
+  none, ro = f'gs://{emulator.REFUSED_ALL}', f'gs://{emulator.REFUSED_WRITES}'
+  ckpt = emulator.upload_tree(tiny_checkpoint[0], f'{ro}/model')   # set up past the proxy
+  before = emulator.list_objects(gcs_emulator, emulator.REFUSED_WRITES)
+  data = synthetic_split('valid', 1, 3)
+  frames = os.path.join(data, 'valid', 'JPEGImages', os.listdir(f'{data}/valid/JPEGImages')[0])
+  weights = os.path.join(data, 'valid.json')   # any existing file: refused before it is read
+  read, write = 'cannot read bucket', 'cannot write there'
+  cases = [
+      (['train', '--config', 'tiny', '--workdir', f'{ro}/run1'], f'{ro}/run1', write),
+      (['train', '--config', 'tiny', '--workdir', f'{none}/run1'], f'{none}/run1', read),
+      (['train', '--config', 'tiny', '--workdir', 'run2', '--set', f'data.manual_dir={none}/raw'],
+       f'{none}/raw', read),
+      (['train', '--config', 'tiny', '--workdir', 'run3', '--set', f'data.tfds_dir={none}/tfds'],
+       f'{none}/tfds', read),
+      (['evaluate', '--checkpoint', f'{none}/model'], f'{none}/model', read),
+      (['evaluate', '--checkpoint', ckpt], ckpt, write),   # OUT defaults to the checkpoint's
+      (['evaluate', '--checkpoint', ckpt, '--out', f'{ro}/eval'], f'{ro}/eval', write),
+      (['evaluate', '--watch', f'{ro}/run1'], f'{ro}/run1', write),
+      (['infer', '--checkpoint', ckpt, '--video', frames, '--out', f'{ro}/out'], f'{ro}/out',
+       write),
+      (['export', '--checkpoint', ckpt, '--out', f'{ro}/model.jax'], f'{ro}/model.jax', write),
+      (['convert', '--source', 'hf', '--input', weights, '--out', f'{ro}/converted'],
+       f'{ro}/converted', write),
+      (['data', 'build', '--dataset', 'synthetic', '--manual_dir', data, '--data_dir',
+        f'{ro}/tfds'], f'{ro}/tfds', write),
+      (['data', 'build', '--dataset', 'synthetic', '--manual_dir', f'{none}/raw', '--data_dir',
+        'tfds'], f'{none}/raw', read),
+  ]
+  # The read-only bucket serves its checkpoint (no write probe of an input).
+  ok = ['evaluate', '--checkpoint', ckpt, '--manual_dir', data, '--out', str(tmp_path / 'eval'),
+        '--top_k', '5', '--window', '1']
+  work = tmp_path / 'cwd'
+  work.mkdir()
+  env = dict(os.environ, PYTHONPATH=REPO, STORAGE_EMULATOR_HOST=gcs_refusing,
+             TENSORSTORE_GCS_HTTP_URL=gcs_refusing)
+  proc = subprocess.run([sys.executable, '-c', _EACH_COMMAND], cwd=work, env=env, text=True,
+                        input='\n'.join(json.dumps(c) for c, _, _ in cases + [(ok, '', '')]),
+                        capture_output=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  answers = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+  assert len(answers) == len(cases) + 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+  for (argv, url, what), answer in zip(cases, answers):
+    bucket = paths.bucket(url)
+    refused = ('storage.objects.create' if what == write else 'storage.objects.list')
+    assert answer['rc'] == 2, (argv, answer)
+    assert answer['err'].splitlines() == [
+        f'minvis-jax {argv[0]}: error: {url}: permission refused: {what}'
+        + (f' gs://{bucket}' if what == read else '') + f' (anonymous caller does not have '
+        f'{refused} access to the Google Cloud Storage bucket {bucket}. Permission '
+        f"'{refused}' denied on resource (or it may not exist).)"], (argv, answer)
+  assert answers[-1] == {'rc': 0, 'err': answers[-1]['err']}, answers[-1]
+  assert sorted(os.listdir(work)) == []   # no local folder named gs:, no run2/run3 work dirs
+  assert emulator.list_objects(gcs_emulator, emulator.REFUSED_WRITES) == before
+  assert emulator.list_objects(gcs_emulator, emulator.REFUSED_ALL) == []
+
+  # `minvis-jax train` in a process of its own: exit status 2 at once, before any training.
+  start = time.monotonic()
+  train = subprocess.run([sys.executable, '-m', 'minvis_jax.cli', 'train', '--config', 'tiny',
+                          '--workdir', f'{ro}/run1'], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=300)
+  assert train.returncode == 2, train.stderr[-3000:]
+  assert train.stderr.strip().splitlines()[-1] == answers[0]['err'].strip()
+  assert 'step' not in train.stdout and os.listdir(work) == []
+  assert time.monotonic() - start < 120

@@ -11,6 +11,8 @@ import tempfile
 import time
 import urllib.request
 
+# Buckets the `gcs_refusing` fixture's proxy refuses: every request, and every request but reads.
+REFUSED_ALL, REFUSED_WRITES = 'refused-all', 'refused-writes'
 ENV_KEYS = ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL', 'GOOGLE_AUTH_TOKEN_FOR_TESTING',
             'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'FSSPEC_GCS_TOKEN')
 
@@ -94,3 +96,95 @@ def upload_tree(local_dir: str, url: str) -> str:
       with open(os.path.join(folder, f), 'rb') as src:
         epath.Path(url).joinpath(rel).write_bytes(src.read())
   return url
+
+
+def _forbidden(method: str, bucket: str, path: str) -> bytes:
+  """The JSON error body Cloud Storage sends with a 403."""
+  permission = ('storage.objects.create' if method not in ('GET', 'HEAD') else
+                'storage.objects.list' if path.split('?')[0].endswith('/o') else
+                'storage.objects.get')
+  message = (f'anonymous caller does not have {permission} access to the Google Cloud Storage '
+             f'bucket {bucket}. Permission \'{permission}\' denied on resource (or it may not '
+             'exist).')
+  return json.dumps({'error': {'code': 403, 'message': message, 'errors': [
+      {'message': message, 'domain': 'global', 'reason': 'forbidden'}]}}).encode()
+
+
+@contextlib.contextmanager
+def refusing_proxy(backend: str, refuse: dict[str, str]):
+  """Yields the URL of a localhost HTTP proxy in front of the emulator at `backend` that answers
+  403, with Cloud Storage's JSON error body, for the buckets in `refuse` (fake-gcs-server has no
+  permissions): refuse[bucket] = 'all' refuses every request on it, 'write' every request but
+  GET and HEAD (a read-only bucket). Everything else is forwarded; the emulator's own URL in
+  answers (resumable upload locations) is rewritten to the proxy's."""
+  import http.client  # noqa: PLC0415
+  import http.server  # noqa: PLC0415
+  import re  # noqa: PLC0415
+  import threading  # noqa: PLC0415
+  import urllib.parse  # noqa: PLC0415
+  target = urllib.parse.urlsplit(backend)
+  proxy_url = ''
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def log_message(self, *args):   # quiet
+      pass
+
+    def _body(self) -> bytes:
+      if self.headers.get('Transfer-Encoding', '').lower() == 'chunked':
+        out = b''
+        while (size := int(self.rfile.readline().split(b';')[0], 16)):
+          out += self.rfile.read(size)
+          self.rfile.readline()
+        self.rfile.readline()
+        return out
+      return self.rfile.read(int(self.headers.get('Content-Length') or 0))
+
+    def _send(self, status: int, headers: list, body: bytes) -> None:
+      self.send_response(status)
+      for k, v in headers:
+        if k.lower() not in ('content-length', 'transfer-encoding', 'connection'):
+          self.send_header(k, v.replace(backend, proxy_url))
+      self.send_header('Content-Length', str(len(body)))
+      self.end_headers()
+      if self.command != 'HEAD':
+        try:
+          self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):   # the client gave up on the answer
+          pass
+
+    def _handle(self) -> None:
+      body = self._body()
+      m = re.search(r'/b/([^/?]+)', self.path)
+      bucket = urllib.parse.unquote(m.group(1)) if m else ''
+      rule = refuse.get(bucket)
+      if rule == 'all' or (rule == 'write' and self.command not in ('GET', 'HEAD')):
+        self._send(403, [('Content-Type', 'application/json; charset=UTF-8')],
+                   _forbidden(self.command, bucket, self.path))
+        return
+      conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+      headers = {k: v for k, v in self.headers.items()
+                 if k.lower() not in ('host', 'transfer-encoding', 'connection')}
+      if body or self.command in ('POST', 'PUT', 'PATCH'):
+        headers['Content-Length'] = str(len(body))
+      conn.request(self.command, self.path, body=body, headers=headers)
+      answer = conn.getresponse()
+      data = answer.read()
+      conn.close()
+      if 'json' in answer.getheader('Content-Type', ''):
+        data = data.replace(backend.encode(), proxy_url.encode())
+      self._send(answer.status, answer.getheaders(), data)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+  server.daemon_threads = True
+  proxy_url = f'http://127.0.0.1:{server.server_address[1]}'
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield proxy_url
+  finally:
+    server.shutdown()
+    server.server_close()
