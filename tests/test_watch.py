@@ -380,3 +380,51 @@ def test_watch_a_run_in_a_bucket(data_dir, gcs_bucket, gcs_emulator, tmp_path):
   _save_step(local, 4, jax.tree.map(lambda x: np.asarray(x) * 1.1, base))
   assert watch.watch(local, local_config, evaluate.load_dataset(local_config), poll_s=0.05,
                      grace_s=0.2) == added
+
+
+@pytest.mark.slow
+def test_watch_beside_a_live_training_run_in_a_bucket(data_dir, gcs_bucket, gcs_emulator,
+                                                      monkeypatch):
+  """`minvis-jax train --workdir gs://...` in a subprocess and the watcher in this process at the
+  same time: the watcher evaluates each checkpoint as it appears, every saved step exactly once,
+  the same rows as scoring those checkpoints afterwards, and stops by itself after the final
+  step (the run's total_steps)."""
+  from support import gcs_emulator as emulator  # noqa: PLC0415
+  steps, every = 10, 2
+  workdir = f'{gcs_bucket}/run'
+  cmd = [sys.executable, '-m', 'minvis_jax.cli', 'train', '--config', 'configs/tiny.py',
+         '--workdir', workdir, '--total_steps', str(steps)]
+  for s in OVERRIDES + [f'data.manual_dir={data_dir}', f'checkpoint.every_steps={every}',
+                        'checkpoint.keep=100']:
+    cmd += ['--set', s]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  trainer = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  scored_while_training = []
+  score = evaluate.score
+  monkeypatch.setattr(evaluate, 'score', lambda *a, **k: (
+      scored_while_training.append(trainer.poll() is None), score(*a, **k))[1])
+  try:
+    config = watch.wait_for_config(workdir, timeout=600, poll_s=0.2)
+    added = watch.watch(workdir, config, evaluate.load_dataset(config), poll_s=0.2,
+                        timeout=300)
+  finally:
+    out, _ = trainer.communicate(timeout=600)
+  assert trainer.returncode == 0, out[-3000:]
+  saved = list(range(every, steps + 1, every))
+  assert checkpoints.finished_steps(workdir) == saved
+  assert [r['step'] for r in added] == saved   # each once, in order; stopped after the last
+  assert scored_while_training[0], 'the first checkpoint was scored only after training ended'
+  with checkpoints.paths.open(f'{workdir}/eval.jsonl') as f:
+    assert [json.loads(line) for line in f.read().splitlines()] == added
+  objects = emulator.list_objects(gcs_emulator, gcs_bucket[5:], 'run/eval/')
+  assert {f'run/eval/{s}/metrics.json' for s in saved} <= set(objects), objects
+
+  # The same checkpoints scored afterwards: the same rows.
+  monkeypatch.setattr(evaluate, 'score', score)
+  dataset = evaluate.load_dataset(config)
+  for row in added:
+    variables = checkpoints.load_for_inference(f'{workdir}/checkpoints/{row["step"]}')[1]
+    _, metrics = evaluate.score(config, variables, dataset)
+    assert row == pytest.approx({'step': row['step'], **evaluate.eval_scalars(metrics)},
+                                abs=1e-9)
