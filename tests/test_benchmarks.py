@@ -36,6 +36,7 @@ CASES = {
     'export': (['export.py'], ['exported_video_tiny_2f_64x96'], None),
     'long_video': (['long_video.py'], ['long_video_tiny_64x96_dry_run'], None),
     'storage': (['storage.py'], ['input_s_per_frame_emulator_vs_local_72x128',
+                                 'tfds_input_s_per_frame_emulator_vs_local_72x128',
                                  'tiny_checkpoint_save_emulator_vs_local',
                                  'tiny_checkpoint_restore_emulator_vs_local'], None),
     'long_video_eval_fps': (['long_video.py', '--eval_fps'],
