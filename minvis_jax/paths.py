@@ -16,6 +16,7 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO
@@ -143,13 +144,14 @@ WRITE_PROBE = '.minvis-write-probe'
 
 
 def check_writable(path: str) -> str:
-  """`check_bucket(path)`, and for a URL the write probe: an empty object WRITE_PROBE uploaded
-  beside `path` (in its parent, so never inside an output file's name) and deleted; a refused
-  upload is a PermissionError naming `path`. Locally nothing (the commands check their folders)."""
+  """`check_bucket(path)`, and for a URL the write probe: an empty object WRITE_PROBE-HOST-PID
+  uploaded beside `path` (in its parent, so never inside an output file's name; one name per
+  process, as every worker of a pod probes at once) and deleted; a refused upload is a
+  PermissionError naming `path`. Locally nothing (the commands check their folders)."""
   path = check_bucket(path)
   if is_remote(path):
     parent = dirname(path) if '/' in _URL.sub('', path).rstrip('/') else path.rstrip('/')
-    probe = join(parent, WRITE_PROBE)
+    probe = join(parent, f'{WRITE_PROBE}-{socket.gethostname()}-{os.getpid()}')
     try:
       with _QuietClients():
         _p(probe).write_bytes(b'')
@@ -160,6 +162,8 @@ def check_writable(path: str) -> str:
     try:
       with _QuietClients():
         _p(probe).unlink()
+    except FileNotFoundError:
+      pass
     except Exception as e:   # create without delete permission: the empty probe object stays
       if _refusal(e) is None:
         raise
