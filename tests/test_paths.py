@@ -221,3 +221,16 @@ def test_a_refused_permission_is_one_line_naming_the_url_before_anything_is_writ
   assert train.stderr.strip().splitlines()[-1] == answers[0]['err'].strip()
   assert 'step' not in train.stdout and os.listdir(work) == []
   assert time.monotonic() - start < 120
+
+
+def test_a_refusal_of_either_client_library_is_recognised():
+  """gcsfs says OSError('Forbidden: PATH\\nMESSAGE'), google-cloud-storage raises Forbidden with
+  the store's errors; other failures are not refusals."""
+  from google.api_core import exceptions  # noqa: PLC0415
+  message = 'caller does not have storage.objects.create access to the bucket b.'
+  assert paths._refusal(exceptions.Forbidden('POST http://h/upload: {...}',
+                                             errors=[{'message': message}])) == message
+  assert paths._refusal(OSError(f'Forbidden: b/b/o\n{message}')) == message
+  assert paths._refusal(PermissionError('denied')) == 'denied'
+  assert paths._refusal(OSError('Cannot connect to host')) is None
+  assert paths._refusal(FileNotFoundError('b/x')) is None
