@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from minvis_jax import chips
+from minvis_jax import model_forward
 from minvis_jax import predictor
 from minvis_jax import tracking
 from minvis_jax import train
@@ -232,7 +233,7 @@ def compile_eval(config: ml_collections.ConfigDict, devices: list, window: int) 
           jax.tree.map(lambda x: spec(x, replicated), state),
           jax.ShapeDtypeStruct((n, *eval_size(config), 3), jnp.float32, sharding=frames),
           jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=replicated))
-  step = predictor._step_fn(model_config, mesh, tracker)
+  step = predictor._step_fn(model_forward.forward(model_config), mesh, tracker)
   return compile_for(lambda: step.lower(*args))
 
 

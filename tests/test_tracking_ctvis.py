@@ -15,6 +15,7 @@ from minvis_jax import config_lib
 from minvis_jax import exported
 from minvis_jax import model_forward
 from minvis_jax import online
+from minvis_jax import plan
 from minvis_jax import predictor
 from minvis_jax import tracking
 from minvis_jax import video_tracks
@@ -440,3 +441,14 @@ def test_exported_model_runs_the_ctvis_tracker(tiny_exported):
   assert len(live) == config.inference.top_k
   assert_close_tracks(predictor.results_for_video(live, 1, [1, 2, 3, 4]),
                       predictor.results_for_video(ours, 1, [1, 2, 3, 4]))
+
+
+@pytest.mark.slow
+def test_plan_compiles_the_eval_step_of_each_tracker():
+  """`plan`'s eval compile (the predictor's window step, this process's CPU) builds the state of
+  the config's tracker."""
+  for kind in ('minvis', 'ctvis'):
+    config = config_lib.load_config('tiny')
+    config.inference.tracker = kind
+    compiled = plan.compile_eval(config, jax.devices()[:1], 1)
+    assert compiled is not None
