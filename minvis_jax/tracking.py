@@ -64,7 +64,7 @@ class Tracker(NamedTuple):
   momentum: float
   min_score: float
   embedding: str = 'decoder'
-  score: float = 0.1
+  score: float = 0.5
   match: float = 0.3
   retire_frames: int = 20
   cache: int = 10
