@@ -56,25 +56,33 @@ from minvis_jax import config_lib
 from minvis_jax import evaluate
 from minvis_jax import demo
 from minvis_jax import predictor
+from minvis_jax import tracking as tracking_lib
 from minvis_jax import train
 from minvis_jax.data import synthetic
 from minvis_jax.data import ytvis
 from minvis_jax.models import Mask2Former
 from minvis_jax.models import ModelConfig
+from minvis_jax.models.mask2former import mask_pooled
 from minvis_jax.ytvis_eval import evaluate_dicts
 
 SPLITS = ('standard', 'occlusion')
-TRACKERS = ('minvis', 'memory')
 MIN_GAP = 3   # hidden or undetected frames before a re-appearance
+# The reid fine-tunes' settings beyond configs/common.py (chosen on tuning seed 0: docs/reid.md).
+REID_RECIPE = {}
 
 
-def fine_tune_reid(workdir: str, base_steps: int, steps: int, detach: bool):
+def fine_tune_reid(workdir: str, base_steps: int, steps: int, detach: bool,
+                   recipe: dict | None = None):
   """(config, variables) of a reid checkpoint fine-tuned from the demo's one (WORKDIR/train at
-  `base_steps`) for `steps` steps on the same training data, trained once in
-  WORKDIR/reid_{detached,finetuned}_{steps}."""
+  `base_steps`) for `steps` steps on the same training data with `recipe` ({config key: value},
+  default REID_RECIPE), trained once in WORKDIR/reid_{detached,finetuned}_{steps}[_{tag}]."""
   config = config_lib.load_config('tiny')
   config.model.reid = True
   config.model.reid_detach = detach
+  recipe = REID_RECIPE if recipe is None else recipe
+  for key, value in recipe.items():
+    section, name = key.split('.')
+    config[section][name] = value
   config.init.checkpoint = os.path.join(workdir, 'train', 'checkpoints', str(base_steps),
                                         'variables')
   config.init.reinit_class_head = False
@@ -82,7 +90,8 @@ def fine_tune_reid(workdir: str, base_steps: int, steps: int, detach: bool):
   config.optim.decay_steps = (max(1, 2 * steps // 3),)
   config.eval.every_steps = 0
   config_lib.validate(config)
-  out = os.path.join(workdir, f'reid_{"detached" if detach else "finetuned"}_{steps}')
+  tag = ''.join(f'_{k.split(".")[1]}={v}' for k, v in sorted(recipe.items())).replace('+', '-')
+  out = os.path.join(workdir, f'reid_{"detached" if detach else "finetuned"}_{steps}{tag}')
   if not os.path.isdir(os.path.join(out, 'checkpoints', str(steps))):
     train.train(config, out, total_steps=steps)
   _, variables = checkpoints.load_for_inference(out)
@@ -90,32 +99,40 @@ def fine_tune_reid(workdir: str, base_steps: int, steps: int, detach: bool):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _forward(model_config: ModelConfig, key: str, variables, images):
-  """images [T, H, W, 3] -> (mask logits [T, Q, H/4, W/4], embeddings `key` [T, Q, C])."""
-  out = Mask2Former(model_config).apply(variables, images)
-  return out['pred_masks'], out[key]
+def _forward(model_config: ModelConfig, embeddings: tuple[str, ...], variables, images):
+  """images [T, H, W, 3] -> (mask logits [T, Q, H/4, W/4], {embedding: [T, Q, C]}) for each of
+  `embeddings`: 'decoder' (pred_embds), 'reid' (pred_reid) or 'mask' (the pixel decoder's mask
+  features pooled under each query's mask, untrained: what the objects look like)."""
+  out, state = Mask2Former(model_config).apply(
+      variables, images, capture_intermediates=True, mutable=['intermediates'])
+  mask_features = state['intermediates']['pixel_decoder']['__call__'][0][0]
+  found = {'decoder': lambda: out['pred_embds'], 'reid': lambda: out['pred_reid'],
+           'mask': lambda: mask_pooled(out['pred_masks'], mask_features)}
+  return out['pred_masks'], {e: found[e]() for e in embeddings}
 
 
-def reappearances(config, variables, dataset, gt: dict, embedding: str) -> dict:
-  """Re-appearance statistics of `embedding` over `dataset` (module docstring): {gaps, own_cos,
-  slot_cos (means), own_nearest (percent of gaps)}."""
+def reappearances(config, variables, dataset, gt: dict, embeddings: tuple[str, ...]) -> dict:
+  """Re-appearance statistics of each of `embeddings` (`_forward`) over `dataset` (module
+  docstring): {embedding: {gaps, own_cos, slot_cos (means), own_nearest (percent of gaps)}}."""
   model_config = ModelConfig.from_config(config.model)
-  key = 'pred_reid' if embedding == 'reid' else 'pred_embds'
-  own, slot = [], []
+  own = {e: [] for e in embeddings}
+  slot = {e: [] for e in embeddings}
   by_video = {}
   for ann in gt['annotations']:
     by_video.setdefault(ann['video_id'], []).append(ann)
   for video in dataset.videos:
     frames = [ytvis.read_frame(p) for p in video.frame_paths]
     h, w = frames[0].shape[:2]
-    pred_masks, embeddings = _forward(model_config, key, variables,
-                                      np.stack(list(predictor.preprocess(frames, config.data))))
+    pred_masks, found = _forward(model_config, tuple(embeddings), variables,
+                                 np.stack(list(predictor.preprocess(frames, config.data))))
     # Mask logits (at 1/4 of the padded input) -> the valid part -> the frame's size.
     hv, wv = predictor.valid_size(h, w, config.data)
     logits = pred_masks[:, :, :-(-hv // 4), :-(-wv // 4)]
     masks = np.asarray(jax.image.resize(logits, logits.shape[:2] + (h, w), 'bilinear') > 0)
-    e = np.asarray(embeddings, np.float64)
-    e /= np.linalg.norm(e, axis=-1, keepdims=True)
+    unit = {}
+    for e, x in found.items():
+      x = np.asarray(x, np.float64)
+      unit[e] = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     for ann in by_video.get(video.id, []):
       seen = []   # (frame, query) where the instance is detected
       for t, seg in enumerate(ann['segmentations']):
@@ -130,12 +147,16 @@ def reappearances(config, variables, dataset, gt: dict, embedding: str) -> dict:
           seen.append((t, int(np.argmax(iou))))
       for (t1, q1), (t2, q2) in zip(seen, seen[1:]):
         if t2 - t1 - 1 >= MIN_GAP and q1 != q2:
-          own.append(e[t2, q2] @ e[t1, q1])
-          slot.append(e[t2, q2] @ e[t1, q2])
-  own, slot = np.array(own), np.array(slot)
-  return {'gaps': len(own), 'own_cos': float(own.mean()) if len(own) else float('nan'),
-          'slot_cos': float(slot.mean()) if len(own) else float('nan'),
-          'own_nearest': 100 * float(np.mean(own > slot)) if len(own) else float('nan')}
+          for e, x in unit.items():
+            own[e].append(x[t2, q2] @ x[t1, q1])
+            slot[e].append(x[t2, q2] @ x[t1, q2])
+  stats = {}
+  for e in embeddings:
+    o, s = np.array(own[e]), np.array(slot[e])
+    stats[e] = {'gaps': len(o), 'own_cos': float(o.mean()) if len(o) else float('nan'),
+                'slot_cos': float(s.mean()) if len(o) else float('nan'),
+                'own_nearest': 100 * float(np.mean(o > s)) if len(o) else float('nan')}
+  return stats
 
 
 def train_or_reuse(workdir: str, steps: int | None = None, seed: int = 0):
@@ -208,10 +229,14 @@ def score(config, variables, dataset, gt: dict, tracker: str, momentum: float | 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--workdir', default='/tmp/minvis_tracking')
-  p.add_argument('--steps', type=int, default=None, help='training steps (default: the demo\'s)')
+  p.add_argument('--steps', default=None,
+                 help="training steps of the base checkpoints, comma separated (default: the "
+                      "demo's); each in WORKDIR/s{steps}")
   p.add_argument('--seeds', default='1,2,3', help='data seeds of the held-out splits')
   p.add_argument('--videos', type=int, default=30)
   p.add_argument('--frames', type=int, default=24)
+  p.add_argument('--trackers', default=','.join(tracking_lib.TRACKERS),
+                 help='config.inference.tracker values to compare, comma separated')
   p.add_argument('--sweep', action='store_true',
                  help='grid of memory_momentum x memory_min_score on tuning seed 0')
   p.add_argument('--reid', action='store_true',
@@ -224,28 +249,38 @@ def main(argv=None) -> int:
   p.add_argument('--dry-run', action='store_true',
                  help='random tiny weights, 2 videos of 12 frames, seed 1, in a temporary workdir')
   args = p.parse_args(argv)
+  trackers = tuple(args.trackers.split(','))
+  unknown = [t for t in trackers if t not in tracking_lib.TRACKERS]
+  if unknown:
+    p.error(f'--trackers: unknown {unknown}; expected some of {tracking_lib.TRACKERS}')
   t0 = time.time()
   with tempfile.TemporaryDirectory() as tmp:
     if args.dry_run:
       args.workdir, args.seeds, args.videos, args.frames, args.sweep = tmp, '1', 2, 12, False
       config = config_lib.load_config('tiny')
       config.model.reid = True
+      config.model.reid_input = REID_RECIPE.get('model.reid_input', 'query')
       variables = random_variables(config.model)
       models = [('random', config, variables, ('decoder', 'reid'))]
+      base_steps = [0]
     else:
-      config, variables = train_or_reuse(args.workdir, args.steps)
-      models = [('demo', config, variables, ('decoder',))]
-      if args.reid:
-        base = args.steps or config.total_steps
-        for detach, label, embeddings in ((True, 'reid detached', ('reid',)),
-                                          (False, 'reid fine-tuned', ('decoder', 'reid'))):
-          models.append((label, *fine_tune_reid(args.workdir, base, args.reid_steps, detach),
-                         embeddings))
-        detector = {k: v for k, v in models[1][2]['params'].items() if k != 'reid_head'}
-        same = jax.tree.all(jax.tree.map(np.array_equal, detector, variables['params']))
-        print(f'reid detached: detector bit-identical to the demo checkpoint: {same}')
+      base_steps = ([int(s) for s in args.steps.split(',')] if args.steps
+                    else [config_lib.load_config('tiny').total_steps])
+      models = []
+      for steps in base_steps:
+        workdir = os.path.join(args.workdir, f's{steps}')
+        config, variables = train_or_reuse(workdir, steps)
+        models.append((f'minvis {steps}', config, variables, ('decoder',)))
+        if args.reid:
+          for detach, label, embeddings in ((True, 'reid detached', ('reid',)),
+                                            (False, 'reid fine-tuned', ('decoder', 'reid'))):
+            models.append((f'{label} {steps}',
+                           *fine_tune_reid(workdir, steps, args.reid_steps, detach), embeddings))
+          detector = {k: v for k, v in models[-2][2]['params'].items() if k != 'reid_head'}
+          same = jax.tree.all(jax.tree.map(np.array_equal, detector, variables['params']))
+          print(f'reid detached {steps}: detector bit-identical to the base checkpoint: {same}')
     print(f'checkpoints ready in {time.time() - t0:.0f} s', flush=True)
-    return _report(args, models, t0)
+    return _report(args, trackers, models, base_steps, t0)
 
 
 def _memory(args, embedding: str):
@@ -253,9 +288,19 @@ def _memory(args, embedding: str):
   return (args.reid_momentum, args.reid_min_score) if embedding == 'reid' else (None, None)
 
 
-def _report(args, models, t0: float) -> int:
-  """Scores every split, checkpoint, embedding and tracker, prints the tables and the RESULT line
-  (see the docstring)."""
+def slot_agreement(workdir: str) -> float | None:
+  """The mean logged `slot_agreement` of a reid fine-tune's training views (metrics.jsonl)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    values = [r['slot_agreement'] for r in map(json.loads, f) if 'slot_agreement' in r]
+  return float(np.mean(values)) if values else None
+
+
+def _report(args, trackers, models, base_steps, t0: float) -> int:
+  """Scores every split, checkpoint, embedding and tracker, prints the tables, the goal checks
+  and the RESULT line (see the docstring)."""
   _, config, variables, _ = models[0]
   momentum, min_score = config.inference.memory_momentum, config.inference.memory_min_score
   seeds = [int(s) for s in args.seeds.split(',')]
@@ -267,37 +312,83 @@ def _report(args, models, t0: float) -> int:
 
   if args.sweep:
     _sweep(args, models, split)
-  rows = [(label, emb, name) for label, _, _, embs in models for emb in embs for name in TRACKERS]
+  rows = [(label, emb, name) for label, _, _, embs in models for emb in embs for name in trackers]
   table = {kind: {row: [] for row in rows} for kind in SPLITS}
-  gaps = {(label, emb): [] for label, _, _, embs in models for emb in embs}
+  # Re-appearance statistics: each model's own embeddings and, as a content reference, the
+  # untrained mask-pooled pixel features of the base checkpoints.
+  probe = {label: embs + (('mask',) if label.startswith(('minvis', 'random')) else ())
+           for label, _, _, embs in models}
+  gaps = {(label, emb): [] for label, embs in probe.items() for emb in embs}
   for seed in seeds:
     for kind in SPLITS:
       dataset, gt = split(kind, seed)
       for label, cfg, var, embs in models:
+        if kind == 'occlusion':
+          for emb, r in reappearances(cfg, var, dataset, gt, probe[label]).items():
+            gaps[label, emb].append(r)
         for emb in embs:
-          if kind == 'occlusion':
-            gaps[label, emb].append(reappearances(cfg, var, dataset, gt, emb))
-          for name in TRACKERS:
+          for name in trackers:
             r = score(cfg, var, dataset, gt, name, *_memory(args, emb), embedding=emb)
             table[kind][label, emb, name].append(r)
-            print(f'{kind:>9} seed {seed} {label:>15} {emb:>7} {name:>6}: AP {r["AP"]:6.2f} '
+            print(f'{kind:>9} seed {seed} {label:>19} {emb:>7} {name:>6}: AP {r["AP"]:6.2f} '
                   f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} ID switches/video '
                   f'{r["switches"]:.2f}', flush=True)
-  summary = _print_tables(args, seeds, table, gaps, momentum, min_score)
-  base = {name: (models[0][0], 'decoder', name) for name in TRACKERS}
-  for kind in SPLITS:
-    per_seed = [m['AP'] - b['AP'] for m, b in zip(table[kind][base['memory']],
-                                                   table[kind][base['minvis']])]
-    summary[f'{kind}/memory_minus_minvis_AP'] = [round(d, 2) for d in per_seed]
-  seconds = {name: sum(r['seconds'] for kind in SPLITS for r in table[kind][base[name]])
-             for name in TRACKERS}
+  agreement = {}
+  if not args.dry_run and args.reid:
+    for steps in base_steps:
+      for kind in ('detached', 'finetuned'):
+        tag = ''.join(f'_{k.split(".")[1]}={v}' for k, v in sorted(REID_RECIPE.items()))
+        agreement[f'{kind} {steps}'] = slot_agreement(os.path.join(
+            args.workdir, f's{steps}', f'reid_{kind}_{args.reid_steps}{tag.replace("+", "-")}'))
+  summary = _print_tables(args, seeds, table, gaps, momentum, min_score, agreement)
+  summary.update(_goals(table, gaps, models, trackers))
+  base = models[0][0]
+  seconds = {name: sum(r['seconds'] for kind in SPLITS for r in table[kind][base, 'decoder', name])
+             for name in trackers}
+  ours = 'memory' if 'memory' in trackers else trackers[-1]
+  ref = 'minvis' if 'minvis' in trackers else trackers[0]
   print(f'finished in {time.time() - t0:.0f} s')
   print('RESULT ' + json.dumps({
       'name': 'tracking_memory_vs_minvis' + ('_dry_run' if args.dry_run else ''),
-      'ours_s': round(seconds['memory'], 4), 'ref_s': round(seconds['minvis'], 4),
-      'ratio': round(seconds['memory'] / seconds['minvis'], 3),
+      'ours_s': round(seconds[ours], 4), 'ref_s': round(seconds[ref], 4),
+      'ratio': round(seconds[ours] / seconds[ref], 3), 'ours': ours, 'ref': ref,
       'momentum': momentum, 'min_score': min_score, **summary}))
   return 0
+
+
+def _goals(table, gaps, models, trackers) -> dict:
+  """The targets, per base checkpoint, against its MinVIS (decoder embedding, 'minvis' tracker):
+  own embedding nearest at >= 80 % of re-appearances; on occlusion at most half the ID switches
+  and AP + 3; on standard AP at most 0.5 below. Printed for each reid row; returned as a dict."""
+  out = {}
+  print('\ngoals (vs MinVIS of the same base checkpoint; means over seeds)')
+  mean = lambda rs, k: float(np.mean([r[k] for r in rs]))  # noqa: E731
+  for label, _, _, embs in models:
+    if label.startswith(('minvis', 'random')):
+      base = label
+      continue
+    if 'minvis' not in trackers:
+      continue
+    ref = {kind: table[kind][base, 'decoder', 'minvis'] for kind in SPLITS}
+    for emb in embs:
+      rs = gaps.get((label, emb), [])
+      n = sum(r['gaps'] for r in rs)
+      nearest = sum(r['own_nearest'] * r['gaps'] for r in rs if r['gaps']) / n if n else None
+      for name in trackers:
+        occ, std = table['occlusion'][label, emb, name], table['standard'][label, emb, name]
+        d_ap = mean(occ, 'AP') - mean(ref['occlusion'], 'AP')
+        sw = mean(occ, 'switches') / max(mean(ref['occlusion'], 'switches'), 1e-9)
+        d_std = mean(std, 'AP') - mean(ref['standard'], 'AP')
+        ok = {'own_nearest>=80': nearest is not None and nearest >= 80,
+              'occ_switches<=half': sw <= 0.5, 'occ_AP>=+3': d_ap >= 3,
+              'std_AP>=-0.5': d_std >= -0.5}
+        out[f'goal/{label}/{emb}/{name}'] = {'occ_dAP': round(d_ap, 2),
+                                            'occ_switch_ratio': round(sw, 3),
+                                            'std_dAP': round(d_std, 2), **ok}
+        print(f'{label:>19} {emb:>7} {name:>7}: occlusion AP {d_ap:+.2f}, switches x{sw:.2f}; '
+              f'standard AP {d_std:+.2f}; ' + ', '.join(f'{k} {"yes" if v else "NO"}'
+                                                         for k, v in ok.items()))
+  return out
 
 
 def _sweep(args, models, split) -> None:
@@ -317,24 +408,27 @@ def _sweep(args, models, split) -> None:
                 flush=True)
 
 
-def _print_tables(args, seeds, table, gaps, momentum, min_score) -> dict:
-  """The means over seeds: tracking per split and row, re-appearances per checkpoint/embedding."""
+def _print_tables(args, seeds, table, gaps, momentum, min_score, agreement) -> dict:
+  """The means over seeds: tracking per split and row (and per seed), re-appearances per
+  checkpoint/embedding, the slot agreement of the reid fine-tunes' views."""
   print(f'\nmean over seeds {seeds} ({args.videos} videos x {args.frames} frames each); memory: '
         f'momentum {momentum}, min_score {min_score} (reid: {args.reid_momentum}, '
         f'{args.reid_min_score})')
-  print(f'{"split":>9} {"checkpoint":>15} {"embed":>7} {"tracker":>7} {"AP":>6} {"AP50":>6} '
-        f'{"AR10":>6} {"IDsw/video":>10}')
+  print(f'{"split":>9} {"checkpoint":>19} {"embed":>7} {"tracker":>7} {"AP":>6} {"AP50":>6} '
+        f'{"AR10":>6} {"IDsw/video":>10}   AP per seed')
   summary = {}
   for kind in SPLITS:
     for (label, emb, name), rs in table[kind].items():
       mean = {k: float(np.mean([r[k] for r in rs])) for k in rs[0] if k != 'seconds'}
-      key = f'{kind}/{name}' if label in ('demo', 'random') and emb == 'decoder' else (
-          f'{kind}/{label}/{emb}/{name}')
-      summary[key] = {k: round(v, 2) for k, v in mean.items()}
-      print(f'{kind:>9} {label:>15} {emb:>7} {name:>7} {mean["AP"]:6.2f} {mean["AP50"]:6.2f} '
-            f'{mean["AR10"]:6.2f} {mean["switches"]:10.2f}')
+      summary[f'{kind}/{label}/{emb}/{name}'] = {
+          **{k: round(v, 2) for k, v in mean.items()},
+          'AP_per_seed': [round(r['AP'], 2) for r in rs],
+          'switches_per_seed': [round(r['switches'], 2) for r in rs]}
+      print(f'{kind:>9} {label:>19} {emb:>7} {name:>7} {mean["AP"]:6.2f} {mean["AP50"]:6.2f} '
+            f'{mean["AR10"]:6.2f} {mean["switches"]:10.2f}   '
+            + ' '.join(f'{r["AP"]:.2f}' for r in rs))
   print(f'\nre-appearances on the occlusion split (after >= {MIN_GAP} frames, in another query)')
-  print(f'{"checkpoint":>15} {"embed":>7} {"gaps":>5} {"own cos":>8} {"slot cos":>8} '
+  print(f'{"checkpoint":>19} {"embed":>7} {"gaps":>5} {"own cos":>8} {"slot cos":>8} '
         f'{"own nearest %":>13}')
   for (label, emb), rs in gaps.items():
     n = sum(r['gaps'] for r in rs)
@@ -344,7 +438,12 @@ def _print_tables(args, seeds, table, gaps, momentum, min_score) -> dict:
     summary[f'reappear/{label}/{emb}'] = {'gaps': n, 'own_cos': round(own, 3) if n else None,
                                           'slot_cos': round(slot, 3) if n else None,
                                           'own_nearest': round(nearest, 1) if n else None}
-    print(f'{label:>15} {emb:>7} {n:5d} {own:8.3f} {slot:8.3f} {nearest:13.1f}')
+    print(f'{label:>19} {emb:>7} {n:5d} {own:8.3f} {slot:8.3f} {nearest:13.1f}')
+  if agreement:
+    print('\nslot agreement of the training views (mean of the logged values): '
+          + ', '.join(f'{k} {v:.3f}' if v is not None else f'{k} -' for k, v in agreement.items()))
+    summary['slot_agreement'] = {k: None if v is None else round(v, 3)
+                                 for k, v in agreement.items()}
   return summary
 
 
