@@ -135,13 +135,22 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(checkpoint='', reinit_class_head=True))
 
   # window: frames per device per forward; 'auto' sizes it from the device (1 a device on CPU).
-  # tracker: 'minvis' (docs/method.md §1) or 'memory' (per-track EMA memory; minvis_jax/tracking.py;
-  # memory_momentum / memory_min_score chosen with benchmarks/tracking.py).
+  # tracker: 'minvis' (docs/method.md §1), 'memory' (per-track EMA memory; minvis_jax/tracking.py;
+  # memory_momentum / memory_min_score chosen with benchmarks/tracking.py) or 'ctvis' (below).
   c.inference = ml_collections.ConfigDict(dict(window='auto', top_k=10, tracker='minvis',
                                                memory_momentum=0.7, memory_min_score=0.0,
                                                embedding='decoder'))
   # embedding: what the tracker matches: 'decoder' (MinVIS: the last decoder layer's normalised
   # output) or 'reid' (the re-identification head's output; needs model.reid).
+  # tracker='ctvis' (tracks that begin and end; minvis_jax/tracking.py, docs/tracking_study.md).
+  # Defaults from CTVIS's released configs (match 0.3, dead after 20 frames, a cache of 10); the
+  # score is IDOL's selection threshold (CTVIS keeps > 0.01 but also suppresses duplicate masks,
+  # which this tracker does not see). Tune them on data seed 0 only (benchmarks/tracking.py).
+  c.inference.ctvis_score = 0.1          # foreground score of a query that may match / start one
+  c.inference.ctvis_match = 0.3          # bi-softmax similarity a match must exceed
+  c.inference.ctvis_retire_frames = 20   # unmatched frames in a row that end a track
+  c.inference.ctvis_cache = 10           # last embeddings a track keeps for its fusion weight
+  c.inference.ctvis_max_tracks = 0       # live tracks at most (0: twice model.num_queries)
   # Online tracking (minvis_jax/online.py, `infer --online`, docs/online.md): which tracks each
   # frame reports. Defaults measured on the synthetic splits (docs/online.md).
   c.inference.online_report_score = 0.9   # a slot's running score needed to report its track

@@ -256,6 +256,12 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config'
   check('inference.memory_momentum', lambda x: _is_number(x) and 0 <= x < 1, 'a number in [0, 1)')
   check('inference.memory_min_score', lambda x: _is_number(x) and 0 <= x <= 1,
         'a number in [0, 1]')
+  for key in ('inference.ctvis_score', 'inference.ctvis_match'):
+    check(key, lambda x: _is_number(x) and 0 <= x <= 1, 'a number in [0, 1]')
+  for key in ('inference.ctvis_retire_frames', 'inference.ctvis_cache'):
+    check(key, positive_int, 'an integer >= 1')
+  check('inference.ctvis_max_tracks', lambda x: _is_int(x) and x >= 0,
+        'an integer >= 0 (0: twice model.num_queries)')
   check('inference.online_report_score', lambda x: _is_number(x) and 0 <= x <= 1,
         'a number in [0, 1]')
   check('inference.online_retire_frames', positive_int, 'an integer >= 1')

@@ -19,6 +19,17 @@ the other (a scan), where 'minvis' solves all frame pairs of a chunk in one batc
 The defaults (configs/common.py) come from a sweep on the demo's checkpoint, where the choice
 barely matters: those models' embeddings identify the query slot rather than the instance
 (docs/tracking_study.md).
+
+Both keep exactly Q tracks, one per query slot, for the whole video: their output is a permutation
+of the queries per frame. 'ctvis' (after CTVIS's and IDOL's trackers) has tracks that begin and end:
+at most M = `max_tracks` columns, each free or holding one live track, with a fixed-size state, so
+it jits and its memory does not grow with the video. For every valid frame (rule in
+`associate_ctvis_chunk`): confident queries (foreground score >= `score`) are matched to the live
+tracks' memories by bi-softmax on raw dot products, greedily in score order, accepted above
+`match`; unmatched confident queries start tracks in free columns; a track unmatched for
+`retire_frames` frames in a row ends, and its column may start another track later (a new track:
+its identity never returns). Its output per frame is `TrackFrames`: the query continuing each
+column (-1 where it has none) and which columns began a track.
 """
 
 from typing import NamedTuple
@@ -31,7 +42,9 @@ import ml_collections
 from minvis_jax import matching
 
 
-TRACKERS = ('minvis', 'memory')
+TRACKERS = ('minvis', 'memory', 'ctvis')
+# Trackers whose output is a permutation of the Q queries per frame (one track per query slot).
+PERMUTING = ('minvis', 'memory')
 # What every tracker matches: the decoder's query embeddings (MinVIS) or the reid head's output.
 EMBEDDINGS = ('decoder', 'reid')
 _OUTPUT_KEY = {'decoder': 'pred_embds', 'reid': 'pred_reid'}
@@ -41,21 +54,41 @@ class Tracker(NamedTuple):
   """The association mode and its parameters (hashable: a static argument of jitted steps).
 
   kind: one of TRACKERS; momentum and min_score are read by 'memory' only; embedding: one of
-  EMBEDDINGS.
+  EMBEDDINGS. The rest is read by 'ctvis' only (module docstring, `associate_ctvis_chunk`): score,
+  the foreground score of a confident query; match, the bi-softmax a match must exceed;
+  retire_frames, unmatched frames in a row that end a track; cache, the embeddings a track keeps
+  for its fusion weight; max_tracks, the columns M (0: twice the queries). The defaults are
+  configs/common.py's (for configs and exported models written before the keys existed).
   """
   kind: str
   momentum: float
   min_score: float
   embedding: str = 'decoder'
+  score: float = 0.1
+  match: float = 0.3
+  retire_frames: int = 20
+  cache: int = 10
+  max_tracks: int = 0
 
 
 def tracker_from_config(config: ml_collections.ConfigDict) -> Tracker:
-  """`config.inference` (tracker, memory_momentum, memory_min_score, embedding; checked by
-  `config_lib.validate`) -> Tracker. A config without `embedding` (written before it) matches the
-  decoder's embeddings."""
-  inf = config.inference
+  """`config.inference` (tracker, memory_momentum, memory_min_score, embedding, ctvis_*; checked
+  by `config_lib.validate`) -> Tracker. A key missing (a config written before it) takes the
+  Tracker's default: the decoder's embeddings, configs/common.py's ctvis values."""
+  inf, d = config.inference, Tracker('', 0.0, 0.0)
   return Tracker(str(inf.tracker), float(inf.memory_momentum), float(inf.memory_min_score),
-                 str(inf.get('embedding', 'decoder')))
+                 str(inf.get('embedding', d.embedding)), float(inf.get('ctvis_score', d.score)),
+                 float(inf.get('ctvis_match', d.match)),
+                 int(inf.get('ctvis_retire_frames', d.retire_frames)),
+                 int(inf.get('ctvis_cache', d.cache)),
+                 int(inf.get('ctvis_max_tracks', d.max_tracks)))
+
+
+def num_tracks(tracker: Tracker, num_queries: int) -> int:
+  """Track columns of `tracker`'s output: Q for the permuting trackers, M for 'ctvis'."""
+  if tracker.kind in PERMUTING:
+    return num_queries
+  return tracker.max_tracks or 2 * num_queries
 
 
 def embedding_dim(tracker: Tracker, model_config) -> int:
@@ -166,18 +199,168 @@ def associate_memory_chunk(state: TrackState, embds: jnp.ndarray, scores: jnp.nd
   return TrackState(memory, started), perm
 
 
-def track_chunk(tracker: Tracker, state: TrackState, embds: jnp.ndarray, logits: jnp.ndarray,
+# ---------------------------------------------------------------------------------------------
+# 'ctvis': tracks that begin and end.
+
+
+class CtvisState(NamedTuple):
+  """The 'ctvis' state: M track columns, each free or holding one live track; fixed size."""
+  memory: jnp.ndarray   # [M, C] float32 each track's fused embedding (raw, as the model gives it)
+  cache: jnp.ndarray    # [M, K, C] float32 its last K matched embeddings, a ring (entry n % K)
+  count: jnp.ndarray    # [M] int32 frames the track has been matched in, its birth included
+  alive: jnp.ndarray    # [M] bool the column holds a live track (else it is free)
+  unseen: jnp.ndarray   # [M] int32 frames in a row the track has not been matched
+  birth: jnp.ndarray    # [M] int32 the valid frame the column's track began in (-1: never used)
+  frame: jnp.ndarray    # [] int32 valid frames seen
+
+
+class TrackFrames(NamedTuple):
+  """'ctvis' output over T frames and M columns."""
+  index: jnp.ndarray    # [T, M] int32 the query continuing each column's track; -1: none
+  born: jnp.ndarray     # [T, M] bool a new track began in the column at this frame
+  alive: jnp.ndarray    # [T, M] bool the column holds a live track after this frame
+
+
+def init_ctvis_state(num_tracks: int, cache: int, dim: int) -> CtvisState:
+  m = num_tracks
+  return CtvisState(jnp.zeros((m, dim), jnp.float32), jnp.zeros((m, cache, dim), jnp.float32),
+                    jnp.zeros(m, jnp.int32), jnp.zeros(m, bool), jnp.zeros(m, jnp.int32),
+                    jnp.full(m, -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def initial_state(tracker: Tracker, num_queries: int, dim: int):
+  """The association state of `tracker` before the first frame, for Q queries of width C."""
+  if tracker.kind in PERMUTING:
+    return init_state(num_queries, dim)
+  return init_ctvis_state(num_tracks(tracker, num_queries), tracker.cache, dim)
+
+
+def bi_softmax(dots: jnp.ndarray, queries: jnp.ndarray, tracks: jnp.ndarray) -> jnp.ndarray:
+  """dots [Q, M], queries [Q] bool (those that may match), tracks [M] bool (the live ones) -> S
+  [Q, M]: the mean of each query's softmax over the live tracks and each track's softmax over all
+  Q queries of the frame; 0 outside queries x tracks."""
+  x = jnp.where(tracks[None, :], dots, -jnp.inf)
+  top = jnp.max(x, axis=1, keepdims=True)
+  e = jnp.where(tracks[None, :], jnp.exp(x - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+  over_tracks = e / jnp.maximum(jnp.sum(e, axis=1, keepdims=True), 1e-30)
+  over_queries = jax.nn.softmax(dots, axis=0)
+  return jnp.where(queries[:, None] & tracks[None, :], 0.5 * (over_tracks + over_queries), 0.0)
+
+
+@jax.jit
+def associate_ctvis_chunk(state: CtvisState, embds: jnp.ndarray, scores: jnp.ndarray,
+                          valid: jnp.ndarray, min_score, match, retire_frames):
+  """'ctvis' association: embds [T, Q, C], scores [T, Q] (foreground score of each query), valid
+  [T] bool, min_score, match (floats) and retire_frames (int) -> (state, TrackFrames).
+
+  For every valid frame, with e_j the queries' embeddings and m_i the live tracks' memories:
+  1. confident queries: score[j] >= min_score; only they are matched or start tracks.
+  2. S = bi_softmax of the raw dot products e_j . m_i (as the reid head is trained, docs/reid.md,
+     and as CTVIS and IDOL match): each confident query's softmax over the live tracks, averaged
+     with each track's softmax over all Q queries. Over all queries, not only the confident ones:
+     CTVIS keeps every query above 0.01 there, and with a single confident query in a frame a
+     softmax over the confident ones would be 1 for every track.
+  3. greedy, confident queries in descending score (ties: lower index first): the query takes the
+     free-to-match track with the largest S; if several have S > match, the largest S x count
+     (the track's matched frames: older tracks win, IDOL's frame weighting); accepted if
+     S > match. Greedy, not `matching.linear_sum_assignment`: it is what CTVIS and IDOL do (CTVIS
+     reports an optimal assignment about 3 AP lower), and a confident query claims first.
+  4. a matched track: beta = max(0, mean cosine of e with its cached embeddings) and
+     m <- (1 - beta) m + beta e (CTVIS's similarity-guided fusion: an embedding unlike the
+     track's recent ones, e.g. an occluder's, barely moves it); e enters the cache, which keeps
+     the last K (the state stays [M, K, C] however long the video). A fused memory rather than
+     the last embeddings matched one by one: one dot product per track, and CTVIS trains its
+     embeddings against this memory.
+  5. an unmatched live track: unseen += 1; at retire_frames it ends (column free).
+  6. unmatched confident queries, in descending score, start tracks in the free columns, lowest
+     first, while there are any (memory = cache = e, count 1).
+  Invalid (padded) frames change nothing and output index -1, born False.
+  """
+  q = embds.shape[1]
+  m, k = state.cache.shape[:2]
+  cols = jnp.arange(m, dtype=jnp.int32)
+  e_all = embds.astype(jnp.float32)
+  highest = lax.Precision.HIGHEST
+
+  def frame(st: CtvisState, inputs):
+    e, s, ok = inputs
+    conf = s >= min_score
+    order = jnp.argsort(-s, stable=True).astype(jnp.int32)               # [Q] by score
+    dots = jnp.einsum('qc,mc->qm', e, st.memory, precision=highest)
+    sim = bi_softmax(dots, conf, st.alive)                                # [Q, M]
+
+    def greedy(i, carry):
+      index, taken = carry
+      j = order[i]
+      row = jnp.where(taken, 0.0, sim[j])
+      over = row > match
+      weight = jnp.where(jnp.sum(over) > 1, st.count.astype(jnp.float32), 1.0)
+      best = jnp.argmax(jnp.where(over, row * weight, -1.0))
+      hit = conf[j] & jnp.any(over) & (cols == best)
+      return jnp.where(hit, j, index), taken | hit
+
+    index, matched = lax.fori_loop(0, q, greedy, (jnp.full(m, -1, jnp.int32),
+                                                  jnp.zeros(m, bool)))
+    # The matched tracks' memory and cache.
+    x = e[jnp.maximum(index, 0)]                                           # [M, C]
+    filled = jnp.minimum(st.count, k)
+    cos = jnp.einsum('mkc,mc->mk', _normalise(st.cache), _normalise(x), precision=highest)
+    mean_cos = jnp.sum(jnp.where(jnp.arange(k) < filled[:, None], cos, 0.0), axis=1) / (
+        jnp.maximum(filled, 1))
+    beta = jnp.maximum(mean_cos, 0.0)[:, None]
+    memory = jnp.where(matched[:, None], (1.0 - beta) * st.memory + beta * x, st.memory)
+    slot = (jnp.arange(k) == (st.count % k)[:, None])[..., None]           # [M, K, 1]
+    cache = jnp.where(matched[:, None, None] & slot, x[:, None], st.cache)
+    count = st.count + matched
+    unseen = jnp.where(matched, 0, st.unseen + st.alive)
+    alive = st.alive & (unseen < retire_frames)
+    # Births: the n-th unmatched confident query (by score) goes to the n-th free column.
+    used = jnp.zeros(q, bool).at[jnp.where(matched, index, q)].set(True, mode='drop')
+    new = (conf & ~used)[order]
+    births = order[jnp.argsort(~new, stable=True)]                          # [Q] new ones first
+    rank = jnp.cumsum(~alive) - 1
+    born = ~alive & (rank < jnp.sum(new))
+    newq = births[jnp.clip(rank, 0, q - 1)]
+    y = e[newq]
+    index = jnp.where(born, newq, index)
+    memory = jnp.where(born[:, None], y, memory)
+    cache = jnp.where(born[:, None, None], jnp.where(jnp.arange(k)[:, None] == 0, y[:, None], 0.0),
+                      cache)
+    new_state = CtvisState(memory, cache, jnp.where(born, 1, count), alive | born,
+                           jnp.where(born, 0, unseen), jnp.where(born, st.frame, st.birth),
+                           st.frame + 1)
+    new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, st)
+    out = TrackFrames(jnp.where(ok, index, -1), born & ok, new_state.alive)
+    return new_state, out
+
+  return lax.scan(frame, state, (e_all, scores.astype(jnp.float32), valid))
+
+
+def track_chunk(tracker: Tracker, state, embds: jnp.ndarray, logits: jnp.ndarray,
                 valid: jnp.ndarray):
   """The association of `tracker` over one chunk: embds [T, Q, C], class logits [T, Q, K+1],
-  valid [T] -> (state, perm [T, Q]). Chunked calls give the same result as one call."""
+  valid [T] -> (state, perm [T, Q]) for the permuting trackers, (state, TrackFrames) for 'ctvis'.
+  Chunked calls give the same result as one call."""
   if tracker.kind == 'minvis':
     return associate_chunk(state, embds, valid)
   if tracker.kind == 'memory':
     return associate_memory_chunk(state, embds, foreground_score(logits), valid,
                                   jnp.float32(tracker.momentum), jnp.float32(tracker.min_score))
+  if tracker.kind == 'ctvis':
+    return associate_ctvis_chunk(state, embds, foreground_score(logits), valid,
+                                 jnp.float32(tracker.score), jnp.float32(tracker.match),
+                                 jnp.int32(tracker.retire_frames))
   raise ValueError(f'unknown tracker {tracker.kind!r}; choose one of {TRACKERS}')
 
 
 def reorder(x: jnp.ndarray, perm: jnp.ndarray) -> jnp.ndarray:
   """x [T, Q, ...] -> x[t, perm[t]] for every frame: per-frame outputs in track order."""
   return jax.vmap(lambda a, p: a[p])(x, perm)
+
+
+def gather_tracks(x: jnp.ndarray, index: jnp.ndarray, fill) -> jnp.ndarray:
+  """x [T, Q, ...], index [T, M] (-1: none) -> [T, M, ...]: each column's query, `fill` where
+  it has none."""
+  y = reorder(x, jnp.maximum(index, 0))
+  present = (index >= 0).reshape(index.shape + (1,) * (x.ndim - 2))
+  return jnp.where(present, y, jnp.asarray(fill, x.dtype))
