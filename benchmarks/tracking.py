@@ -235,8 +235,9 @@ def main(argv=None) -> int:
   p.add_argument('--seeds', default='1,2,3', help='data seeds of the held-out splits')
   p.add_argument('--videos', type=int, default=30)
   p.add_argument('--frames', type=int, default=24)
-  p.add_argument('--trackers', default=','.join(tracking_lib.TRACKERS),
-                 help='config.inference.tracker values to compare, comma separated')
+  p.add_argument('--trackers', default='minvis,memory',
+                 help=f'config.inference.tracker values to compare, comma separated (some of '
+                      f'{", ".join(tracking_lib.TRACKERS)})')
   p.add_argument('--sweep', action='store_true',
                  help='grid of memory_momentum x memory_min_score on tuning seed 0')
   p.add_argument('--reid', action='store_true',
