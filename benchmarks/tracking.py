@@ -1,7 +1,8 @@
-"""Association modes on occlusion: 'minvis' vs 'memory' (config.inference.tracker), on the demo's
-tiny checkpoint, and with `--reid` the re-identification embeddings (docs/reid.md).
+"""Association modes on occlusion: 'minvis' vs 'memory' vs 'ctvis' (config.inference.tracker), on
+the demo's tiny checkpoint, and with `--reid` the re-identification embeddings (docs/reid.md).
 
-  python benchmarks/tracking.py --workdir /tmp/minvis_tracking [--sweep] [--steps 1000] [--reid]
+  python benchmarks/tracking.py --workdir /tmp/minvis_tracking [--sweep] [--steps 300,900] [--reid]
+      [--trackers minvis,memory,ctvis]
   python benchmarks/tracking.py --dry-run   # random tiny weights, 2 videos of 12 frames, seed 1
 
 --reid fine-tunes (or reuses) two reid checkpoints from the demo's one, `--reid_steps` steps on
@@ -22,15 +23,18 @@ the share of such gaps where its own is the nearer.
    same path as `minvis-jax evaluate`).
 4. Prints AP, AP50, AR10 (YouTube-VIS metric) and identity switches per video for each mode, split
    and seed, the means over seeds, and a last line `RESULT {json}` whose times are the seconds the
-   'memory' (`ours_s`) and 'minvis' (`ref_s`) runs took over all splits.
+   'memory' (`ours_s`; without it, the last other tracker of --trackers) and 'minvis' (`ref_s`)
+   runs took over all splits (the first base checkpoint's decoder rows).
 
 Identity switch: for each ground-truth instance, take in each frame where it is visible the track
 with the highest mask IoU among the video's top-k tracks (frames where that IoU is < 0.5 count as
 not detected and are skipped); every change of that track between consecutive detected frames
 (across hidden frames too) is one switch.
 
---sweep also runs a grid of memory_momentum x memory_min_score on a separate tuning seed (0): the
-defaults in configs/common.py were chosen from it, never from the reported seeds.
+--sweep also runs, on a separate tuning seed (0), a grid of memory_momentum x memory_min_score and,
+with 'ctvis' in --trackers, of ctvis_score x ctvis_match: defaults are chosen from it, never from
+the reported seeds. The 'ctvis' values (--ctvis_score, --ctvis_match, --ctvis_retire_frames)
+default to the config's.
 Last measured: docs/tracking_study.md.
 """
 
@@ -67,6 +71,8 @@ from minvis_jax.ytvis_eval import evaluate_dicts
 
 SPLITS = ('standard', 'occlusion')
 MIN_GAP = 3   # hidden or undetected frames before a re-appearance
+CTVIS_KEYS = ('ctvis_score', 'ctvis_match', 'ctvis_retire_frames', 'ctvis_cache',
+              'ctvis_max_tracks')
 # The reid fine-tunes' settings beyond configs/common.py (chosen on tuning seed 0: docs/reid.md).
 REID_RECIPE = {}
 
@@ -208,12 +214,14 @@ def id_switches(gt: dict, results: list[dict], min_iou: float = 0.5) -> int:
 
 
 def score(config, variables, dataset, gt: dict, tracker: str, momentum: float | None = None,
-          min_score: float | None = None, embedding: str = 'decoder') -> dict:
+          min_score: float | None = None, embedding: str = 'decoder', **inference) -> dict:
   """Runs MinVIS over `dataset` with `tracker` on `embedding` (and the memory's settings, default
-  the config's): {AP, AP50, AR10 (percent), switches (per video), seconds (of the prediction)}."""
+  the config's; `inference`: other config.inference values, e.g. ctvis_score): {AP, AP50, AR10
+  (percent), switches (per video), seconds (of the prediction)}."""
   config = config.copy_and_resolve_references()
   config.inference.tracker = tracker
   config.inference.embedding = embedding
+  config.inference.update(inference)
   if momentum is not None:
     config.inference.memory_momentum = momentum
   if min_score is not None:
@@ -235,7 +243,7 @@ def main(argv=None) -> int:
   p.add_argument('--seeds', default='1,2,3', help='data seeds of the held-out splits')
   p.add_argument('--videos', type=int, default=30)
   p.add_argument('--frames', type=int, default=24)
-  p.add_argument('--trackers', default='minvis,memory',
+  p.add_argument('--trackers', default=','.join(tracking_lib.TRACKERS),
                  help=f'config.inference.tracker values to compare, comma separated (some of '
                       f'{", ".join(tracking_lib.TRACKERS)})')
   p.add_argument('--sweep', action='store_true',
@@ -247,13 +255,23 @@ def main(argv=None) -> int:
                  help="the memory tracker's momentum on reid embeddings")
   p.add_argument('--reid_min_score', type=float, default=0.5,
                  help="the memory tracker's min_score on reid embeddings")
+  p.add_argument('--ctvis_score', type=float, default=None,
+                 help="inference.ctvis_score of the 'ctvis' runs (default: the config's)")
+  p.add_argument('--ctvis_match', type=float, default=None,
+                 help="inference.ctvis_match of the 'ctvis' runs (default: the config's)")
+  p.add_argument('--ctvis_retire_frames', type=int, default=None,
+                 help="inference.ctvis_retire_frames of the 'ctvis' runs (default: the config's)")
   p.add_argument('--dry-run', action='store_true',
                  help='random tiny weights, 2 videos of 12 frames, seed 1, in a temporary workdir')
   args = p.parse_args(argv)
-  trackers = tuple(args.trackers.split(','))
-  unknown = [t for t in trackers if t not in tracking_lib.TRACKERS]
+  names = [n for n in args.trackers.split(',') if n]
+  unknown = sorted(set(names) - set(tracking_lib.TRACKERS))
   if unknown:
-    p.error(f'--trackers: unknown {unknown}; expected some of {tracking_lib.TRACKERS}')
+    p.error(f'--trackers: unknown {",".join(unknown)}; choose among '
+            f'{",".join(tracking_lib.TRACKERS)}')
+  # minvis, the baseline of every goal, always runs.
+  trackers = tuple(n for n in tracking_lib.TRACKERS if n in names or n == 'minvis')
+  args.trackers = trackers
   t0 = time.time()
   with tempfile.TemporaryDirectory() as tmp:
     if args.dry_run:
@@ -287,6 +305,13 @@ def main(argv=None) -> int:
 def _memory(args, embedding: str):
   """(momentum, min_score) of the memory tracker on `embedding` (None: the config's)."""
   return (args.reid_momentum, args.reid_min_score) if embedding == 'reid' else (None, None)
+
+
+def _ctvis(args) -> dict:
+  """The config.inference values the command line sets for 'ctvis' (the others: the config's)."""
+  values = {'ctvis_score': args.ctvis_score, 'ctvis_match': args.ctvis_match,
+            'ctvis_retire_frames': args.ctvis_retire_frames}
+  return {k: v for k, v in values.items() if v is not None}
 
 
 def slot_agreement(workdir: str) -> float | None:
@@ -329,7 +354,8 @@ def _report(args, trackers, models, base_steps, t0: float) -> int:
             gaps[label, emb].append(r)
         for emb in embs:
           for name in trackers:
-            r = score(cfg, var, dataset, gt, name, *_memory(args, emb), embedding=emb)
+            r = score(cfg, var, dataset, gt, name, *_memory(args, emb), embedding=emb,
+                      **_ctvis(args))
             table[kind][label, emb, name].append(r)
             print(f'{kind:>9} seed {seed} {label:>19} {emb:>7} {name:>6}: AP {r["AP"]:6.2f} '
                   f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} ID switches/video '
@@ -346,14 +372,20 @@ def _report(args, trackers, models, base_steps, t0: float) -> int:
   base = models[0][0]
   seconds = {name: sum(r['seconds'] for kind in SPLITS for r in table[kind][base, 'decoder', name])
              for name in trackers}
+  for kind in SPLITS:
+    for name in trackers[1:]:
+      per_seed = [m['AP'] - b['AP'] for m, b in zip(table[kind][base, 'decoder', name],
+                                                     table[kind][base, 'decoder', 'minvis'])]
+      summary[f'{kind}/{name}_minus_minvis_AP'] = [round(d, 2) for d in per_seed]
   ours = 'memory' if 'memory' in trackers else trackers[-1]
-  ref = 'minvis' if 'minvis' in trackers else trackers[0]
   print(f'finished in {time.time() - t0:.0f} s')
   print('RESULT ' + json.dumps({
       'name': 'tracking_memory_vs_minvis' + ('_dry_run' if args.dry_run else ''),
-      'ours_s': round(seconds[ours], 4), 'ref_s': round(seconds[ref], 4),
-      'ratio': round(seconds[ours] / seconds[ref], 3), 'ours': ours, 'ref': ref,
-      'momentum': momentum, 'min_score': min_score, **summary}))
+      'ours_s': round(seconds[ours], 4), 'ref_s': round(seconds['minvis'], 4),
+      'ratio': round(seconds[ours] / seconds['minvis'], 3),
+      'seconds': {name: round(v, 4) for name, v in seconds.items()},
+      'momentum': momentum, 'min_score': min_score,
+      'ctvis': {k: config.inference[k] for k in CTVIS_KEYS} | _ctvis(args), **summary}))
   return 0
 
 
@@ -393,8 +425,10 @@ def _goals(table, gaps, models, trackers) -> dict:
 
 
 def _sweep(args, models, split) -> None:
-  """memory_momentum x memory_min_score on tuning seed 0, per checkpoint and embedding."""
+  """memory_momentum x memory_min_score (and ctvis_score x ctvis_match) on tuning seed 0, per
+  checkpoint and embedding."""
   grid = [(m, s) for m in (0.0, 0.5, 0.7, 0.9) for s in (0.0, 0.3, 0.5, 0.7)]
+  ctvis_grid = [(s, m) for s in (0.05, 0.1, 0.3, 0.5) for m in (0.1, 0.3, 0.5)]
   for kind in SPLITS:
     dataset, gt = split(kind, 0)
     for label, cfg, var, embs in models:
@@ -402,9 +436,15 @@ def _sweep(args, models, split) -> None:
         base = score(cfg, var, dataset, gt, 'minvis', embedding=emb)
         print(f'sweep {kind} seed 0 {label} {emb}: minvis AP {base["AP"]:.2f} switches '
               f'{base["switches"]:.2f}')
-        for m, s in grid:
+        for m, s in grid if 'memory' in args.trackers else ():
           r = score(cfg, var, dataset, gt, 'memory', m, s, embedding=emb)
           print(f'  memory momentum {m:.1f} min_score {s:.1f}: AP {r["AP"]:6.2f} '
+                f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} switches {r["switches"]:.2f}',
+                flush=True)
+        for s, m in ctvis_grid if 'ctvis' in args.trackers else ():
+          r = score(cfg, var, dataset, gt, 'ctvis', embedding=emb,
+                    **{**_ctvis(args), 'ctvis_score': s, 'ctvis_match': m})
+          print(f'  ctvis score {s:.2f} match {m:.1f}: AP {r["AP"]:6.2f} '
                 f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} switches {r["switches"]:.2f}',
                 flush=True)
 

@@ -71,7 +71,7 @@ run = console.run   # a user error: one line, exit status 2
 # --- commands ---------------------------------------------------------------------------------
 # Each command: (one-line help, flags(parser), run(args) -> exit status).
 COMMANDS: dict = {}
-_TRACKER_SET = '--set inference.tracker=memory|minvis'
+_TRACKER_SET = '--set inference.tracker=memory|minvis|ctvis'
 
 
 # --- infer ---

@@ -89,10 +89,13 @@ def manifest(config: ml_collections.ConfigDict, sizes, platforms, version: int) 
       'reid_dim': int(model.get('reid_dim', 0)) * bool(model.get('reid', False)),
       'category_ids': [int(i) for i in ids], 'category_names': [str(n) for n in names],
       'score_rule': 'a track (query after association) scores softmax(mean over the video\'s '
-                    'frames of its class logits)[:K]; the top_k (query, class) pairs are kept',
+                    'frames of its class logits)[:K]; the top_k (query, class) pairs are kept'
+                    if tracker.kind in tracking.PERMUTING else
+                    'a track (tracker \'ctvis\') scores softmax(mean over the frames where it has '
+                    'a query of its class logits)[:K], its mask empty elsewhere; the top_k '
+                    '(track, class) pairs are kept',
       'inference': {'window': inf.window, 'top_k': int(inf.top_k),
-                    'tracker': {'kind': tracker.kind, 'momentum': tracker.momentum,
-                                'min_score': tracker.min_score},
+                    'tracker': tracking.to_manifest(tracker),
                     'online': online.rules_from_config(config)._asdict()},
   }
 

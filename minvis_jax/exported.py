@@ -95,8 +95,7 @@ class Model:
                              int(m.get('reid_dim', 0)))
 
   def tracker(self) -> tracking.Tracker:
-    t = self.manifest['inference']['tracker']
-    return tracking.Tracker(str(t['kind']), float(t['momentum']), float(t['min_score']))
+    return tracking.from_manifest(self.manifest['inference']['tracker'])
 
   def video_predictor(self, window: int | str | None = None, top_k: int | None = None,
                       devices=None) -> predictor.VideoPredictor:

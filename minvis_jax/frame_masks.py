@@ -56,6 +56,10 @@ def encode(bits: np.ndarray, out_size) -> list[bytes]:
   return [r['counts'] for r in rles]
 
 
+# The mask logit of "no mask": negative everywhere after any resize, so the mask is empty.
+EMPTY = np.finfo(np.float16).min
+
+
 class LogitStore:
   """Every frame's float16 mask logits [Q, h, w] in an anonymous temporary file: the host keeps
   nothing per frame (dense logits in memory would grow with the video)."""
@@ -79,13 +83,17 @@ class LogitStore:
     self.frames += 1
 
   def read(self, frame: int, queries) -> np.ndarray:
-    """float16 [len(queries), h, w]: the logits of `queries` in `frame`."""
+    """float16 [len(queries), h, w]: the logits of `queries` in `frame`; a query -1 reads EMPTY
+    (a track without a mask in that frame)."""
     self._file.flush()
     q, h, w = self.shape
     size = h * w * 2
     fd = self._file.fileno()
     out = np.empty((len(queries), h, w), np.float16)
     for i, query in enumerate(queries):
+      if query < 0:
+        out[i] = EMPTY
+        continue
       out[i] = np.frombuffer(os.pread(fd, size, (frame * q + int(query)) * size),
                              np.float16).reshape(h, w)
     return out

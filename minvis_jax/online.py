@@ -27,6 +27,7 @@ import numpy as np
 
 from minvis_jax import frame_masks
 from minvis_jax import tracking
+from minvis_jax import video_tracks
 from minvis_jax.data import transforms
 
 # images float32 [N, Hp, Wp, 3] (normalised, zero-padded) -> {'pred_logits': [N, Q, K+1],
@@ -88,10 +89,24 @@ def _associate(tracker: tracking.Tracker, state: tracking.TrackState, video_sum,
   return state, video_sum + jnp.sum(logits, axis=0), logits, masks
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _initial(num_queries: int, dim: int, num_logits: int):
+@functools.partial(jax.jit, static_argnums=0)
+def _associate_tracks(tracker: tracking.Tracker, state: tracking.CtvisState, logits, embds, masks):
+  """`_associate` for 'ctvis': one chunk's forward output -> (state, `tracking.TrackFrames`
+  [N, M], logits [N, M, K+1] (0 where a column has no query) and float16 masks [N, M, h, w]
+  (empty there) in column order, and the float16 masks [N, Q, h, w] in query order (the summary's
+  store))."""
+  state, frames = tracking.track_chunk(tracker, state, embds, logits,
+                                       jnp.ones(logits.shape[0], bool))
+  masks = masks.astype(jnp.float16)
+  return (state, frames, tracking.gather_tracks(logits, frames.index, 0.0),
+          tracking.gather_tracks(masks, frames.index, frame_masks.EMPTY), masks)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _initial(tracker: tracking.Tracker, num_queries: int, dim: int, num_logits: int):
   """The association state and the zero logit sum [Q, K+1]."""
-  return tracking.init_state(num_queries, dim), jnp.zeros((num_queries, num_logits), jnp.float32)
+  return (tracking.initial_state(tracker, num_queries, dim),
+          jnp.zeros((num_queries, num_logits), jnp.float32))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -134,10 +149,15 @@ class OnlineTracker:
     self.num_queries = q
     k1 = out['pred_logits'].shape[2]
     # Committed to the device, as every later state is: the step then compiles once.
-    self._state, self._video_sum = jax.device_put(_initial(q, c, k1), self._device)
-    self._seg_sum = np.zeros((q, k1))        # class logits summed over each slot's segment
-    self._seg_count = np.zeros(q, np.int64)  # frames in each slot's segment
-    self._unseen = np.zeros(q, np.int64)     # frames in a row each slot has not been seen
+    self._state, self._video_sum = jax.device_put(_initial(self.tracker, q, c, k1), self._device)
+    # Slots: the query slots after association, or the 'ctvis' tracker's columns.
+    slots = tracking.num_tracks(self.tracker, q)
+    self.num_slots = slots
+    self._seg_sum = np.zeros((slots, k1))        # class logits summed over each slot's segment
+    self._seg_count = np.zeros(slots, np.int64)  # frames in each slot's segment
+    self._unseen = np.zeros(slots, np.int64)     # frames in a row each slot has not been seen
+    if self.tracker.kind not in tracking.PERMUTING:
+      self._book = video_tracks.TrackBook(slots, self.top_k)
 
   def _preprocess(self, frames: Sequence[np.ndarray]) -> np.ndarray:
     images, stream = [], self.out_size or tuple(np.shape(frames[0])[:2])
@@ -163,10 +183,11 @@ class OnlineTracker:
       self._start(first, out)
       self.padded_size = images.shape[1:3]
       self._compile_masks(out['pred_masks'].shape[2:])
+    embds = tracking.select_embeddings(self.tracker, out)
+    if self.tracker.kind not in tracking.PERMUTING:
+      return self._process_tracks(out, embds)
     self._state, self._video_sum, logits, masks = _associate(
-        self.tracker, self._state, self._video_sum, out['pred_logits'],
-        tracking.select_embeddings(self.tracker, out),
-        out['pred_masks'])
+        self.tracker, self._state, self._video_sum, out['pred_logits'], embds, out['pred_masks'])
     results = []
     # On the host once: per-frame indexing of device arrays would be eager jax ops, whose caches
     # grow with the stream.
@@ -176,16 +197,42 @@ class OnlineTracker:
       results.append(self._frame(frame_logits, mask_logits))
     return results
 
-  def _frame(self, logits: np.ndarray, masks: np.ndarray) -> FrameTracks:
-    """The report and retire rules on one frame: logits [Q, K+1], float16 masks [Q, h, w], both in
-    track order."""
-    self._seg_sum += logits
-    self._seg_count += 1
-    probs = _softmax(self._seg_sum / self._seg_count[:, None])[:, :-1]
+  def _process_tracks(self, out: dict, embds) -> list[FrameTracks]:
+    """`process` with the 'ctvis' tracker: its tracks are the slots, a new track in a column
+    ends the column's id (as does the track's end), and the tracker's own retirement replaces
+    `Rules.retire_frames` (a track hidden for a while keeps its id)."""
+    self._state, frames, logits, masks, raw = _associate_tracks(
+        self.tracker, self._state, out['pred_logits'], embds, out['pred_masks'])
+    frames, logits, masks = jax.tree.map(np.asarray, (frames, logits, masks))
+    raw_logits, raw = np.asarray(out['pred_logits']), np.asarray(raw)
+    results = []
+    for i in range(len(logits)):
+      if self._store is not None:
+        self._store.add(raw[i])
+        self._book.add(frames.index[i], frames.born[i], frames.alive[i], raw_logits[i])
+      results.append(self._frame(logits[i], masks[i], frames.index[i] >= 0, frames.born[i],
+                                 frames.alive[i]))
+    return results
+
+  def _frame(self, logits: np.ndarray, masks: np.ndarray, present=None, born=None,
+             alive=None) -> FrameTracks:
+    """The report and retire rules on one frame: logits [S, K+1], float16 masks [S, h, w], both in
+    slot order; for 'ctvis', present, born and alive [S] (the tracker's `TrackFrames` row)."""
+    if present is None:
+      self._seg_sum += logits
+      self._seg_count += 1
+    else:
+      for slot in np.flatnonzero(born):
+        self._live.pop(slot, None)
+        self._seg_sum[slot], self._seg_count[slot] = 0, 0
+      self._seg_sum += np.where(present[:, None], logits, 0.0)
+      self._seg_count += present
+    probs = _softmax(self._seg_sum / np.maximum(self._seg_count, 1)[:, None])[:, :-1]
     scores, categories = probs.max(axis=1), probs.argmax(axis=1)
-    candidates = np.flatnonzero(scores >= self.rules.report_score)
+    reportable = scores >= self.rules.report_score
+    candidates = np.flatnonzero(reportable if present is None else reportable & present)
     rles = self._masks(masks, candidates)
-    tracks, seen = [], np.zeros(self.num_queries, bool)
+    tracks, seen = [], np.zeros(self.num_slots, bool)
     for slot, rle in zip(candidates, rles):
       if rle is None:    # empty mask
         continue
@@ -195,6 +242,11 @@ class OnlineTracker:
         self._next_id += 1
       tracks.append({'id': self._live[slot], 'category': int(categories[slot]),
                      'score': float(scores[slot]), 'segmentation': rle})
+    if present is not None:
+      for slot in np.flatnonzero(~alive):
+        self._live.pop(slot, None)
+      self.frames += 1
+      return FrameTracks(self.frames - 1, sorted(tracks, key=lambda t: t['id']))
     self._unseen = np.where(seen, 0, self._unseen + 1)
     for slot in np.flatnonzero(self._unseen >= self.rules.retire_frames):
       self._live.pop(slot, None)
@@ -227,7 +279,7 @@ class OnlineTracker:
 
   @property
   def live_tracks(self) -> dict[int, int]:
-    """{query slot: track id} of the tracks not retired."""
+    """{slot (query slot, or 'ctvis' column): track id} of the tracks not retired."""
     return dict(self._live)
 
   def finish(self) -> list[dict]:
@@ -237,8 +289,13 @@ class OnlineTracker:
       raise ValueError('finish() needs an OnlineTracker made with summary=True')
     if not self.frames:
       raise ValueError('a video needs at least one frame')
+    if self.tracker.kind in tracking.PERMUTING:
+      book = video_tracks.SlotScores()
+      book.add(self._video_sum, self._store.frames)
+    else:
+      book = self._book
     try:
-      return _top_k_tracks(self._store, self._video_sum, self.top_k, self._mesh,
+      return _top_k_tracks(self._store, book.select(self.top_k), self._mesh,
                            tuple(self.padded_size), tuple(self.valid_size), self.out_size)
     finally:
       self.close()
@@ -249,21 +306,16 @@ class OnlineTracker:
       self._store.close()
 
 
-def _top_k_tracks(store: frame_masks.LogitStore, logit_sum: jax.Array, top_k: int, mesh,
+def _top_k_tracks(store: frame_masks.LogitStore, picks: video_tracks.Selection, mesh,
                   padded_size, valid_size, out_size) -> list[dict]:
-  """The offline selection (docs/method.md §1): softmax of the mean logits, top-k over queries x
-  classes, and each pick's masks in every frame of `store`."""
-  probs = jax.nn.softmax(logit_sum / store.frames, axis=-1)[:, :-1]    # [Q, K]
-  num_classes = probs.shape[1]
-  scores, flat = jax.lax.top_k(probs.reshape(-1), min(top_k, probs.size))
-  flat = np.asarray(flat)
-  queries = flat // num_classes
+  """The offline result (docs/method.md §1) of the top-k `picks`: each pick's masks in every
+  frame of `store`."""
   to_bits = frame_masks.masks_fn(mesh, padded_size, valid_size, out_size)
-  segs = [[] for _ in queries]
+  segs = [[] for _ in picks.scores]
   size = list(out_size)
-  for frame in range(store.frames):
-    bits = np.asarray(to_bits(store.read(frame, queries)[None]))[0]
+  for frame in range(store.frames if len(segs) else 0):
+    bits = np.asarray(to_bits(store.read(frame, picks.rows(frame))[None]))[0]
     for track, counts in zip(segs, frame_masks.encode(bits, out_size)):
       track.append({'size': size, 'counts': counts.decode()})
   return [{'category': int(c), 'score': float(s), 'segmentations': seg}
-          for c, s, seg in zip(flat % num_classes, np.asarray(scores), segs)]
+          for c, s, seg in zip(picks.categories, picks.scores, segs)]

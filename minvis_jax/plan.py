@@ -223,14 +223,16 @@ def compile_eval(config: ml_collections.ConfigDict, devices: list, window: int) 
   mesh = jax.sharding.Mesh(np.array(devices), ('frames',))
   replicated, frames = NamedSharding(mesh, P()), NamedSharding(mesh, P('frames'))
   variables = jax.eval_shape(lambda: train.init_variables(config, jax.random.PRNGKey(0)))
-  state = tracking.init_state(model_config.num_queries, model_config.hidden_dim)
+  tracker = tracking.tracker_from_config(config)
+  state = tracking.initial_state(tracker, model_config.num_queries,
+                                 tracking.embedding_dim(tracker, model_config))
   spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
   n = window * len(devices)
   args = (jax.tree.map(lambda x: spec(x, replicated), variables),
           jax.tree.map(lambda x: spec(x, replicated), state),
           jax.ShapeDtypeStruct((n, *eval_size(config), 3), jnp.float32, sharding=frames),
           jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=replicated))
-  step = predictor._step_fn(model_config, mesh, tracking.tracker_from_config(config))
+  step = predictor._step_fn(model_config, mesh, tracker)
   return compile_for(lambda: step.lower(*args))
 
 

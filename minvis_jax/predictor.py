@@ -9,6 +9,11 @@ anonymous temporary file, not to memory; once the last frame has set the scores,
 step computes the masks of docs/method.md §1 (resize, crop, resize, threshold) of the top-k queries
 only, window by window, and the host run-length encodes them.
 
+With the 'ctvis' tracker (tracks that begin and end, minvis_jax/tracking.py) the step returns the
+tracker's per-frame output and the masks in query order; the host follows the tracks
+(`video_tracks.TrackBook`): a track scores over the frames where it has a query, and its mask is
+empty in the others.
+
 Only the top-k queries' masks are resized and encoded: resizing and encoding every query's masks
 costs far more than the forward on a CPU at video resolutions, and a second forward for the top-k
 would nearly double the time. The file holds Q x Hp/4 x Wp/4 float16 values a frame (on `$TMPDIR`),
@@ -25,6 +30,7 @@ import numpy as np
 
 from minvis_jax import frame_masks
 from minvis_jax import tracking
+from minvis_jax import video_tracks
 from minvis_jax.data import transforms
 
 P = jax.sharding.PartitionSpec
@@ -81,6 +87,9 @@ def _step_fn(model: Forward, mesh: jax.sharding.Mesh, tracker: tracking.Tracker)
     # The association is sequential over frames: it runs on the gathered embeddings [W, Q, C].
     state, perm = tracking.track_chunk(tracker, state, tracking.select_embeddings(tracker, out),
                                        out['pred_logits'], valid)
+    if tracker.kind not in tracking.PERMUTING:
+      # 'ctvis': the host follows its tracks (video_tracks.TrackBook); masks in query order.
+      return state, (perm, out['pred_logits']), out['pred_masks'].astype(jnp.float16)
     logits = tracking.reorder(out['pred_logits'], perm)           # [W, Q, K+1]
     logit_sum = jnp.sum(jnp.where(valid[:, None, None], logits, 0.0), axis=0)
     masks = jax.shard_map(reorder_masks, mesh=mesh, in_specs=(frames, frames), out_specs=frames)(
@@ -147,8 +156,8 @@ class VideoPredictor:
     self.top_k = top_k
     self.tracker = tracker
     self.forward = forward
-    self._init_state = tracking.init_state(forward.num_queries,
-                                           tracking.embedding_dim(tracker, forward))
+    self._init_state = tracking.initial_state(tracker, forward.num_queries,
+                                              tracking.embedding_dim(tracker, forward))
 
   def frames_per_window(self, padded_size: tuple[int, int]) -> int:
     """Frames of one forward (all devices) for inputs of `padded_size` [Hp, Wp]."""
@@ -174,42 +183,41 @@ class VideoPredictor:
     step = _step_fn(self.forward, self.mesh, self.tracker)
     frames = jax.sharding.NamedSharding(self.mesh, P('frames'))
 
-    state, logit_sum, pending, store = self._init_state, None, None, frame_masks.LogitStore()
+    book = video_tracks.for_tracker(self.tracker, self.forward.num_queries, self.top_k)
+    state, pending, store = self._init_state, None, frame_masks.LogitStore()
     try:
       for batch, valid in _windows(_chain(first, images), window):
-        state, s, masks = step(self.variables, state, jax.device_put(batch, frames),
-                               jnp.asarray(valid))
-        logit_sum = s if logit_sum is None else logit_sum + s
+        state, output, masks = step(self.variables, state, jax.device_put(batch, frames),
+                                    jnp.asarray(valid))
         # Write the previous window on the host while the device runs this one.
         if pending is not None:
-          _store_window(store, *pending)
-        pending = masks, valid
-      _store_window(store, *pending)
+          _store_window(store, book, *pending)
+        pending = output, masks, valid
+      _store_window(store, book, *pending)
 
-      probs = jax.nn.softmax(logit_sum / store.frames, axis=-1)[:, :-1]    # [Q, K]
-      num_classes = probs.shape[1]
-      k = min(self.top_k, probs.size)
-      scores, flat = jax.lax.top_k(probs.reshape(-1), k)
-      flat = np.asarray(flat)
-      queries = flat // num_classes
-      segs = self._top_k_masks(store, queries, window, padded_size, valid_size, out_size)
+      picks = book.select(self.top_k)
+      segs = self._top_k_masks(store, picks.rows, len(picks.scores), window, padded_size,
+                               valid_size, out_size)
       return [{'category': int(c), 'score': float(score), 'segmentations': seg}
-              for c, score, seg in zip(flat % num_classes, np.asarray(scores), segs)]
+              for c, score, seg in zip(picks.categories, picks.scores, segs)]
     finally:
       store.close()
 
-  def _top_k_masks(self, store, queries, window, padded_size, valid_size, out_size):
-    """The RLEs of `queries` in every frame of `store`: [len(queries)][frames] dicts."""
+  def _top_k_masks(self, store, rows, k, window, padded_size, valid_size, out_size):
+    """The RLEs of k picks in every frame of `store`, rows(frame) [k] their rows in it (-1: an
+    empty mask): [k][frames] dicts."""
     to_bits = frame_masks.masks_fn(self.mesh, padded_size, valid_size, out_size)
     frames = jax.sharding.NamedSharding(self.mesh, P('frames'))
     size = list(out_size)
-    segs = [[] for _ in queries]
+    segs = [[] for _ in range(k)]
+    if not k:
+      return segs
     pending = None
     for start in range(0, store.frames, window):
       n = min(window, store.frames - start)
-      batch = np.zeros((window, len(queries), *store.shape[1:]), np.float16)
+      batch = np.zeros((window, k, *store.shape[1:]), np.float16)
       for i in range(n):
-        batch[i] = store.read(start + i, queries)
+        batch[i] = store.read(start + i, rows(start + i))
       bits = to_bits(jax.device_put(batch, frames))
       # Encode the previous window on the host while the device runs this one.
       if pending is not None:
@@ -220,7 +228,11 @@ class VideoPredictor:
     return segs
 
 
-def _store_window(store: frame_masks.LogitStore, masks: jax.Array, valid: np.ndarray) -> None:
+def _store_window(store: frame_masks.LogitStore, book, output, masks: jax.Array,
+                  valid: np.ndarray) -> None:
+  """One window's step output on the host: the scores into `book`, the valid frames' masks into
+  `store`."""
+  book.add_window(output, valid)
   for m in np.asarray(masks)[valid]:
     store.add(m)
 

@@ -84,6 +84,28 @@ def tracker_from_config(config: ml_collections.ConfigDict) -> Tracker:
                  int(inf.get('ctvis_max_tracks', d.max_tracks)))
 
 
+def to_manifest(tracker: Tracker) -> dict:
+  """The fields of `tracker` an exported model records (docs/export.md): kind, momentum and
+  min_score always, the embedding when not the decoder's, the 'ctvis' values for 'ctvis'."""
+  out = {'kind': tracker.kind, 'momentum': tracker.momentum, 'min_score': tracker.min_score}
+  if tracker.embedding != 'decoder':
+    out['embedding'] = tracker.embedding
+  if tracker.kind == 'ctvis':
+    out.update(score=tracker.score, match=tracker.match, retire_frames=tracker.retire_frames,
+               cache=tracker.cache, max_tracks=tracker.max_tracks)
+  return out
+
+
+def from_manifest(fields: dict) -> Tracker:
+  """`to_manifest`'s dict -> Tracker (a field it lacks takes the Tracker's default)."""
+  d = Tracker('', 0.0, 0.0)
+  return Tracker(str(fields['kind']), float(fields['momentum']), float(fields['min_score']),
+                 str(fields.get('embedding', d.embedding)), float(fields.get('score', d.score)),
+                 float(fields.get('match', d.match)),
+                 int(fields.get('retire_frames', d.retire_frames)),
+                 int(fields.get('cache', d.cache)), int(fields.get('max_tracks', d.max_tracks)))
+
+
 def num_tracks(tracker: Tracker, num_queries: int) -> int:
   """Track columns of `tracker`'s output: Q for the permuting trackers, M for 'ctvis'."""
   if tracker.kind in PERMUTING:

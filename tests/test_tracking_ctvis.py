@@ -2,11 +2,22 @@
 a fixed-size state, births and retirements, re-identification after a gap, and its video-level
 results through the predictor."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 
+from support import videos
+from support.exported import assert_close_tracks
+from support.tracks import assert_same_tracks
 from minvis_jax import config_lib
+from minvis_jax import exported
+from minvis_jax import model_forward
+from minvis_jax import online
+from minvis_jax import predictor
 from minvis_jax import tracking
+from minvis_jax import video_tracks
 
 
 def ctvis_loop(embds, scores, valid, min_score, match, retire, max_tracks, cache):
@@ -237,3 +248,195 @@ def test_tracker_from_config_and_validation():
     with pytest.raises(ValueError, match=f'inference.{key}=.*expected') as e:
       config_lib.apply_overrides(config_lib.load_config('tiny'), [bad])
     assert '\n' not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Video-level results through the predictor.
+
+Q, C, K, SIZE = 4, 5, 2, 32
+
+
+def _fake_apply(variables, images):
+  """A stand-in model that reads its outputs from the pixels [N, 32, 32, 3]: embeddings and class
+  logits from the first values (in row 0), query i's mask logits channel 2 at 1/4 size (from row
+  2) plus a shift."""
+  del variables
+  n = images.shape[0]
+  flat = images.reshape(n, -1)
+  shift = (jnp.arange(Q) - 1.5)[None, :, None, None]
+  return {'pred_embds': flat[:, :Q * C].reshape(n, Q, C),
+          'pred_logits': flat[:, Q * C:Q * (C + K + 1)].reshape(n, Q, K + 1),
+          'pred_masks': images[:, None, 2::4, 2::4, 2] + shift}
+
+
+def _returning_clip():
+  """The clip of `test_returning_object_keeps_its_track_where_minvis_switches` with two classes
+  (A is class 0, B class 1) as the fake model's pixels -> (images [T, 32, 32, 3], embds, logits)."""
+  a, b, n1, n2, n3 = 5 * np.eye(5)
+  rng = np.random.default_rng(2)
+  images = rng.normal(size=(10, SIZE, SIZE, 3)).astype(np.float32)
+  # Masks of blocks: 8x8 pixels of one value (2x2 at the model's resolution) survive the resize.
+  images[..., 2] = 3 * np.kron(rng.normal(size=(10, 4, 4)), np.ones((8, 8)))
+  embds, probs = [], []
+  pa, pb, bg = [0.9, 0.04, 0.06], [0.01, 0.8, 0.19], [0.02, 0.03, 0.95]  # [class 0, 1, none]
+  for t in range(10):
+    if t < 3:
+      embds.append([a, b, n1, n2]), probs.append([pa, pb, bg, bg])
+    elif t < 7:
+      embds.append([b, n3, n1, n2]), probs.append([pb, bg, bg, bg])
+    else:
+      embds.append([b, n3, a, n2]), probs.append([pb, bg, pa, bg])
+  embds = (np.asarray(embds) + 0.05 * rng.normal(size=(10, Q, C))).astype(np.float32)
+  logits = (np.log(probs) + 0.1 * rng.normal(size=(10, Q, K + 1))).astype(np.float32)
+  flat = images.reshape(10, -1)
+  flat[:, :Q * C] = embds.reshape(10, -1)
+  flat[:, Q * C:Q * (C + K + 1)] = logits.reshape(10, -1)
+  return images, embds, logits
+
+
+def test_video_results_through_the_predictor():
+  """VideoPredictor with 'ctvis': a track scores over the frames where it has a query, its mask is
+  that query's there and empty elsewhere; windows of 3 equal one of 10; the YouTube-VIS results
+  format. A's track (present in frames 0-2 and 7-9) is one result with A's masks, not two."""
+  images, embds, logits = _returning_clip()
+  tracker = ctvis(score=0.5, retire=6, max_tracks=6)
+  index, _, _ = ctvis_loop(embds, softmax_max(logits), np.ones(10, bool), tracker.score,
+                           tracker.match, tracker.retire_frames, tracker.max_tracks, tracker.cache)
+  forward = predictor.Forward(_fake_apply, Q, C)
+  runs = [predictor.VideoPredictor(forward, {}, window=w, top_k=3, tracker=tracker,
+                                   devices=jax.devices()[:1])(images, (SIZE, SIZE), (SIZE, SIZE))
+          for w in (10, 3)]
+  assert_same_tracks(*runs)
+  tracks = runs[0]
+  # The numpy score of every (track, class) pair: softmax of the mean logits where present.
+  want = []
+  for m in np.flatnonzero((index >= 0).any(0)):
+    present = np.flatnonzero(index[:, m] >= 0)
+    mean = logits[present, index[present, m]].mean(0)
+    p = np.exp(mean - mean.max())
+    want += [(p[c] / p.sum(), m, c) for c in range(K)]
+  want.sort(key=lambda x: -x[0])
+  assert len(tracks) == 3
+  np.testing.assert_allclose([t['score'] for t in tracks], [w[0] for w in want[:3]], rtol=1e-6)
+  assert [t['category'] for t in tracks] == [w[2] for w in want[:3]]
+  assert [w[1:] for w in want[:2]] == [(0, 0), (1, 1)]        # A's track class 0, B's class 1
+  out = _fake_apply(None, images)
+  for track, (_, m, _) in zip(tracks, want):
+    for t, rle in enumerate(track['segmentations']):
+      got = mask_utils.decode(dict(rle, counts=rle['counts'].encode()))
+      if index[t, m] < 0:
+        assert not got.any(), (m, t)
+      else:
+        low = np.asarray(out['pred_masks'][t, index[t, m]]).astype(np.float16).astype(np.float32)
+        up = np.asarray(jax.image.resize(low, (SIZE, SIZE), 'bilinear', antialias=False)) > 0
+        np.testing.assert_array_equal(got, up)
+  np.testing.assert_array_equal(index[:, 0], [0, 0, 0, -1, -1, -1, -1, 2, 2, 2])
+  results = predictor.results_for_video(tracks, 7, [11, 12])
+  assert [r['category_id'] for r in results] == [11 + w[2] for w in want[:3]]
+  assert all(set(r) == {'video_id', 'category_id', 'score', 'segmentations'} and
+             r['video_id'] == 7 and len(r['segmentations']) == 10 for r in results)
+
+
+class _ClipForward:
+  """The online tracker's forward on `_returning_clip`: the fake model's outputs of the next
+  frames (the tracker's preprocessed input is ignored)."""
+
+  def __init__(self, images):
+    self.images, self.t = images, 0
+
+  def __call__(self, images):
+    out = _fake_apply(None, self.images[self.t:self.t + len(images)])
+    self.t += len(images)
+    return jax.tree.map(np.asarray, out)
+
+
+@pytest.mark.parametrize('chunk', [1, 3])
+def test_online_ids_follow_the_tracks_and_the_summary_is_offline(chunk):
+  """Online with 'ctvis': A keeps its id across its 4 hidden frames (the tracker's retirement,
+  not the online rule's 2 frames), B keeps its own, nothing else is reported; the end-of-stream
+  result is the offline predictor's, bit for bit."""
+  images, _, _ = _returning_clip()
+  tracker = ctvis(score=0.5, retire=6, max_tracks=6)
+  spec = online.InputSpec(SIZE, SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 32)
+  stream = online.OnlineTracker(_ClipForward(images), tracker, spec, online.Rules(0.5, 2),
+                                top_k=3, summary=True)
+  frames = [np.zeros((SIZE, SIZE, 3), np.uint8)] * 10
+  results = []
+  for start in range(0, 10, chunk):
+    results += stream.process(frames[start:start + chunk])
+  ids = [[(t['id'], t['category']) for t in r.tracks] for r in results]
+  assert ids == [[(1, 0), (2, 1)]] * 3 + [[(2, 1)]] * 4 + [[(1, 0), (2, 1)]] * 3
+  assert stream.live_tracks == {0: 1, 1: 2}
+  offline = predictor.VideoPredictor(predictor.Forward(_fake_apply, Q, C), {}, window=chunk,
+                                     top_k=3, tracker=tracker, devices=jax.devices()[:1])(
+      images, (SIZE, SIZE), (SIZE, SIZE))
+  assert_same_tracks(stream.finish(), offline)
+
+
+def test_track_book_drops_only_tracks_that_cannot_be_picked():
+  """Many short tracks (a column reborn every few frames): the book keeps a bounded number of
+  ended tracks, and its top-k equals the top-k over every track, computed without dropping any."""
+  rng = np.random.default_rng(4)
+  m, q, k1, frames = 6, 8, 4, 300
+  book = video_tracks.TrackBook(m, top_k=3)
+  everyone, live, kept = [], {}, []
+  for t in range(frames):
+    born = rng.uniform(size=m) < 0.3
+    alive = np.ones(m, bool)
+    index = np.where(rng.uniform(size=m) < 0.8, rng.permutation(q)[:m], -1)
+    index[born] = rng.permutation(q)[:born.sum()]
+    logits = rng.normal(size=(q, k1)).astype(np.float32) * 3
+    for c in np.flatnonzero(born):
+      live[c] = {'sum': np.zeros(k1), 'n': 0, 'queries': {}}
+      everyone.append(live[c])
+    for c, track in live.items():
+      if index[c] >= 0:
+        track['sum'] += logits[index[c]]
+        track['n'] += 1
+        track['queries'][t] = index[c]
+    book.add(index, born, alive, logits)
+    kept.append(len(book._ended))
+  picks = book.select(3)
+  pairs = []
+  for i, track in enumerate(everyone):
+    mean = track['sum'] / track['n']
+    p = np.exp(mean - mean.max())
+    pairs += [(p[c] / p.sum(), i, c) for c in range(k1 - 1)]
+  pairs.sort(key=lambda x: -x[0])
+  assert len(everyone) > 300 and max(kept) <= 4 * 3 + 1
+  np.testing.assert_allclose(picks.scores, [p[0] for p in pairs[:3]], rtol=1e-12)
+  assert list(picks.categories) == [p[2] for p in pairs[:3]]
+  for t in (0, 150, 299):
+    want = [everyone[p[1]]['queries'].get(t, -1) for p in pairs[:3]]
+    np.testing.assert_array_equal(picks.rows(t), want)
+
+
+def test_exported_manifest_keeps_the_tracker():
+  for tracker in (ctvis(embedding='reid'), tracking.Tracker('memory', 0.6, 0.2)):
+    assert tracking.from_manifest(tracking.to_manifest(tracker)) == tracker
+  # A manifest written before the 'ctvis' keys: the defaults.
+  old = {'kind': 'minvis', 'momentum': 0.7, 'min_score': 0.0}
+  assert tracking.to_manifest(tracking.from_manifest(old)) == old
+  assert tracking.from_manifest(old) == tracking.Tracker('minvis', 0.7, 0.0)
+
+
+@pytest.mark.slow
+def test_exported_model_runs_the_ctvis_tracker(tiny_exported):
+  """An exported model's predictor (predictor.Forward of the artifact) with 'ctvis' in its
+  manifest gives the live model's tracks."""
+  path, config, variables = tiny_exported
+  config = config.copy_and_resolve_references()
+  config.inference.tracker = 'ctvis'
+  config.inference.ctvis_score = 0.3
+  artifact = exported.load(path)
+  artifact.manifest['inference']['tracker'] = tracking.to_manifest(
+      tracking.tracker_from_config(config))
+  assert artifact.tracker().kind == 'ctvis'
+  frames = videos.moving_square_frames(6)
+  inputs = list(predictor.preprocess(frames, config.data))
+  size = predictor.valid_size(64, 96, config.data)
+  ours = artifact.video_predictor(window=2)(inputs, size, (64, 96))
+  live = model_forward.from_config(config, variables)(inputs, size, (64, 96))
+  assert len(live) == config.inference.top_k
+  assert_close_tracks(predictor.results_for_video(live, 1, [1, 2, 3, 4]),
+                      predictor.results_for_video(ours, 1, [1, 2, 3, 4]))
