@@ -5,18 +5,23 @@ the demo's tiny checkpoint, and with `--reid` the re-identification embeddings (
       [--trackers minvis,memory,ctvis]
   python benchmarks/tracking.py --dry-run   # random tiny weights, 2 videos of 12 frames, seed 1
 
---reid fine-tunes (or reuses) two reid checkpoints from the demo's one, `--reid_steps` steps on
-the demo's training data with view pairs (data/pairs.py): 'reid detached' (model.reid_detach: only
-the head trains, the detector stays bit-identical) and 'reid fine-tuned' (everything trains). The
-table then has a row per checkpoint x embedding (inference.embedding) x tracker, and for each
-checkpoint and embedding the re-appearance statistics on the occlusion split: for every
-ground-truth instance that comes back after 3 or more frames hidden or undetected in a different
-query than before (detected = a query with mask IoU >= 0.5; the best one is its query), the cosine
-of its embedding with its own before the gap and with what its new query held before the gap, and
-the share of such gaps where its own is the nearer.
+--reid fine-tunes (or reuses) two reid checkpoints from each base checkpoint, `--reid_steps` steps
+on the demo's training data with view pairs (data/pairs.py) and REID_RECIPE: 'reid detached'
+(model.reid_detach: only the head trains, the detector stays bit-identical) and 'reid fine-tuned'
+(everything trains). The table then has a row per checkpoint x embedding (inference.embedding) x
+tracker (MinVIS's decoder embeddings on the base, the reid embeddings on the reid checkpoints),
+and for each checkpoint and embedding the re-appearance statistics on the occlusion split: for
+every ground-truth instance that comes back after 3 or more frames hidden or undetected in a
+different query than before (detected = a query with mask IoU >= 0.5; the best one is its query),
+the cosine of its embedding with its own before the gap and with what its new query held before
+the gap, and the share of such gaps where its own is the nearer (also for the fine-tuned
+detector's decoder embeddings, and the base's untrained mask-pooled pixel features as a content
+reference). Then the slot agreement of the fine-tunes' training views and the goal checks against
+MinVIS on the same base checkpoint.
 
-1. Trains the demo's tiny model in WORKDIR/train exactly as `minvis-jax demo` does (its data, 300
-   steps), or reuses the checkpoint found there (the dry run uses random weights instead).
+1. Trains the demo's tiny model in WORKDIR/s{steps}/train for each of --steps (default the demo's
+   300) exactly as `minvis-jax demo` does (its data), or reuses the checkpoint found there (the
+   dry run uses random weights instead); the reid fine-tunes go beside it.
 2. Writes held-out splits for each data seed (default 1, 2, 3): the standard synthetic valid split
    and the occlusion split (`synthetic --occlusion`), 30 videos of 24 frames each.
 3. Runs MinVIS over each split with each tracker through the library's dataset predictor (the
@@ -117,12 +122,24 @@ def _forward(model_config: ModelConfig, embeddings: tuple[str, ...], variables, 
   return out['pred_masks'], {e: found[e]() for e in embeddings}
 
 
+SLOT_HELD = ('same category', 'other category', 'no instance')
+
+
+def _decode(seg: dict) -> np.ndarray:
+  if isinstance(seg['counts'], list):
+    seg = mask_utils.frPyObjects(seg, *seg['size'])
+  return mask_utils.decode(seg).astype(bool)
+
+
 def reappearances(config, variables, dataset, gt: dict, embeddings: tuple[str, ...]) -> dict:
   """Re-appearance statistics of each of `embeddings` (`_forward`) over `dataset` (module
-  docstring): {embedding: {gaps, own_cos, slot_cos (means), own_nearest (percent of gaps)}}."""
+  docstring): {embedding: {gaps, own_cos, slot_cos (means), own_nearest (percent of gaps),
+  by_slot: {what the new query held before the gap (SLOT_HELD: an instance of the same category,
+  of another, or none with mask IoU >= 0.5): [gaps, own nearest %]}}}."""
   model_config = ModelConfig.from_config(config.model)
   own = {e: [] for e in embeddings}
   slot = {e: [] for e in embeddings}
+  held = []
   by_video = {}
   for ann in gt['annotations']:
     by_video.setdefault(ann['video_id'], []).append(ann)
@@ -139,16 +156,19 @@ def reappearances(config, variables, dataset, gt: dict, embeddings: tuple[str, .
     for e, x in found.items():
       x = np.asarray(x, np.float64)
       unit[e] = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    for ann in by_video.get(video.id, []):
+    anns = by_video.get(video.id, [])
+    gt_masks = [[None if seg is None else _decode(seg) for seg in ann['segmentations']]
+                for ann in anns]
+
+    def best_iou(m, g):
+      return (m & g).sum((-2, -1)) / np.maximum((m | g).sum((-2, -1)), 1)
+
+    for a, ann in enumerate(anns):
       seen = []   # (frame, query) where the instance is detected
-      for t, seg in enumerate(ann['segmentations']):
-        if seg is None:
+      for t, g in enumerate(gt_masks[a]):
+        if g is None:
           continue
-        if isinstance(seg['counts'], list):
-          seg = mask_utils.frPyObjects(seg, *seg['size'])
-        g = mask_utils.decode(seg).astype(bool)
-        inter = (masks[t] & g).sum((1, 2))
-        iou = inter / np.maximum((masks[t] | g).sum((1, 2)), 1)
+        iou = best_iou(masks[t], g)
         if iou.max() >= 0.5:
           seen.append((t, int(np.argmax(iou))))
       for (t1, q1), (t2, q2) in zip(seen, seen[1:]):
@@ -156,12 +176,21 @@ def reappearances(config, variables, dataset, gt: dict, embeddings: tuple[str, .
           for e, x in unit.items():
             own[e].append(x[t2, q2] @ x[t1, q1])
             slot[e].append(x[t2, q2] @ x[t1, q2])
+          # What q2 held at t1: the instance its mask covers best (IoU >= 0.5), if any.
+          ious = [(best_iou(masks[t1, q2], m[t1]), b) for b, m in enumerate(gt_masks)
+                  if m[t1] is not None and b != a]
+          iou, b = max(ious, default=(0.0, -1))
+          held.append(SLOT_HELD[2] if iou < 0.5 else SLOT_HELD[
+              0 if anns[b]['category_id'] == ann['category_id'] else 1])
   stats = {}
+  held = np.array(held)
   for e in embeddings:
     o, s = np.array(own[e]), np.array(slot[e])
     stats[e] = {'gaps': len(o), 'own_cos': float(o.mean()) if len(o) else float('nan'),
                 'slot_cos': float(s.mean()) if len(o) else float('nan'),
-                'own_nearest': 100 * float(np.mean(o > s)) if len(o) else float('nan')}
+                'own_nearest': 100 * float(np.mean(o > s)) if len(o) else float('nan'),
+                'by_slot': {k: [int(np.sum(held == k)), 100 * float(np.mean((o > s)[held == k]))
+                                if np.any(held == k) else None] for k in SLOT_HELD}}
   return stats
 
 
@@ -292,7 +321,7 @@ def main(argv=None) -> int:
         models.append((f'minvis {steps}', config, variables, ('decoder',)))
         if args.reid:
           for detach, label, embeddings in ((True, 'reid detached', ('reid',)),
-                                            (False, 'reid fine-tuned', ('decoder', 'reid'))):
+                                            (False, 'reid fine-tuned', ('reid',))):
             models.append((f'{label} {steps}',
                            *fine_tune_reid(workdir, steps, args.reid_steps, detach), embeddings))
           detector = {k: v for k, v in models[-2][2]['params'].items() if k != 'reid_head'}
@@ -340,9 +369,11 @@ def _report(args, trackers, models, base_steps, t0: float) -> int:
     _sweep(args, models, split)
   rows = [(label, emb, name) for label, _, _, embs in models for emb in embs for name in trackers]
   table = {kind: {row: [] for row in rows} for kind in SPLITS}
-  # Re-appearance statistics: each model's own embeddings and, as a content reference, the
-  # untrained mask-pooled pixel features of the base checkpoints.
-  probe = {label: embs + (('mask',) if label.startswith(('minvis', 'random')) else ())
+  # Re-appearance statistics: each model's tracked embeddings, the fine-tuned detector's decoder
+  # embeddings and, as a content reference, the base checkpoints' untrained mask-pooled pixel
+  # features.
+  extra = {'minvis': ('mask',), 'random': ('mask',), 'reid fine-tuned': ('decoder',)}
+  probe = {label: embs + next((v for k, v in extra.items() if label.startswith(k)), ())
            for label, _, _, embs in models}
   gaps = {(label, emb): [] for label, embs in probe.items() for emb in embs}
   for seed in seeds:
@@ -470,7 +501,7 @@ def _print_tables(args, seeds, table, gaps, momentum, min_score, agreement) -> d
             + ' '.join(f'{r["AP"]:.2f}' for r in rs))
   print(f'\nre-appearances on the occlusion split (after >= {MIN_GAP} frames, in another query)')
   print(f'{"checkpoint":>19} {"embed":>7} {"gaps":>5} {"own cos":>8} {"slot cos":>8} '
-        f'{"own nearest %":>13}')
+        f'{"own nearest %":>13}   by what the new query held before the gap')
   for (label, emb), rs in gaps.items():
     n = sum(r['gaps'] for r in rs)
     mean = lambda k: (sum(r[k] * r['gaps'] for r in rs if r['gaps']) / n) if n else float('nan')  # noqa: E731
@@ -479,7 +510,14 @@ def _print_tables(args, seeds, table, gaps, momentum, min_score, agreement) -> d
     summary[f'reappear/{label}/{emb}'] = {'gaps': n, 'own_cos': round(own, 3) if n else None,
                                           'slot_cos': round(slot, 3) if n else None,
                                           'own_nearest': round(nearest, 1) if n else None}
-    print(f'{label:>19} {emb:>7} {n:5d} {own:8.3f} {slot:8.3f} {nearest:13.1f}')
+    by_slot = {}
+    for k in SLOT_HELD:
+      count = sum(r['by_slot'][k][0] for r in rs)
+      hits = sum(r['by_slot'][k][0] * r['by_slot'][k][1] / 100 for r in rs if r['by_slot'][k][0])
+      by_slot[k] = [count, round(100 * hits / count, 1) if count else None]
+    summary[f'reappear/{label}/{emb}']['by_slot'] = by_slot
+    print(f'{label:>19} {emb:>7} {n:5d} {own:8.3f} {slot:8.3f} {nearest:13.1f}   ' + '; '.join(
+        f'{k}: {c} gaps, {"-" if v is None else f"{v:.1f}"} %' for k, (c, v) in by_slot.items()))
   if agreement:
     print('\nslot agreement of the training views (mean of the logged values): '
           + ', '.join(f'{k} {v:.3f}' if v is not None else f'{k} -' for k, v in agreement.items()))

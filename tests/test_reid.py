@@ -97,7 +97,7 @@ def _pair_batch(tiny_config, rng):
   return images, targets
 
 
-@pytest.mark.parametrize('reid_input', ['query', 'query+mask'])
+@pytest.mark.parametrize('reid_input', ['query', 'query+mask', 'mask'])
 def test_detached_head_sends_no_gradient_into_the_detector(tiny_config, reid_input):
   tiny_config.model.reid = True
   tiny_config.model.reid_input = reid_input
@@ -138,16 +138,15 @@ def test_mask_pooled_equals_numpy_and_the_head_reads_it(tiny_config):
       want[b, q] = (w[..., None] * features[b]).sum((0, 1)) / w.sum()
   got = mask2former.mask_pooled(jnp.asarray(logits), jnp.asarray(features))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
-  # With 'query+mask' the head's first layer reads C + mask_dim inputs; the detector's
-  # parameters and outputs are those of the 'query' model.
+  # The head's first layer reads the query state (C), the pooled features (mask_dim) or both.
   tiny_config.model.reid = True
   outs = {}
-  for reid_input in ('query', 'query+mask'):
+  widths = {'query': tiny_config.model.hidden_dim, 'mask': tiny_config.model.mask_dim,
+            'query+mask': tiny_config.model.hidden_dim + tiny_config.model.mask_dim}
+  for reid_input, width in widths.items():
     tiny_config.model.reid_input = reid_input
     variables = random_variables(tiny_config.model, seed=1)
-    kernel = variables['params']['reid_head']['dense_0']['kernel']
-    assert kernel.shape[0] == tiny_config.model.hidden_dim + (
-        tiny_config.model.mask_dim if reid_input == 'query+mask' else 0)
+    assert variables['params']['reid_head']['dense_0']['kernel'].shape[0] == width
     images = jnp.asarray(rng.normal(size=(1, 64, 96, 3)), jnp.float32)
     outs[reid_input] = Mask2Former(ModelConfig.from_config(tiny_config.model)).apply(
         variables, images)

@@ -12,7 +12,9 @@ from minvis_jax.models.pixel_decoder import PixelDecoder
 from minvis_jax.models.transformer_decoder import TransformerDecoder
 
 
-REID_INPUTS = ('query', 'query+mask')   # what the reid head reads (ModelConfig.reid_input)
+# What the reid head reads (ModelConfig.reid_input): the decoder's query state, the pixel features
+# pooled under the query's mask, or both.
+REID_INPUTS = ('query', 'query+mask', 'mask')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,7 @@ class ModelConfig:
   reid: bool = False                 # MLP head on the last decoder layer -> 'pred_reid'
   reid_dim: int = 256                # D of 'pred_reid'
   reid_detach: bool = False          # no gradient from the head into the detector
-  reid_input: str = 'query'          # 'query' | 'query+mask': also the mask-pooled pixel features
+  reid_input: str = 'query'          # one of REID_INPUTS
 
   @classmethod
   def from_config(cls, model: 'Mapping[str, Any] | ModelConfig') -> 'ModelConfig':
@@ -96,12 +98,12 @@ class Mask2Former(nn.Module):
     out['aux_outputs'] = preds[:-1]
     if cfg.reid:
       # An add-on: with it off the parameter tree and every output above are exactly as without.
-      head_input = embds
-      if cfg.reid_input == 'query+mask':
-        # The decoder's query state says which slot it is; the pixel features under its mask say
-        # what it holds, which stays with the object when it comes back in another slot.
-        head_input = jnp.concatenate(
-            [embds, mask_pooled(out['pred_masks'], mask_features).astype(embds.dtype)], axis=-1)
+      # The decoder's query state says which slot it is; the pixel features under its mask say
+      # what it holds, which stays with the object when it comes back in another slot.
+      pooled = lambda: mask_pooled(out['pred_masks'], mask_features).astype(embds.dtype)  # noqa: E731
+      head_input = {'query': lambda: embds, 'mask': pooled,
+                    'query+mask': lambda: jnp.concatenate([embds, pooled()], axis=-1)
+                    }[cfg.reid_input]()
       if cfg.reid_detach:
         head_input = jax.lax.stop_gradient(head_input)
       out['pred_reid'] = ReidHead(cfg.hidden_dim, cfg.reid_dim, dtype, name='reid_head')(
