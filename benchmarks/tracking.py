@@ -74,7 +74,7 @@ from minvis_jax.models import ModelConfig
 from minvis_jax.models.mask2former import mask_pooled
 from minvis_jax.ytvis_eval import evaluate_dicts
 
-SPLITS = ('standard', 'occlusion')
+SPLITS = ('occlusion', 'standard')   # occlusion first: what a cut-short run must have
 MIN_GAP = 3   # hidden or undetected frames before a re-appearance
 CTVIS_KEYS = ('ctvis_score', 'ctvis_match', 'ctvis_retire_frames', 'ctvis_cache',
               'ctvis_max_tracks')
@@ -280,6 +280,10 @@ def main(argv=None) -> int:
   p.add_argument('--reid', action='store_true',
                  help='also the reid checkpoints (detached, fine-tuned) and embeddings')
   p.add_argument('--reid_steps', type=int, default=300, help='fine-tuning steps of --reid')
+  p.add_argument('--models', default='minvis,detached,finetuned',
+                 help='which checkpoints of each base to score (with --reid): the base (minvis), '
+                      'the reid detached and the reid fine-tuned one; e.g. to split the grid '
+                      'over processes')
   p.add_argument('--reid_momentum', type=float, default=0.7,
                  help="the memory tracker's momentum on reid embeddings")
   p.add_argument('--reid_min_score', type=float, default=0.5,
@@ -315,18 +319,24 @@ def main(argv=None) -> int:
       base_steps = ([int(s) for s in args.steps.split(',')] if args.steps
                     else [config_lib.load_config('tiny').total_steps])
       models = []
+      wanted = args.models.split(',')
       for steps in base_steps:
         workdir = os.path.join(args.workdir, f's{steps}')
         config, variables = train_or_reuse(workdir, steps)
-        models.append((f'minvis {steps}', config, variables, ('decoder',)))
-        if args.reid:
-          for detach, label, embeddings in ((True, 'reid detached', ('reid',)),
-                                            (False, 'reid fine-tuned', ('reid',))):
-            models.append((f'{label} {steps}',
-                           *fine_tune_reid(workdir, steps, args.reid_steps, detach), embeddings))
-          detector = {k: v for k, v in models[-2][2]['params'].items() if k != 'reid_head'}
-          same = jax.tree.all(jax.tree.map(np.array_equal, detector, variables['params']))
-          print(f'reid detached {steps}: detector bit-identical to the base checkpoint: {same}')
+        if 'minvis' in wanted:
+          models.append((f'minvis {steps}', config, variables, ('decoder',)))
+        if not args.reid:
+          continue
+        for detach, name, label in ((True, 'detached', 'reid detached'),
+                                    (False, 'finetuned', 'reid fine-tuned')):
+          if name not in wanted:
+            continue
+          models.append((f'{label} {steps}',
+                         *fine_tune_reid(workdir, steps, args.reid_steps, detach), ('reid',)))
+          if detach:
+            detector = {k: v for k, v in models[-1][2]['params'].items() if k != 'reid_head'}
+            same = jax.tree.all(jax.tree.map(np.array_equal, detector, variables['params']))
+            print(f'reid detached {steps}: detector bit-identical to the base checkpoint: {same}')
     print(f'checkpoints ready in {time.time() - t0:.0f} s', flush=True)
     return _report(args, trackers, models, base_steps, t0)
 
@@ -400,13 +410,13 @@ def _report(args, trackers, models, base_steps, t0: float) -> int:
             args.workdir, f's{steps}', f'reid_{kind}_{args.reid_steps}{tag.replace("+", "-")}'))
   summary = _print_tables(args, seeds, table, gaps, momentum, min_score, agreement)
   summary.update(_goals(table, gaps, models, trackers))
-  base = models[0][0]
-  seconds = {name: sum(r['seconds'] for kind in SPLITS for r in table[kind][base, 'decoder', name])
+  base, _, _, (emb, *_) = models[0]
+  seconds = {name: sum(r['seconds'] for kind in SPLITS for r in table[kind][base, emb, name])
              for name in trackers}
   for kind in SPLITS:
     for name in trackers[1:]:
-      per_seed = [m['AP'] - b['AP'] for m, b in zip(table[kind][base, 'decoder', name],
-                                                     table[kind][base, 'decoder', 'minvis'])]
+      per_seed = [m['AP'] - b['AP'] for m, b in zip(table[kind][base, emb, name],
+                                                     table[kind][base, emb, 'minvis'])]
       summary[f'{kind}/{name}_minus_minvis_AP'] = [round(d, 2) for d in per_seed]
   ours = 'memory' if 'memory' in trackers else trackers[-1]
   print(f'finished in {time.time() - t0:.0f} s')
@@ -427,12 +437,13 @@ def _goals(table, gaps, models, trackers) -> dict:
   out = {}
   print('\ngoals (vs MinVIS of the same base checkpoint; means over seeds)')
   mean = lambda rs, k: float(np.mean([r[k] for r in rs]))  # noqa: E731
+  base = None
   for label, _, _, embs in models:
     if label.startswith(('minvis', 'random')):
       base = label
       continue
-    if 'minvis' not in trackers:
-      continue
+    if base is None or base.split()[-1] != label.split()[-1]:
+      continue   # its base checkpoint was not scored (--models)
     ref = {kind: table[kind][base, 'decoder', 'minvis'] for kind in SPLITS}
     for emb in embs:
       rs = gaps.get((label, emb), [])
