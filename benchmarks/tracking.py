@@ -122,7 +122,9 @@ def _forward(model_config: ModelConfig, embeddings: tuple[str, ...], variables, 
   return out['pred_masks'], {e: found[e]() for e in embeddings}
 
 
-SLOT_HELD = ('same category', 'other category', 'no instance')
+# What a returning object's new query held before the gap: the object itself (a duplicate of its
+# query then), another instance of its category or of another, or none (mask IoU >= 0.5).
+SLOT_HELD = ('itself', 'same category', 'other category', 'no instance')
 
 
 def _decode(seg: dict) -> np.ndarray:
@@ -134,8 +136,7 @@ def _decode(seg: dict) -> np.ndarray:
 def reappearances(config, variables, dataset, gt: dict, embeddings: tuple[str, ...]) -> dict:
   """Re-appearance statistics of each of `embeddings` (`_forward`) over `dataset` (module
   docstring): {embedding: {gaps, own_cos, slot_cos (means), own_nearest (percent of gaps),
-  by_slot: {what the new query held before the gap (SLOT_HELD: an instance of the same category,
-  of another, or none with mask IoU >= 0.5): [gaps, own nearest %]}}}."""
+  by_slot: {what the new query held before the gap (SLOT_HELD): [gaps, own nearest %]}}}."""
   model_config = ModelConfig.from_config(config.model)
   own = {e: [] for e in embeddings}
   slot = {e: [] for e in embeddings}
@@ -178,10 +179,10 @@ def reappearances(config, variables, dataset, gt: dict, embeddings: tuple[str, .
             slot[e].append(x[t2, q2] @ x[t1, q2])
           # What q2 held at t1: the instance its mask covers best (IoU >= 0.5), if any.
           ious = [(best_iou(masks[t1, q2], m[t1]), b) for b, m in enumerate(gt_masks)
-                  if m[t1] is not None and b != a]
+                  if m[t1] is not None]
           iou, b = max(ious, default=(0.0, -1))
-          held.append(SLOT_HELD[2] if iou < 0.5 else SLOT_HELD[
-              0 if anns[b]['category_id'] == ann['category_id'] else 1])
+          held.append(SLOT_HELD[3] if iou < 0.5 else SLOT_HELD[0] if b == a else SLOT_HELD[
+              1 if anns[b]['category_id'] == ann['category_id'] else 2])
   stats = {}
   held = np.array(held)
   for e in embeddings:
@@ -393,6 +394,7 @@ def _report(args, trackers, models, base_steps, t0: float) -> int:
         if kind == 'occlusion':
           for emb, r in reappearances(cfg, var, dataset, gt, probe[label]).items():
             gaps[label, emb].append(r)
+            print(f're-appearances seed {seed} {label} {emb}: ' + json.dumps(r), flush=True)
         for emb in embs:
           for name in trackers:
             r = score(cfg, var, dataset, gt, name, *_memory(args, emb), embedding=emb,
