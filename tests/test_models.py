@@ -88,7 +88,9 @@ def test_variant_tables_build_the_presets():
 def test_reid_off_is_todays_model_and_on_adds_only_the_head():
   assert common.tiny_model().reid is False   # the default: MinVIS's model
   off_cfg = ModelConfig.from_config(common.tiny_model())
-  on_cfg = dataclasses.replace(off_cfg, reid=True)
+  # The head on the query state, whose input the numpy reference below reads (the mask-pooled
+  # input has its own reference: test_reid.test_mask_pooled_equals_numpy_and_the_head_reads_it).
+  on_cfg = dataclasses.replace(off_cfg, reid=True, reid_input='query')
   # A config written before the reid fields (a checkpoint's config.json) builds the same model.
   old = common.tiny_model()
   for key in ('reid', 'reid_dim', 'reid_detach', 'reid_input'):
