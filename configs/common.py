@@ -49,7 +49,7 @@ def mask2former_model(backbone: ml_collections.ConfigDict, num_classes: int = 40
       reid=False,
       reid_dim=256,
       reid_detach=False,                 # train only the head: masks and classes stay as loaded
-      reid_input='mask',                 # head input: 'mask' (pooled pixels), 'query' or 'query+mask'
+      reid_input='mask',                 # head input: 'mask' (pooled pixels), 'query', 'query+mask'
   ))
 
 
