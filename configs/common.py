@@ -49,6 +49,7 @@ def mask2former_model(backbone: ml_collections.ConfigDict, num_classes: int = 40
       reid=False,
       reid_dim=256,
       reid_detach=False,                 # train only the head: masks and classes stay as loaded
+      reid_input='mask',                 # head input: 'mask' (pooled pixels), 'query', 'query+mask'
   ))
 
 
@@ -162,6 +163,7 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       aux_weight=3.0,              # squared (cosine - label) over the other view's queries
       move_prob=1.0,               # chance that view B moves one instance elsewhere
       cover_prob=1.0,              # chance that another instance is then pasted over its old place
+      move_count=3,                # instances view B moves (at most those present)
   ))
   # Evaluation inside `train` on the training mesh, logged as eval/* at its step (metrics.jsonl,
   # TensorBoard). Off by default: `minvis-jax evaluate --watch WORKDIR` does it beside the run.

@@ -17,6 +17,7 @@ import numpy as np
 
 import minvis_jax
 from minvis_jax import tracking
+from minvis_jax.models.mask2former import REID_INPUTS
 
 
 def configs_dir() -> str:
@@ -201,6 +202,8 @@ def _validate_reid(config, check, fail, positive_int) -> None:
   for key in ('model.reid', 'model.reid_detach'):
     check(key, lambda x: isinstance(x, bool), 'True or False')
   check('model.reid_dim', positive_int, 'an integer >= 1')
+  check('model.reid_input', lambda x: x in REID_INPUTS, f'one of {REID_INPUTS}')
+  check('reid.move_count', positive_int, 'an integer >= 1')
   for key in ('reid.con_weight', 'reid.aux_weight'):
     check(key, lambda x: _is_number(x) and x >= 0, 'a finite number >= 0')
   for key in ('reid.move_prob', 'reid.cover_prob'):

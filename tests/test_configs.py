@@ -256,7 +256,8 @@ def test_config_trains_a_step_at_tiny_shapes(name, arg, dataset_roots):
 
 @pytest.mark.parametrize('override', ['model.reid=1', 'model.reid_detach="yes"', 'model.reid_dim=0',
                                       'reid.con_weight=-1.0', 'reid.move_prob=1.5',
-                                      'reid.cover_prob=-0.1', 'inference.embedding="slot"'])
+                                      'reid.cover_prob=-0.1', 'inference.embedding="slot"',
+                                      'model.reid_input="pixels"', 'reid.move_count=0'])
 def test_reid_keys_are_validated_naming_the_key(override):
   key = override.partition('=')[0]
   with pytest.raises(ValueError, match=re.escape(key) + r"=\S"):

@@ -88,12 +88,16 @@ def test_variant_tables_build_the_presets():
 def test_reid_off_is_todays_model_and_on_adds_only_the_head():
   assert common.tiny_model().reid is False   # the default: MinVIS's model
   off_cfg = ModelConfig.from_config(common.tiny_model())
-  on_cfg = dataclasses.replace(off_cfg, reid=True)
+  # The head on the query state, whose input the numpy reference below reads (the mask-pooled
+  # input has its own reference: test_reid.test_mask_pooled_equals_numpy_and_the_head_reads_it).
+  on_cfg = dataclasses.replace(off_cfg, reid=True, reid_input='query')
   # A config written before the reid fields (a checkpoint's config.json) builds the same model.
   old = common.tiny_model()
-  for key in ('reid', 'reid_dim', 'reid_detach'):
+  for key in ('reid', 'reid_dim', 'reid_detach', 'reid_input'):
     del old[key]
-  assert ModelConfig.from_config(old) == dataclasses.replace(off_cfg, reid_dim=256)
+  # (A reid checkpoint of then read the query state: reid_input 'query'.)
+  assert ModelConfig.from_config(old) == dataclasses.replace(off_cfg, reid_dim=256,
+                                                             reid_input='query')
   x = jnp.asarray(np.random.RandomState(3).randn(2, 64, 96, 3), jnp.float32)
   off_vars = jax.jit(Mask2Former(off_cfg).init)(jax.random.PRNGKey(0), x)
   on_vars = jax.jit(Mask2Former(on_cfg).init)(jax.random.PRNGKey(0), x)

@@ -103,6 +103,36 @@ def test_move_and_cover_change_what_holds_the_old_place():
   np.testing.assert_array_equal(msk, masks)
 
 
+def test_move_count_moves_several_instances():
+  image = np.full((60, 90, 3), 100, np.uint8)
+  masks = np.zeros((3, 60, 90), np.uint8)
+  masks[0, 5:15, 5:15] = 1
+  masks[1, 40:50, 60:75] = 1
+  masks[2, 5:20, 60:70] = 1
+  colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
+  for k in range(3):
+    image[masks[k] == 1] = colours[k]
+  labels = np.array([0, 1, 2])
+  left = []
+  for seed in range(20):
+    img, msk, lab = pairs.move_instance(image, masks, labels, np.random.default_rng(seed),
+                                        pairs.PairConfig(1.0, 0.0, move_count=3))
+    assert len(lab) == 3 and msk.sum(0).max() <= 1
+    for k in range(3):
+      assert np.all(img[msk[k] == 1] == colours[k])
+      # Every instance left its old place: what is still there is a pasted one's, or background.
+      assert not np.array_equal(msk[k], masks[k])
+    # The old places hold no instance that was there before, except where a pasted one landed.
+    left.append(sum(int((msk[k] & masks[k]).sum()) for k in range(3)))
+  assert np.median(left) == 0
+  # With covers: one new target per moved instance, appended with its source's label.
+  img, msk, lab = pairs.move_instance(image, masks, labels, np.random.default_rng(0),
+                                      pairs.PairConfig(1.0, 1.0, move_count=2))
+  assert len(lab) == 5 and msk.sum(0).max() <= 1
+  for k in range(5):
+    assert np.all(img[msk[k] == 1] == colours[lab[k]])
+
+
 def test_processes_read_only_their_pairs_and_need_even_rows(config):
   config.batch_size = 8
   whole = make_input(config).batch(5)

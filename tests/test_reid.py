@@ -16,6 +16,7 @@ from minvis_jax import reid
 from minvis_jax import train
 from minvis_jax.models import Mask2Former
 from minvis_jax.models import ModelConfig
+from minvis_jax.models import mask2former
 from support.variables import random_variables
 
 
@@ -96,8 +97,10 @@ def _pair_batch(tiny_config, rng):
   return images, targets
 
 
-def test_detached_head_sends_no_gradient_into_the_detector(tiny_config):
+@pytest.mark.parametrize('reid_input', ['query', 'query+mask', 'mask'])
+def test_detached_head_sends_no_gradient_into_the_detector(tiny_config, reid_input):
   tiny_config.model.reid = True
+  tiny_config.model.reid_input = reid_input
   images, targets = _pair_batch(tiny_config, np.random.default_rng(2))
   loss_config = criterion.LossConfig.from_config(tiny_config.loss)
   key = jax.random.PRNGKey(0)
@@ -122,6 +125,35 @@ def test_detached_head_sends_no_gradient_into_the_detector(tiny_config):
   assert norm(detached['reid_head']) > 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                detached['reid_head'], attached['reid_head'])
+
+
+def test_mask_pooled_equals_numpy_and_the_head_reads_it(tiny_config):
+  rng = np.random.default_rng(7)
+  logits = rng.normal(scale=3.0, size=(2, 5, 4, 6)).astype(np.float32)
+  features = rng.normal(size=(2, 4, 6, 3)).astype(np.float32)
+  want = np.zeros((2, 5, 3))
+  for b in range(2):
+    for q in range(5):
+      w = 1 / (1 + np.exp(-logits[b, q].astype(np.float64)))
+      want[b, q] = (w[..., None] * features[b]).sum((0, 1)) / w.sum()
+  got = mask2former.mask_pooled(jnp.asarray(logits), jnp.asarray(features))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  # The head's first layer reads the query state (C), the pooled features (mask_dim) or both.
+  tiny_config.model.reid = True
+  outs = {}
+  widths = {'query': tiny_config.model.hidden_dim, 'mask': tiny_config.model.mask_dim,
+            'query+mask': tiny_config.model.hidden_dim + tiny_config.model.mask_dim}
+  for reid_input, width in widths.items():
+    tiny_config.model.reid_input = reid_input
+    variables = random_variables(tiny_config.model, seed=1)
+    assert variables['params']['reid_head']['dense_0']['kernel'].shape[0] == width
+    images = jnp.asarray(rng.normal(size=(1, 64, 96, 3)), jnp.float32)
+    outs[reid_input] = Mask2Former(ModelConfig.from_config(tiny_config.model)).apply(
+        variables, images)
+    assert outs[reid_input]['pred_reid'].shape == (1, tiny_config.model.num_queries,
+                                                  tiny_config.model.reid_dim)
+  with pytest.raises(ValueError, match="reid_input 'pixels' is not one of"):
+    ModelConfig.from_config({**tiny_config.model.to_dict(), 'reid_input': 'pixels'})
 
 
 def test_last_layer_match_is_the_criterions(tiny_config):

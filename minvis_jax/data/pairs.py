@@ -3,11 +3,11 @@
 Each global step of B images holds B / 2 pairs; rows 2p and 2p + 1 of a batch are views A and B
 of pair p, and target slot g is the same instance in both (absent from a view: `valid` False
 there). Each view is augmented independently (`input_pipeline.augment`: crop, scale, flip); view B
-then, with probability `reid.move_prob`, moves one instance elsewhere (its pixels cut out, the
-hole filled with the background's median colour, pasted at a random place), and with probability
-`reid.cover_prob` pastes a copy of another instance over the moved one's old place (a new target,
-only in B). So the query that held an instance in A often holds something else in B, which is
-what the contrastive loss must learn to tell apart.
+then, with probability `reid.move_prob`, moves `reid.move_count` instances elsewhere one after
+the other (each one's pixels cut out, the hole filled with the background's median colour, pasted
+at a random place), and with probability `reid.cover_prob` pastes a copy of another instance over
+each moved one's old place (a new target, only in B). So the query that held an instance in A
+often holds something else in B, which is what the contrastive loss must learn to tell apart.
 
 Like the frame input, the stream is a pure function of (seed, step): pair p of step s reads video
 `perm_e[(s * B / 2 + p) % V]` and draws its frame and both views from generators seeded by
@@ -29,10 +29,12 @@ class PairConfig:
   """The slot-breaking moves of view B (`config.reid`)."""
   move_prob: float
   cover_prob: float
+  move_count: int = 1
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'PairConfig':
-    return cls(float(config.reid.move_prob), float(config.reid.cover_prob))
+    return cls(float(config.reid.move_prob), float(config.reid.cover_prob),
+               int(config.reid.get('move_count', 1)))
 
 
 def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -58,40 +60,51 @@ def move_instance(image: np.ndarray, masks: np.ndarray, labels: np.ndarray,
   """View B's slot-breaking moves (module docstring).
 
   image uint8 [H, W, 3], masks uint8 [N, H, W] (slot g = instance g; empty = absent), labels [N]
-  -> (image, masks [N + c, H, W], labels [N + c]) with c = 1 if a cover copy was pasted (a new
-  instance, appended) else 0. Inputs are not modified.
+  -> (image, masks [N + c, H, W], labels [N + c]): with probability `move_prob`, up to
+  `move_count` distinct instances are moved one after the other, and with probability
+  `cover_prob` a copy of another instance is pasted over each one's old place (c new instances,
+  appended). Inputs are not modified.
   """
   image, masks = image.copy(), masks.copy()
   present = np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1))
   if not len(present) or rng.random() >= config.move_prob:
     return image, masks, labels
-  i = int(rng.choice(present))
-  old = masks[i].astype(bool)
-  y0, y1, x0, x1 = _box(old)
-  source, patch = old[y0:y1, x0:x1], image[y0:y1, x0:x1].copy()
+  height, width = image.shape[:2]
   background = ~masks.any(axis=0)
-  fill = np.median(image[background], axis=0) if background.any() else np.zeros(3)
-  image[old] = fill.astype(np.uint8)
-  masks[i] = 0
-  height, width = old.shape
-  y = int(rng.integers(0, height - (y1 - y0) + 1))
-  x = int(rng.integers(0, width - (x1 - x0) + 1))
-  masks[i] |= _paste(image, masks, source, patch, y, x).astype(np.uint8)
-  others = [j for j in present if j != i]
-  if not others or rng.random() >= config.cover_prob:
-    return image, masks, labels
-  j = int(rng.choice(others))
-  if not masks[j].any():   # j is now hidden entirely by the moved instance
-    return image, masks, labels
-  cy0, cy1, cx0, cx1 = _box(masks[j].astype(bool))
-  cover, cover_patch = masks[j, cy0:cy1, cx0:cx1].astype(bool), image[cy0:cy1, cx0:cx1].copy()
-  # Centred on the moved instance's old place, kept inside the image.
-  h, w = cover.shape
-  y = int(np.clip((y0 + y1 - h) // 2, 0, height - h))
-  x = int(np.clip((x0 + x1 - w) // 2, 0, width - w))
-  placed = _paste(image, masks, cover, cover_patch, y, x)
-  return (image, np.concatenate([masks, placed[None].astype(np.uint8)]),
-          np.concatenate([labels, labels[j:j + 1]]))
+  fill = (np.median(image[background], axis=0) if background.any() else np.zeros(3)
+          ).astype(np.uint8)
+  remaining, olds = list(present), []
+  for _ in range(min(config.move_count, len(present))):
+    i = int(rng.choice(remaining))
+    remaining.remove(i)
+    old = masks[i].astype(bool)
+    if not old.any():   # hidden entirely by an instance moved before it
+      continue
+    y0, y1, x0, x1 = _box(old)
+    source, patch = old[y0:y1, x0:x1], image[y0:y1, x0:x1].copy()
+    image[old] = fill
+    masks[i] = 0
+    y = int(rng.integers(0, height - (y1 - y0) + 1))
+    x = int(rng.integers(0, width - (x1 - x0) + 1))
+    masks[i] |= _paste(image, masks, source, patch, y, x).astype(np.uint8)
+    olds.append((i, (y0, y1, x0, x1)))
+  for i, (y0, y1, x0, x1) in olds:
+    others = [j for j in present if j != i]
+    if not others or rng.random() >= config.cover_prob:
+      continue
+    j = int(rng.choice(others))
+    if not masks[j].any():   # j is now hidden entirely by a moved instance
+      continue
+    cy0, cy1, cx0, cx1 = _box(masks[j].astype(bool))
+    cover, cover_patch = masks[j, cy0:cy1, cx0:cx1].astype(bool), image[cy0:cy1, cx0:cx1].copy()
+    # Centred on the moved instance's old place, kept inside the image.
+    h, w = cover.shape
+    y = int(np.clip((y0 + y1 - h) // 2, 0, height - h))
+    x = int(np.clip((x0 + x1 - w) // 2, 0, width - w))
+    placed = _paste(image, masks, cover, cover_patch, y, x)
+    masks = np.concatenate([masks, placed[None].astype(np.uint8)])
+    labels = np.concatenate([labels, labels[j:j + 1]])
+  return image, masks, labels
 
 
 def to_canvas(image: np.ndarray, masks: np.ndarray, labels: np.ndarray,

@@ -12,6 +12,11 @@ from minvis_jax.models.pixel_decoder import PixelDecoder
 from minvis_jax.models.transformer_decoder import TransformerDecoder
 
 
+# What the reid head reads (ModelConfig.reid_input): the decoder's query state, the pixel features
+# pooled under the query's mask, or both.
+REID_INPUTS = ('query', 'query+mask', 'mask')
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The model's architecture, built once from `config.model` (`from_config`).
@@ -38,6 +43,7 @@ class ModelConfig:
   reid: bool = False                 # MLP head on the last decoder layer -> 'pred_reid'
   reid_dim: int = 256                # D of 'pred_reid'
   reid_detach: bool = False          # no gradient from the head into the detector
+  reid_input: str = 'query'          # one of REID_INPUTS
 
   @classmethod
   def from_config(cls, model: 'Mapping[str, Any] | ModelConfig') -> 'ModelConfig':
@@ -56,6 +62,9 @@ class ModelConfig:
     values = {n: str(model[n]) if n == 'dtype' else int(model[n]) for n in names}
     for name, default in optional.items():
       values[name] = type(default)(model.get(name, default))
+    if values['reid_input'] not in REID_INPUTS:
+      raise ValueError(f'model config: reid_input {values["reid_input"]!r} is not one of '
+                       f'{", ".join(REID_INPUTS)}')
     return cls(backbone=backbone_lib.backbone_config(model['backbone']), **values)
 
 
@@ -89,10 +98,26 @@ class Mask2Former(nn.Module):
     out['aux_outputs'] = preds[:-1]
     if cfg.reid:
       # An add-on: with it off the parameter tree and every output above are exactly as without.
-      head_input = jax.lax.stop_gradient(embds) if cfg.reid_detach else embds
+      # The decoder's query state says which slot it is; the pixel features under its mask say
+      # what it holds, which stays with the object when it comes back in another slot.
+      pooled = lambda: mask_pooled(out['pred_masks'], mask_features).astype(embds.dtype)  # noqa: E731
+      head_input = {'query': lambda: embds, 'mask': pooled,
+                    'query+mask': lambda: jnp.concatenate([embds, pooled()], axis=-1)
+                    }[cfg.reid_input]()
+      if cfg.reid_detach:
+        head_input = jax.lax.stop_gradient(head_input)
       out['pred_reid'] = ReidHead(cfg.hidden_dim, cfg.reid_dim, dtype, name='reid_head')(
           head_input)
     return out
+
+
+def mask_pooled(mask_logits: jnp.ndarray, mask_features: jnp.ndarray) -> jnp.ndarray:
+  """Pixel features averaged under each query's soft mask: mask_logits [B, Q, h, w],
+  mask_features [B, h, w, C] -> [B, Q, C] float32 (weights sigmoid(logit), normalised per query)."""
+  weights = jax.nn.sigmoid(mask_logits.astype(jnp.float32))
+  weights = weights / jnp.maximum(jnp.sum(weights, axis=(2, 3), keepdims=True), 1e-6)
+  return jnp.einsum('bqhw,bhwc->bqc', weights, mask_features.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 class ReidHead(nn.Module):
