@@ -76,7 +76,7 @@ def test_subcommand_errors_go_through_run(tmp_path, capsys):
 
 @pytest.mark.parametrize('argv, message', [
     (['infer', '--checkpoint', 'c', '--video', 'v', '--out', 'o', '--tracker', 'memory'],
-     '--tracker was renamed: use --set inference.tracker=memory|minvis'),
+     '--tracker was renamed: use --set inference.tracker=memory|minvis|ctvis'),
     (['convert', '--source', 'hf', '--input', 'x', '--output', 'o'],
      '--output was renamed: use --out'),
     (['demo', '--steps=10'], '--steps was renamed: use --total_steps'),
