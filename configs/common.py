@@ -49,6 +49,10 @@ def mask2former_model(backbone: ml_collections.ConfigDict, num_classes: int = 40
       reid=False,
       reid_dim=256,
       reid_detach=False,                 # train only the head: masks and classes stay as loaded
+      # Rematerialisation: 'none' | 'backbone' | 'decoder' | 'all' (backbone blocks, pixel- and
+      # transformer-decoder layers recompute their activations in the backward pass: less memory,
+      # more compute; the same parameters and outputs).
+      remat='none',
   ))
 
 
