@@ -345,6 +345,8 @@ def _plan(args: argparse.Namespace) -> int:
     jax.config.update('jax_platforms', 'cpu')
   config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides(args))
   log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+  if args.search and args.top_ops:
+    raise ValueError('--top_ops: not with --search (plan the setting it finds with --top_ops)')
   if args.search:
     report = plan.search_config(config, args.topology, args.keep_dtype, log)
     print(json.dumps(report, indent=1) if args.json else plan.format_search(report))
@@ -356,6 +358,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 COMMANDS['plan'] = ('compile the train step and evaluation for a TPU slice on this host: memory, '
                     'flops, collectives, roofline bound', _plan_flags, _plan)
+NEEDS['plan'] = (('--keep_dtype', '--search'),)
 
 
 # --- evaluate ---

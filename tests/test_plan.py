@@ -113,7 +113,9 @@ def tpu_site(tmp_path_factory):
 
 
 def _tpu_env(site: str) -> dict:
-  return dict(os.environ, PYTHONPATH=site, JAX_PLATFORMS='cpu')
+  # libtpu takes a host-wide lock file at start-up unless told otherwise: the compile-only use here
+  # opens no TPU, and another plan (or test run) on the host must not fail it.
+  return dict(os.environ, PYTHONPATH=site, JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1')
 
 
 @pytest.fixture(scope='module')
@@ -416,3 +418,15 @@ def test_search_skips_what_an_out_of_memory_rules_out_and_says_when_nothing_fits
   report = {'topology': 'v5e:2x4', 'chip': vars(V5E), 'chips': 8,
             'setup': {'batch_size': 8, 'canvas': [128, 224]}, 'search': found}
   assert plan.format_search(report).splitlines()[-1].startswith('no setting fits')
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--keep_dtype'], '--keep_dtype applies only with --search'),
+    (['--search', '--top_ops', '3'], '--top_ops: not with --search (plan the setting it finds '
+     'with --top_ops)')])
+def test_search_flags_that_do_not_go_together_are_one_line(flags, message):
+  run = subprocess.run([sys.executable, '-m', 'minvis_jax.cli', 'plan', '--config', 'tiny',
+                        '--topology', 'v5e:2x2', *flags], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == 2
+  assert run.stderr.strip().splitlines()[-1] == f'minvis-jax plan: error: {message}'
