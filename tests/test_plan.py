@@ -130,7 +130,7 @@ def compiled_directly(tpu_site, tmp_path_factory):
 def test_plan_of_tiny_on_v5e_matches_the_compiled_step(tpu_site, compiled_directly):
   sets = [a for s in TINY for a in ('--set', s)]
   run = subprocess.run([sys.executable, '-m', 'minvis_jax.cli', 'plan', '--config', 'tiny', *sets,
-                        '--topology', 'v5e:2x2', '--json', '--no_eval'], cwd=REPO,
+                        '--topology', 'v5e:2x2', '--json', '--no_eval', '--top_ops', '5'], cwd=REPO,
                        env=_tpu_env(tpu_site), capture_output=True, text=True, timeout=1800)
   assert run.returncode == 0, run.stderr
   # libtpu's start-up noise is hidden: stderr holds only the progress lines.
@@ -158,6 +158,13 @@ def test_plan_of_tiny_on_v5e_matches_the_compiled_step(tpu_site, compiled_direct
   assert r['step_s'] == max(r['compute_s'], r['hbm_s'], r['ici_s'])
   assert r['images_per_s'] == pytest.approx(8 / r['step_s'])
   assert r['compute_s'] == pytest.approx(t['flops'] / 197e12)
+  # The byte account of the TPU program: its ops named by the model code they come from.
+  account = t['bytes_account']
+  assert sum(account['by_part'].values()) == account['counted_bytes'] > 0
+  assert account['coverage'] == pytest.approx(account['counted_bytes'] / t['hbm_bytes'])
+  assert {'backbone', 'deformable sampling', 'pixel decoder'} <= set(account['by_part'])
+  top = [op['bytes'] for op in account['top_ops']]
+  assert len(top) == 5 and top == sorted(top, reverse=True) and top[-1] > 0
 
 
 @pytest.mark.slow
