@@ -50,6 +50,10 @@ def mask2former_model(backbone: ml_collections.ConfigDict, num_classes: int = 40
       reid_dim=256,
       reid_detach=False,                 # train only the head: masks and classes stay as loaded
       reid_input='mask',                 # head input: 'mask' (pooled pixels), 'query', 'query+mask'
+      # Rematerialisation: 'none' | 'backbone' | 'decoder' | 'all' (backbone blocks, pixel- and
+      # transformer-decoder layers recompute their activations in the backward pass: less memory,
+      # more compute; the same parameters and outputs).
+      remat='none',
   ))
 
 
@@ -250,3 +254,36 @@ def zoo_config(dataset: str, backbone: str, fraction: float) -> ml_collections.C
   c.init.checkpoint = f'pretrained/coco_{backbone}'
   c.init.reinit_class_head = True
   return c
+
+
+# Pod plans: how the recipe of a backbone runs on a named TPU slice, the global batch kept.
+# chips: the slice's chips (mesh.data); accumulate_steps, remat, fsdp: the memory settings, found
+# with `minvis-jax plan --search` and checked by compiling the train step for the slice's topology
+# (docs/tpu.md, "Compiled plans", has each row's memory and roofline bound).
+PODS = {
+    # pod: (libtpu topology for `minvis-jax plan --topology`, chips)
+    'v5e-8': ('v5e:2x4', 8),
+    'v5e-16': ('v5e:4x4', 16),
+}
+POD_PLANS = {
+    # (backbone, pod): settings
+    ('r50', 'v5e-16'): dict(accumulate_steps=1, remat='none', fsdp=False),
+    ('r50', 'v5e-8'): dict(accumulate_steps=2, remat='none', fsdp=False),
+}
+
+
+def with_pod(c: ml_collections.ConfigDict, backbone: str, pod: str,
+             config: str = 'configs/minvis.py') -> ml_collections.ConfigDict:
+  """The recipe `c` (of `backbone`) on the named slice `pod` (`POD_PLANS`): its mesh size and
+  memory settings; the global batch is unchanged (per chip: batch / chips / accumulate_steps)."""
+  known = sorted(p for b, p in POD_PLANS if b == backbone)
+  if (backbone, pod) not in POD_PLANS:
+    raise ValueError(f'{config}: pod={pod!r}: no pod plan for backbone={backbone!r}; known: '
+                     f'{", ".join(known) or "none"}')
+  plan = POD_PLANS[(backbone, pod)]
+  c.mesh.data = PODS[pod][1]
+  c.mesh.fsdp = plan['fsdp']
+  c.model.remat = plan['remat']
+  c.optim.accumulate_steps = plan['accumulate_steps']
+  return c
+

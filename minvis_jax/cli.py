@@ -330,20 +330,35 @@ def _plan_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--json', action='store_true', help='print the plan as JSON')
   parser.add_argument('--no_eval', action='store_true',
                       help='only the train step (no evaluation window search)')
+  parser.add_argument('--top_ops', type=nonneg_int, default=0, metavar='N',
+                      help='also the train step\'s HBM bytes by model part and its N largest ops')
+  parser.add_argument('--search', action='store_true',
+                      help='instead: find the cheapest setting of FSDP, rematerialisation, '
+                      'bfloat16 compute and gradient accumulation (the global batch kept) whose '
+                      'train step fits, and print it as --set flags (a compile per candidate)')
+  parser.add_argument('--keep_dtype', action='store_true',
+                      help='--search: keep the config\'s model.dtype (no bfloat16 family)')
 
 
 def _plan(args: argparse.Namespace) -> int:
   if not os.environ.get('JAX_PLATFORMS'):   # with libtpu installed jax would try a local TPU
     jax.config.update('jax_platforms', 'cpu')
   config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides(args))
-  report = plan.plan_config(config, args.topology, not args.no_eval,
-                            log=lambda line: print(line, file=sys.stderr, flush=True))
+  log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+  if args.search and args.top_ops:
+    raise ValueError('--top_ops: not with --search (plan the setting it finds with --top_ops)')
+  if args.search:
+    report = plan.search_config(config, args.topology, args.keep_dtype, log)
+    print(json.dumps(report, indent=1) if args.json else plan.format_search(report))
+    return 0
+  report = plan.plan_config(config, args.topology, not args.no_eval, log=log, top_ops=args.top_ops)
   print(json.dumps(plan.to_json(report), indent=1) if args.json else plan.format_report(report))
   return 0
 
 
 COMMANDS['plan'] = ('compile the train step and evaluation for a TPU slice on this host: memory, '
                     'flops, collectives, roofline bound', _plan_flags, _plan)
+NEEDS['plan'] = (('--keep_dtype', '--search'),)
 
 
 # --- evaluate ---

@@ -18,6 +18,7 @@ import numpy as np
 import minvis_jax
 from minvis_jax import tracking
 from minvis_jax.models.mask2former import REID_INPUTS
+from minvis_jax.models.mask2former import REMAT
 
 
 def configs_dir() -> str:
@@ -276,6 +277,7 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config'
       fail(heads, n, f'a divisor of model.hidden_dim={dim}')
   check('model.dtype', lambda x: x in ('float32', 'bfloat16'), "'float32' or 'bfloat16'")
   check('model.backbone.name', lambda x: x in ('resnet', 'swin'), "'resnet' or 'swin'")
+  check('model.remat', lambda x: x in REMAT, f'one of {REMAT}')
   check('data.annotation_fraction', lambda x: _is_number(x) and 0 < x <= 1, 'a number in (0, 1]')
   for key in ('data.mean', 'data.std'):
     check(key, lambda x: isinstance(x, (tuple, list)) and len(x) == 3 and all(

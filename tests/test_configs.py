@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from minvis_jax import config_lib
+from minvis_jax.configs import common
 from minvis_jax.models import Mask2Former
 from minvis_jax.models import ModelConfig
 
@@ -118,6 +119,33 @@ def test_config_arguments_are_checked():
   with pytest.raises(ValueError, match=r"configs/minvis.py: argument 'dataset'"):
     _load('minvis.py', 'dataset')
   assert _load('minvis.py', 'fraction=1').data.annotation_fraction == 1.0
+
+
+
+@pytest.mark.parametrize('backbone,pod', sorted(common.POD_PLANS))
+def test_pod_plan_sets_the_mesh_and_memory_settings_and_keeps_the_batch(backbone, pod):
+  c = _load('minvis.py', f'backbone={backbone},pod={pod}')
+  plain = _load('minvis.py', f'backbone={backbone}')
+  settings = common.POD_PLANS[(backbone, pod)]
+  topology, chips = common.PODS[pod]
+  assert topology.startswith(pod.split('-')[0] + ':')
+  assert (c.mesh.data, c.mesh.fsdp, c.model.remat, c.optim.accumulate_steps) == (
+      chips, settings['fsdp'], settings['remat'], settings['accumulate_steps'])
+  assert c.batch_size == plain.batch_size == 32           # the recipe's global batch
+  assert c.batch_size % (chips * c.optim.accumulate_steps) == 0
+  # Nothing else changes.
+  for key in ('mesh', 'optim', 'model'):
+    del c[key], plain[key]
+  assert c.to_dict() == plain.to_dict()
+  config_lib.validate(_load('minvis.py', f'backbone={backbone},pod={pod}'))
+
+
+def test_unknown_pod_is_one_line_naming_the_known_ones():
+  known = ', '.join(sorted(p for b, p in common.POD_PLANS if b == 'r50'))
+  with pytest.raises(ValueError, match=re.escape(
+      f"configs/minvis.py: pod='v9-4': no pod plan for backbone='r50'; known: {known}")):
+    _load('minvis.py', 'pod=v9-4')
+  assert _load('minvis.py', 'pod=').mesh.data == -1       # empty: no pod plan
 
 
 BAD_OVERRIDES = [
@@ -262,3 +290,30 @@ def test_reid_keys_are_validated_naming_the_key(override):
   key = override.partition('=')[0]
   with pytest.raises(ValueError, match=re.escape(key) + r"=\S"):
     config_lib.apply_overrides(_load('tiny.py'), [override])
+
+
+def test_tpu_pod_launcher_refuses_a_slice_other_than_the_config_pod(tmp_path):
+  """launch/tpu_pod.sh with a fake gcloud: a pod plan for a v5e-16 on a v5litepod-8 stops before
+  anything is copied; on a v5litepod-16 it copies, installs and trains with that config."""
+  bin_dir, calls = tmp_path / 'bin', tmp_path / 'calls'
+  bin_dir.mkdir()
+  (bin_dir / 'gcloud').write_text(
+      '#!/usr/bin/env bash\necho "$@" >> ' + str(calls) + '\n'
+      'if [ "$4" = describe ]; then echo "$FAKE_TYPE"; fi\n')
+  (bin_dir / 'gcloud').chmod(0o755)
+  script = os.path.join(ROOT, '..', 'launch', 'tpu_pod.sh')
+  run = lambda kind: subprocess.run(  # noqa: E731
+      ['bash', script, 'my-tpu', 'zone-a', 'minvis:backbone=r50,pod=v5e-16', 'gs://b/run'],
+      env=dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', FAKE_TYPE=kind),
+      capture_output=True, text=True, timeout=60, cwd=os.path.join(ROOT, '..'))
+  wrong = run('v5litepod-8')
+  assert wrong.returncode == 2
+  assert wrong.stderr.strip().endswith('config minvis:backbone=r50,pod=v5e-16 plans for a v5e-16 '
+                                       '(v5litepod-16) but my-tpu is a v5litepod-8')
+  assert [line.split()[3] for line in calls.read_text().splitlines()] == ['describe']
+  calls.unlink()
+  right = run('v5litepod-16')
+  assert right.returncode == 0, right.stderr
+  lines = calls.read_text().splitlines()
+  assert [line.split()[3] for line in lines] == ['describe', 'scp', 'ssh', 'ssh']
+  assert "--config 'minvis:backbone=r50,pod=v5e-16'" in lines[-1]

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from minvis_jax import config_lib
+from minvis_jax import criterion
 from minvis_jax.configs import common
 from minvis_jax.models import Mask2Former
 from minvis_jax.models import ModelConfig
 from minvis_jax.models import resnet
 from minvis_jax.models import swin
+from tests.support import backbones
 
 
 @pytest.mark.parametrize('batch,h,w', [(1, 64, 64), (3, 96, 160)])
@@ -124,3 +126,62 @@ def test_reid_off_is_todays_model_and_on_adds_only_the_head():
     h = np.maximum(h, 0) if i < 2 else h
   got = np.asarray(jax.jit(Mask2Former(on_cfg).apply)(on_vars, x)['pred_reid'])
   np.testing.assert_allclose(got, h, rtol=1e-4, atol=1e-4)
+
+
+def _loss_and_grads(model_config, variables, images, targets):
+  """The set criterion's loss on the model's outputs (train mode, fixed dropout and point keys)
+  and its gradient with respect to the parameters."""
+  loss_config = criterion.LossConfig.from_config(common.loss_config())
+  loss_config = dataclasses.replace(loss_config, num_points=256)
+
+  def loss_fn(params):
+    out = Mask2Former(model_config).apply({**variables, 'params': params}, images, train=True,
+                                          rngs={'dropout': jax.random.PRNGKey(5)})
+    return criterion.set_criterion(out, targets, jax.random.PRNGKey(6), loss_config)[0]
+  return jax.jit(jax.value_and_grad(loss_fn))(variables['params'])
+
+
+@pytest.mark.parametrize('backbone', ['resnet', pytest.param('swin', marks=pytest.mark.slow)])
+def test_remat_keeps_parameters_loss_and_gradients(backbone):
+  model = common.tiny_model(num_classes=5)
+  if backbone == 'swin':   # with stochastic depth: the recomputed blocks draw the same drops
+    model.backbone = backbones.swin_config(embed_dim=16, depths=(2, 2, 2, 2), heads=(1, 2, 2, 4))
+    model.backbone.drop_path_rate = 0.3
+  base = ModelConfig.from_config(model)
+  assert base.remat == 'none'
+  rs = np.random.RandomState(0)
+  images = jnp.asarray(rs.randn(2, 64, 96, 3), jnp.float32)
+  masks = np.zeros((2, 3, 64, 96), np.uint8)
+  masks[:, 0, 8:40, 10:50] = 1
+  masks[:, 1, 30:60, 40:90] = 1
+  targets = {'labels': jnp.asarray([[1, 3, 0], [4, 2, 0]], jnp.int32), 'masks': jnp.asarray(masks),
+             'valid': jnp.asarray([[True, True, False], [True, True, False]])}
+  variables = jax.jit(Mask2Former(base).init)(jax.random.PRNGKey(0), images)
+  want_loss, want_grads = _loss_and_grads(base, variables, images, targets)
+  assert np.isfinite(float(want_loss)) and float(want_loss) > 0
+  for remat in ('backbone', 'decoder', 'all'):
+    cfg = dataclasses.replace(base, remat=remat)
+    # The same parameter tree (names, shapes) as without remat: checkpoints load either way.
+    got_vars = jax.jit(Mask2Former(cfg).init)(jax.random.PRNGKey(0), images)
+    assert jax.tree.structure(got_vars) == jax.tree.structure(variables)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 got_vars, variables)
+    loss, grads = _loss_and_grads(cfg, variables, images, targets)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6, err_msg=remat)
+    leaves = jax.tree.leaves_with_path(want_grads)
+    assert len(leaves) == len(jax.tree.leaves(grads))
+    for (path, want), got in zip(leaves, jax.tree.leaves(grads)):
+      scale = float(np.abs(np.asarray(want)).max()) + 1e-12
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5 * scale,
+                                 err_msg=f'{remat} {jax.tree_util.keystr(path)}')
+
+
+def test_remat_is_validated():
+  config = config_lib.load_config('tiny')
+  assert config.model.remat == 'none'
+  with pytest.raises(ValueError, match=r"model.remat='stages': expected one of \('none', "
+                     r"'backbone', 'decoder', 'all'\)"):
+    config_lib.apply_overrides(config, ['model.remat=stages'])
+  with pytest.raises(ValueError, match="model.remat='x'"):
+    Mask2Former(dataclasses.replace(ModelConfig.from_config(common.tiny_model()), remat='x')).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))

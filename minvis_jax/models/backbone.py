@@ -28,20 +28,21 @@ def backbone_config(backbone: Mapping[str, Any]) -> BackboneConfig:
 
 
 def make_backbone(config: BackboneConfig, dtype: Any = jnp.float32,
-                  name: str | None = None) -> nn.Module:
+                  name: str | None = None, remat: bool = False) -> nn.Module:
   """Returns a module with `__call__(images [B, H, W, 3], train=False)` -> {'res2'..'res5'} NHWC.
 
   Strides 4, 8, 16, 32. H and W must be multiples of 32. dtype is the compute dtype (jnp.float32 /
   jnp.bfloat16 or their names, as in model.dtype); parameters stay float32. `name` names the
-  submodule when built inside a parent module.
+  submodule when built inside a parent module. `remat`: each block (ResNet bottleneck, Swin block)
+  recomputes its activations in the backward pass; the same parameters and outputs.
   """
   dtype = jnp.dtype(dtype)
   if isinstance(config, resnet.ResNetConfig):
     return resnet.ResNet(depths=config.depths, stem_width=config.stem_width, widths=config.widths,
-                         dtype=dtype, name=name)
+                         dtype=dtype, remat=remat, name=name)
   if isinstance(config, swin.SwinConfig):
     return swin.Swin(embed_dim=config.embed_dim, depths=config.depths, num_heads=config.num_heads,
                      window_size=config.window_size, patch_size=config.patch_size,
                      mlp_ratio=config.mlp_ratio, drop_path_rate=config.drop_path_rate, dtype=dtype,
-                     name=name)
+                     remat=remat, name=name)
   raise TypeError(f'expected a ResNetConfig or SwinConfig, got {type(config).__name__}')

@@ -11,6 +11,11 @@ from minvis_jax.models import backbone as backbone_lib
 from minvis_jax.models.pixel_decoder import PixelDecoder
 from minvis_jax.models.transformer_decoder import TransformerDecoder
 
+# model.remat: 'backbone' recomputes each backbone block (ResNet bottleneck, Swin block), 'decoder'
+# each pixel-decoder encoder layer and transformer-decoder layer, 'all' both; only their inputs
+# are kept for the backward pass (less memory for about one more forward of those layers).
+REMAT = ('none', 'backbone', 'decoder', 'all')
+
 
 # What the reid head reads (ModelConfig.reid_input): the decoder's query state, the pixel features
 # pooled under the query's mask, or both.
@@ -44,6 +49,9 @@ class ModelConfig:
   reid_dim: int = 256                # D of 'pred_reid'
   reid_detach: bool = False          # no gradient from the head into the detector
   reid_input: str = 'query'          # one of REID_INPUTS
+  # Rematerialisation (`REMAT`): which layers recompute their activations in the backward pass
+  # instead of keeping them. The parameter tree and every output are the same for each value.
+  remat: str = 'none'
 
   @classmethod
   def from_config(cls, model: 'Mapping[str, Any] | ModelConfig') -> 'ModelConfig':
@@ -83,16 +91,20 @@ class Mask2Former(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     if images.ndim != 4 or images.shape[1] % 32 or images.shape[2] % 32:
       raise ValueError(f'images must be [B, H, W, 3] with H, W multiples of 32; got {images.shape}')
-    features = backbone_lib.make_backbone(cfg.backbone, dtype, name='backbone')(
-        images.astype(dtype), train=train)
+    if cfg.remat not in REMAT:
+      raise ValueError(f'model.remat={cfg.remat!r}: expected one of {REMAT}')
+    remat_backbone = cfg.remat in ('backbone', 'all')
+    remat_decoder = cfg.remat in ('decoder', 'all')
+    features = backbone_lib.make_backbone(cfg.backbone, dtype, name='backbone',
+                                          remat=remat_backbone)(images.astype(dtype), train=train)
     mask_features, multi_scale = PixelDecoder(
         dim=cfg.hidden_dim, mask_dim=cfg.mask_dim, layers=cfg.enc_layers, heads=cfg.enc_heads,
         points=cfg.enc_points, ffn_dim=cfg.enc_ffn_dim, levels=cfg.num_feature_levels,
-        dtype=dtype, name='pixel_decoder')(features)
+        dtype=dtype, remat=remat_decoder, name='pixel_decoder')(features)
     preds, embds = TransformerDecoder(
         num_classes=cfg.num_classes, num_queries=cfg.num_queries, dim=cfg.hidden_dim,
         heads=cfg.dec_heads, ffn_dim=cfg.dec_ffn_dim, layers=cfg.dec_layers, mask_dim=cfg.mask_dim,
-        dtype=dtype, name='decoder')(multi_scale, mask_features)
+        dtype=dtype, remat=remat_decoder, name='decoder')(multi_scale, mask_features)
     out = dict(preds[-1])
     out['pred_embds'] = embds
     out['aux_outputs'] = preds[:-1]

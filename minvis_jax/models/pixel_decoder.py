@@ -52,6 +52,7 @@ class PixelDecoder(nn.Module):
   ffn_dim: int = 1024
   levels: int = 3
   dtype: Any = jnp.float32
+  remat: bool = False                # recompute each encoder layer in the backward pass
 
   @nn.compact
   def __call__(self, features):
@@ -70,9 +71,11 @@ class PixelDecoder(nn.Module):
     h = jnp.concatenate(srcs, axis=1)
     pos = jnp.concatenate(pos, axis=0)[None].astype(h.dtype)
     ref = reference_points(shapes)
+    # The level shapes (argument 4, counting self) are static Python ints under the remat.
+    layer = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat else EncoderLayer
     for i in range(self.layers):
-      h = EncoderLayer(self.dim, self.heads, self.levels, self.points, self.ffn_dim, self.dtype,
-                       name=f'encoder_layer_{i}')(h, pos, ref, shapes)
+      h = layer(self.dim, self.heads, self.levels, self.points, self.ffn_dim, self.dtype,
+                name=f'encoder_layer_{i}')(h, pos, ref, tuple(shapes))
     outs, start = [], 0
     for hh, ww in shapes:
       outs.append(h[:, start:start + hh * ww].reshape(h.shape[0], hh, ww, self.dim))

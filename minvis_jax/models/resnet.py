@@ -86,6 +86,7 @@ class ResNet(nn.Module):
   stem_width: int
   widths: Sequence[int]
   dtype: Any = jnp.float32
+  remat: bool = False                # recompute each bottleneck in the backward pass
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -93,11 +94,12 @@ class ResNet(nn.Module):
     del train  # Frozen BN and no dropout: train and eval compute the same thing.
     x = ConvBN(self.stem_width, 7, 2, dtype=self.dtype, name='stem')(images)
     x = max_pool_3x3_s2(x)
+    block = nn.remat(Bottleneck) if self.remat else Bottleneck
     outputs = {}
     for i, (depth, width) in enumerate(zip(self.depths, self.widths)):
       stage = i + 2
       for b in range(depth):
         stride = 2 if (b == 0 and stage > 2) else 1
-        x = Bottleneck(width, stride, dtype=self.dtype, name=f'res{stage}_{b}')(x)
+        x = block(width, stride, dtype=self.dtype, name=f'res{stage}_{b}')(x)
       outputs[f'res{stage}'] = x
     return outputs

@@ -187,6 +187,7 @@ class SwinStage(nn.Module):
   drop_paths: Sequence[float]
   downsample: bool
   dtype: Any = jnp.float32
+  remat: bool = False                # recompute each block in the backward pass
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -195,9 +196,11 @@ class SwinStage(nn.Module):
     hp, wp = -(-x.shape[1] // ws) * ws, -(-x.shape[2] // ws) * ws
     # detectron2 keeps the shift at every stage, even when the map is not larger than the window.
     mask = jnp.asarray(shifted_window_mask(hp, wp, ws, shift)) if shift else None
+    # `train` (argument 3, counting self) is a Python bool: static under the remat.
+    block = nn.remat(SwinBlock, static_argnums=(3,)) if self.remat else SwinBlock
     for j in range(self.depth):
-      x = SwinBlock(self.dim, self.num_heads, ws, 0 if j % 2 == 0 else shift, self.mlp_ratio,
-                    self.drop_paths[j], dtype=self.dtype, name=f'blocks_{j}')(x, mask, train)
+      x = block(self.dim, self.num_heads, ws, 0 if j % 2 == 0 else shift, self.mlp_ratio,
+                self.drop_paths[j], dtype=self.dtype, name=f'blocks_{j}')(x, mask, train)
     down = PatchMerging(dtype=self.dtype, name='downsample')(x) if self.downsample else None
     return x, down
 
@@ -231,6 +234,7 @@ class Swin(nn.Module):
   mlp_ratio: float
   drop_path_rate: float
   dtype: Any = jnp.float32
+  remat: bool = False                # recompute each block in the backward pass
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -245,7 +249,7 @@ class Swin(nn.Module):
       dim = self.embed_dim * 2 ** i
       out, x = SwinStage(dim, depth, self.num_heads[i], self.window_size, self.mlp_ratio,
                          rates[start:start + depth], downsample=i < len(self.depths) - 1,
-                         dtype=self.dtype, name=f'layers_{i}')(x, train)
+                         dtype=self.dtype, remat=self.remat, name=f'layers_{i}')(x, train)
       start += depth
       outputs[f'res{i + 2}'] = LayerNorm(dtype=self.dtype, name=f'norm{i}')(out)
     return outputs

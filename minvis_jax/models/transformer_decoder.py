@@ -68,6 +68,7 @@ class TransformerDecoder(nn.Module):
   layers: int = 9
   mask_dim: int = 256
   dtype: Any = jnp.float32
+  remat: bool = False                # recompute each masked-attention layer in the backward pass
 
   @nn.compact
   def __call__(self, features, mask_features):
@@ -111,9 +112,10 @@ class TransformerDecoder(nn.Module):
     qpos = jnp.broadcast_to(query_pos.astype(self.dtype), (b, self.num_queries, self.dim))
     pred, mask, z = predict(x, sizes[0])
     preds = [pred]
+    layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
     for i in range(self.layers):
       lvl = i % levels
-      x = DecoderLayer(self.dim, self.heads, self.ffn_dim, self.dtype, name=f'layer_{i}')(
+      x = layer(self.dim, self.heads, self.ffn_dim, self.dtype, name=f'layer_{i}')(
           x, qpos, memory[lvl], memory_pos[lvl].astype(x.dtype), mask)
       pred, mask, z = predict(x, sizes[(i + 1) % levels])
       preds.append(pred)
