@@ -235,8 +235,13 @@ def test_records_in_a_bucket_stream_record_by_record_like_the_local_copy(
 
   def watched_reader(path, *args, **kwargs):
     if path.startswith(str(staging)):
-      files = list(staging.iterdir())
-      seen.append((len(files), sum(f.stat().st_blocks * 512 for f in files)))
+      sizes = []
+      for f in staging.iterdir():
+        try:   # another input thread may delete its staged record between listing and stat
+          sizes.append(f.stat().st_blocks * 512)
+        except FileNotFoundError:
+          pass
+      seen.append((len(sizes), sum(sizes)))
     return real_reader(path, *args, **kwargs)
   monkeypatch.setattr(bucket_records.array_record_module, 'ArrayRecordReader', watched_reader)
 
