@@ -298,7 +298,7 @@ def validate(config: ml_collections.ConfigDict, source: str = 'config'
       _is_int(v) and v >= 1 for v in x), 'a tuple of positive step numbers')
   _validate_backbone(config, fail)
   data = check('mesh.data', lambda x: _is_int(x) and (x == -1 or x >= 1),
-               '-1 (all devices the model axis leaves) or an integer >= 1')
+               '-1 (all devices) or an integer >= 1')
   batch = _get(config, 'batch_size')
   if _MISSING not in (data, batch) and data != -1 and batch % data:
     fail('batch_size', batch, f'a multiple of mesh.data={data}')
