@@ -193,8 +193,9 @@ def _tpu_forms(monkeypatch):
 
 
 def test_tpu_sampling_forms_equal_the_gathers(monkeypatch):
-  """The TPU forms of the matched-mask sampling (one-hot and tent-weight matmuls) and of the
-  uncertain-point selection (a scatter) give the gathers' values and gradients."""
+  """The TPU forms of the matched-mask sampling (one-hot and tent-weight matmuls), of the
+  uncertain-point selection (sorts) and of the target sampling (one gather of 2 x 2 codes a point)
+  give the gathers' values and gradients."""
   rng = np.random.default_rng(12)
   b, q, n, h, w, p = 2, 6, 3, 5, 7, 40
   rows = criterion.channels_last(jnp.asarray(rng.normal(size=(b, q, h, w)).astype(np.float32)))
@@ -204,11 +205,13 @@ def test_tpu_sampling_forms_equal_the_gathers(monkeypatch):
   logits = jnp.asarray(np.round(rng.normal(size=(90,)) * 2).astype(np.float32) / 2)  # ties
   candidates = jnp.asarray(rng.random((90, 2)).astype(np.float32))
   fresh = jnp.asarray(rng.random((10, 2)).astype(np.float32))
+  targets = jnp.asarray((rng.random((b, n, 2 * h, 2 * w)) > 0.5).astype(np.uint8))
 
   def forms():
     sample = lambda r: criterion.sample_matched(r, (h, w), src, coords)  # noqa: E731
     grad = jax.grad(lambda r: jnp.sum(sample(r) * ct))(rows)
-    return sample(rows), grad, criterion.keep_uncertain(logits, candidates, fresh, 40)
+    return (sample(rows), grad, criterion.keep_uncertain(logits, candidates, fresh, 40),
+            criterion.sample_targets(targets, coords))
 
   gathered = forms()
   _tpu_forms(monkeypatch)
@@ -217,6 +220,9 @@ def test_tpu_sampling_forms_equal_the_gathers(monkeypatch):
   np.testing.assert_allclose(dense[1], gathered[1], rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(gathered[1]).sum()) > 0
   np.testing.assert_array_equal(dense[2], gathered[2])
+  # The targets' 2 x 2 codes: the same products summed in the same order.
+  np.testing.assert_array_equal(dense[3], gathered[3])
+  assert 0 < float(gathered[3].mean()) < 1
 
 
 def test_tpu_forms_give_the_same_loss_and_gradients(monkeypatch):
