@@ -285,8 +285,24 @@ def keep_uncertain(logits: jax.Array, candidates: jax.Array, fresh: jax.Array,
   Returns:
     [num_points, 2] points: the uncertain ones (in candidate order), then `fresh`.
   """
-  index = top_k_indices(-jnp.abs(logits), num_points - fresh.shape[0])
-  return jnp.concatenate([candidates[index], fresh], axis=0)
+  k = num_points - fresh.shape[0]
+
+  def gathered(logits, candidates):
+    return candidates[top_k_indices(-jnp.abs(logits), k)]
+
+  def sorted_(logits, candidates):
+    # The same points, in the same order, by two sorts carrying the coordinates: XLA:TPU counts
+    # about a tile of HBM traffic per index a gather (or scatter) of 2-float rows reads, 31 GB a
+    # prediction set for the R50 recipe's 2 images a chip; the sorts count 0.2 GB. The k least
+    # |logit| (ties: lowest index, as `top_k_indices`), then back in candidate order.
+    index = jnp.arange(logits.shape[0], dtype=jnp.int32)
+    _, index, x, y = jax.lax.sort((jnp.abs(logits), index, candidates[:, 0], candidates[:, 1]),
+                                  num_keys=2)
+    _, x, y = jax.lax.sort((index[:k], x[:k], y[:k]), num_keys=1)
+    return jnp.stack([x, y], axis=-1)
+
+  chosen = ops.on_tpu(sorted_, gathered, logits, candidates)
+  return jnp.concatenate([chosen, fresh], axis=0)
 
 
 def loss_masks(pred_rows: jax.Array, mask_size: tuple[int, int], target_masks: jax.Array,
@@ -325,17 +341,107 @@ def sample_matched(pred_rows: jax.Array, mask_size: tuple[int, int], src: jax.Ar
   Returns:
     [B, N, P] float32 logits.
   """
-  # The matched masks are copied out first, [B, N, h * w]: sampling then reads one cache-resident
-  # mask per slot, faster than reading the [h * w, Q] rows at stride Q.
-  matched = jnp.take_along_axis(pred_rows, src[:, None, :], axis=2).transpose(0, 2, 1)
-  return _sample_slots(matched, coords, *mask_size)
+  def gathered(pred_rows, src, coords):
+    # The matched masks are copied out first, [B, N, h * w]: sampling then reads one
+    # cache-resident mask per slot, faster than reading the [h * w, Q] rows at stride Q.
+    matched = jnp.take_along_axis(pred_rows, src[:, None, :], axis=2).transpose(0, 2, 1)
+    return _sample_slots(matched, coords, *mask_size)
+
+  def dense(pred_rows, src, coords):
+    # Matmuls instead of gathers: the matched masks by a one-hot product, then the separable
+    # bilinear weights (`tent_weights`) contracted with each mask. XLA:TPU counts a gather about
+    # one (8, 128) tile per index (4 corners of 37632 candidates a slot: 31 GB a prediction set
+    # for 2 images); these fuse into matmuls that read the masks once: 0.3 GB and 100 GFLOP for
+    # the candidates of a set of 2 images, 2 GB and 67 GFLOP for the loss points with gradient.
+    height, width = mask_size
+    one_hot = jax.nn.one_hot(src, pred_rows.shape[2], dtype=pred_rows.dtype)       # [B, N, Q]
+    matched = jnp.einsum('bpq,bnq->bnp', pred_rows, one_hot, precision=_EXACT)
+    return sample_dense(matched.reshape(*src.shape, height, width), coords)
+
+  return ops.on_tpu(dense, gathered, pred_rows, src, coords)
+
+
+# f32 products on accelerators (TPU: six bf16 passes): a one-hot product then copies its values.
+_EXACT = jax.lax.Precision.HIGHEST
+
+
+def tent_weights(coords: jax.Array, size: int) -> jax.Array:
+  """Bilinear weights [..., size] of the points' coordinates coords [...] in [0, 1] along a side of
+  `size` pixels (align_corners=False): max(0, 1 - |c * size - 0.5 - i|), the weights of
+  `ops.bilinear_corners` at its two corners (0 elsewhere and outside the raster)."""
+  pixel = coords * size - 0.5
+  return jnp.maximum(0.0, 1.0 - jnp.abs(pixel[..., None] - jnp.arange(size, dtype=jnp.float32)))
+
+
+@jax.custom_vjp
+def sample_dense(masks: jax.Array, coords: jax.Array) -> jax.Array:
+  """`_sample_slots` by matmuls: masks [B, N, h, w] float32, coords [B, N, P, 2] -> [B, N, P]
+  float32, sum_ij wy[p, i] masks[i, j] wx[p, j] (the same terms, summed in another order).
+
+  Differentiable in `masks` only (the criterion's points carry no gradient; coords get zeros). The
+  backward pass recomputes the weights inside its matmul instead of keeping wx [B, N, P, w]
+  (0.5 GB a prediction set for the R50 recipe's loss points)."""
+  height, width = masks.shape[2:]
+  wx = tent_weights(coords[..., 0], width)                                       # [B, N, P, w]
+  wy = tent_weights(coords[..., 1], height)                                      # [B, N, P, h]
+  rows = jnp.einsum('bnhw,bnpw->bnph', masks, wx, precision=_EXACT)
+  return jnp.sum(rows * wy, axis=-1)
+
+
+def _sample_dense_fwd(masks, coords):
+  return sample_dense(masks, coords), (masks.shape, coords)
+
+
+def _sample_dense_bwd(res, grad):
+  (_, _, height, width), coords = res
+  wx = tent_weights(coords[..., 0], width)
+  wy = tent_weights(coords[..., 1], height) * grad[..., None]
+  dmasks = jnp.einsum('bnph,bnpw->bnhw', wy, wx, precision=_EXACT)
+  return dmasks, jnp.zeros_like(coords)
+
+
+sample_dense.defvjp(_sample_dense_fwd, _sample_dense_bwd)
 
 
 def sample_targets(target_masks: jax.Array, coords: jax.Array) -> jax.Array:
-  """Target masks [B, N, H, W] (any dtype) sampled at their slots' points coords [B, N, P, 2]
-  -> [B, N, P] float32."""
+  """Target masks [B, N, H, W] (0/1, any dtype) sampled at their slots' points coords
+  [B, N, P, 2] -> [B, N, P] float32."""
   batch, num_slots, height, width = target_masks.shape
-  return _sample_slots(target_masks.reshape(batch, num_slots, -1), coords, height, width)
+
+  def gathered(target_masks, coords):
+    return _sample_slots(target_masks.reshape(batch, num_slots, -1), coords, height, width)
+
+  def quads(target_masks, coords):
+    # One uint8 gather a point instead of four: each pixel's code holds its 2 x 2 block's bits
+    # (`ops.CORNERS` order, zero outside the raster). XLA:TPU counts a gather about a tile per
+    # index: 5.0 -> 1.6 GB a prediction set for the R50 recipe's 2 images a chip.
+    code = quad_codes(target_masks)                                    # [B, N, H + 1, W + 1]
+    x0 = jnp.floor(coords[..., 0] * width - 0.5)
+    y0 = jnp.floor(coords[..., 1] * height - 0.5)
+    # Bases beyond the padded raster have all four weights 0: any code will do.
+    base = (jnp.clip(y0 + 1, 0, height) * (width + 1) + jnp.clip(x0 + 1, 0, width)).astype(
+        jnp.int32)
+    offset = jnp.arange(num_slots, dtype=jnp.int32)[:, None] * ((height + 1) * (width + 1))
+    bits = jax.vmap(lambda table, b: table.at[offset + b].get(mode='promise_in_bounds'))(
+        code.reshape(batch, -1), base)
+    out = 0.0
+    for bit, (_, weight) in enumerate(ops.bilinear_corners(coords, height, width)):
+      out = out + weight * ((bits >> bit) & 1).astype(jnp.float32)
+    return out
+
+  return ops.on_tpu(quads, gathered, target_masks, coords)
+
+
+def quad_codes(masks: jax.Array) -> jax.Array:
+  """0/1 masks [..., H, W] -> uint8 [..., H + 1, W + 1]: code[y + 1, x + 1] has bit k set where
+  corner k (`ops.CORNERS`: (0, 0), (1, 0), (0, 1), (1, 1) as (dx, dy)) of the block at (y, x) is
+  set; pixels outside the mask read 0."""
+  pad = [(0, 0)] * (masks.ndim - 2) + [(1, 1), (1, 1)]
+  m = jnp.pad((masks != 0).astype(jnp.uint8), pad)                    # [..., H + 2, W + 2]
+  code = 0
+  for bit, (dx, dy) in enumerate(ops.CORNERS):
+    code = code | (m[..., dy:dy + m.shape[-2] - 1, dx:dx + m.shape[-1] - 1] << bit)
+  return code.astype(jnp.uint8)
 
 
 def _uniform_points(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -24,6 +24,15 @@ def per_platform(tuned: Callable, plain: Callable, *args):
   return jax.lax.platform_dependent(*args, cpu=tuned, tpu=tuned, default=plain)
 
 
+def on_tpu(tpu: Callable, other: Callable, *args):
+  """`tpu(*args)` in a program compiled for TPU, `other(*args)` elsewhere (CPU and GPU keep their
+  forms bit for bit). For the criterion's point sampling: XLA:TPU counts about one (8, 128) tile
+  of HBM traffic for every index a gather reads, so a gather of single values or of 2-float rows
+  costs thousands of bytes a value there (docs/tpu.md); the TPU forms compute the same numbers
+  without those gathers. Chosen when the program is lowered, like `per_platform`."""
+  return jax.lax.platform_dependent(*args, tpu=tpu, default=other)
+
+
 # Corner offsets (dx, dy) in the order every caller sums them: the sums' rounding depends on it.
 CORNERS = ((0, 0), (1, 0), (0, 1), (1, 1))
 

@@ -185,3 +185,68 @@ def test_loss_config_from_config(tiny_config):
   del tiny_config.loss['dice_weight']
   with pytest.raises(KeyError):
     criterion.LossConfig.from_config(tiny_config.loss)
+
+
+def _tpu_forms(monkeypatch):
+  """Trace the criterion's TPU forms (`ops.on_tpu`) on this CPU."""
+  monkeypatch.setattr(criterion.ops, 'on_tpu', lambda tpu, other, *args: tpu(*args))
+
+
+def test_tpu_sampling_forms_equal_the_gathers(monkeypatch):
+  """The TPU forms of the matched-mask sampling (one-hot and tent-weight matmuls), of the
+  uncertain-point selection (sorts) and of the target sampling (one gather of 2 x 2 codes a point)
+  give the gathers' values and gradients."""
+  rng = np.random.default_rng(12)
+  b, q, n, h, w, p = 2, 6, 3, 5, 7, 40
+  rows = criterion.channels_last(jnp.asarray(rng.normal(size=(b, q, h, w)).astype(np.float32)))
+  src = jnp.asarray(np.stack([rng.permutation(q)[:n] for _ in range(b)]).astype(np.int32))
+  coords = jnp.asarray(rng.uniform(-0.1, 1.1, size=(b, n, p, 2)).astype(np.float32))
+  ct = jnp.asarray(rng.normal(size=(b, n, p)).astype(np.float32))
+  logits = jnp.asarray(np.round(rng.normal(size=(90,)) * 2).astype(np.float32) / 2)  # ties
+  candidates = jnp.asarray(rng.random((90, 2)).astype(np.float32))
+  fresh = jnp.asarray(rng.random((10, 2)).astype(np.float32))
+  targets = jnp.asarray((rng.random((b, n, 2 * h, 2 * w)) > 0.5).astype(np.uint8))
+
+  def forms():
+    sample = lambda r: criterion.sample_matched(r, (h, w), src, coords)  # noqa: E731
+    grad = jax.grad(lambda r: jnp.sum(sample(r) * ct))(rows)
+    return (sample(rows), grad, criterion.keep_uncertain(logits, candidates, fresh, 40),
+            criterion.sample_targets(targets, coords))
+
+  gathered = forms()
+  _tpu_forms(monkeypatch)
+  dense = forms()
+  np.testing.assert_allclose(dense[0], gathered[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dense[1], gathered[1], rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(gathered[1]).sum()) > 0
+  np.testing.assert_array_equal(dense[2], gathered[2])
+  # The targets' 2 x 2 codes: the same products summed in the same order.
+  np.testing.assert_array_equal(dense[3], gathered[3])
+  assert 0 < float(gathered[3].mean()) < 1
+
+
+def test_tpu_forms_give_the_same_loss_and_gradients(monkeypatch):
+  """The whole criterion (matching, importance sampling, losses of 3 prediction sets) with the TPU
+  forms: the same loss terms and gradients within float tolerance on a fixed batch."""
+  loss_config = _loss_config(64)
+  outputs, targets = _problem(seed=13, num_valid=(0, 4, 2))
+  outputs = jax.tree.map(jnp.asarray, outputs)
+
+  def run():
+    fn = jax.jit(jax.value_and_grad(
+        lambda o: criterion.set_criterion(o, targets, jax.random.key(3), loss_config),
+        has_aux=True))
+    (loss, metrics), grads = fn(outputs)
+    return loss, metrics, grads
+
+  loss, metrics, grads = run()
+  _tpu_forms(monkeypatch)
+  loss_tpu, metrics_tpu, grads_tpu = run()
+  np.testing.assert_allclose(loss_tpu, loss, rtol=1e-5)
+  assert metrics_tpu.keys() == metrics.keys()
+  for name in metrics:
+    np.testing.assert_allclose(metrics_tpu[name], metrics[name], rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+  for a, b in zip(jax.tree.leaves(grads_tpu), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert float(loss) > 0
