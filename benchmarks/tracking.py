@@ -9,7 +9,8 @@ the demo's tiny checkpoint, and with `--reid` the re-identification embeddings (
 on the demo's training data with view pairs (data/pairs.py) and REID_RECIPE: 'reid detached'
 (model.reid_detach: only the head trains, the detector stays bit-identical) and 'reid fine-tuned'
 (everything trains). The table then has a row per checkpoint x embedding (inference.embedding) x
-tracker (MinVIS's decoder embeddings on the base, the reid embeddings on the reid checkpoints),
+tracker (MinVIS's decoder embeddings on the base, the reid embeddings on the reid checkpoints,
+and the fine-tuned detector's decoder embeddings with 'minvis': a control for its extra training),
 and for each checkpoint and embedding the re-appearance statistics on the occlusion split: for
 every ground-truth instance that comes back after 3 or more frames hidden or undetected in a
 different query than before (detected = a query with mask IoU >= 0.5; the best one is its query),
@@ -330,6 +331,17 @@ def main(argv=None) -> int:
     return _report(args, trackers, models, base_steps, t0)
 
 
+def _runs(label: str, embs: tuple[str, ...], trackers: tuple[str, ...]) -> list:
+  """(embedding, tracker) rows of a checkpoint: each of its embeddings with each tracker and, for
+  a reid fine-tune, its decoder embeddings with 'minvis' too: the control, MinVIS on the same
+  detector (trained --reid_steps more steps on the view pairs), against which the reid rows'
+  change is the embedding's."""
+  runs = [(emb, name) for emb in embs for name in trackers]
+  if label.startswith('reid fine-tuned') and ('decoder', 'minvis') not in runs:
+    runs.append(('decoder', 'minvis'))
+  return runs
+
+
 def _memory(args, embedding: str):
   """(momentum, min_score) of the memory tracker on `embedding` (None: the config's)."""
   return (args.reid_momentum, args.reid_min_score) if embedding == 'reid' else (None, None)
@@ -366,7 +378,8 @@ def _report(args, trackers, models, base_steps, t0: float) -> int:
 
   if args.sweep:
     _sweep(args, models, split)
-  rows = [(label, emb, name) for label, _, _, embs in models for emb in embs for name in trackers]
+  rows = [(label, emb, name) for label, _, _, embs in models
+          for emb, name in _runs(label, embs, trackers)]
   table = {kind: {row: [] for row in rows} for kind in SPLITS}
   # Re-appearance statistics: each model's tracked embeddings, the fine-tuned detector's decoder
   # embeddings and, as a content reference, the base checkpoints' untrained mask-pooled pixel
@@ -383,15 +396,14 @@ def _report(args, trackers, models, base_steps, t0: float) -> int:
           for emb, r in reappearances(cfg, var, dataset, gt, probe[label]).items():
             gaps[label, emb].append(r)
             print(f're-appearances seed {seed} {label} {emb}: ' + json.dumps(r), flush=True)
-        for emb in embs:
-          for name in trackers:
-            r = score(cfg, var, dataset, gt, name, *_memory(args, emb), embedding=emb,
-                      **_ctvis(args))
-            table[kind][label, emb, name].append(r)
-            print(f'{kind:>9} seed {seed} {label:>19} {emb:>7} {name:>6}: AP {r["AP"]:6.2f} '
-                  f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} ID switches/video '
-                  f'{r["switches"]:.2f} IDF1 {r["IDF1"]:6.2f} IDP {r["IDP"]:6.2f} '
-                  f'IDR {r["IDR"]:6.2f}', flush=True)
+        for emb, name in _runs(label, embs, trackers):
+          r = score(cfg, var, dataset, gt, name, *_memory(args, emb), embedding=emb,
+                    **_ctvis(args))
+          table[kind][label, emb, name].append(r)
+          print(f'{kind:>9} seed {seed} {label:>19} {emb:>7} {name:>6}: AP {r["AP"]:6.2f} '
+                f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} ID switches/video '
+                f'{r["switches"]:.2f} IDF1 {r["IDF1"]:6.2f} IDP {r["IDP"]:6.2f} '
+                f'IDR {r["IDR"]:6.2f}', flush=True)
   agreement = {}
   if not args.dry_run and args.reid:
     for steps in base_steps:
