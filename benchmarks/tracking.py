@@ -9,7 +9,8 @@ the demo's tiny checkpoint, and with `--reid` the re-identification embeddings (
 on the demo's training data with view pairs (data/pairs.py) and REID_RECIPE: 'reid detached'
 (model.reid_detach: only the head trains, the detector stays bit-identical) and 'reid fine-tuned'
 (everything trains). The table then has a row per checkpoint x embedding (inference.embedding) x
-tracker (MinVIS's decoder embeddings on the base, the reid embeddings on the reid checkpoints),
+tracker (MinVIS's decoder embeddings on the base, the reid embeddings on the reid checkpoints,
+and the fine-tuned detector's decoder embeddings with 'minvis': a control for its extra training),
 and for each checkpoint and embedding the re-appearance statistics on the occlusion split: for
 every ground-truth instance that comes back after 3 or more frames hidden or undetected in a
 different query than before (detected = a query with mask IoU >= 0.5; the best one is its query),
@@ -26,15 +27,20 @@ MinVIS on the same base checkpoint.
    and the occlusion split (`synthetic --occlusion`), 30 videos of 24 frames each.
 3. Runs MinVIS over each split with each tracker through the library's dataset predictor (the
    same path as `minvis-jax evaluate`).
-4. Prints AP, AP50, AR10 (YouTube-VIS metric) and identity switches per video for each mode, split
-   and seed, the means over seeds, and a last line `RESULT {json}` whose times are the seconds the
-   'memory' (`ours_s`; without it, the last other tracker of --trackers) and 'minvis' (`ref_s`)
-   runs took over all splits (the first base checkpoint's decoder rows).
+4. Prints AP, AP50, AR10 (YouTube-VIS metric), identity switches per video and IDF1 (IDP, IDR)
+   for each mode, split and seed, the means over seeds, and a last line `RESULT {json}` whose
+   times are the seconds the 'memory' (`ours_s`; without it, the last other tracker of --trackers)
+   and 'minvis' (`ref_s`) runs took over all splits (the first base checkpoint's decoder rows).
 
+Identity metrics (minvis_jax/identity_eval.py, class-agnostic, a frame matches at mask IoU >= 0.5).
 Identity switch: for each ground-truth instance, take in each frame where it is visible the track
 with the highest mask IoU among the video's top-k tracks (frames where that IoU is < 0.5 count as
 not detected and are skipped); every change of that track between consecutive detected frames
-(across hidden frames too) is one switch.
+(across hidden frames too) is one switch. IDF1 (Ristani et al. 2016): the predicted tracks are the
+results with score >= 0.5 (at most one class of a track can pass; fixed, not tuned); per video the
+one-to-one assignment of ground-truth instances to them that maximises the frames where the pair
+matches (IDTP); IDF1 = 2 IDTP / (ground-truth + predicted detections), IDP = IDTP / predicted,
+IDR = IDTP / ground-truth detections, counts summed over the split's videos.
 
 --sweep also runs, on a separate tuning seed (0), a grid of memory_momentum x memory_min_score and,
 with 'ctvis' in --trackers, of ctvis_score x ctvis_match: defaults are chosen from it, never from
@@ -63,6 +69,7 @@ import jax
 from minvis_jax import checkpoints
 from minvis_jax import config_lib
 from minvis_jax import evaluate
+from minvis_jax import identity_eval
 from minvis_jax import demo
 from minvis_jax import predictor
 from minvis_jax import tracking as tracking_lib
@@ -222,32 +229,12 @@ def make_split(workdir: str, kind: str, seed: int, videos: int, frames: int, con
   return ytvis.load_split('synthetic', root, 'valid')
 
 
-def id_switches(gt: dict, results: list[dict], min_iou: float = 0.5) -> int:
-  """Identity switches over all ground-truth instances (module docstring)."""
-  by_video = {}
-  for r in results:
-    by_video.setdefault(r['video_id'], []).append(r)
-  switches = 0
-  for ann in gt['annotations']:
-    tracks = by_video.get(ann['video_id'], [])
-    last = None
-    for f, seg in enumerate(ann['segmentations']):
-      if seg is None or not tracks:
-        continue
-      ious = mask_utils.iou([tr['segmentations'][f] for tr in tracks], [seg], [0])[:, 0]
-      best = int(np.argmax(ious))
-      if ious[best] < min_iou:
-        continue
-      switches += int(last is not None and best != last)
-      last = best
-  return switches
-
-
 def score(config, variables, dataset, gt: dict, tracker: str, momentum: float | None = None,
           min_score: float | None = None, embedding: str = 'decoder', **inference) -> dict:
   """Runs MinVIS over `dataset` with `tracker` on `embedding` (and the memory's settings, default
   the config's; `inference`: other config.inference values, e.g. ctvis_score): {AP, AP50, AR10
-  (percent), switches (per video), seconds (of the prediction)}."""
+  (percent), switches (per video), IDF1, IDP, IDR (percent; identity_eval), seconds (of the
+  prediction)}."""
   config = config.copy_and_resolve_references()
   config.inference.tracker = tracker
   config.inference.embedding = embedding
@@ -260,8 +247,10 @@ def score(config, variables, dataset, gt: dict, tracker: str, momentum: float | 
   results = evaluate.predict_dataset(config, variables, dataset, progress=False)
   seconds = time.perf_counter() - start
   m = evaluate_dicts(gt, results, gt_name=dataset.json_path)
+  ids = identity_eval.idf1(gt, results)
   return {'AP': 100 * m['AP'], 'AP50': 100 * m['AP50'], 'AR10': 100 * m['AR10'],
-          'switches': id_switches(gt, results) / len(dataset.videos), 'seconds': seconds}
+          'switches': identity_eval.id_switches(gt, results) / len(dataset.videos),
+          **{k: 100 * ids[k] for k in ('IDF1', 'IDP', 'IDR')}, 'seconds': seconds}
 
 
 def main(argv=None) -> int:
@@ -342,6 +331,17 @@ def main(argv=None) -> int:
     return _report(args, trackers, models, base_steps, t0)
 
 
+def _runs(label: str, embs: tuple[str, ...], trackers: tuple[str, ...]) -> list:
+  """(embedding, tracker) rows of a checkpoint: each of its embeddings with each tracker and, for
+  a reid fine-tune, its decoder embeddings with 'minvis' too: the control, MinVIS on the same
+  detector (trained --reid_steps more steps on the view pairs), against which the reid rows'
+  change is the embedding's."""
+  runs = [(emb, name) for emb in embs for name in trackers]
+  if label.startswith('reid fine-tuned') and ('decoder', 'minvis') not in runs:
+    runs.append(('decoder', 'minvis'))
+  return runs
+
+
 def _memory(args, embedding: str):
   """(momentum, min_score) of the memory tracker on `embedding` (None: the config's)."""
   return (args.reid_momentum, args.reid_min_score) if embedding == 'reid' else (None, None)
@@ -378,7 +378,8 @@ def _report(args, trackers, models, base_steps, t0: float) -> int:
 
   if args.sweep:
     _sweep(args, models, split)
-  rows = [(label, emb, name) for label, _, _, embs in models for emb in embs for name in trackers]
+  rows = [(label, emb, name) for label, _, _, embs in models
+          for emb, name in _runs(label, embs, trackers)]
   table = {kind: {row: [] for row in rows} for kind in SPLITS}
   # Re-appearance statistics: each model's tracked embeddings, the fine-tuned detector's decoder
   # embeddings and, as a content reference, the base checkpoints' untrained mask-pooled pixel
@@ -395,14 +396,14 @@ def _report(args, trackers, models, base_steps, t0: float) -> int:
           for emb, r in reappearances(cfg, var, dataset, gt, probe[label]).items():
             gaps[label, emb].append(r)
             print(f're-appearances seed {seed} {label} {emb}: ' + json.dumps(r), flush=True)
-        for emb in embs:
-          for name in trackers:
-            r = score(cfg, var, dataset, gt, name, *_memory(args, emb), embedding=emb,
-                      **_ctvis(args))
-            table[kind][label, emb, name].append(r)
-            print(f'{kind:>9} seed {seed} {label:>19} {emb:>7} {name:>6}: AP {r["AP"]:6.2f} '
-                  f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} ID switches/video '
-                  f'{r["switches"]:.2f}', flush=True)
+        for emb, name in _runs(label, embs, trackers):
+          r = score(cfg, var, dataset, gt, name, *_memory(args, emb), embedding=emb,
+                    **_ctvis(args))
+          table[kind][label, emb, name].append(r)
+          print(f'{kind:>9} seed {seed} {label:>19} {emb:>7} {name:>6}: AP {r["AP"]:6.2f} '
+                f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} ID switches/video '
+                f'{r["switches"]:.2f} IDF1 {r["IDF1"]:6.2f} IDP {r["IDP"]:6.2f} '
+                f'IDR {r["IDR"]:6.2f}', flush=True)
   agreement = {}
   if not args.dry_run and args.reid:
     for steps in base_steps:
@@ -456,13 +457,16 @@ def _goals(table, gaps, models, trackers) -> dict:
         d_ap = mean(occ, 'AP') - mean(ref['occlusion'], 'AP')
         sw = mean(occ, 'switches') / max(mean(ref['occlusion'], 'switches'), 1e-9)
         d_std = mean(std, 'AP') - mean(ref['standard'], 'AP')
+        d_idf1 = mean(occ, 'IDF1') - mean(ref['occlusion'], 'IDF1')
         ok = {'own_nearest>=80': nearest is not None and nearest >= 80,
               'occ_switches<=half': sw <= 0.5, 'occ_AP>=+3': d_ap >= 3,
               'std_AP>=-0.5': d_std >= -0.5}
         out[f'goal/{label}/{emb}/{name}'] = {'occ_dAP': round(d_ap, 2),
                                             'occ_switch_ratio': round(sw, 3),
-                                            'std_dAP': round(d_std, 2), **ok}
-        print(f'{label:>19} {emb:>7} {name:>7}: occlusion AP {d_ap:+.2f}, switches x{sw:.2f}; '
+                                            'std_dAP': round(d_std, 2),
+                                            'occ_dIDF1': round(d_idf1, 2), **ok}
+        print(f'{label:>19} {emb:>7} {name:>7}: occlusion AP {d_ap:+.2f}, switches x{sw:.2f}, '
+              f'IDF1 {d_idf1:+.2f}; '
               f'standard AP {d_std:+.2f}; ' + ', '.join(f'{k} {"yes" if v else "NO"}'
                                                          for k, v in ok.items()))
   return out
@@ -479,17 +483,19 @@ def _sweep(args, models, split) -> None:
       for emb in embs:
         base = score(cfg, var, dataset, gt, 'minvis', embedding=emb)
         print(f'sweep {kind} seed 0 {label} {emb}: minvis AP {base["AP"]:.2f} switches '
-              f'{base["switches"]:.2f}')
+              f'{base["switches"]:.2f} IDF1 {base["IDF1"]:.2f}')
         for m, s in grid if 'memory' in args.trackers else ():
           r = score(cfg, var, dataset, gt, 'memory', m, s, embedding=emb)
           print(f'  memory momentum {m:.1f} min_score {s:.1f}: AP {r["AP"]:6.2f} '
-                f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} switches {r["switches"]:.2f}',
+                f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} switches {r["switches"]:.2f} '
+                f'IDF1 {r["IDF1"]:.2f}',
                 flush=True)
         for s, m in ctvis_grid if 'ctvis' in args.trackers else ():
           r = score(cfg, var, dataset, gt, 'ctvis', embedding=emb,
                     **{**_ctvis(args), 'ctvis_score': s, 'ctvis_match': m})
           print(f'  ctvis score {s:.2f} match {m:.1f}: AP {r["AP"]:6.2f} '
-                f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} switches {r["switches"]:.2f}',
+                f'AP50 {r["AP50"]:6.2f} AR10 {r["AR10"]:6.2f} switches {r["switches"]:.2f} '
+                f'IDF1 {r["IDF1"]:.2f}',
                 flush=True)
 
 
@@ -500,7 +506,7 @@ def _print_tables(args, seeds, table, gaps, momentum, min_score, agreement) -> d
         f'momentum {momentum}, min_score {min_score} (reid: {args.reid_momentum}, '
         f'{args.reid_min_score})')
   print(f'{"split":>9} {"checkpoint":>19} {"embed":>7} {"tracker":>7} {"AP":>6} {"AP50":>6} '
-        f'{"AR10":>6} {"IDsw/video":>10}   AP per seed')
+        f'{"AR10":>6} {"IDsw/video":>10} {"IDF1":>6} {"IDP":>6} {"IDR":>6}   AP per seed')
   summary = {}
   for kind in SPLITS:
     for (label, emb, name), rs in table[kind].items():
@@ -508,9 +514,11 @@ def _print_tables(args, seeds, table, gaps, momentum, min_score, agreement) -> d
       summary[f'{kind}/{label}/{emb}/{name}'] = {
           **{k: round(v, 2) for k, v in mean.items()},
           'AP_per_seed': [round(r['AP'], 2) for r in rs],
-          'switches_per_seed': [round(r['switches'], 2) for r in rs]}
+          'switches_per_seed': [round(r['switches'], 2) for r in rs],
+          'IDF1_per_seed': [round(r['IDF1'], 2) for r in rs]}
       print(f'{kind:>9} {label:>19} {emb:>7} {name:>7} {mean["AP"]:6.2f} {mean["AP50"]:6.2f} '
-            f'{mean["AR10"]:6.2f} {mean["switches"]:10.2f}   '
+            f'{mean["AR10"]:6.2f} {mean["switches"]:10.2f} {mean["IDF1"]:6.2f} '
+            f'{mean["IDP"]:6.2f} {mean["IDR"]:6.2f}   '
             + ' '.join(f'{r["AP"]:.2f}' for r in rs))
   print(f'\nre-appearances on the occlusion split (after >= {MIN_GAP} frames, in another query)')
   print(f'{"checkpoint":>19} {"embed":>7} {"gaps":>5} {"own cos":>8} {"slot cos":>8} '

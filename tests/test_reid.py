@@ -123,7 +123,9 @@ def test_detached_head_sends_no_gradient_into_the_detector(tiny_config, reid_inp
   assert norm(detector(attached)) > 0          # without the stop the loss reaches the detector
   assert norm(detector(detached)) == 0.0
   assert norm(detached['reid_head']) > 0
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  # The two jitted graphs (with and without the stop) fuse differently: float32 sums differ by a
+  # few 1e-6 (seen: 3.6e-6 on entries of about 0.01 with the 'query' input).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
                detached['reid_head'], attached['reid_head'])
 
 
